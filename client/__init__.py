@@ -1,0 +1,1 @@
+"""The SDK: transport to nodes, routing, inference sessions, generation."""

@@ -1,0 +1,156 @@
+"""The SDK: a model whose blocks run on the swarm while embeddings and LM head run here.
+
+`AsyncDistributedModel` is the asyncio core; `DistributedModel` is the same API for synchronous code,
+run on a private event loop thread (hivemind's DHT does the same).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from ..models.checkpoint import Checkpoint, resolve
+from ..models.families import load_head, num_blocks
+from ..protocol.identity import Identity
+from .generation import generate_ids
+from .loop_thread import LoopThread
+from .routing import Candidate, find_route
+from .sampling import SamplingParams
+from .session import DEFAULT_STEP_TIMEOUT, Hop, InferenceSession
+from .text_stream import TextStream
+from .transport import NodeClient, NodeError, NodeInfo
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+class AsyncDistributedModel:
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        peers: Sequence[str],
+        identity: Identity,
+        wire_dtype: torch.dtype = torch.float32,
+        step_timeout: float = DEFAULT_STEP_TIMEOUT,
+        expected_keys: dict[str, bytes] | None = None,
+    ):
+        if not peers:
+            raise ValueError("no peers given: pass at least one node address (host:port)")
+        self.ckpt, self.identity, self.wire_dtype, self.step_timeout = ckpt, identity, wire_dtype, step_timeout
+        self.head = load_head(ckpt)
+        self.tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
+        self.total_blocks = num_blocks(ckpt)
+        keys = expected_keys or {}
+        self.nodes = {p: NodeClient(p, identity, keys.get(p)) for p in peers}
+
+    @classmethod
+    def from_pretrained(cls, model: str, peers: Sequence[str], identity_path: Path | None = None, **kwargs):
+        return cls(resolve(model), peers, Identity.load_or_create(identity_path), **kwargs)
+
+    async def node_infos(self) -> list[NodeInfo]:
+        """Info from every reachable node serving this exact checkpoint."""
+        replies = await asyncio.gather(*(n.info() for n in self.nodes.values()), return_exceptions=True)
+        infos = []
+        for reply in replies:
+            if isinstance(reply, NodeInfo) and reply.revision == self.ckpt.revision:
+                infos.append(reply)
+        return infos
+
+    async def open_session(self, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 1) -> InferenceSession:
+        infos = await self.node_infos()
+        route = find_route(
+            [Candidate(i.address, i.start, i.end, i.throughput) for i in infos], self.total_blocks
+        )
+        hops = [Hop(self.nodes[r.key], r.start, r.end) for r in route]
+        return InferenceSession(hops, max_length, batch_size, self.wire_dtype, self.step_timeout)
+
+    def encode_prompt(self, prompt: str, chat: bool = False) -> torch.Tensor:
+        if chat:
+            messages = [{"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        return self.tokenizer(prompt, return_tensors="pt").input_ids
+
+    async def generate_ids(
+        self, input_ids: torch.Tensor, params: SamplingParams, session: InferenceSession | None = None
+    ) -> AsyncIterator[torch.Tensor]:
+        own = session is None
+        if own:
+            session = await self.open_session(input_ids.shape[1] + params.max_new_tokens, input_ids.shape[0])
+        try:
+            async for new in generate_ids(self.head, session, input_ids, params, self.eos_ids):
+                yield new
+        finally:
+            if own:
+                await session.close()
+
+    async def stream(self, prompt: str, params: SamplingParams, chat: bool = False) -> AsyncIterator[str]:
+        text = TextStream(self.tokenizer, params.stop)
+        async for new in self.generate_ids(self.encode_prompt(prompt, chat), params):
+            piece = text.push(int(new[0]))
+            if piece:
+                yield piece
+            if text.stopped:
+                return
+        tail = text.flush()
+        if tail:
+            yield tail
+
+    @property
+    def eos_ids(self) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        config_eos = getattr(self.ckpt.hf_config, "eos_token_id", None)
+        ids = {eos} if eos is not None else set()
+        ids |= set(config_eos if isinstance(config_eos, list) else [config_eos] if config_eos is not None else [])
+        return sorted(ids)
+
+    async def close(self) -> None:
+        for node in self.nodes.values():
+            await node.close()
+
+
+class DistributedModel:
+    """Synchronous front end: `generate` returns ids, `stream` yields text pieces."""
+
+    def __init__(self, core: AsyncDistributedModel, loop: LoopThread):
+        self._core, self._loop = core, loop
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str, peers: Sequence[str], identity_path: Path | None = None, **kwargs
+    ) -> DistributedModel:
+        loop = LoopThread()
+        ckpt, identity = resolve(model), Identity.load_or_create(identity_path)
+
+        async def build() -> AsyncDistributedModel:  # grpc.aio channels bind to the loop they are made on
+            return AsyncDistributedModel(ckpt, peers, identity, **kwargs)
+
+        return cls(loop.run(build()), loop)
+
+    @property
+    def tokenizer(self):
+        return self._core.tokenizer
+
+    def generate(self, input_ids: torch.Tensor, **sampling) -> torch.Tensor:
+        """input_ids (B, T) -> (B, T + new), like transformers' generate."""
+        params = SamplingParams(**sampling)
+        new = list(self._loop.iterate(self._core.generate_ids(input_ids, params)))
+        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
+
+    def stream(self, prompt: str, chat: bool = False, **sampling) -> Iterator[str]:
+        return self._loop.iterate(self._core.stream(prompt, SamplingParams(**sampling), chat))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._loop.run(self._core.close())
+        self._loop.stop()
+
+    def __enter__(self) -> DistributedModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

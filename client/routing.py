@@ -1,0 +1,88 @@
+"""Choosing a chain of nodes that covers blocks [0, total): shortest path over span boundaries.
+
+Graph: vertices are block boundaries 0..total; a node serving [s, e) offers an edge from every boundary
+b in [s, e) to e (it may run a suffix of its span). Edge cost = the node's RTT plus the time its blocks
+take at its announced throughput; Dijkstra finds the cheapest chain. Ties are broken at random so equal
+replicas share the clients' load instead of all of them picking the same node.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+PER_HOP_OVERHEAD_S = 0.001  # serialization + signing per hop, measured on loopback
+UNKNOWN_THROUGHPUT = 1.0  # tokens/s assumed for a node that announced none
+
+
+class NoRouteError(RuntimeError):
+    """No chain of live nodes covers every block; `missing` names the uncovered blocks."""
+
+    def __init__(self, missing: list[int], total: int):
+        self.missing = missing
+        ranges = _ranges(missing)
+        super().__init__(f"no live node serves blocks {ranges} of the model's {total} blocks")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    key: str  # anything that identifies the node to the caller (address, peer id)
+    start: int
+    end: int
+    throughput: float = 0.0  # tokens/s over its whole span
+    rtt: float = 0.0  # seconds
+
+
+@dataclass(frozen=True)
+class RouteHop:
+    key: str
+    start: int
+    end: int
+
+
+def edge_cost(c: Candidate, start: int) -> float:
+    per_block = 1.0 / (max(c.throughput, UNKNOWN_THROUGHPUT * 1e-3) * (c.end - c.start))
+    return c.rtt + PER_HOP_OVERHEAD_S + per_block * (c.end - start)
+
+
+def find_route(candidates: Sequence[Candidate], total: int, rng: random.Random | None = None) -> list[RouteHop]:
+    """The cheapest chain of (node, start, end) covering [0, total); raises NoRouteError."""
+    rng = rng or random.Random()
+    candidates = rng.sample(list(candidates), len(candidates))  # equal costs: first one wins, so shuffle
+    missing = [b for b in range(total) if not any(c.start <= b < c.end for c in candidates)]
+    if missing:
+        raise NoRouteError(missing, total)
+    best: dict[int, float] = {0: 0.0}
+    parent: dict[int, tuple[int, Candidate]] = {}
+    heap = [(0.0, rng.random(), 0)]
+    while heap:
+        cost, _, b = heapq.heappop(heap)
+        if b == total:
+            break
+        if cost > best.get(b, float("inf")):
+            continue
+        for c in candidates:
+            if c.start <= b < c.end:
+                new = cost + edge_cost(c, b)
+                if new < best.get(c.end, float("inf")) - 1e-12:
+                    best[c.end], parent[c.end] = new, (b, c)
+                    heapq.heappush(heap, (new, rng.random(), c.end))
+    route, b = [], total
+    while b != 0:
+        prev, c = parent[b]
+        route.append(RouteHop(c.key, prev, b))
+        b = prev
+    return route[::-1]
+
+
+def _ranges(blocks: list[int]) -> str:
+    out, start = [], None
+    for i, b in enumerate(blocks):
+        if start is None:
+            start = b
+        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
+            out.append(f"{start}:{b + 1}")
+            start = None
+    return ", ".join(out)

@@ -1,0 +1,1 @@
+"""Optional helpers: bootstrap DHT peer, health monitor, dashboard."""

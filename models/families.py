@@ -1,0 +1,83 @@
+"""Which block code serves which transformers `model_type`, and loading spans and heads from checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint
+from .llama import block as llama_block
+from .llama.config import LlamaConfig, rope_inverse_frequencies
+
+LAYER_PREFIX = "model.layers."
+
+
+@dataclass(frozen=True)
+class Family:
+    config: type
+    block_module: object  # defines Span and Head
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(LlamaConfig, llama_block),
+    "mistral": Family(LlamaConfig, llama_block),
+    "qwen2": Family(LlamaConfig, llama_block),
+    "qwen3": Family(LlamaConfig, llama_block),
+}
+
+
+def family_of(ckpt: Checkpoint) -> Family:
+    model_type = ckpt.hf_config.model_type
+    if model_type not in FAMILIES:
+        raise ValueError(f"model type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[model_type]
+
+
+def num_blocks(ckpt: Checkpoint) -> int:
+    return ckpt.hf_config.num_hidden_layers
+
+
+def _block_index(key: str) -> int | None:
+    """12 for "model.layers.12.mlp.up_proj.weight"; None for tensors outside the blocks."""
+    if not key.startswith(LAYER_PREFIX):
+        return None
+    return int(key[len(LAYER_PREFIX) :].split(".", 1)[0])
+
+
+def _load(module: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied heads share the embedding
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model code: missing {missing}, unexpected {unexpected}")
+    return module.to(dtype).eval().requires_grad_(False)
+
+
+def load_span(ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Builds blocks [start, end) and reads only their weights."""
+    total = num_blocks(ckpt)
+    if not 0 <= start < end <= total:
+        raise ValueError(f"span {start}:{end} is outside the model's {total} blocks (0:{total})")
+    family = family_of(ckpt)
+    config = family.config.from_hf(ckpt.hf_config)
+    inv_freq, scaling = rope_inverse_frequencies(ckpt.hf_config)
+    with torch.device("meta"):
+        span = family.block_module.Span(config, start, end, inv_freq, scaling)
+    tensors = ckpt.read_tensors(lambda key: _block_index(key) in range(start, end))
+    tensors = {"layers." + k.removeprefix(LAYER_PREFIX): v for k, v in tensors.items()}
+    span = span.to_empty(device="cpu")
+    span.inv_freq = inv_freq  # buffers are not in the checkpoint
+    return _load(span, tensors, dtype)
+
+
+def load_head(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Builds the client's part: embeddings, final norm, LM head."""
+    family = family_of(ckpt)
+    config = family.config.from_hf(ckpt.hf_config)
+    head = family.block_module.Head(config)
+    names = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight"}
+    if not config.tie_word_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    tensors = ckpt.read_tensors(lambda key: key in names)
+    return _load(head, {names[k]: v for k, v in tensors.items()}, dtype)

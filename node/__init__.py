@@ -1,0 +1,1 @@
+"""The volunteer server: serves a span of blocks over signed gRPC."""

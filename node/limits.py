@@ -1,0 +1,31 @@
+"""A node's limits, each a CLI flag with a default: what one volunteer machine promises to serve."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import ByteSize, TypeAdapter
+
+_BYTES = TypeAdapter(ByteSize)
+
+
+def parse_bytes(text: str | int) -> int:
+    """'1GiB', '512MB', '1048576' -> bytes (pydantic's ByteSize rules)."""
+    return int(_BYTES.validate_python(text))
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_sessions: int = 64
+    cache_bytes: int = 1 << 30  # KV cache budget over all sessions
+    max_session_tokens: int = 4096  # max_length a session may ask for
+    session_idle_timeout: float = 300.0  # seconds without a step before a session is closed
+    max_message_bytes: int = 64 << 20  # gRPC send/receive message limit
+    max_clock_skew: float = 30.0  # seconds a signature timestamp may differ from the node's clock
+
+    def __post_init__(self) -> None:
+        for name in ("max_sessions", "cache_bytes", "max_session_tokens", "max_message_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.session_idle_timeout <= 0 or self.max_clock_skew <= 0:
+            raise ValueError("timeouts must be positive")

@@ -1,0 +1,96 @@
+"""The gRPC face of a node: decode, call the backend, encode; map RequestError to a status.
+
+Signatures are handled by node/auth_interceptor.py before and after these methods run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc import aio
+
+from .. import __version__
+from ..protocol import tensor_codec
+from ..protocol import torchnode_pb2 as pb
+from ..protocol import torchnode_pb2_grpc as pb_grpc
+from .errors import IdleTimeout, NotFound, RequestError
+from .span_backend import SpanBackend
+
+
+def _reply_dtype(requested: str, x_dtype):
+    return tensor_codec.dtype_from_name(requested) if requested else x_dtype
+
+
+class NodeServicer(pb_grpc.NodeServicer):
+    def __init__(self, backend: SpanBackend, public_key: bytes):
+        self.backend, self.public_key = backend, public_key
+
+    async def Info(self, request: pb.InfoRequest, context: aio.ServicerContext) -> pb.InfoResponse:
+        b, i = self.backend, self.backend.info
+        return pb.InfoResponse(
+            model=i.model,
+            revision=i.revision,
+            start_block=i.start,
+            end_block=i.end,
+            total_blocks=i.total_blocks,
+            hidden_size=i.hidden_size,
+            dtype=tensor_codec.dtype_name(i.dtype),
+            throughput=b.throughput,
+            cache_bytes_free=b.limits.cache_bytes - b.cache_bytes_used,
+            sessions_free=b.limits.max_sessions - len(b.sessions),
+            version=__version__,
+            public_key=self.public_key,
+            max_message_bytes=b.limits.max_message_bytes,
+        )
+
+    async def Forward(self, request: pb.ForwardRequest, context: aio.ServicerContext) -> pb.ForwardResponse:
+        try:
+            x = tensor_codec.decode(request.hidden)
+            reply_dtype = _reply_dtype(request.wire_dtype, x.dtype)
+            out = await self.backend.forward(x, request.start_block, request.end_block)
+        except (RequestError, tensor_codec.TensorFormatError) as e:
+            await context.abort(_status(e), str(e))
+        return pb.ForwardResponse(hidden=tensor_codec.encode(out, reply_dtype))
+
+    async def Inference(
+        self, request_iterator: AsyncIterator[pb.Step], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.StepResult]:
+        session = None
+        try:
+            while True:
+                try:
+                    step = await asyncio.wait_for(
+                        anext(request_iterator, None), self.backend.limits.session_idle_timeout
+                    )
+                except TimeoutError:
+                    raise IdleTimeout(
+                        f"session idle for {self.backend.limits.session_idle_timeout:.0f}s (--session-timeout); closed"
+                    ) from None
+                if step is None:
+                    return
+                if session is None:
+                    if step.step != 0:
+                        raise NotFound(f"unknown session {step.session_id!r}: a stream must open it with step 0")
+                    session = self.backend.open_session(
+                        step.session_id, step.start_block, step.end_block, step.batch_size or 1, step.max_length
+                    )
+                elif step.session_id != session.id:
+                    raise NotFound(f"unknown session {step.session_id!r}: this stream serves {session.id!r}")
+                x = tensor_codec.decode(step.hidden) if step.HasField("hidden") else None
+                reply_dtype = _reply_dtype(step.wire_dtype, x.dtype if x is not None else None)
+                out = await self.backend.step(session, step.step, x, step.position)
+                result = pb.StepResult(session_id=session.id, step=step.step, cached_length=session.length)
+                if out is not None:
+                    result.hidden.CopyFrom(tensor_codec.encode(out, reply_dtype))
+                yield result
+        except (RequestError, tensor_codec.TensorFormatError) as e:
+            await context.abort(_status(e), str(e))
+        finally:
+            if session is not None:
+                self.backend.close_session(session)
+
+
+def _status(error: Exception) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, getattr(error, "status", "INVALID_ARGUMENT"))

@@ -1,0 +1,1 @@
+"""The wire: generated protobuf code, tensor codec, identities, signing, DHT record schemas."""

@@ -1,0 +1,127 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Auth(_message.Message):
+    __slots__ = ("public_key", "timestamp", "nonce", "signature")
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    public_key: bytes
+    timestamp: float
+    nonce: bytes
+    signature: bytes
+    def __init__(self, public_key: _Optional[bytes] = ..., timestamp: _Optional[float] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ("auth",)
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    auth: Auth
+    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("model", "revision", "start_block", "end_block", "total_blocks", "hidden_size", "dtype", "throughput", "cache_bytes_free", "sessions_free", "version", "public_key", "max_message_bytes", "auth")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    START_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    END_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_BYTES_FREE_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FREE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    revision: str
+    start_block: int
+    end_block: int
+    total_blocks: int
+    hidden_size: int
+    dtype: str
+    throughput: float
+    cache_bytes_free: int
+    sessions_free: int
+    version: str
+    public_key: bytes
+    max_message_bytes: int
+    auth: Auth
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., total_blocks: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_bytes_free: _Optional[int] = ..., sessions_free: _Optional[int] = ..., version: _Optional[str] = ..., public_key: _Optional[bytes] = ..., max_message_bytes: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("hidden", "start_block", "end_block", "wire_dtype", "auth")
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    START_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    END_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    hidden: Tensor
+    start_block: int
+    end_block: int
+    wire_dtype: str
+    auth: Auth
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("hidden", "auth")
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    hidden: Tensor
+    auth: Auth
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+
+class Step(_message.Message):
+    __slots__ = ("session_id", "step", "max_length", "start_block", "end_block", "batch_size", "hidden", "position", "wire_dtype", "auth")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    START_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    END_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    max_length: int
+    start_block: int
+    end_block: int
+    batch_size: int
+    hidden: Tensor
+    position: int
+    wire_dtype: str
+    auth: Auth
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., max_length: _Optional[int] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+
+class StepResult(_message.Message):
+    __slots__ = ("session_id", "step", "hidden", "cached_length", "auth")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    CACHED_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    hidden: Tensor
+    cached_length: int
+    auth: Auth
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cached_length: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
