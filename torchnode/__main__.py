@@ -1,0 +1,3 @@
+from torchnode.cli import main
+
+main()
