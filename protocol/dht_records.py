@@ -1,0 +1,213 @@
+"""The signed server record a node announces in the DHT under each block it serves.
+
+DHT key `"{model}.{block}"`, subkey = the node's peer id, value = `encode_record(...)`:
+
+    msgpack({"record": <msgpack map of the ServerRecord fields>, "signature": <Ed25519 over those bytes>})
+
+The signature covers the exact bytes of the inner map, so decoding never re-serializes anything; the
+record names its own public key, and its peer id must be the hash of that key. Everything that comes
+from the network goes through `decode_record`, which checks types and ranges and raises `RecordError`
+with a readable reason. No pickle anywhere: msgpack with ext types refused.
+
+This module knows nothing of hivemind; `record_validator.py` ties it to the DHT's keys and expirations.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+import msgpack
+
+from .identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, peer_id_of, verify
+
+STATES = ("joining", "online", "draining")
+MAX_BLOCKS = 1024  # no model has this many blocks; bounds the work a validator does per record
+MAX_RECORD_BYTES = 16 * 1024
+MAX_NEXT_PINGS = 64
+MAX_DHT_MADDRS = 16
+MAX_SHORT_STR = 128
+MAX_ADDRESS_CHARS = 255
+MAX_MADDR_CHARS = 256
+
+# letters, digits, `-`, `_`, `.`, `/` (hub ids like `org/name`); 1..128 chars; no leading/trailing dot or slash
+_MODEL_NAME = re.compile(r"(?![./])[A-Za-z0-9._/-]{1,128}(?<![./])")
+_BLOCK_INDEX = re.compile(r"0|[1-9][0-9]*")  # canonical: no sign, no leading zeros, ASCII digits only
+_NO_SPACE = re.compile(r"\S*")
+
+
+class RecordError(ValueError):
+    """A DHT record (or key) that is malformed, forged or inconsistent."""
+
+
+def validate_model_name(model: str) -> str:
+    """Returns `model` if it is a well-formed model name, raises ValueError otherwise."""
+    if not isinstance(model, str) or not _MODEL_NAME.fullmatch(model):
+        raise ValueError(f"malformed model name {model!r}: use 1-128 letters, digits, '-', '_', '.', '/'")
+    return model
+
+
+def block_key(model: str, block: int) -> str:
+    """The DHT key under which servers of `block` of `model` announce themselves."""
+    validate_model_name(model)
+    if not _is_int(block) or block < 0:
+        raise ValueError(f"block index must be a non-negative int, got {block!r}")
+    return f"{model}.{block}"
+
+
+def parse_block_key(key: str) -> tuple[str, int]:
+    """Inverse of `block_key`: splits at the last dot; raises ValueError for anything else."""
+    if not isinstance(key, str):
+        raise ValueError(f"DHT key must be a str, got {type(key).__name__}")
+    model, dot, index = key.rpartition(".")
+    if not dot or not _BLOCK_INDEX.fullmatch(index):
+        raise ValueError(f"malformed block key {key!r}: expected '{{model}}.{{block}}'")
+    return validate_model_name(model), int(index)
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    peer_id: str
+    public_key: bytes  # raw Ed25519, 32 bytes
+    address: str  # "host:port" of the node's gRPC server
+    model: str
+    revision: str
+    start: int  # first block served
+    end: int  # one past the last block served
+    state: str  # one of STATES
+    throughput: float  # tokens/s
+    cache_bytes_free: int
+    version: str
+    expiration: float  # absolute DHT time (seconds), equal to the DHT entry's expiration_time
+    next_pings: dict[str, float] = field(default_factory=dict, hash=False)  # peer id -> RTT seconds
+    dht_maddrs: tuple[str, ...] = ()  # the node's own DHT multiaddrs, usable as initial peers
+
+    @property
+    def blocks(self) -> range:
+        return range(self.start, self.end)
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(ServerRecord))
+
+
+def encode_record(identity: Identity, record: ServerRecord) -> bytes:
+    """Signs `record` with `identity` and returns the bytes to store as the DHT value."""
+    if record.public_key != identity.public_key or record.peer_id != identity.peer_id:
+        raise RecordError("record.public_key / record.peer_id do not belong to the signing identity")
+    body_fields = asdict(record)
+    body_fields["throughput"] = float(record.throughput)
+    body_fields["expiration"] = float(record.expiration)
+    body_fields["next_pings"] = {k: float(v) for k, v in record.next_pings.items()}
+    body_fields["dht_maddrs"] = list(record.dht_maddrs)
+    _check_fields(body_fields)  # never sign something that others would refuse
+    body = msgpack.packb(body_fields, use_bin_type=True)
+    value = msgpack.packb({"record": body, "signature": identity.sign(body)}, use_bin_type=True)
+    if len(value) > MAX_RECORD_BYTES:
+        raise RecordError(f"encoded record is {len(value)} bytes, more than {MAX_RECORD_BYTES}")
+    return value
+
+
+def decode_record(value: bytes) -> ServerRecord:
+    """Parses and verifies a DHT value; raises RecordError saying what is wrong with it."""
+    if not isinstance(value, bytes):
+        raise RecordError(f"record value must be bytes, got {type(value).__name__}")
+    if len(value) > MAX_RECORD_BYTES:
+        raise RecordError(f"record is {len(value)} bytes, more than {MAX_RECORD_BYTES}")
+    envelope = _unpack(value, "envelope")
+    if not isinstance(envelope, dict) or set(envelope) != {"record", "signature"}:
+        raise RecordError("envelope must be a map with exactly 'record' and 'signature'")
+    body, signature = envelope["record"], envelope["signature"]
+    if not isinstance(body, bytes) or not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
+        raise RecordError("envelope 'record' and 'signature' must be bytes (signature of 64 bytes)")
+    body_fields = _unpack(body, "record")
+    if not isinstance(body_fields, dict):
+        raise RecordError("record must be a msgpack map")
+    record = _check_fields(body_fields)
+    if not verify(record.public_key, signature, body):
+        raise RecordError(f"bad signature on the record of peer {record.peer_id}")
+    return record
+
+
+def _unpack(data: bytes, what: str) -> object:
+    try:
+        # no ext_hook: ext types come back as msgpack.ExtType and fail the type checks below
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as e:
+        raise RecordError(f"{what} is not valid msgpack: {e}") from None
+
+
+def _check_fields(raw: dict) -> ServerRecord:
+    """Type and range checks of a decoded field map. Unknown extra fields are ignored (newer versions)."""
+    missing = [name for name in _FIELD_NAMES if name not in raw]
+    if missing:
+        raise RecordError(f"record lacks fields {missing}")
+    public_key = raw["public_key"]
+    if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_BYTES:
+        raise RecordError("public_key must be 32 raw bytes")
+    if raw["peer_id"] != peer_id_of(public_key):
+        raise RecordError("peer_id is not the hash of public_key")
+    address = _short_str(raw, "address", MAX_ADDRESS_CHARS)
+    host, colon, port = address.rpartition(":")
+    if not host or not colon or not _BLOCK_INDEX.fullmatch(port) or not 0 < int(port) < 65536:
+        raise RecordError(f"address {address!r} is not 'host:port'")
+    try:
+        model = validate_model_name(raw["model"])
+    except ValueError as e:
+        raise RecordError(str(e)) from None
+    start, end = raw["start"], raw["end"]
+    if not _is_int(start) or not _is_int(end) or not 0 <= start < end <= MAX_BLOCKS:
+        raise RecordError(f"span [{start!r}, {end!r}) must satisfy 0 <= start < end <= {MAX_BLOCKS}")
+    if raw["state"] not in STATES:
+        raise RecordError(f"state {raw['state']!r} is not one of {STATES}")
+    throughput = _non_negative_float(raw["throughput"], "throughput")
+    cache_bytes_free = raw["cache_bytes_free"]
+    if not _is_int(cache_bytes_free) or not 0 <= cache_bytes_free < 2**63:
+        raise RecordError("cache_bytes_free must be a non-negative int64")
+    expiration = _non_negative_float(raw["expiration"], "expiration")
+    next_pings = raw["next_pings"]
+    if not isinstance(next_pings, dict) or len(next_pings) > MAX_NEXT_PINGS:
+        raise RecordError(f"next_pings must be a map of at most {MAX_NEXT_PINGS} entries")
+    for peer, rtt in next_pings.items():
+        if not isinstance(peer, str) or not 0 < len(peer) <= MAX_SHORT_STR:
+            raise RecordError("next_pings keys must be peer ids")
+        _non_negative_float(rtt, "next_pings RTT")
+    maddrs = raw["dht_maddrs"]
+    if not isinstance(maddrs, list) or len(maddrs) > MAX_DHT_MADDRS:
+        raise RecordError(f"dht_maddrs must be a list of at most {MAX_DHT_MADDRS} multiaddrs")
+    for maddr in maddrs:
+        if not isinstance(maddr, str) or not maddr.startswith("/") or len(maddr) > MAX_MADDR_CHARS:
+            raise RecordError(f"dht_maddrs entry {maddr!r} is not a multiaddr")
+    return ServerRecord(
+        peer_id=raw["peer_id"],
+        public_key=public_key,
+        address=address,
+        model=model,
+        revision=_short_str(raw, "revision", MAX_SHORT_STR, allow_empty=True),
+        start=start,
+        end=end,
+        state=raw["state"],
+        throughput=throughput,
+        cache_bytes_free=cache_bytes_free,
+        version=_short_str(raw, "version", MAX_SHORT_STR),
+        expiration=expiration,
+        next_pings={peer: float(rtt) for peer, rtt in next_pings.items()},
+        dht_maddrs=tuple(maddrs),
+    )
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _non_negative_float(x: object, name: str) -> float:
+    if not (isinstance(x, float) or _is_int(x)) or not math.isfinite(x) or x < 0:
+        raise RecordError(f"{name} must be a finite non-negative number, got {x!r}")
+    return float(x)
+
+
+def _short_str(raw: dict, name: str, max_chars: int, allow_empty: bool = False) -> str:
+    s = raw[name]
+    if not isinstance(s, str) or len(s) > max_chars or (not s and not allow_empty) or not _NO_SPACE.fullmatch(s):
+        raise RecordError(f"{name} must be a string of at most {max_chars} chars without whitespace, got {s!r}")
+    return s
