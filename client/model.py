@@ -16,14 +16,15 @@ from transformers import AutoTokenizer
 
 from ..models.checkpoint import Checkpoint, resolve
 from ..models.families import load_head, num_blocks
+from ..protocol.dht_network import start_dht
 from ..protocol.identity import Identity
 from .generation import generate_ids
 from .loop_thread import LoopThread
-from .routing import Candidate, find_route
+from .discovery import DhtPeers, PeerSource, StaticPeers
+from .routing import find_route
 from .sampling import SamplingParams
 from .session import DEFAULT_STEP_TIMEOUT, Hop, InferenceSession
 from .text_stream import TextStream
-from .transport import NodeClient, NodeError, NodeInfo
 
 DEFAULT_MAX_LENGTH = 2048
 
@@ -32,41 +33,42 @@ class AsyncDistributedModel:
     def __init__(
         self,
         ckpt: Checkpoint,
-        peers: Sequence[str],
-        identity: Identity,
+        source: PeerSource,
         wire_dtype: torch.dtype = torch.float32,
         step_timeout: float = DEFAULT_STEP_TIMEOUT,
-        expected_keys: dict[str, bytes] | None = None,
     ):
-        if not peers:
-            raise ValueError("no peers given: pass at least one node address (host:port)")
-        self.ckpt, self.identity, self.wire_dtype, self.step_timeout = ckpt, identity, wire_dtype, step_timeout
+        self.ckpt, self.source, self.wire_dtype, self.step_timeout = ckpt, source, wire_dtype, step_timeout
         self.head = load_head(ckpt)
         self.tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
         self.total_blocks = num_blocks(ckpt)
-        keys = expected_keys or {}
-        self.nodes = {p: NodeClient(p, identity, keys.get(p)) for p in peers}
 
     @classmethod
-    def from_pretrained(cls, model: str, peers: Sequence[str], identity_path: Path | None = None, **kwargs):
-        return cls(resolve(model), peers, Identity.load_or_create(identity_path), **kwargs)
+    async def create(
+        cls,
+        model: str,
+        peers: Sequence[str] = (),
+        initial_peers: Sequence[str] = (),
+        identity_path: Path | None = None,
+        expected_keys: dict[str, bytes] | None = None,
+        **kwargs,
+    ) -> AsyncDistributedModel:
+        """Nodes come from `peers` (host:port, static) or from the DHT reached through `initial_peers`."""
+        identity = Identity.load_or_create(identity_path)
+        if initial_peers:
+            dht = await asyncio.to_thread(start_dht, list(initial_peers), client_mode=True)
+            source: PeerSource = DhtPeers(identity, dht)
+        else:
+            source = StaticPeers(identity, peers, expected_keys)
+        return cls(await asyncio.to_thread(resolve, model), source, **kwargs)
 
-    async def node_infos(self) -> list[NodeInfo]:
-        """Info from every reachable node serving this exact checkpoint."""
-        replies = await asyncio.gather(*(n.info() for n in self.nodes.values()), return_exceptions=True)
-        infos = []
-        for reply in replies:
-            if isinstance(reply, NodeInfo) and reply.revision == self.ckpt.revision:
-                infos.append(reply)
-        return infos
+    async def route(self) -> list[Hop]:
+        found = await self.source.candidates(self.ckpt.name, self.ckpt.revision, self.total_blocks)
+        nodes = {candidate.key: node for candidate, node in found}
+        route = find_route([candidate for candidate, _ in found], self.total_blocks)
+        return [Hop(nodes[r.key], r.start, r.end) for r in route]
 
     async def open_session(self, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 1) -> InferenceSession:
-        infos = await self.node_infos()
-        route = find_route(
-            [Candidate(i.address, i.start, i.end, i.throughput) for i in infos], self.total_blocks
-        )
-        hops = [Hop(self.nodes[r.key], r.start, r.end) for r in route]
-        return InferenceSession(hops, max_length, batch_size, self.wire_dtype, self.step_timeout)
+        return InferenceSession(await self.route(), max_length, batch_size, self.wire_dtype, self.step_timeout)
 
     def encode_prompt(self, prompt: str, chat: bool = False) -> torch.Tensor:
         if chat:
@@ -117,8 +119,7 @@ class AsyncDistributedModel:
         return sorted(ids)
 
     async def close(self) -> None:
-        for node in self.nodes.values():
-            await node.close()
+        await self.source.close()
 
 
 class DistributedModel:
@@ -129,15 +130,11 @@ class DistributedModel:
 
     @classmethod
     def from_pretrained(
-        cls, model: str, peers: Sequence[str], identity_path: Path | None = None, **kwargs
+        cls, model: str, peers: Sequence[str] = (), initial_peers: Sequence[str] = (), **kwargs
     ) -> DistributedModel:
+        """See AsyncDistributedModel.create; grpc.aio channels bind to the private loop they are made on."""
         loop = LoopThread()
-        ckpt, identity = resolve(model), Identity.load_or_create(identity_path)
-
-        async def build() -> AsyncDistributedModel:  # grpc.aio channels bind to the loop they are made on
-            return AsyncDistributedModel(ckpt, peers, identity, **kwargs)
-
-        return cls(loop.run(build()), loop)
+        return cls(loop.run(AsyncDistributedModel.create(model, peers, initial_peers, **kwargs)), loop)
 
     @property
     def tokenizer(self):

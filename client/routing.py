@@ -22,7 +22,7 @@ class NoRouteError(RuntimeError):
 
     def __init__(self, missing: list[int], total: int):
         self.missing = missing
-        ranges = _ranges(missing)
+        ranges = block_ranges(missing)
         super().__init__(f"no live node serves blocks {ranges} of the model's {total} blocks")
 
 
@@ -77,7 +77,7 @@ def find_route(candidates: Sequence[Candidate], total: int, rng: random.Random |
     return route[::-1]
 
 
-def _ranges(blocks: list[int]) -> str:
+def block_ranges(blocks: list[int]) -> str:
     out, start = [], None
     for i, b in enumerate(blocks):
         if start is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -63,6 +64,16 @@ class Checkpoint:
         if not shards:
             raise FileNotFoundError(f"no .safetensors files in {self.path}")
         return shards
+
+    def parameter_count(self, wanted: Callable[[str], bool]) -> int:
+        """Elements in the tensors whose names satisfy `wanted`, from the file headers alone."""
+        count = 0
+        for shard in self.shards():
+            with safe_open(shard, framework="pt") as f:
+                for key in f.keys():
+                    if wanted(key):
+                        count += math.prod(f.get_slice(key).get_shape())
+        return count
 
     def read_tensors(self, wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
         """Reads the tensors whose checkpoint names satisfy `wanted`, and nothing else."""

@@ -46,10 +46,11 @@ class NodeServicer(pb_grpc.NodeServicer):
         )
 
     async def Forward(self, request: pb.ForwardRequest, context: aio.ServicerContext) -> pb.ForwardResponse:
+        backend = self.backend
         try:
             x = tensor_codec.decode(request.hidden)
             reply_dtype = _reply_dtype(request.wire_dtype, x.dtype)
-            out = await self.backend.forward(x, request.start_block, request.end_block)
+            out = await backend.forward(x, request.start_block, request.end_block)
         except (RequestError, tensor_codec.TensorFormatError) as e:
             await context.abort(_status(e), str(e))
         return pb.ForwardResponse(hidden=tensor_codec.encode(out, reply_dtype))
@@ -57,30 +58,31 @@ class NodeServicer(pb_grpc.NodeServicer):
     async def Inference(
         self, request_iterator: AsyncIterator[pb.Step], context: aio.ServicerContext
     ) -> AsyncIterator[pb.StepResult]:
+        backend = self.backend  # a rebalance swaps self.backend; this stream stays on the span it opened
         session = None
         try:
             while True:
                 try:
                     step = await asyncio.wait_for(
-                        anext(request_iterator, None), self.backend.limits.session_idle_timeout
+                        anext(request_iterator, None), backend.limits.session_idle_timeout
                     )
                 except TimeoutError:
                     raise IdleTimeout(
-                        f"session idle for {self.backend.limits.session_idle_timeout:.0f}s (--session-timeout); closed"
+                        f"session idle for {backend.limits.session_idle_timeout:.0f}s (--session-timeout); closed"
                     ) from None
                 if step is None:
                     return
                 if session is None:
                     if step.step != 0:
                         raise NotFound(f"unknown session {step.session_id!r}: a stream must open it with step 0")
-                    session = self.backend.open_session(
+                    session = backend.open_session(
                         step.session_id, step.start_block, step.end_block, step.batch_size or 1, step.max_length
                     )
                 elif step.session_id != session.id:
                     raise NotFound(f"unknown session {step.session_id!r}: this stream serves {session.id!r}")
                 x = tensor_codec.decode(step.hidden) if step.HasField("hidden") else None
                 reply_dtype = _reply_dtype(step.wire_dtype, x.dtype if x is not None else None)
-                out = await self.backend.step(session, step.step, x, step.position)
+                out = await backend.step(session, step.step, x, step.position)
                 result = pb.StepResult(session_id=session.id, step=step.step, cached_length=session.length)
                 if out is not None:
                     result.hidden.CopyFrom(tensor_codec.encode(out, reply_dtype))
@@ -89,7 +91,7 @@ class NodeServicer(pb_grpc.NodeServicer):
             await context.abort(_status(e), str(e))
         finally:
             if session is not None:
-                self.backend.close_session(session)
+                backend.close_session(session)
 
 
 def _status(error: Exception) -> grpc.StatusCode:

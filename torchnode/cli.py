@@ -47,12 +47,22 @@ def _bytes(text: str, flag: str) -> int:
         raise typer.BadParameter(f"expected a size such as 1GiB or 512MB, got {text!r}", param_hint=flag) from None
 
 
+def _peers(text: str) -> list[str]:
+    return [p.strip() for p in text.replace(" ", ",").split(",") if p.strip()]
+
+
 @app.command()
 def join(
     model: Annotated[str, typer.Argument(help="'default', a local directory, a .gguf file, or a hub id")],
-    blocks: Annotated[str, typer.Option(help="span to serve, START:END (END exclusive)")] = "0:",
-    host: Annotated[str, typer.Option(help="address to listen on; 0.0.0.0 exposes the node")] = "127.0.0.1",
+    blocks: Annotated[str | None, typer.Option(help="span to serve, START:END (END exclusive) [default: chosen by the swarm, or all]")] = None,
+    initial_peers: Annotated[str, typer.Option(help="multiaddrs of any swarm peers (comma-separated): join that swarm")] = "",
+    new_swarm: Annotated[bool, typer.Option("--new-swarm", help="start a new swarm with this node as its first peer")] = False,
+    num_blocks: Annotated[int | None, typer.Option(min=1, help="blocks to serve when the swarm chooses [default: what fits --max-memory]")] = None,
+    max_memory: Annotated[str | None, typer.Option(help="memory for weights, e.g. 8GiB [default: half the RAM]")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on (gRPC and DHT); 0.0.0.0 exposes the node")] = "127.0.0.1",
+    announce_host: Annotated[str | None, typer.Option(help="address others dial [default: --host]")] = None,
     port: Annotated[int, typer.Option(help="gRPC port")] = 31330,
+    dht_port: Annotated[int, typer.Option(help="DHT (p2pd) port; 0 picks a free one")] = 0,
     dtype: Annotated[str, typer.Option(help="compute dtype: float32, bfloat16 or float16")] = "float32",
     identity: Annotated[Path | None, typer.Option(help="Ed25519 key file [default: ~/.torchnode/node-PORT.key]")] = None,
     max_sessions: Annotated[int, typer.Option(min=1, help="concurrent inference sessions")] = 64,
@@ -60,13 +70,22 @@ def join(
     max_session_tokens: Annotated[int, typer.Option(min=1, help="max_length one session may ask for")] = 4096,
     session_timeout: Annotated[float, typer.Option(min=0.001, help="seconds idle before a session closes")] = 300.0,
     max_message_size: Annotated[str, typer.Option(help="largest gRPC message accepted or sent")] = "64MiB",
+    expiration: Annotated[float, typer.Option(min=1.0, help="seconds a DHT record lives without refresh")] = 30.0,
+    rebalance_period: Annotated[float, typer.Option(min=0.0, help="seconds between rebalance checks; 0 = never move")] = 120.0,
+    rebalance_threshold: Annotated[float, typer.Option(min=0.0, help="move if the weakest block gains more than this fraction")] = 0.25,
+    shutdown_grace: Annotated[float, typer.Option(min=0.0, help="seconds sessions in flight get on SIGTERM")] = 10.0,
     threads: Annotated[int, typer.Option(min=0, help="torch threads (0: torch's default)")] = 0,
 ) -> None:
-    """Serve a span of a model's blocks to the swarm."""
-    start, end = parse_blocks(blocks)
+    """Serve a span of a model's blocks, alone (for --peers clients) or in a swarm."""
+    start, end = parse_blocks(blocks) if blocks is not None else (None, None)
     torch_dtype = _dtype(dtype, "--dtype")
+    peers = _peers(initial_peers)
+    if peers and new_swarm:
+        raise typer.BadParameter("either join a swarm (--initial-peers) or start one (--new-swarm)", param_hint="--new-swarm")
+    if num_blocks is not None and blocks is not None:
+        raise typer.BadParameter("--num-blocks applies only when the swarm chooses the span", param_hint="--num-blocks")
     from torchnode.node.limits import Limits
-    from torchnode.node.server import NodeConfig, serve
+    from torchnode.node.server import NodeConfig, SwarmConfig, serve
     from torchnode.protocol.identity import torchnode_home
 
     if threads:
@@ -80,14 +99,39 @@ def join(
         session_idle_timeout=session_timeout,
         max_message_bytes=_bytes(max_message_size, "--max-message-size"),
     )
+    swarm = None
+    if peers or new_swarm:
+        swarm = SwarmConfig(
+            initial_peers=tuple(peers), announce_host=announce_host, dht_port=dht_port, num_blocks=num_blocks,
+            max_memory=_bytes(max_memory, "--max-memory") if max_memory else None, expiration=expiration,
+            rebalance_period=rebalance_period, rebalance_threshold=rebalance_threshold,
+        )  # fmt: skip
     config = NodeConfig(
         model=model, start=start, end=end, host=host, port=port, dtype=torch_dtype,
         identity_path=identity or torchnode_home() / f"node-{port}.key", limits=limits,
+        shutdown_grace=shutdown_grace, swarm=swarm,
     )  # fmt: skip
     logging.basicConfig(level=logging.WARNING)
     try:
-        asyncio.run(serve(config, on_status=lambda m: err.print(f"[bold cyan]node[/] {m}")))
+        asyncio.run(serve(config, on_status=lambda m: err.print(f"[bold cyan]node[/] {m}", soft_wrap=True)))
     except (FileNotFoundError, ValueError, OSError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def coordinator(
+    host: Annotated[str, typer.Option(help="address to listen on; 0.0.0.0 exposes the DHT peer")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="DHT (p2pd) port")] = 31337,
+    announce_host: Annotated[str | None, typer.Option(help="address others dial [default: --host]")] = None,
+    initial_peers: Annotated[str, typer.Option(help="other peers to connect to (another coordinator, a node)")] = "",
+) -> None:
+    """Run a bootstrap DHT peer; prints the multiaddr others pass as --initial-peers."""
+    from torchnode.coordinator.bootstrap import run_bootstrap
+
+    try:
+        asyncio.run(run_bootstrap(host, port, announce_host, _peers(initial_peers), on_status=lambda m: err.print(f"[bold magenta]coordinator[/] {m}", soft_wrap=True)))
+    except (ValueError, OSError) as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(1) from None
 
@@ -96,7 +140,8 @@ def join(
 def generate(
     model: Annotated[str, typer.Argument(help="the model the nodes serve ('default', a path, or a hub id)")],
     prompt: Annotated[str, typer.Argument(help="text to continue (or a chat message with --chat)")],
-    peers: Annotated[str, typer.Option(help="comma-separated node addresses host:port")] = "",
+    peers: Annotated[str, typer.Option(help="comma-separated node addresses host:port (no DHT)")] = "",
+    initial_peers: Annotated[str, typer.Option(help="multiaddrs of swarm peers: find nodes through the DHT")] = "",
     max_new_tokens: Annotated[int, typer.Option(min=0)] = 32,
     greedy: Annotated[bool, typer.Option("--greedy", help="always take the most likely token (default)")] = False,
     temperature: Annotated[float, typer.Option(min=0.0, help="sampling temperature; 0 = greedy")] = 0.0,
@@ -108,9 +153,9 @@ def generate(
     identity: Annotated[Path | None, typer.Option(help="client key file [default: ~/.torchnode/identity.key]")] = None,
 ) -> None:
     """Generate text through a chain of nodes; tokens stream to stdout."""
-    peer_list = [p.strip() for p in peers.split(",") if p.strip()]
-    if not peer_list:
-        raise typer.BadParameter("give at least one node address, e.g. 127.0.0.1:31330", param_hint="--peers")
+    peer_list, dht_peers = _peers(peers), _peers(initial_peers)
+    if not peer_list and not dht_peers:
+        raise typer.BadParameter("give --initial-peers MULTIADDR (a swarm) or --peers HOST:PORT,... (fixed nodes)", param_hint="--peers")
     if greedy and temperature > 0:
         raise typer.BadParameter("--greedy and --temperature > 0 contradict each other", param_hint="--greedy")
     torch_wire = _dtype(wire_dtype, "--wire-dtype")
@@ -120,7 +165,9 @@ def generate(
 
     try:
         with err.status("loading the model's head and tokenizer"):
-            model_obj = DistributedModel.from_pretrained(model, peer_list, identity, wire_dtype=torch_wire)
+            model_obj = DistributedModel.from_pretrained(
+                model, peer_list, dht_peers, identity_path=identity, wire_dtype=torch_wire
+            )
         with model_obj:
             pieces = model_obj.stream(
                 prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -133,6 +180,37 @@ def generate(
     except (NoRouteError, NodeError, FileNotFoundError, ValueError) as e:
         err.print(f"[red]error:[/] {e}")
         raise typer.Exit(1) from None
+
+
+@app.command()
+def swarm(
+    model: Annotated[str, typer.Argument(help="the model to look up ('default', a path, or a hub id)")],
+    initial_peers: Annotated[str, typer.Option(help="multiaddrs of swarm peers")] = "",
+) -> None:
+    """Show which node serves which blocks, its state, throughput and RTT, and whether all blocks are covered."""
+    peers = _peers(initial_peers)
+    if not peers:
+        raise typer.BadParameter("give the multiaddr of any swarm peer", param_hint="--initial-peers")
+    from rich.table import Table
+
+    from torchnode.client.swarm_view import ServerView, swarm_view
+
+    try:
+        view = asyncio.run(swarm_view(model, peers))
+    except (FileNotFoundError, ValueError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    table = Table(title=f"{view.model} · {view.total_blocks} blocks · revision {view.revision}")
+    for column in ("peer", "address", "blocks", "state", "tokens/s", "RTT ms"):
+        table.add_column(column, justify="right" if column in ("tokens/s", "RTT ms") else "left")
+    for s in view.servers:
+        rtt = f"{s.rtt * 1000:.1f}" if s.rtt is not None else "[red]unreachable[/]"
+        table.add_row(s.peer_id[:12], s.address, f"{s.start}:{s.end}", s.state, f"{s.throughput:.1f}", rtt)
+    Console().print(table)
+    if view.missing:
+        Console().print(f"[red]not covered:[/] blocks {view.missing_ranges}; generation is not possible")
+    else:
+        Console().print(f"[green]all {view.total_blocks} blocks covered[/]")
 
 
 def main() -> None:

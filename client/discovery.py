@@ -1,0 +1,86 @@
+"""Where a client finds nodes: a static list of addresses, or the DHT. Both end in the same probe.
+
+Every candidate is probed with a signed `Info` call: that measures its RTT, proves it holds the key
+the client expects (from the DHT record, or pinned on first use for static peers), and tells its span
+and current throughput. Nodes serving another revision of the checkpoint are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+
+import hivemind
+
+from ..protocol.dht_network import find_servers
+from ..protocol.identity import Identity
+from .routing import Candidate
+from .transport import NodeClient, NodeError, NodeInfo
+
+PROBE_TIMEOUT = 5.0
+
+
+class PeerSource:
+    """Base: subclasses say which NodeClients exist; probing and filtering are shared."""
+
+    def __init__(self, identity: Identity):
+        self.identity = identity
+        self.clients: dict[tuple[str, bytes | None], NodeClient] = {}
+
+    def client(self, address: str, key: bytes | None = None) -> NodeClient:
+        if (address, key) not in self.clients:
+            self.clients[address, key] = NodeClient(address, self.identity, key)
+        return self.clients[address, key]
+
+    async def nodes(self, model: str, total_blocks: int) -> list[NodeClient]:
+        raise NotImplementedError
+
+    async def candidates(self, model: str, revision: str, total_blocks: int) -> list[tuple[Candidate, NodeClient]]:
+        nodes = await self.nodes(model, total_blocks)
+        probes = await asyncio.gather(*(probe(n) for n in nodes))
+        return [
+            (Candidate(info.address, info.start, info.end, info.throughput, rtt), node)
+            for node, (info, rtt) in zip(nodes, probes)
+            if info is not None and info.revision == revision and info.model == model
+        ]
+
+    async def close(self) -> None:
+        for node in self.clients.values():
+            await node.close()
+
+
+class StaticPeers(PeerSource):
+    def __init__(self, identity: Identity, addresses: Sequence[str], keys: dict[str, bytes] | None = None):
+        super().__init__(identity)
+        if not addresses:
+            raise ValueError("no peers given: pass at least one node address (host:port)")
+        self.addresses, self.keys = list(addresses), keys or {}
+
+    async def nodes(self, model: str, total_blocks: int) -> list[NodeClient]:
+        return [self.client(a, self.keys.get(a)) for a in self.addresses]
+
+
+class DhtPeers(PeerSource):
+    def __init__(self, identity: Identity, dht: hivemind.DHT):
+        super().__init__(identity)
+        self.dht = dht
+
+    async def nodes(self, model: str, total_blocks: int) -> list[NodeClient]:
+        servers = await find_servers(self.dht, model, total_blocks, return_future=True)
+        online = {r.peer_id: r for rs in servers.values() for r in rs if r.state == "online"}
+        return [self.client(r.address, r.public_key) for r in online.values()]
+
+    async def close(self) -> None:
+        await super().close()
+        await asyncio.to_thread(self.dht.shutdown)
+
+
+async def probe(node: NodeClient) -> tuple[NodeInfo | None, float]:
+    """(Info, RTT seconds), or (None, inf) for a node that is down, slow or signs with the wrong key."""
+    started = time.perf_counter()
+    try:
+        info = await node.info(timeout=PROBE_TIMEOUT)
+    except NodeError:
+        return None, float("inf")
+    return info, time.perf_counter() - started
