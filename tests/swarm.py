@@ -65,7 +65,20 @@ class NodeProcess:
 def start_node(model: str, *args: str, port: int | None = None, env: dict | None = None, wait: bool = True) -> NodeProcess:
     """`torchnode join MODEL --port P ARGS...`; waits for its ready line unless wait=False."""
     port = port or free_port()
-    cmd = [*TORCHNODE, "join", model, "--port", str(port), *args]
+    node = spawn([*TORCHNODE, "join", model, "--port", str(port), *args], port, env)
+    if wait:
+        wait_ready(node)
+    return node
+
+
+def start_coordinator(*args: str, env: dict | None = None) -> tuple[NodeProcess, str]:
+    """`torchnode coordinator --port P`; returns the process and the multiaddr to pass as --initial-peers."""
+    port = free_port()
+    proc = spawn([*TORCHNODE, "coordinator", "--port", str(port), *args], port, env)
+    return proc, proc.wait_for(r"ready: --initial-peers (\S+)", 60)[1]
+
+
+def spawn(cmd: list[str], port: int, env: dict | None) -> NodeProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
     node = NodeProcess(proc, port)
@@ -75,8 +88,6 @@ def start_node(model: str, *args: str, port: int | None = None, env: dict | None
             node.lines.append(line)
 
     threading.Thread(target=pump, daemon=True).start()
-    if wait:
-        wait_ready(node)
     return node
 
 

@@ -1,0 +1,120 @@
+"""The swarm: nodes choose spans through the DHT, clients find routes, dead nodes vanish, leavers drain."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import pytest
+import torch
+from swarm import run_cli, start_coordinator, start_node, stop_all
+from test_inference_e2e import STORY, chat_ids, hf_greedy
+from transformers import AutoModelForCausalLM
+
+from torchnode.client.model import DistributedModel
+from torchnode.client.sampling import SamplingParams
+from torchnode.protocol.dht_network import find_servers, start_dht
+
+EXPIRATION = 8.0  # seconds; short so that a killed node's records vanish quickly
+
+
+def spans_of(nodes) -> list[tuple[int, int]]:
+    return [(n.start, n.end) for n in nodes]
+
+
+@pytest.fixture
+def coordinator():
+    proc, maddr = start_coordinator()
+    yield maddr
+    proc.stop()
+
+
+def join(model: str, maddr: str, *args: str):
+    return start_node(model, "--initial-peers", maddr, "--expiration", str(EXPIRATION), *args)
+
+
+def test_tiny_swarm_chooses_spans_and_generates(coordinator, tiny_llama):
+    nodes = []
+    try:
+        for _ in range(3):
+            nodes.append(join(str(tiny_llama), coordinator, "--num-blocks", "2"))
+        assert spans_of(nodes)[:2] == [(0, 2), (2, 4)]  # the second node fills the gap the first left
+        covered = {b for n in nodes for b in range(n.start, n.end)}
+        assert covered == set(range(4))
+
+        hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+        ids = torch.tensor([[1, 5, 9, 14, 3, 27]])
+        with DistributedModel.from_pretrained(str(tiny_llama), initial_peers=[coordinator]) as model:
+            assert model.generate(ids, max_new_tokens=32).tolist() == hf_greedy(hf, ids, 32).tolist()
+
+        result = run_cli("swarm", str(tiny_llama), "--initial-peers", coordinator)
+        assert result.returncode == 0, result.stderr
+        assert "all 4 blocks covered" in result.stdout
+        for n in nodes:
+            assert n.peer_id[:12] in result.stdout
+    finally:
+        stop_all(nodes)
+
+
+def test_cli_refuses_to_generate_without_peers(tiny_llama):
+    result = run_cli("generate", str(tiny_llama), "hello")
+    assert result.returncode != 0
+    assert "--initial-peers" in result.stderr or "--peers" in result.stderr
+
+
+def wait_gone(maddr: str, model: str, total: int, peer_id: str, timeout: float) -> float:
+    dht = start_dht([maddr], client_mode=True)
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            servers = find_servers(dht, model, total)
+            if all(r.peer_id != peer_id for rs in servers.values() for r in rs):
+                return time.monotonic() - started
+            time.sleep(0.5)
+        raise AssertionError(f"records of {peer_id} still in the DHT after {timeout}s")
+    finally:
+        dht.shutdown()
+
+
+def test_default_swarm_weakest_span_kill_and_drain(coordinator, default_reference):
+    hf, tokenizer = default_reference
+    ids = chat_ids(tokenizer, STORY)
+    expected = hf_greedy(hf, ids, 40)
+    nodes = []
+    try:
+        # A serves everything; B, C, D each take the weakest 10-block window in turn.
+        nodes.append(join("default", coordinator, "--num-blocks", "30"))
+        for _ in range(2):
+            nodes.append(join("default", coordinator, "--num-blocks", "10"))
+        assert spans_of(nodes) == [(0, 30), (0, 10), (10, 20)]
+        with DistributedModel.from_pretrained("default", initial_peers=[coordinator]) as model:
+            assert model.generate(ids, max_new_tokens=40).tolist() == expected.tolist()
+
+        nodes.append(join("default", coordinator, "--num-blocks", "10"))
+        assert spans_of(nodes)[3] == (20, 30), "the 4th node must take the weakest span"
+
+        # SIGKILL B: its records vanish within the expiration; A's replica serves its blocks.
+        killed = nodes[1]
+        killed.stop(signal.SIGKILL)
+        gone_after = wait_gone(coordinator, "SmolLM2-135M-Instruct", 30, killed.peer_id, EXPIRATION + 5)
+        assert gone_after <= EXPIRATION + 5
+        with DistributedModel.from_pretrained("default", initial_peers=[coordinator]) as model:
+            assert model.generate(ids, max_new_tokens=40).tolist() == expected.tolist()
+
+            # SIGTERM a node of the route mid-generation: it drains, the generation completes.
+            core, loop = model._core, model._loop
+            session = loop.run(core.open_session(ids.shape[1] + 40))
+            victim_address = session.hops[0].node.address
+            victim = next(n for n in nodes if n.address == victim_address)
+            tokens = []
+            for new in loop.iterate(core.generate_ids(ids, SamplingParams(max_new_tokens=40), session)):
+                tokens.append(int(new[0]))
+                if len(tokens) == 3:
+                    threading.Thread(target=victim.stop, args=(signal.SIGTERM,), daemon=True).start()
+            loop.run(session.close())
+        assert tokens == expected[0, ids.shape[1] :].tolist()
+        victim.proc.wait(30)
+        assert "draining" in victim.log
+    finally:
+        stop_all(nodes)
