@@ -10,6 +10,8 @@ from torch import nn
 from .checkpoint import Checkpoint
 from .llama import block as llama_block
 from .llama.config import LlamaConfig, rope_inverse_frequencies
+from .mixtral import block as mixtral_block
+from .mixtral.config import MixtralConfig
 
 LAYER_PREFIX = "model.layers."
 
@@ -25,6 +27,7 @@ FAMILIES: dict[str, Family] = {
     "mistral": Family(LlamaConfig, llama_block),
     "qwen2": Family(LlamaConfig, llama_block),
     "qwen3": Family(LlamaConfig, llama_block),
+    "mixtral": Family(MixtralConfig, mixtral_block),
 }
 
 

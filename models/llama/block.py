@@ -34,7 +34,11 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_mask(position: int, tokens: int, window: int | None) -> torch.Tensor | None:
-    """Boolean (T, position + T) mask; None where SDPA's own is_causal / no mask is exact."""
+    """Boolean (T, position + T) mask; None where SDPA's own is_causal / no mask is exact.
+
+    Query i (at position + i) sees key j when j <= position + i and, with a window, j > position + i - window:
+    the token itself and the window - 1 before it, as transformers' `sliding_window_overlay`.
+    """
     if window is None and (tokens == 1 or position == 0):
         return None
     q = torch.arange(position, position + tokens)[:, None]
@@ -46,9 +50,9 @@ def attention_mask(position: int, tokens: int, window: int | None) -> torch.Tens
 
 
 class Attention(nn.Module):
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, c: LlamaConfig, window: int | None = None):
         super().__init__()
-        self.c = c
+        self.c, self.window = c, window
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.attention_bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.attention_bias)
@@ -71,7 +75,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(position, k, v)
-        mask = attention_mask(position, T, self.c.sliding_window)
+        mask = attention_mask(position, T, self.window)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True
         )  # (B, H, T, D)
@@ -90,10 +94,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, c: LlamaConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = Attention(c)
+        self.self_attn = Attention(c, c.window(layer))
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c)
 
@@ -107,10 +111,12 @@ class Block(nn.Module):
 class Span(nn.Module):
     """Blocks [start, end) of a model; `layers` holds them under their global index (`layers.{i}`)."""
 
+    block: type[nn.Module] = Block  # a family with another block (mixture of experts) subclasses Span
+
     def __init__(self, c: LlamaConfig, start: int, end: int, inv_freq: torch.Tensor, rope_scaling: float):
         super().__init__()
         self.config, self.start, self.end = c, start, end
-        self.layers = nn.ModuleDict({str(i): Block(c) for i in range(start, end)})
+        self.layers = nn.ModuleDict({str(i): self.block(c, i) for i in range(start, end)})
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_scaling = rope_scaling
 

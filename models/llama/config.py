@@ -23,13 +23,17 @@ class LlamaConfig:
     output_bias: bool = False  # bias on o_proj (Llama: = attention_bias; Qwen2: False)
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k before rotary
-    sliding_window: int | None = None  # Mistral: attend to the last N tokens only
+    windows: tuple[int | None, ...] = ()  # per layer: attend to the last N tokens only; None (or absent) = all
+
+    def window(self, layer: int) -> int | None:
+        return self.windows[layer] if layer < len(self.windows) else None
 
     @classmethod
     def from_hf(cls, hf: PretrainedConfig) -> LlamaConfig:
+        if getattr(hf, "hidden_act", "silu") != "silu":
+            raise ValueError(f"activation {hf.hidden_act!r} is not supported; the block code uses silu")
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
         model_type = hf.model_type
-        window = getattr(hf, "sliding_window", None) if getattr(hf, "use_sliding_window", True) else None
         return cls(
             hidden_size=hf.hidden_size,
             intermediate_size=hf.intermediate_size,
@@ -44,8 +48,24 @@ class LlamaConfig:
             output_bias=model_type != "qwen2" and bool(getattr(hf, "attention_bias", False)),
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             qk_norm=model_type == "qwen3",
-            sliding_window=window if model_type == "mistral" else None,
+            windows=layer_windows(hf),
         )
+
+
+def layer_windows(hf: PretrainedConfig) -> tuple[int | None, ...]:
+    """The attention window of each layer, as transformers applies it (None = full causal attention).
+
+    Mistral and Mixtral slide every layer. Qwen2 and Qwen3 slide only the layers `layer_types` marks
+    "sliding_attention" (by default those from `max_window_layers` on, and only with `use_sliding_window`,
+    without which their config sets `sliding_window` to None).
+    """
+    window = getattr(hf, "sliding_window", None)
+    layers = range(hf.num_hidden_layers)
+    if window is None or hf.model_type not in ("mistral", "mixtral", "qwen2", "qwen3"):
+        return tuple(None for _ in layers)
+    if hf.model_type in ("qwen2", "qwen3"):
+        return tuple(window if hf.layer_types[i] == "sliding_attention" else None for i in layers)
+    return tuple(window for _ in layers)
 
 
 def rope_inverse_frequencies(hf: PretrainedConfig) -> tuple[torch.Tensor, float]:
