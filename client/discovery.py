@@ -36,8 +36,11 @@ class PeerSource:
     async def nodes(self, model: str, total_blocks: int) -> list[NodeClient]:
         raise NotImplementedError
 
-    async def candidates(self, model: str, revision: str, total_blocks: int) -> list[tuple[Candidate, NodeClient]]:
-        nodes = await self.nodes(model, total_blocks)
+    async def candidates(
+        self, model: str, revision: str, total_blocks: int, exclude: set[str] = frozenset()
+    ) -> list[tuple[Candidate, NodeClient]]:
+        """Probed nodes serving exactly this checkpoint; addresses in `exclude` are not even probed."""
+        nodes = [n for n in await self.nodes(model, total_blocks) if n.address not in exclude]
         probes = await asyncio.gather(*(probe(n) for n in nodes))
         return [
             (Candidate(info.address, info.start, info.end, info.throughput, rtt), node)

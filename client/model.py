@@ -23,7 +23,8 @@ from .loop_thread import LoopThread
 from .discovery import DhtPeers, PeerSource, StaticPeers
 from .routing import find_route
 from .sampling import SamplingParams
-from .session import DEFAULT_STEP_TIMEOUT, Hop, InferenceSession
+from .ban_list import BanList
+from .session import DEFAULT_STEP_TIMEOUT, Hop, InferenceSession, RetryPolicy
 from .text_stream import TextStream
 
 DEFAULT_MAX_LENGTH = 2048
@@ -36,8 +37,10 @@ class AsyncDistributedModel:
         source: PeerSource,
         wire_dtype: torch.dtype = torch.float32,
         step_timeout: float = DEFAULT_STEP_TIMEOUT,
+        retry: RetryPolicy = RetryPolicy(),
     ):
         self.ckpt, self.source, self.wire_dtype, self.step_timeout = ckpt, source, wire_dtype, step_timeout
+        self.retry, self.bans = retry, BanList()
         self.head = load_head(ckpt)
         self.tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
         self.total_blocks = num_blocks(ckpt)
@@ -61,14 +64,21 @@ class AsyncDistributedModel:
             source = StaticPeers(identity, peers, expected_keys)
         return cls(await asyncio.to_thread(resolve, model), source, **kwargs)
 
-    async def route(self) -> list[Hop]:
-        found = await self.source.candidates(self.ckpt.name, self.ckpt.revision, self.total_blocks)
+    async def route(self, start: int = 0, end: int | None = None) -> list[Hop]:
+        """Fresh hops covering blocks [start, end), avoiding nodes that failed recently."""
+        found = await self.source.candidates(
+            self.ckpt.name, self.ckpt.revision, self.total_blocks, exclude=self.bans.banned()
+        )
         nodes = {candidate.key: node for candidate, node in found}
-        route = find_route([candidate for candidate, _ in found], self.total_blocks)
+        end = self.total_blocks if end is None else end
+        route = find_route([candidate for candidate, _ in found], end, start=start)
         return [Hop(nodes[r.key], r.start, r.end) for r in route]
 
     async def open_session(self, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 1) -> InferenceSession:
-        return InferenceSession(await self.route(), max_length, batch_size, self.wire_dtype, self.step_timeout)
+        return InferenceSession(
+            await self.route(), max_length, batch_size, self.wire_dtype, self.step_timeout,
+            router=self.route, on_failure=lambda node: self.bans.ban(node.address), retry=self.retry,
+        )  # fmt: skip
 
     def encode_prompt(self, prompt: str, chat: bool = False) -> torch.Tensor:
         if chat:

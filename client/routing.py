@@ -1,7 +1,8 @@
 """Choosing a chain of nodes that covers blocks [0, total): shortest path over span boundaries.
 
 Graph: vertices are block boundaries 0..total; a node serving [s, e) offers an edge from every boundary
-b in [s, e) to e (it may run a suffix of its span). Edge cost = the node's RTT plus the time its blocks
+b in [s, e) to min(e, total): it may run any part of its span (starting late, or ending early when only
+a sub-range is routed, e.g. to replace a failed hop). Edge cost = the node's RTT plus the time its blocks
 take at its announced throughput; Dijkstra finds the cheapest chain. Ties are broken at random so equal
 replicas share the clients' load instead of all of them picking the same node.
 """
@@ -42,21 +43,25 @@ class RouteHop:
     end: int
 
 
-def edge_cost(c: Candidate, start: int) -> float:
-    per_block = 1.0 / (max(c.throughput, UNKNOWN_THROUGHPUT * 1e-3) * (c.end - c.start))
-    return c.rtt + PER_HOP_OVERHEAD_S + per_block * (c.end - start)
+def edge_cost(c: Candidate, start: int, stop: int) -> float:
+    """Seconds to run blocks [start, stop) on `c`: RTT + per-hop overhead + its share of the span's time."""
+    throughput = c.throughput if c.throughput > 0 else UNKNOWN_THROUGHPUT
+    per_block = 1.0 / (throughput * (c.end - c.start))
+    return c.rtt + PER_HOP_OVERHEAD_S + per_block * (stop - start)
 
 
-def find_route(candidates: Sequence[Candidate], total: int, rng: random.Random | None = None) -> list[RouteHop]:
-    """The cheapest chain of (node, start, end) covering [0, total); raises NoRouteError."""
+def find_route(
+    candidates: Sequence[Candidate], total: int, start: int = 0, rng: random.Random | None = None
+) -> list[RouteHop]:
+    """The cheapest chain of (node, start, end) covering [start, total); raises NoRouteError."""
     rng = rng or random.Random()
     candidates = rng.sample(list(candidates), len(candidates))  # equal costs: first one wins, so shuffle
-    missing = [b for b in range(total) if not any(c.start <= b < c.end for c in candidates)]
+    missing = [b for b in range(start, total) if not any(c.start <= b < c.end for c in candidates)]
     if missing:
         raise NoRouteError(missing, total)
-    best: dict[int, float] = {0: 0.0}
+    best: dict[int, float] = {start: 0.0}
     parent: dict[int, tuple[int, Candidate]] = {}
-    heap = [(0.0, rng.random(), 0)]
+    heap = [(0.0, rng.random(), start)]
     while heap:
         cost, _, b = heapq.heappop(heap)
         if b == total:
@@ -65,12 +70,13 @@ def find_route(candidates: Sequence[Candidate], total: int, rng: random.Random |
             continue
         for c in candidates:
             if c.start <= b < c.end:
-                new = cost + edge_cost(c, b)
-                if new < best.get(c.end, float("inf")) - 1e-12:
-                    best[c.end], parent[c.end] = new, (b, c)
-                    heapq.heappush(heap, (new, rng.random(), c.end))
+                stop = min(c.end, total)  # a hop runs any part of its span: it may start late or end early
+                new = cost + edge_cost(c, b, stop)
+                if new < best.get(stop, float("inf")) - 1e-12:
+                    best[stop], parent[stop] = new, (b, c)
+                    heapq.heappush(heap, (new, rng.random(), stop))
     route, b = [], total
-    while b != 0:
+    while b != start:
         prev, c = parent[b]
         route.append(RouteHop(c.key, prev, b))
         b = prev

@@ -130,17 +130,22 @@ class HopStream:
             reply = await asyncio.wait_for(self.call.read(), timeout)
         except aio.AioRpcError as e:
             raise NodeError(self.node.address, e.details() or str(e.code()), e.code()) from None
+        except asyncio.InvalidStateError:  # the stream already ended: the node closed it or died
+            raise NodeError(self.node.address, await self._ended(), await self.call.code()) from None
         except TimeoutError:
             self.call.cancel()
             raise NodeError(self.node.address, f"no reply within {timeout}s", grpc.StatusCode.DEADLINE_EXCEEDED)
         if reply is aio.EOF:
-            status = await self.call.code()
-            raise NodeError(self.node.address, (await self.call.details()) or "stream closed", status)
+            raise NodeError(self.node.address, await self._ended(), await self.call.code())
         self.node._check("Inference", reply)
         if reply.step != request.step:
             raise NodeError(self.node.address, f"reply to step {reply.step}, expected {request.step}")
         hidden = tensor_codec.decode(reply.hidden) if reply.HasField("hidden") else None
         return hidden, reply.cached_length
 
+    async def _ended(self) -> str:
+        return f"stream ended: {await self.call.code()} {await self.call.details() or ''}".strip()
+
     async def close(self) -> None:
-        await self.call.done_writing()
+        if not self.call.done():
+            await self.call.done_writing()
