@@ -1,13 +1,12 @@
-"""The SDK: a model whose blocks run on the swarm while embeddings and LM head run here.
+"""The SDK: a model whose blocks run on the swarm while tokenizer, embeddings and LM head run here.
 
-`AsyncDistributedModel` is the asyncio core; `DistributedModel` is the same API for synchronous code,
-run on a private event loop thread (hivemind's DHT does the same).
+`AsyncDistributedModel` is the asyncio core; `DistributedModel` offers the same calls to synchronous
+code, run on a private event loop thread (hivemind's DHT does the same).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
@@ -18,16 +17,17 @@ from ..models.checkpoint import Checkpoint, resolve
 from ..models.families import load_head, num_blocks
 from ..protocol.dht_network import start_dht
 from ..protocol.identity import Identity
+from .ban_list import BanList
+from .discovery import DhtPeers, PeerSource, StaticPeers
 from .generation import generate_ids
 from .loop_thread import LoopThread
-from .discovery import DhtPeers, PeerSource, StaticPeers
 from .routing import find_route
 from .sampling import SamplingParams
-from .ban_list import BanList
 from .session import DEFAULT_STEP_TIMEOUT, Hop, InferenceSession, RetryPolicy
 from .text_stream import TextStream
 
 DEFAULT_MAX_LENGTH = 2048
+Prompt = str | Sequence[dict] | torch.Tensor  # text, chat messages, or token ids (B, T)
 
 
 class AsyncDistributedModel:
@@ -46,7 +46,7 @@ class AsyncDistributedModel:
         self.total_blocks = num_blocks(ckpt)
 
     @classmethod
-    async def create(
+    async def from_pretrained(
         cls,
         model: str,
         peers: Sequence[str] = (),
@@ -55,7 +55,10 @@ class AsyncDistributedModel:
         expected_keys: dict[str, bytes] | None = None,
         **kwargs,
     ) -> AsyncDistributedModel:
-        """Nodes come from `peers` (host:port, static) or from the DHT reached through `initial_peers`."""
+        """Nodes come from the DHT reached through `initial_peers`, or from fixed `peers` (host:port).
+
+        kwargs: wire_dtype (float32: lossless; bfloat16: half the bytes), step_timeout, retry.
+        """
         identity = Identity.load_or_create(identity_path)
         if initial_peers:
             dht = await asyncio.to_thread(start_dht, list(initial_peers), client_mode=True)
@@ -64,6 +67,7 @@ class AsyncDistributedModel:
             source = StaticPeers(identity, peers, expected_keys)
         return cls(await asyncio.to_thread(resolve, model), source, **kwargs)
 
+    # ---- routing and sessions
     async def route(self, start: int = 0, end: int | None = None) -> list[Hop]:
         """Fresh hops covering blocks [start, end), avoiding nodes that failed recently."""
         found = await self.source.candidates(
@@ -80,25 +84,65 @@ class AsyncDistributedModel:
             router=self.route, on_failure=lambda node: self.bans.ban(node.address), retry=self.retry,
         )  # fmt: skip
 
-    def encode_prompt(self, prompt: str, chat: bool = False) -> torch.Tensor:
-        if chat:
-            messages = [{"role": "user", "content": prompt}]
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    def session(self, max_length: int = DEFAULT_MAX_LENGTH) -> AsyncChatSession:
+        """A multi-turn session: the KV cache stays on the nodes between `generate` calls."""
+        return AsyncChatSession(self, max_length)
+
+    # ---- prompts
+    def encode(self, prompt: Prompt, chat: bool = False) -> torch.Tensor:
+        """Token ids (B, T) of text (wrapped in the chat template if `chat`), chat messages, or ids."""
+        if isinstance(prompt, torch.Tensor):
+            return prompt if prompt.dim() == 2 else prompt[None]
+        if not isinstance(prompt, str):
+            text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
             return self.tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        if chat:
+            return self.encode([{"role": "user", "content": prompt}])
         return self.tokenizer(prompt, return_tensors="pt").input_ids
 
+    @property
+    def eos_ids(self) -> list[int]:
+        ids = set()
+        for eos in (self.tokenizer.eos_token_id, getattr(self.ckpt.hf_config, "eos_token_id", None)):
+            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return sorted(ids)
+
+    # ---- generation
     async def generate_ids(
-        self, input_ids: torch.Tensor, params: SamplingParams, session: InferenceSession | None = None
+        self, input_ids: torch.Tensor, params: SamplingParams, session: InferenceSession | None = None, cached: int = 0
     ) -> AsyncIterator[torch.Tensor]:
+        """Next token ids (B,) step by step; opens (and closes) a session unless given one."""
         own = session is None
         if own:
             session = await self.open_session(input_ids.shape[1] + params.max_new_tokens, input_ids.shape[0])
         try:
-            async for new in generate_ids(self.head, session, input_ids, params, self.eos_ids):
+            async for new in generate_ids(self.head, session, input_ids, params, self.eos_ids, cached):
                 yield new
         finally:
             if own:
                 await session.close()
+
+    async def generate(
+        self, prompt: Prompt | list[str], chat: bool = False, **sampling
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Like transformers' generate: prompt ids followed by the new ids, (B, T + new).
+
+        A list of strings runs as concurrent sessions and returns one tensor (1, T_i + new_i) each.
+        sampling: max_new_tokens, temperature (0 = greedy), top_p, top_k, repetition_penalty, seed,
+        stop, ignore_eos.
+        """
+        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+            return list(await asyncio.gather(*(self.generate(p, chat, **sampling) for p in prompt)))
+        ids = self.encode(prompt, chat)
+        params = SamplingParams(**sampling)
+        new = [n async for n in self.generate_ids(ids, params)]
+        return torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids
+
+    async def stream(self, prompt: Prompt, chat: bool = False, **sampling) -> AsyncIterator[str]:
+        """Text pieces as they are generated (stop strings end the stream and are not included)."""
+        params = SamplingParams(**sampling)
+        async for piece in _text_pieces(self.tokenizer, self.generate_ids(self.encode(prompt, chat), params), params):
+            yield piece
 
     async def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, vocab) of every position: scoring, perplexity, checks against a local model."""
@@ -108,32 +152,86 @@ class AsyncDistributedModel:
         finally:
             await session.close()
 
-    async def stream(self, prompt: str, params: SamplingParams, chat: bool = False) -> AsyncIterator[str]:
-        text = TextStream(self.tokenizer, params.stop)
-        async for new in self.generate_ids(self.encode_prompt(prompt, chat), params):
-            piece = text.push(int(new[0]))
-            if piece:
-                yield piece
-            if text.stopped:
-                return
-        tail = text.flush()
-        if tail:
-            yield tail
-
-    @property
-    def eos_ids(self) -> list[int]:
-        eos = self.tokenizer.eos_token_id
-        config_eos = getattr(self.ckpt.hf_config, "eos_token_id", None)
-        ids = {eos} if eos is not None else set()
-        ids |= set(config_eos if isinstance(config_eos, list) else [config_eos] if config_eos is not None else [])
-        return sorted(ids)
-
     async def close(self) -> None:
         await self.source.close()
 
+    async def __aenter__(self) -> AsyncDistributedModel:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+async def _text_pieces(tokenizer, ids: AsyncIterator[torch.Tensor], params: SamplingParams) -> AsyncIterator[str]:
+    text = TextStream(tokenizer, params.stop)
+    async for new in ids:
+        piece = text.push(int(new[0]))
+        if piece:
+            yield piece
+        if text.stopped:
+            return
+    if tail := text.flush():
+        yield tail
+
+
+class AsyncChatSession:
+    """Turns of one conversation over one inference session.
+
+    Each call passes the whole conversation (messages, text or ids); only the tokens the nodes have not
+    seen yet are sent. If the new conversation is not an extension of the cached one (an edited turn),
+    the session rewinds to the common prefix instead of starting over.
+    """
+
+    def __init__(self, model: AsyncDistributedModel, max_length: int):
+        self.model, self.max_length = model, max_length
+        self.session: InferenceSession | None = None
+        self.cached: list[int] = []  # token ids whose keys/values are on the nodes
+        self.history: list[int] = []  # the conversation so far, generated tokens included
+
+    async def __aenter__(self) -> AsyncChatSession:
+        self.session = await self.model.open_session(self.max_length)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+
+    def _ids(self, prompt: Prompt, chat: bool) -> torch.Tensor:
+        if isinstance(prompt, str) and not chat and self.history:  # plain text continues the conversation
+            more = self.model.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+            return torch.cat([torch.tensor([self.history]), more], dim=1)
+        return self.model.encode(prompt, chat)
+
+    async def generate_ids(self, prompt: Prompt, chat: bool = False, **sampling) -> AsyncIterator[torch.Tensor]:
+        ids = self._ids(prompt, chat)
+        if ids.shape[0] != 1:
+            raise ValueError("a chat session holds one conversation (batch size 1)")
+        flat = ids[0].tolist()
+        common = 0
+        while common < min(len(flat), len(self.cached)) and flat[common] == self.cached[common]:
+            common += 1
+        common = min(common, len(flat) - 1)  # at least one token must go through the nodes
+        params = SamplingParams(**sampling)
+        if len(flat) + params.max_new_tokens > self.max_length:
+            raise ValueError(f"the conversation would exceed the session's max_length {self.max_length}")
+        self.cached, self.history = flat, list(flat)
+        async for new in self.model.generate_ids(ids, params, self.session, cached=common):
+            token = int(new[0])
+            self.cached, self.history = list(self.history), self.history + [token]  # all but the newest are cached
+            yield new
+
+    async def generate(self, prompt: Prompt, chat: bool = False, **sampling) -> torch.Tensor:
+        ids = self._ids(prompt, chat)
+        new = [n async for n in self.generate_ids(ids, **sampling)]
+        return torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids
+
+    async def stream(self, prompt: Prompt, chat: bool = False, **sampling) -> AsyncIterator[str]:
+        params = SamplingParams(**sampling)
+        async for piece in _text_pieces(self.model.tokenizer, self.generate_ids(prompt, chat, **sampling), params):
+            yield piece
+
 
 class DistributedModel:
-    """Synchronous front end: `generate` returns ids, `stream` yields text pieces."""
+    """Synchronous front end with the same calls as AsyncDistributedModel."""
 
     def __init__(self, core: AsyncDistributedModel, loop: LoopThread):
         self._core, self._loop = core, loop
@@ -142,33 +240,58 @@ class DistributedModel:
     def from_pretrained(
         cls, model: str, peers: Sequence[str] = (), initial_peers: Sequence[str] = (), **kwargs
     ) -> DistributedModel:
-        """See AsyncDistributedModel.create; grpc.aio channels bind to the private loop they are made on."""
+        """See AsyncDistributedModel.from_pretrained (grpc.aio channels bind to the loop they are made on)."""
         loop = LoopThread()
-        return cls(loop.run(AsyncDistributedModel.create(model, peers, initial_peers, **kwargs)), loop)
+        try:
+            return cls(loop.run(AsyncDistributedModel.from_pretrained(model, peers, initial_peers, **kwargs)), loop)
+        except BaseException:
+            loop.stop()
+            raise
 
     @property
     def tokenizer(self):
         return self._core.tokenizer
 
-    def generate(self, input_ids: torch.Tensor, **sampling) -> torch.Tensor:
-        """input_ids (B, T) -> (B, T + new), like transformers' generate."""
-        params = SamplingParams(**sampling)
-        new = list(self._loop.iterate(self._core.generate_ids(input_ids, params)))
-        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
+    def generate(self, prompt: Prompt | list[str], chat: bool = False, **sampling) -> torch.Tensor | list[torch.Tensor]:
+        return self._loop.run(self._core.generate(prompt, chat, **sampling))
+
+    def stream(self, prompt: Prompt, chat: bool = False, **sampling) -> Iterator[str]:
+        return self._loop.iterate(self._core.stream(prompt, chat, **sampling))
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._loop.run(self._core.logits(input_ids))
 
-    def stream(self, prompt: str, chat: bool = False, **sampling) -> Iterator[str]:
-        return self._loop.iterate(self._core.stream(prompt, SamplingParams(**sampling), chat))
+    def session(self, max_length: int = DEFAULT_MAX_LENGTH) -> ChatSession:
+        return ChatSession(self._core.session(max_length), self._loop)
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
+        try:
             self._loop.run(self._core.close())
-        self._loop.stop()
+        finally:
+            self._loop.stop()
 
     def __enter__(self) -> DistributedModel:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class ChatSession:
+    """Synchronous twin of AsyncChatSession."""
+
+    def __init__(self, core: AsyncChatSession, loop: LoopThread):
+        self._core, self._loop = core, loop
+
+    def __enter__(self) -> ChatSession:
+        self._loop.run(self._core.__aenter__())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.run(self._core.__aexit__(*exc))
+
+    def generate(self, prompt: Prompt, chat: bool = False, **sampling) -> torch.Tensor:
+        return self._loop.run(self._core.generate(prompt, chat, **sampling))
+
+    def stream(self, prompt: Prompt, chat: bool = False, **sampling) -> Iterator[str]:
+        return self._loop.iterate(self._core.stream(prompt, chat, **sampling))
