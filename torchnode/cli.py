@@ -183,6 +183,52 @@ def generate(
 
 
 @app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="the model the nodes serve ('default', a path, or a hub id)")],
+    initial_peers: Annotated[str, typer.Option(help="multiaddrs of swarm peers")] = "",
+    peers: Annotated[str, typer.Option(help="comma-separated node addresses host:port (no DHT)")] = "",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="longest reply")] = 256,
+    max_length: Annotated[int, typer.Option(min=16, help="tokens the whole conversation may take")] = 2048,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    seed: Annotated[int | None, typer.Option()] = None,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    identity: Annotated[Path | None, typer.Option(help="client key file")] = None,
+) -> None:
+    """Interactive multi-turn chat; the conversation's KV cache stays on the nodes between turns."""
+    peer_list, dht_peers = _peers(peers), _peers(initial_peers)
+    if not peer_list and not dht_peers:
+        raise typer.BadParameter("give --initial-peers MULTIADDR (a swarm) or --peers HOST:PORT,...", param_hint="--initial-peers")
+    from torchnode.client.model import DistributedModel
+    from torchnode.client.routing import NoRouteError
+    from torchnode.client.transport import NodeError
+
+    console = Console(highlight=False)
+    try:
+        with err.status("connecting to the swarm"):
+            model_obj = DistributedModel.from_pretrained(model, peer_list, dht_peers, identity_path=identity)
+        conversation = [{"role": "system", "content": system}] if system else []
+        console.print("[dim]Type a message; an empty line or Ctrl-D ends the chat.[/]")
+        with model_obj, model_obj.session(max_length=max_length) as session:
+            while True:
+                console.print("[bold green]you>[/] ", end="")
+                line = sys.stdin.readline()
+                if not line.strip():
+                    break
+                conversation.append({"role": "user", "content": line.strip()})
+                console.print("[bold cyan]assistant>[/] ", end="")
+                reply = ""
+                for piece in session.stream(conversation, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed):
+                    reply += piece
+                    console.print(piece, end="", markup=False)
+                console.print()
+                conversation.append({"role": "assistant", "content": reply})
+    except (NoRouteError, NodeError, FileNotFoundError, ValueError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
+
+
+@app.command()
 def swarm(
     model: Annotated[str, typer.Argument(help="the model to look up ('default', a path, or a hub id)")],
     initial_peers: Annotated[str, typer.Option(help="multiaddrs of swarm peers")] = "",
