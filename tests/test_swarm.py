@@ -118,3 +118,55 @@ def test_default_swarm_weakest_span_kill_and_drain(coordinator, default_referenc
         assert "draining" in victim.log
     finally:
         stop_all(nodes)
+
+
+def test_rebalance_moves_to_a_gap_without_breaking_open_session(coordinator, tiny_llama):
+    import asyncio
+
+    from torchnode.client.transport import NodeClient
+    from torchnode.models.checkpoint import resolve
+    from torchnode.models.families import load_span
+    from torchnode.protocol import tensor_codec
+    from torchnode.protocol import torchnode_pb2 as pb
+    from torchnode.protocol.identity import Identity
+
+    fixed = ("--rebalance-period", "0")
+    nodes = [join(str(tiny_llama), coordinator, "--num-blocks", "2", *fixed) for _ in range(2)]
+    try:
+        mover = join(str(tiny_llama), coordinator, "--num-blocks", "2", "--rebalance-period", "2")
+        nodes.append(mover)
+        old = (mover.start, mover.end)
+        other = next(n for n in nodes[:2] if (n.start, n.end) != old)  # serves the span the mover does not
+        local = load_span(resolve(str(tiny_llama)), *old)
+        x = torch.randn(1, 3, 64, generator=torch.Generator().manual_seed(0))
+
+        async def open_and_step():
+            client = NodeClient(mover.address, Identity.generate())
+            stream = client.open_stream()
+            step = pb.Step(session_id="rebalance", max_length=16, start_block=old[0], end_block=old[1], batch_size=1)
+            step.hidden.CopyFrom(tensor_codec.encode(x[:, :2]))
+            out, _ = await stream.step(step, torch.float32, 10)
+            return client, stream, out
+
+        async def step_again(stream):
+            step = pb.Step(session_id="rebalance", position=2)
+            step.hidden.CopyFrom(tensor_codec.encode(x[:, 2:]))
+            return (await stream.step(step, torch.float32, 10))[0]
+
+        loop = asyncio.new_event_loop()
+        client, stream, first = loop.run_until_complete(open_and_step())
+        other.stop(signal.SIGTERM)  # its span is now a gap: the mover should go there
+        mover.wait_for("rebalancing: moving", 30)
+        mover.wait_for(rf"ready: serving blocks {other.start}:{other.end}", 60)
+        second = loop.run_until_complete(step_again(stream))  # the session on the old span still works
+        loop.run_until_complete(client.close())
+        loop.close()
+        expected = local(x, 0, *old)
+        assert torch.allclose(torch.cat([first, second], dim=1), expected, atol=1e-5)
+
+        hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+        ids = torch.tensor([[1, 5, 9, 14]])
+        with DistributedModel.from_pretrained(str(tiny_llama), initial_peers=[coordinator]) as model:
+            assert model.generate(ids, max_new_tokens=16).tolist() == hf_greedy(hf, ids, 16).tolist()
+    finally:
+        stop_all(nodes)
