@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -49,6 +51,32 @@ def _bytes(text: str, flag: str) -> int:
 
 def _peers(text: str) -> list[str]:
     return [p.strip() for p in text.replace(" ", ",").split(",") if p.strip()]
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Errors a user can fix (no route, a failing node, a bad path or value) end in one red line, exit 1."""
+    from torchnode.client.routing import NoRouteError
+    from torchnode.client.transport import NodeError
+
+    try:
+        yield
+    except (NoRouteError, NodeError, FileNotFoundError, ValueError, OSError) as e:
+        err.print(f"[red]error:[/] {e}")
+        raise typer.Exit(1) from None
+
+
+def connect(model: str, peers: str, initial_peers: str, identity: Path | None, **kwargs):
+    """A DistributedModel over the swarm (--initial-peers) or over fixed nodes (--peers)."""
+    peer_list, dht_peers = _peers(peers), _peers(initial_peers)
+    if not peer_list and not dht_peers:
+        raise typer.BadParameter(
+            "give --initial-peers MULTIADDR (a swarm) or --peers HOST:PORT,... (fixed nodes)", param_hint="--initial-peers"
+        )
+    from torchnode.client.model import DistributedModel
+
+    with err.status("loading the model's head and tokenizer, finding nodes"):
+        return DistributedModel.from_pretrained(model, peer_list, dht_peers, identity_path=identity, **kwargs)
 
 
 @app.command()
@@ -112,11 +140,8 @@ def join(
         shutdown_grace=shutdown_grace, swarm=swarm,
     )  # fmt: skip
     logging.basicConfig(level=logging.WARNING)
-    try:
+    with user_errors():
         asyncio.run(serve(config, on_status=lambda m: err.print(f"[bold cyan]node[/] {m}", soft_wrap=True)))
-    except (FileNotFoundError, ValueError, OSError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -129,11 +154,9 @@ def coordinator(
     """Run a bootstrap DHT peer; prints the multiaddr others pass as --initial-peers."""
     from torchnode.coordinator.bootstrap import run_bootstrap
 
-    try:
-        asyncio.run(run_bootstrap(host, port, announce_host, _peers(initial_peers), on_status=lambda m: err.print(f"[bold magenta]coordinator[/] {m}", soft_wrap=True)))
-    except (ValueError, OSError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(1) from None
+    status = lambda m: err.print(f"[bold magenta]coordinator[/] {m}", soft_wrap=True)  # noqa: E731
+    with user_errors():
+        asyncio.run(run_bootstrap(host, port, announce_host, _peers(initial_peers), on_status=status))
 
 
 @app.command()
@@ -153,33 +176,18 @@ def generate(
     identity: Annotated[Path | None, typer.Option(help="client key file [default: ~/.torchnode/identity.key]")] = None,
 ) -> None:
     """Generate text through a chain of nodes; tokens stream to stdout."""
-    peer_list, dht_peers = _peers(peers), _peers(initial_peers)
-    if not peer_list and not dht_peers:
-        raise typer.BadParameter("give --initial-peers MULTIADDR (a swarm) or --peers HOST:PORT,... (fixed nodes)", param_hint="--peers")
     if greedy and temperature > 0:
         raise typer.BadParameter("--greedy and --temperature > 0 contradict each other", param_hint="--greedy")
     torch_wire = _dtype(wire_dtype, "--wire-dtype")
-    from torchnode.client.model import DistributedModel
-    from torchnode.client.routing import NoRouteError
-    from torchnode.client.transport import NodeError
-
-    try:
-        with err.status("loading the model's head and tokenizer"):
-            model_obj = DistributedModel.from_pretrained(
-                model, peer_list, dht_peers, identity_path=identity, wire_dtype=torch_wire
-            )
-        with model_obj:
-            pieces = model_obj.stream(
-                prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature,
-                top_p=top_p, top_k=top_k, seed=seed,
-            )  # fmt: skip
-            for piece in pieces:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+    with user_errors(), connect(model, peers, initial_peers, identity, wire_dtype=torch_wire) as client:
+        pieces = client.stream(
+            prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, seed=seed,
+        )  # fmt: skip
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
         sys.stdout.write("\n")
-    except (NoRouteError, NodeError, FileNotFoundError, ValueError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -196,20 +204,11 @@ def chat(
     identity: Annotated[Path | None, typer.Option(help="client key file")] = None,
 ) -> None:
     """Interactive multi-turn chat; the conversation's KV cache stays on the nodes between turns."""
-    peer_list, dht_peers = _peers(peers), _peers(initial_peers)
-    if not peer_list and not dht_peers:
-        raise typer.BadParameter("give --initial-peers MULTIADDR (a swarm) or --peers HOST:PORT,...", param_hint="--initial-peers")
-    from torchnode.client.model import DistributedModel
-    from torchnode.client.routing import NoRouteError
-    from torchnode.client.transport import NodeError
-
     console = Console(highlight=False)
-    try:
-        with err.status("connecting to the swarm"):
-            model_obj = DistributedModel.from_pretrained(model, peer_list, dht_peers, identity_path=identity)
-        conversation = [{"role": "system", "content": system}] if system else []
+    conversation = [{"role": "system", "content": system}] if system else []
+    with user_errors(), connect(model, peers, initial_peers, identity) as client:
         console.print("[dim]Type a message; an empty line or Ctrl-D ends the chat.[/]")
-        with model_obj, model_obj.session(max_length=max_length) as session:
+        with client.session(max_length=max_length) as session:
             while True:
                 console.print("[bold green]you>[/] ", end="")
                 line = sys.stdin.readline()
@@ -218,14 +217,12 @@ def chat(
                 conversation.append({"role": "user", "content": line.strip()})
                 console.print("[bold cyan]assistant>[/] ", end="")
                 reply = ""
-                for piece in session.stream(conversation, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed):
+                sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+                for piece in session.stream(conversation, **sampling):
                     reply += piece
                     console.print(piece, end="", markup=False)
                 console.print()
                 conversation.append({"role": "assistant", "content": reply})
-    except (NoRouteError, NodeError, FileNotFoundError, ValueError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -241,11 +238,8 @@ def swarm(
 
     from torchnode.client.swarm_view import ServerView, swarm_view
 
-    try:
+    with user_errors():
         view = asyncio.run(swarm_view(model, peers))
-    except (FileNotFoundError, ValueError) as e:
-        err.print(f"[red]error:[/] {e}")
-        raise typer.Exit(1) from None
     table = Table(title=f"{view.model} · {view.total_blocks} blocks · revision {view.revision}")
     for column in ("peer", "address", "blocks", "state", "tokens/s", "RTT ms"):
         table.add_column(column, justify="right" if column in ("tokens/s", "RTT ms") else "left")
