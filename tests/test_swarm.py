@@ -170,3 +170,27 @@ def test_rebalance_moves_to_a_gap_without_breaking_open_session(coordinator, tin
             assert model.generate(ids, max_new_tokens=16).tolist() == hf_greedy(hf, ids, 16).tolist()
     finally:
         stop_all(nodes)
+
+
+def is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)  # gRPC listens on ::ffff:127.0.0.1 (dual-stack socket)
+    return (mapped or address).is_loopback
+
+
+def test_swarm_node_listens_and_dials_only_loopback(coordinator, tiny_llama):
+    import psutil
+
+    node = join(str(tiny_llama), coordinator, "--blocks", "0:4")
+    try:
+        procs = [psutil.Process(node.proc.pid), *psutil.Process(node.proc.pid).children(recursive=True)]
+        sockets = [c for p in procs for c in p.net_connections(kind="inet")]
+        assert any(c.status == psutil.CONN_LISTEN for c in sockets)  # gRPC and p2pd are in there
+        for c in sockets:
+            assert is_loopback(c.laddr.ip), c
+            if c.raddr:
+                assert is_loopback(c.raddr.ip), c
+    finally:
+        node.stop()

@@ -173,13 +173,14 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="seed for sampling")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="wrap the prompt in the model's chat template")] = False,
     wire_dtype: Annotated[str, typer.Option(help="dtype of hidden states on the wire")] = "float32",
+    step_timeout: Annotated[float, typer.Option(min=0.1, help="seconds a node may take per step before failover")] = 30.0,
     identity: Annotated[Path | None, typer.Option(help="client key file [default: ~/.torchnode/identity.key]")] = None,
 ) -> None:
     """Generate text through a chain of nodes; tokens stream to stdout."""
     if greedy and temperature > 0:
         raise typer.BadParameter("--greedy and --temperature > 0 contradict each other", param_hint="--greedy")
     torch_wire = _dtype(wire_dtype, "--wire-dtype")
-    with user_errors(), connect(model, peers, initial_peers, identity, wire_dtype=torch_wire) as client:
+    with user_errors(), connect(model, peers, initial_peers, identity, wire_dtype=torch_wire, step_timeout=step_timeout) as client:
         pieces = client.stream(
             prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed,
@@ -201,12 +202,13 @@ def chat(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: Annotated[int | None, typer.Option()] = None,
     system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+    step_timeout: Annotated[float, typer.Option(min=0.1, help="seconds a node may take per step before failover")] = 30.0,
     identity: Annotated[Path | None, typer.Option(help="client key file")] = None,
 ) -> None:
     """Interactive multi-turn chat; the conversation's KV cache stays on the nodes between turns."""
     console = Console(highlight=False)
     conversation = [{"role": "system", "content": system}] if system else []
-    with user_errors(), connect(model, peers, initial_peers, identity) as client:
+    with user_errors(), connect(model, peers, initial_peers, identity, step_timeout=step_timeout) as client:
         console.print("[dim]Type a message; an empty line or Ctrl-D ends the chat.[/]")
         with client.session(max_length=max_length) as session:
             while True:
