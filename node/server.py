@@ -174,23 +174,29 @@ class Node:
             f"as peer {self.identity.peer_id}"
         )
         await self.wait_for_signal()
-        self.on_status(f"draining: finishing sessions in flight (up to {c.shutdown_grace:.0f}s)")
-        if self.announcer is not None:
-            await self.announcer.announce("draining")
+        self.on_status(f"draining: finishing sessions in flight (up to {c.shutdown_grace:.0f}s); signal again to quit now")
         for task in tasks:
             task.cancel()
+        # each step is bounded: an unreachable DHT must not keep a leaving node alive
+        if self.announcer is not None:
+            await _bounded(self.announcer.announce("draining"), SHUTDOWN_STEP_S, "announcing draining")
         await server.stop(c.shutdown_grace)
         self.backend.shutdown()
         if self.dht is not None:
-            await asyncio.to_thread(self.dht.shutdown)
+            await _bounded(asyncio.to_thread(self.dht.shutdown), SHUTDOWN_STEP_S, "stopping the DHT")
+            if self.dht.is_alive():
+                self.dht.kill()
         self.on_status("stopped")
 
     async def wait_for_signal(self) -> None:
+        """Returns on the first SIGINT/SIGTERM; a second one exits at once, without draining."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, os._exit, 1)
 
     async def rebalance_forever(self) -> None:
         swarm = self.config.swarm
@@ -215,6 +221,16 @@ class Node:
         await self.announcer.announce("online")
         self.on_status(f"ready: serving blocks {start}:{start + n} of {self.ckpt.name} on port {self.port}")
         asyncio.create_task(_retire(old))
+
+
+SHUTDOWN_STEP_S = 10.0
+
+
+async def _bounded(awaitable, seconds: float, what: str) -> None:
+    try:
+        await asyncio.wait_for(awaitable, seconds)
+    except Exception as e:  # leaving goes on regardless (TimeoutError included)
+        log.warning("%s failed or took over %.0fs: %r", what, seconds, e)
 
 
 async def _retire(backend: SpanBackend) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -52,6 +53,7 @@ class NodeProcess:
         raise TimeoutError(f"no {pattern!r} from node within {timeout}s:\n{self.log}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Sends `sig`, waits, and then kills whatever is left of the process group (DHT child, p2pd)."""
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -59,6 +61,8 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         return self.proc.returncode
 
 
@@ -80,7 +84,9 @@ def start_coordinator(*args: str, env: dict | None = None) -> tuple[NodeProcess,
 
 def spawn(cmd: list[str], port: int, env: dict | None) -> NodeProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env, start_new_session=True
+    )  # its own process group, so stop() can clean up its children too
     node = NodeProcess(proc, port)
 
     def pump() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,6 +143,11 @@ def join(
     logging.basicConfig(level=logging.WARNING)
     with user_errors():
         asyncio.run(serve(config, on_status=lambda m: err.print(f"[bold cyan]node[/] {m}", soft_wrap=True)))
+    # Everything the node owns is stopped by now; a helper thread stuck in a third-party call (the DHT's
+    # process, a torch pool) must not keep the process alive, so skip interpreter shutdown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command()
