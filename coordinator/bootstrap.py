@@ -1,12 +1,20 @@
-"""A bootstrap DHT peer: the first address of a swarm, optional and replaceable by any live node."""
+"""A bootstrap DHT peer: the first address of a swarm, optional and replaceable by any live node.
+
+With `dashboard=DashboardConfig(...)` the same process also runs the health monitor and the dashboard
+on this peer's DHT (no second DHT peer).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import signal
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ..protocol.dht_network import start_dht, visible_maddrs
+
+if TYPE_CHECKING:
+    from .dashboard import DashboardConfig
 
 
 async def run_bootstrap(
@@ -15,15 +23,31 @@ async def run_bootstrap(
     announce_host: str | None,
     initial_peers: Sequence[str],
     on_status: Callable[[str], None] = print,
+    dashboard: DashboardConfig | None = None,
 ) -> None:
+    sock = None
+    if dashboard is not None:
+        from .dashboard import bind_http, serve_dashboard  # fastapi, uvicorn: the `api` extra
+
+        sock = bind_http(dashboard.host, dashboard.http_port)  # before the DHT: a busy port fails fast
     dht = await asyncio.to_thread(start_dht, list(initial_peers), host, port, announce_host)
     try:
         maddrs = visible_maddrs(dht)
         on_status(f"ready: --initial-peers {','.join(maddrs)}")
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await stop.wait()
+        if dashboard is None:
+            await until_signal()
+        else:
+            await serve_dashboard(dht, dashboard, on_status, until_signal(), sock=sock, dht_maddrs=maddrs)
     finally:
+        if sock is not None:
+            sock.close()
         await asyncio.to_thread(dht.shutdown)
         on_status("stopped")
+
+
+async def until_signal() -> None:
+    """Returns on the first SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -94,8 +94,18 @@ def find_servers(
 ) -> dict[int, list[ServerRecord]]:
     """{block: valid, unexpired server records} for every block in range(total_blocks), in one batched
     latest-value lookup. Blocks nobody serves map to an empty list."""
-    keys = [block_key(model, block) for block in range(total_blocks)]  # validates model and total_blocks
-    return dht.run_coroutine(partial(_find_blocks, model=model, keys=keys), return_future=return_future)
+    return find_blocks(dht, model, range(total_blocks), return_future=return_future)
+
+
+def find_blocks(
+    dht: hivemind.DHT, model: str, blocks: Iterable[int], return_future: bool = False
+) -> dict[int, list[ServerRecord]]:
+    """As `find_servers`, for any set of block indices (e.g. a window when the block count is unknown)."""
+    blocks = list(blocks)
+    keys = [block_key(model, block) for block in blocks]  # validates model and block indices
+    return dht.run_coroutine(
+        partial(_find_blocks, model=model, blocks=blocks, keys=keys), return_future=return_future
+    )
 
 
 # Coroutines below run inside the DHT process (they must be module-level to be picklable).
@@ -110,12 +120,12 @@ async def _store_blocks(
 
 
 async def _find_blocks(
-    _dht: hivemind.DHT, node: DHTNode, model: str, keys: list[str]
+    _dht: hivemind.DHT, node: DHTNode, model: str, blocks: list[int], keys: list[str]
 ) -> dict[int, list[ServerRecord]]:
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))  # = get(latest=True)
     now = get_dht_time()
     servers: dict[int, list[ServerRecord]] = {}
-    for block, key in enumerate(keys):
+    for block, key in zip(blocks, keys):
         entries = found.get(key)
         records = []
         if entries is not None and isinstance(entries.value, dict):  # a plain value under a block key is junk

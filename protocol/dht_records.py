@@ -82,13 +82,15 @@ class ServerRecord:
     expiration: float  # absolute DHT time (seconds), equal to the DHT entry's expiration_time
     next_pings: dict[str, float] = field(default_factory=dict, hash=False)  # peer id -> RTT seconds
     dht_maddrs: tuple[str, ...] = ()  # the node's own DHT multiaddrs, usable as initial peers
+    total_blocks: int = 0  # blocks in the whole model; 0 = not said (records of older nodes)
 
     @property
     def blocks(self) -> range:
         return range(self.start, self.end)
 
 
-_FIELD_NAMES = tuple(f.name for f in fields(ServerRecord))
+_OPTIONAL_FIELDS = {"total_blocks": 0}  # added after the first release: absent in older records
+_FIELD_NAMES = tuple(f.name for f in fields(ServerRecord) if f.name not in _OPTIONAL_FIELDS)
 
 
 def encode_record(identity: Identity, record: ServerRecord) -> bytes:
@@ -139,6 +141,7 @@ def _unpack(data: bytes, what: str) -> object:
 
 def _check_fields(raw: dict) -> ServerRecord:
     """Type and range checks of a decoded field map. Unknown extra fields are ignored (newer versions)."""
+    raw = _OPTIONAL_FIELDS | raw
     missing = [name for name in _FIELD_NAMES if name not in raw]
     if missing:
         raise RecordError(f"record lacks fields {missing}")
@@ -158,6 +161,9 @@ def _check_fields(raw: dict) -> ServerRecord:
     start, end = raw["start"], raw["end"]
     if not _is_int(start) or not _is_int(end) or not 0 <= start < end <= MAX_BLOCKS:
         raise RecordError(f"span [{start!r}, {end!r}) must satisfy 0 <= start < end <= {MAX_BLOCKS}")
+    total_blocks = raw["total_blocks"]
+    if not _is_int(total_blocks) or not 0 <= total_blocks <= MAX_BLOCKS or (total_blocks and end > total_blocks):
+        raise RecordError(f"total_blocks {total_blocks!r} must be 0 (unknown) or in [end={end}, {MAX_BLOCKS}]")
     if raw["state"] not in STATES:
         raise RecordError(f"state {raw['state']!r} is not one of {STATES}")
     throughput = _non_negative_float(raw["throughput"], "throughput")
@@ -193,6 +199,7 @@ def _check_fields(raw: dict) -> ServerRecord:
         expiration=expiration,
         next_pings={peer: float(rtt) for peer, rtt in next_pings.items()},
         dht_maddrs=tuple(maddrs),
+        total_blocks=total_blocks,
     )
 
 

@@ -150,6 +150,23 @@ def test_decode_checks_fields(changes, reason):
         decode_record(sign_raw(identity, fields))
 
 
+def test_total_blocks_is_signed_and_optional():
+    identity = Identity.generate()
+    record = make_record(identity, total_blocks=30)
+    assert decode_record(encode_record(identity, record)).total_blocks == 30
+    older = raw_fields(make_record(identity))
+    del older["total_blocks"]  # a node from before the field existed
+    assert decode_record(sign_raw(identity, older)) == make_record(identity, expiration=older["expiration"])
+
+
+@pytest.mark.parametrize("total_blocks", [2, -1, 1025, True, 4.0, "4", None])
+def test_decode_checks_total_blocks(total_blocks):
+    identity = Identity.generate()
+    fields = raw_fields(make_record(identity, start=0, end=3)) | {"total_blocks": total_blocks}
+    with pytest.raises(RecordError, match="total_blocks"):
+        decode_record(sign_raw(identity, fields))
+
+
 @pytest.mark.parametrize(
     "value",
     [b"", b"garbage", msgpack.packb([1, 2]), msgpack.packb({"record": b"x", "signature": b"y"}), b"\x80" * 10],

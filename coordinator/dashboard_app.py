@@ -1,0 +1,123 @@
+"""The dashboard's web app: the page, its JSON, and Prometheus metrics, all read from one state source.
+
+    GET /               the swarm dashboard (one self-contained HTML file; it polls /api/v1/state)
+    GET /api/v1/state   `SwarmState` as JSON (its schema: /openapi.json)
+    GET /metrics        Prometheus text format
+    GET /healthz        "ok": the monitor process is up
+
+The app knows nothing of the DHT or of gRPC: it only reads `source.state`, so it is tested with a
+hand-made state and served by `dashboard.py` next to a live `HealthMonitor`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .. import __version__
+from .state_schema import SwarmState
+
+PAGE = Path(__file__).parent / "static" / "dashboard.html"
+
+
+class StateSource(Protocol):
+    @property
+    def state(self) -> SwarmState: ...
+
+
+def create_app(source: StateSource) -> FastAPI:
+    page = PAGE.read_text(encoding="utf-8")  # read once: a broken install fails at start, not per request
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(StateCollector(source))
+    app = FastAPI(
+        title="torchnode swarm dashboard",
+        version=__version__,
+        description="Which nodes serve which blocks of which model, their health, and whether a client can "
+        "generate. Read from the DHT and from signed Info probes every few seconds.",
+        docs_url=None,  # Swagger UI and ReDoc load their scripts from a CDN; /openapi.json stays
+        redoc_url=None,
+    )
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def dashboard() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/v1/state", response_model=SwarmState, summary="The swarm's current state, model by model")
+    def state() -> SwarmState:
+        return source.state
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz", response_class=PlainTextResponse, include_in_schema=False)
+    def healthz() -> str:
+        return "ok"
+
+    return app
+
+
+class StateCollector(Collector):
+    """Prometheus metrics computed from the state at scrape time (a custom collector: no stale series of
+    nodes that left)."""
+
+    def __init__(self, source: StateSource):
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.source.state
+        yield _gauge("torchnode_monitor_last_scan_timestamp_seconds", "Unix time of the last scan", s.generated_at)
+        yield _gauge("torchnode_monitor_scan_duration_seconds", "Duration of the last scan", s.scan_duration_s)
+        yield _gauge("torchnode_monitor_scan_failed", "1 if the last scan failed", float(s.error is not None))
+
+        by_model = ["model"]
+        nodes = GaugeMetricFamily(
+            "torchnode_nodes", "Nodes with a live DHT record", labels=["model", "state", "health"]
+        )
+        blocks = GaugeMetricFamily("torchnode_model_blocks", "Blocks in the model", labels=by_model)
+        covered = GaugeMetricFamily(
+            "torchnode_model_blocks_covered", "Blocks served by a healthy online node", labels=by_model
+        )
+        replicated = GaugeMetricFamily(
+            "torchnode_model_blocks_replicated", "Blocks served by 2+ healthy online nodes", labels=by_model
+        )
+        ready = GaugeMetricFamily("torchnode_model_ready", "1 if a client can generate", labels=by_model)
+        bottleneck = GaugeMetricFamily(
+            "torchnode_model_bottleneck_tokens_per_second", "Tokens/s of the weakest block", labels=by_model
+        )
+        node_labels = ["model", "peer_id", "address"]
+        throughput = GaugeMetricFamily("torchnode_node_tokens_per_second", "Node throughput", labels=node_labels)
+        healthy = GaugeMetricFamily("torchnode_node_healthy", "1 if the node is healthy", labels=node_labels)
+        rtt = GaugeMetricFamily("torchnode_node_rtt_seconds", "Round trip of a signed Info call", labels=node_labels)
+        cache = GaugeMetricFamily("torchnode_node_cache_bytes_free", "KV cache memory left", labels=node_labels)
+        uptime = GaugeMetricFamily("torchnode_node_uptime_seconds", "Seconds since first seen", labels=node_labels)
+        for m in s.models:
+            counts = Counter((n.state, n.health) for n in m.nodes)
+            for (state, health), count in sorted(counts.items()):
+                nodes.add_metric([m.name, state, health], count)
+            blocks.add_metric([m.name], m.total_blocks)
+            covered.add_metric([m.name], sum(b.servers > 0 for b in m.blocks))
+            replicated.add_metric([m.name], sum(b.servers > 1 for b in m.blocks))
+            ready.add_metric([m.name], float(m.ready))
+            bottleneck.add_metric([m.name], m.bottleneck_throughput)
+            for n in m.nodes:
+                labels = [m.name, n.peer_id, n.address]
+                throughput.add_metric(labels, n.throughput)
+                healthy.add_metric(labels, float(n.health == "healthy"))
+                cache.add_metric(labels, n.cache_bytes_free)
+                uptime.add_metric(labels, n.uptime_s)
+                if n.rtt_ms is not None:
+                    rtt.add_metric(labels, n.rtt_ms / 1000)
+        yield from (nodes, blocks, covered, replicated, ready, bottleneck, throughput, healthy, rtt, cache, uptime)
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)

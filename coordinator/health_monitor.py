@@ -1,0 +1,257 @@
+"""The health monitor: every few seconds, read the DHT, probe every node, and compute the swarm's state.
+
+A scan, for each watched model:
+  1. looks up the DHT records of blocks 0..N-1 (N = the model's block count; while it is unknown, a
+     window of `window` blocks, in batches), one record per peer (the latest);
+  2. probes every node with a signed `Info` call that must be signed by the key its record names, and
+     measures the round trip;
+  3. learns N from healthy nodes (the `total_blocks` of their records, else of their Info; the most
+     common value wins, so one lying node cannot stretch the model), looks up the blocks beyond the
+     first window if N turned out larger, and computes each block's coverage.
+
+Nodes whose records expire are simply not found any more and vanish from the state; a node that is
+unreachable, answers with a key other than its record's, or whose Info contradicts its record stays in
+the state, marked unhealthy with the reason, and does not count towards coverage. `state` always holds
+the last complete scan, so readers (the web app) never see half of one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import hivemind
+from hivemind.utils.timed_storage import get_dht_time
+
+from .. import __version__
+from ..client.routing import block_ranges
+from ..client.transport import NodeClient, NodeError, NodeInfo
+from ..protocol.dht_network import find_blocks
+from ..protocol.dht_records import MAX_BLOCKS, ServerRecord, validate_model_name
+from ..protocol.identity import Identity
+from .state_schema import BlockState, ModelState, NodeState, SwarmState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what `torchnode join default` announces (checkpoint.resolve)
+DEFAULT_REFRESH = 5.0
+DEFAULT_PROBE_TIMEOUT = 3.0
+DISCOVERY_WINDOW = 128  # blocks looked up while a model's block count is unknown
+LOOKUP_BATCH = 32  # DHT keys per get_many
+LOOKUP_TIMEOUT = 30.0  # seconds for all DHT lookups of one model in one scan
+
+
+def model_name(model: str) -> str:
+    """The name the swarm uses for `model`: 'default' means the embedded model; others are taken as is."""
+    return DEFAULT_MODEL_NAME if model == "default" else validate_model_name(model)
+
+
+@dataclass(frozen=True)
+class Probe:
+    info: NodeInfo | None
+    rtt: float | None  # seconds; None when the call failed
+    error: NodeError | None
+
+
+class HealthMonitor:
+    """Owns nothing but gRPC channels: the caller starts the DHT, calls `run_forever`, then `close`."""
+
+    def __init__(
+        self,
+        dht: hivemind.DHT,
+        models: Sequence[str],
+        refresh: float = DEFAULT_REFRESH,
+        probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
+        window: int = DISCOVERY_WINDOW,
+        dht_maddrs: Sequence[str] = (),
+    ):
+        if not models:
+            raise ValueError("watch at least one model")
+        if refresh <= 0 or probe_timeout <= 0:
+            raise ValueError("refresh and probe_timeout must be positive")
+        self.dht, self.refresh, self.probe_timeout = dht, refresh, probe_timeout
+        self.models = list(dict.fromkeys(model_name(m) for m in models))
+        self.window = min(window, MAX_BLOCKS)
+        self.identity = Identity.generate()  # probing needs a signature, not a reputation: no key on disk
+        self.total = {m: 0 for m in self.models}  # block count per model, 0 = unknown
+        self.first_seen: dict[tuple[str, str], float] = {}  # (model, peer id) -> unix time
+        self.clients: dict[tuple[str, bytes], NodeClient] = {}  # (address, expected key) -> channel
+        self.state = SwarmState(
+            generated_at=0.0, refresh_s=refresh, scan_duration_s=0.0, monitor_version=__version__,
+            dht_maddrs=list(dht_maddrs), models=[_model_state(m, 0, False, []) for m in self.models],
+        )  # fmt: skip
+        self.scans = 0
+
+    async def run_forever(self) -> None:
+        while True:
+            started = time.monotonic()
+            await self.scan()
+            await asyncio.sleep(max(0.0, self.refresh - (time.monotonic() - started)))
+
+    async def scan(self) -> SwarmState:
+        """One refresh of `state`; a failed scan keeps the previous models and says why in `error`."""
+        started = time.monotonic()
+        used: set[tuple[str, bytes]] = set()
+        try:
+            models = await asyncio.gather(*(self._scan_model(m, used) for m in self.models))
+        except Exception as e:  # the DHT is best effort; the next scan tries again
+            log.warning("scan failed: %r", e)
+            error = f"scan failed: {type(e).__name__}: {e}"
+            self.state = self.state.model_copy(update={"error": error, "generated_at": time.time()})
+            return self.state
+        for key in set(self.clients) - used:  # nodes that left: close their channels
+            await self.clients.pop(key).close()
+        self.scans += 1
+        self.state = SwarmState(
+            generated_at=time.time(), refresh_s=self.refresh, scan_duration_s=time.monotonic() - started,
+            monitor_version=__version__, dht_maddrs=self.state.dht_maddrs, models=models,
+        )  # fmt: skip
+        return self.state
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.close()
+        self.clients.clear()
+
+    # ---- one model
+    async def _scan_model(self, model: str, used: set[tuple[str, bytes]]) -> ModelState:
+        scanned = self.total[model] or self.window
+        records = await self._lookup(model, range(scanned))
+        probes = await self._probe_all(records, used)
+        total, known = self._learn_total(model, records, probes)
+        if total > scanned:  # the first window was too short: look up (and probe) the rest now
+            more = {p: r for p, r in (await self._lookup(model, range(scanned, total))).items() if p not in records}
+            probes |= await self._probe_all(more, used)
+            records |= more
+            total, known = self._learn_total(model, records, probes)
+        now, dht_now = time.time(), get_dht_time()
+        seen = {(model, peer) for peer in records}
+        for key in [k for k in self.first_seen if k[0] == model and k not in seen]:
+            del self.first_seen[key]  # a node that comes back later starts a new uptime
+        nodes = [
+            self._node_state(records[peer], probes[peer], now, dht_now)
+            for peer in sorted(records, key=lambda p: (records[p].start, records[p].end, p))
+        ]
+        return _model_state(model, total, known, nodes)
+
+    async def _lookup(self, model: str, blocks: range) -> dict[str, ServerRecord]:
+        """{peer id: its record with the latest expiration} over `blocks`, looked up in batches."""
+        batches = [blocks[i : i + LOOKUP_BATCH] for i in range(0, len(blocks), LOOKUP_BATCH)]
+        lookups = asyncio.gather(*(find_blocks(self.dht, model, b, return_future=True) for b in batches))
+        found = await asyncio.wait_for(lookups, LOOKUP_TIMEOUT)
+        latest: dict[str, ServerRecord] = {}
+        for servers in found:
+            for record in (r for rs in servers.values() for r in rs):
+                if record.peer_id not in latest or record.expiration > latest[record.peer_id].expiration:
+                    latest[record.peer_id] = record
+        return latest
+
+    async def _probe_all(self, records: dict[str, ServerRecord], used: set) -> dict[str, Probe]:
+        peers = list(records)
+        probes = await asyncio.gather(*(self._probe(records[p], used) for p in peers))
+        return dict(zip(peers, probes))
+
+    async def _probe(self, record: ServerRecord, used: set[tuple[str, bytes]]) -> Probe:
+        key = (record.address, record.public_key)  # the reply must be signed by the record's key
+        used.add(key)
+        if key not in self.clients:
+            self.clients[key] = NodeClient(record.address, self.identity, record.public_key)
+        started = time.perf_counter()
+        try:
+            info = await self.clients[key].info(timeout=self.probe_timeout)
+        except NodeError as e:
+            return Probe(None, None, e)
+        except Exception as e:  # whatever else a hostile or broken address causes: this node only
+            return Probe(None, None, NodeError(record.address, repr(e)))
+        return Probe(info, time.perf_counter() - started, None)
+
+    def _learn_total(
+        self, model: str, records: dict[str, ServerRecord], probes: dict[str, Probe]
+    ) -> tuple[int, bool]:
+        """(block count, whether a healthy node said it). Votes of healthy nodes only; the most common
+        value wins (ties: the larger). With no healthy node this scan, the last count learned stays."""
+        votes = Counter()
+        for peer, record in records.items():
+            probe = probes[peer]
+            if probe.info is not None and not _problems(record, probe.info):
+                votes[record.total_blocks or probe.info.total_blocks] += 1
+        if votes:
+            self.total[model] = max(votes, key=lambda n: (votes[n], n))
+        if self.total[model]:
+            return self.total[model], True
+        return max((r.end for r in records.values()), default=0), False  # a lower bound only
+
+    def _node_state(self, record: ServerRecord, probe: Probe, now: float, dht_now: float) -> NodeState:
+        first_seen = self.first_seen.setdefault((record.model, record.peer_id), now)
+        info = probe.info
+        health, problem = _health(record, probe)
+        live = info if health == "healthy" else None  # an unhealthy node's Info is not to be believed
+        return NodeState(
+            peer_id=record.peer_id, short_id=record.peer_id[:12], public_key=record.public_key.hex(),
+            address=record.address, model=record.model, revision=record.revision,
+            start=record.start, end=record.end, state=record.state, health=health, problem=problem,
+            throughput=live.throughput if live else record.throughput,
+            rtt_ms=probe.rtt * 1000 if probe.rtt is not None else None,
+            cache_bytes_free=live.cache_bytes_free if live else record.cache_bytes_free,
+            sessions_free=live.sessions_free if live else None, dtype=live.dtype if live else None,
+            version=record.version, total_blocks=record.total_blocks or (live.total_blocks if live else 0),
+            first_seen=first_seen, uptime_s=max(0.0, now - first_seen),
+            expires_in_s=max(0.0, record.expiration - dht_now),
+        )  # fmt: skip
+
+
+def _health(record: ServerRecord, probe: Probe) -> tuple[str, str | None]:
+    if probe.info is None:
+        error = probe.error
+        if record.state == "joining" and error.code == grpc.StatusCode.UNAVAILABLE:
+            return "starting", "announced 'joining': not serving yet"
+        if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return "unhealthy", "Info: no answer in time"
+        return "unhealthy", f"Info: {str(error).removeprefix(record.address + ': ')}"
+    problems = _problems(record, probe.info)
+    return ("unhealthy", "; ".join(problems)) if problems else ("healthy", None)
+
+
+def _problems(record: ServerRecord, info: NodeInfo) -> list[str]:
+    """Where a validly signed Info contradicts the node's own DHT record."""
+    problems = []
+    if info.model != record.model:
+        problems.append(f"Info says model {info.model!r}, its record {record.model!r}")
+    if info.revision != record.revision:
+        problems.append(f"Info says revision {info.revision[:12]!r}, its record {record.revision[:12]!r}")
+    if (info.start, info.end) != (record.start, record.end):
+        problems.append(f"Info says blocks {info.start}:{info.end}, its record {record.start}:{record.end}")
+    if not info.end <= info.total_blocks <= MAX_BLOCKS:
+        problems.append(f"Info says total_blocks {info.total_blocks}, below its span's end or too large")
+    elif record.total_blocks and info.total_blocks != record.total_blocks:
+        problems.append(f"Info says total_blocks {info.total_blocks}, its record {record.total_blocks}")
+    return problems
+
+
+def _model_state(model: str, total: int, known: bool, nodes: list[NodeState]) -> ModelState:
+    serving = [n for n in nodes if n.health == "healthy" and n.state == "online"]
+    blocks = []
+    for b in range(total):
+        servers = [n for n in serving if n.start <= b < n.end]
+        coverage = "uncovered" if not servers else "single" if len(servers) == 1 else "replicated"
+        blocks.append(BlockState(block=b, servers=len(servers), coverage=coverage,
+                                 throughput=sum(n.throughput for n in servers)))  # fmt: skip
+    missing = [b.block for b in blocks if not b.servers]
+    ready_revision = None
+    if known and total and not missing:
+        by_count = Counter(n.revision for n in serving)
+        for revision, _ in by_count.most_common():  # a client's chain must be of one checkpoint
+            covered = {b for n in serving if n.revision == revision for b in range(n.start, min(n.end, total))}
+            if len(covered) == total:
+                ready_revision = revision
+                break
+    return ModelState(
+        name=model, total_blocks=total, total_blocks_known=known, ready=ready_revision is not None,
+        ready_revision=ready_revision, missing=missing, missing_ranges=block_ranges(missing),
+        bottleneck_throughput=min((b.throughput for b in blocks), default=0.0), blocks=blocks, nodes=nodes,
+    )  # fmt: skip

@@ -1,0 +1,81 @@
+"""The JSON of `/api/v1/state`: what the health monitor knows about the swarm, model by model.
+
+These pydantic models are the documented schema: FastAPI serves them in `/openapi.json`, the web page
+reads them, and `/metrics` is derived from them. Version 1 only ever gains fields.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Health = Literal["healthy", "starting", "unhealthy"]
+Coverage = Literal["uncovered", "single", "replicated"]
+
+
+class NodeState(BaseModel):
+    """One node, as its signed DHT record announces it and as it answered the monitor's signed `Info`."""
+
+    peer_id: str = Field(description="hash of the node's Ed25519 public key (32 hex chars)")
+    short_id: str = Field(description="first 12 chars of peer_id, for display")
+    public_key: str = Field(description="the node's Ed25519 public key from its record, hex")
+    address: str = Field(description="host:port of the node's gRPC server, from its record")
+    model: str
+    revision: str = Field(description="fingerprint of the checkpoint the node serves")
+    start: int = Field(description="first block served")
+    end: int = Field(description="one past the last block served")
+    state: Literal["joining", "online", "draining"] = Field(description="the state the node announces")
+    health: Health = Field(
+        description="healthy: answered a signed Info consistent with its record; starting: announced "
+        "'joining' and not listening yet; unhealthy: unreachable, too slow, signed by a key other than "
+        "its record's, or its Info contradicts its record (see `problem`)"
+    )
+    problem: str | None = Field(None, description="why the node is not healthy")
+    throughput: float = Field(description="tokens/s: from Info when healthy, else as announced")
+    rtt_ms: float | None = Field(None, description="round trip of the signed Info call; null when it failed")
+    cache_bytes_free: int = Field(description="KV cache memory left: from Info when healthy, else as announced")
+    sessions_free: int | None = Field(None, description="inference sessions the node still accepts (from Info)")
+    dtype: str | None = Field(None, description="compute dtype (from Info)")
+    version: str = Field(description="torchnode version the node runs")
+    total_blocks: int = Field(description="the model's block count as the node says it (0: unknown)")
+    first_seen: float = Field(description="unix time the monitor first saw this peer (since it last vanished)")
+    uptime_s: float = Field(description="seconds since first_seen")
+    expires_in_s: float = Field(description="seconds until the node's record expires unless refreshed")
+
+
+class BlockState(BaseModel):
+    block: int
+    servers: int = Field(description="healthy online nodes that serve this block")
+    coverage: Coverage = Field(description="uncovered: 0 servers, single: 1, replicated: 2 or more")
+    throughput: float = Field(description="sum of the tokens/s of those servers")
+
+
+class ModelState(BaseModel):
+    name: str
+    total_blocks: int = Field(description="the model's block count (0 while nobody has said it)")
+    total_blocks_known: bool = Field(
+        description="false when no node said the count: total_blocks is then only the highest block seen"
+    )
+    ready: bool = Field(description="healthy online nodes of one revision cover every block: a client can generate")
+    ready_revision: str | None = Field(None, description="the revision whose nodes cover every block")
+    missing: list[int] = Field(description="blocks no healthy online node serves")
+    missing_ranges: str = Field(description="`missing` as START:END ranges (END exclusive), e.g. '3:5, 9:10'")
+    bottleneck_throughput: float = Field(
+        description="tokens/s of the weakest block (sum over its servers): an upper bound for one chain"
+    )
+    blocks: list[BlockState]
+    nodes: list[NodeState] = Field(description="every node with a live record, healthy or not, by span")
+
+
+class SwarmState(BaseModel):
+    """GET /api/v1/state."""
+
+    schema_version: Literal[1] = 1
+    generated_at: float = Field(description="unix time this state was computed (0 before the first scan)")
+    refresh_s: float = Field(description="seconds between scans")
+    scan_duration_s: float = Field(description="how long the last scan (DHT lookups and probes) took")
+    monitor_version: str
+    dht_maddrs: list[str] = Field(description="multiaddrs of the monitor's DHT peer (empty in client mode)")
+    error: str | None = Field(None, description="why the last scan failed; the state is then the previous one")
+    models: list[ModelState]

@@ -1,0 +1,359 @@
+"""The health monitor and the dashboard: state logic on hand-made data, then a real swarm on 127.0.0.1.
+
+The swarm (module fixture): a coordinator process running the dashboard in the same process
+(`run_bootstrap(dashboard=...)`), and three tiny-llama nodes on blocks 0:2, 0:2 and 2:4 with 6 s records.
+Tests run in file order; the last one kills a node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import pytest
+from fastapi.testclient import TestClient
+from hivemind.utils.timed_storage import get_dht_time
+from prometheus_client.parser import text_string_to_metric_families
+from swarm import free_port, spawn, start_nodes, stop_all
+
+from torchnode.client.transport import NodeInfo
+from torchnode.coordinator.dashboard import DashboardConfig, bind_http
+from torchnode.coordinator.dashboard_app import create_app
+from torchnode.coordinator.health_monitor import DEFAULT_MODEL_NAME, HealthMonitor, Probe, _model_state
+from torchnode.coordinator.state_schema import NodeState, SwarmState
+from torchnode.protocol.dht_network import announce, start_dht
+from torchnode.protocol.dht_records import ServerRecord
+from torchnode.protocol.identity import Identity
+
+EXPIRATION = 6.0  # seconds a node's record lives without refresh
+REFRESH = 1.0  # seconds between the monitor's scans
+DASHBOARD_MAIN = [sys.executable, "-m", "torchnode.coordinator.dashboard_main"]
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+
+
+# --- state logic, no processes ------------------------------------------------------------------------
+
+
+def node_state(peer: str, start: int, end: int, health="healthy", state="online", revision="r1", tps=10.0) -> NodeState:
+    return NodeState(
+        peer_id=peer * 16, short_id=peer * 6, public_key="00" * 32, address="127.0.0.1:1", model="m",
+        revision=revision, start=start, end=end, state=state, health=health, throughput=tps, rtt_ms=1.0,
+        cache_bytes_free=1 << 30, version="0.1.0", total_blocks=4, first_seen=0.0, uptime_s=1.0, expires_in_s=5.0,
+    )  # fmt: skip
+
+
+def test_coverage_counts_only_healthy_online_nodes():
+    nodes = [
+        node_state("aa", 0, 2, tps=5.0),
+        node_state("bb", 0, 3, tps=7.0),
+        node_state("cc", 2, 4, health="unhealthy"),
+        node_state("dd", 3, 4, state="draining"),
+        node_state("ee", 3, 4, state="joining", health="starting"),
+    ]
+    m = _model_state("m", 4, True, nodes)
+    assert [b.coverage for b in m.blocks] == ["replicated", "replicated", "single", "uncovered"]
+    assert [b.servers for b in m.blocks] == [2, 2, 1, 0]
+    assert (m.ready, m.missing, m.missing_ranges) == (False, [3], "3:4")
+    assert m.bottleneck_throughput == 0.0
+
+    m = _model_state("m", 4, True, [*nodes, node_state("ff", 3, 4, tps=3.0)])
+    assert (m.ready, m.ready_revision, m.missing) == (True, "r1", [])
+    assert m.bottleneck_throughput == 3.0
+
+
+def test_ready_needs_one_revision_and_a_known_block_count():
+    mixed = [node_state("aa", 0, 2, revision="r1"), node_state("bb", 2, 4, revision="r2")]
+    m = _model_state("m", 4, True, mixed)
+    assert not m.missing and not m.ready  # every block served, but no chain of one checkpoint
+    assert not _model_state("m", 4, False, [node_state("aa", 0, 4)]).ready
+    assert not _model_state("m", 0, False, []).ready
+
+
+def record_of(identity: Identity, start=0, end=2, total_blocks=0, **kw) -> ServerRecord:
+    fields = dict(
+        peer_id=identity.peer_id, public_key=identity.public_key, address="127.0.0.1:9", model="m",
+        revision="r1", start=start, end=end, state="online", throughput=1.0, cache_bytes_free=0,
+        version="0.1.0", expiration=get_dht_time() + 30, total_blocks=total_blocks,
+    )  # fmt: skip
+    return ServerRecord(**(fields | kw))
+
+
+def info_of(record: ServerRecord, total_blocks: int, **kw) -> NodeInfo:
+    fields = dict(
+        address=record.address, model=record.model, revision=record.revision, start=record.start,
+        end=record.end, total_blocks=total_blocks, hidden_size=64, dtype="float32", throughput=2.0,
+        cache_bytes_free=1, sessions_free=1, version="0.1.0", public_key=record.public_key,
+    )  # fmt: skip
+    return NodeInfo(**(fields | kw))
+
+
+def test_block_count_is_voted_by_healthy_nodes():
+    monitor = HealthMonitor(dht=None, models=["m"])
+    a, b, c, liar = (record_of(Identity.generate(), total_blocks=t) for t in (0, 30, 30, 0))
+    probes = {
+        a.peer_id: Probe(info_of(a, 30), 0.001, None),  # older node: the count comes from its Info
+        b.peer_id: Probe(info_of(b, 30), 0.001, None),
+        c.peer_id: Probe(None, None, None),  # unreachable: no vote
+        liar.peer_id: Probe(info_of(liar, 1024), 0.001, None),  # outvoted
+    }
+    records = {r.peer_id: r for r in (a, b, c, liar)}
+    assert monitor._learn_total("m", records, probes) == (30, True)
+    # no healthy node this scan: the count learned stays
+    assert monitor._learn_total("m", {c.peer_id: c}, {c.peer_id: probes[c.peer_id]}) == (30, True)
+    fresh = HealthMonitor(dht=None, models=["m"])
+    assert fresh._learn_total("m", {c.peer_id: c}, {c.peer_id: probes[c.peer_id]}) == (2, False)  # max end only
+
+
+def test_info_that_contradicts_the_record_is_unhealthy():
+    monitor = HealthMonitor(dht=None, models=["m"])
+    record = record_of(Identity.generate(), total_blocks=4)
+    ok = monitor._node_state(record, Probe(info_of(record, 4), 0.002, None), time.time(), get_dht_time())
+    assert (ok.health, ok.problem, ok.rtt_ms, ok.throughput) == ("healthy", None, 2.0, 2.0)
+    for bad_info, words in [
+        (info_of(record, 4, start=1), "blocks 1:2"),
+        (info_of(record, 4, revision="r9"), "revision"),
+        (info_of(record, 8), "total_blocks 8"),
+        (info_of(record, 4, model="other"), "model"),
+    ]:
+        state = monitor._node_state(record, Probe(bad_info, 0.002, None), time.time(), get_dht_time())
+        assert state.health == "unhealthy" and words in state.problem
+        assert state.throughput == record.throughput  # an unhealthy node's Info is not believed
+
+
+def test_default_model_name_is_what_default_nodes_announce():
+    from torchnode.models.checkpoint import default_gguf
+
+    assert default_gguf().name.split(".")[0] == DEFAULT_MODEL_NAME
+    assert HealthMonitor(dht=None, models=["default", DEFAULT_MODEL_NAME]).models == [DEFAULT_MODEL_NAME]
+
+
+def test_app_serves_page_json_schema_and_metrics():
+    m = _model_state("m", 4, True, [node_state("aa", 0, 2), node_state("bb", 2, 4, health="unhealthy")])
+    state = SwarmState(generated_at=1.0, refresh_s=2.0, scan_duration_s=0.1, monitor_version="0.1.0",
+                       dht_maddrs=[], models=[m])  # fmt: skip
+    client = TestClient(create_app(SimpleNamespace(state=state)))
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "api/v1/state" in page.text
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page.text)  # self-contained: no CDN
+    assert "innerHTML" not in page.text  # node-provided strings are set as text only
+    assert client.get("/api/v1/state").json() == json.loads(state.model_dump_json())
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    assert {"SwarmState", "ModelState", "NodeState", "BlockState"} <= set(schemas)
+    assert "health" in schemas["NodeState"]["properties"]
+    metrics = parse_metrics(client.get("/metrics").text)
+    assert metrics["torchnode_model_blocks_covered", (("model", "m"),)] == 2
+    assert metrics["torchnode_model_ready", (("model", "m"),)] == 0
+    assert metrics["torchnode_nodes", (("health", "unhealthy"), ("model", "m"), ("state", "online"))] == 1
+
+
+def test_dashboard_config_checks_its_values_and_busy_ports_fail_fast():
+    assert DashboardConfig(models=("default", "org/m", "default")).models == (DEFAULT_MODEL_NAME, "org/m")
+    for bad in [dict(models=()), dict(models=("bad name",)), dict(http_port=70000), dict(refresh=0),
+                dict(host="localhost")]:  # fmt: skip
+        with pytest.raises(ValueError):
+            DashboardConfig(**bad)
+    taken = bind_http("127.0.0.1", 0)
+    try:
+        with pytest.raises(OSError, match="dashboard cannot listen on 127.0.0.1"):
+            bind_http("127.0.0.1", taken.getsockname()[1])
+    finally:
+        taken.close()
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+# --- a real swarm ---------------------------------------------------------------------------------------
+
+
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read()
+
+
+def model_state(url: str, model: str) -> dict:
+    state = json.loads(get(url + "api/v1/state"))
+    return next(m for m in state["models"] if m["name"] == model)
+
+
+def wait_model(url: str, model: str, condition: Callable[[dict], bool], timeout: float, what: str) -> dict:
+    deadline, m = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        m = model_state(url, model)
+        if condition(m):
+            return m
+        time.sleep(0.3)
+    raise AssertionError(f"{what}: not within {timeout}s; last state: {json.dumps(m, indent=1)}")
+
+
+def all_healthy(count: int) -> Callable[[dict], bool]:
+    return lambda m: len(m["nodes"]) == count and all(n["health"] == "healthy" for n in m["nodes"])
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_llama):
+    model = tiny_llama.name
+    coordinator = spawn(
+        [*DASHBOARD_MAIN, "--coordinator-port", str(free_port()), "--http-port", "0", "--model", model,
+         "--refresh", str(REFRESH)], 0, None,
+    )  # fmt: skip
+    nodes = []
+    try:
+        maddr = coordinator.wait_for(r"ready: --initial-peers (\S+)", 60)[1]
+        url = coordinator.wait_for(r"dashboard: (http://127\.0\.0\.1:\d+/)", 60)[1]
+        nodes = start_nodes(str(tiny_llama), ["0:2", "0:2", "2:4"], "--initial-peers", maddr,
+                            "--expiration", str(EXPIRATION))  # fmt: skip
+        wait_model(url, model, all_healthy(3), 60, "three healthy nodes")
+        yield SimpleNamespace(model=model, maddr=maddr, url=url, nodes=nodes, coordinator=coordinator)
+    finally:
+        stop_all(nodes)
+        coordinator.stop()
+
+
+def test_state_matches_what_nodes_announce(swarm):
+    m = model_state(swarm.url, swarm.model)
+    seen = {(n["peer_id"], n["address"], n["start"], n["end"], n["state"]) for n in m["nodes"]}
+    assert seen == {(n.peer_id, n.address, n.start, n.end, "online") for n in swarm.nodes}
+    assert (m["total_blocks"], m["total_blocks_known"], m["ready"], m["missing"]) == (4, True, True, [])
+    assert [b["coverage"] for b in m["blocks"]] == ["replicated", "replicated", "single", "single"]
+    for n in m["nodes"]:
+        assert n["short_id"] == n["peer_id"][:12] and n["version"] == "0.1.0"
+        assert n["rtt_ms"] is not None and 0 < n["rtt_ms"] < 3000
+        assert n["throughput"] > 0 and n["cache_bytes_free"] > 0 and n["uptime_s"] >= 0
+        assert 0 < n["expires_in_s"] <= EXPIRATION + 1
+
+
+def test_metrics_of_the_live_swarm(swarm):
+    metrics = parse_metrics(get(swarm.url + "metrics").decode())
+    model = (("model", swarm.model),)
+    assert metrics["torchnode_model_blocks", model] == 4
+    assert metrics["torchnode_model_blocks_covered", model] == 4
+    assert metrics["torchnode_model_blocks_replicated", model] == 2
+    assert metrics["torchnode_model_ready", model] == 1
+    assert metrics["torchnode_nodes", (("health", "healthy"), ("model", swarm.model), ("state", "online"))] == 3
+    for n in swarm.nodes:
+        labels = (("address", n.address), ("model", swarm.model), ("peer_id", n.peer_id))
+        assert metrics["torchnode_node_tokens_per_second", labels] > 0
+        assert metrics["torchnode_node_healthy", labels] == 1
+
+
+def chromium() -> str:
+    for candidate in (os.environ.get("TORCHNODE_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if candidate and (path := shutil.which(candidate)):
+            return path
+    pytest.skip("no Chromium found (apt-get install -y chromium, or set TORCHNODE_CHROMIUM)")
+
+
+def test_page_in_a_real_browser(swarm, tmp_path):
+    executable = chromium()
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download)")
+    requested = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 720})
+            page.on("request", lambda r: requested.append(r.url))
+            page.goto(swarm.url)
+            card = page.locator(f'section.model[data-model="{swarm.model}"]')
+            blocks = card.locator(".block-bar .block")
+            blocks.nth(3).wait_for(timeout=15_000)
+            assert [blocks.nth(i).get_attribute("data-coverage") for i in range(4)] == [
+                "replicated", "replicated", "single", "single"
+            ]  # fmt: skip
+            assert card.locator('.badge[data-ready="true"]').inner_text() == "Ready to generate"
+            rows = card.locator("tbody tr[data-peer-id]")
+            assert sorted(rows.nth(i).get_attribute("data-peer-id") for i in range(rows.count())) == sorted(
+                n.peer_id for n in swarm.nodes
+            )
+            assert any(n.address in card.locator("tbody").inner_text() for n in swarm.nodes)
+
+            def column(index: int) -> list[str]:
+                return [rows.nth(i).locator("td").nth(index).inner_text() for i in range(rows.count())]
+
+            card.locator('th[data-key="short_id"]').click()  # sort by peer, then reverse
+            assert column(0) == sorted(n.peer_id[:12] for n in swarm.nodes)
+            card.locator('th[data-key="short_id"]').click()
+            assert column(0) == sorted((n.peer_id[:12] for n in swarm.nodes), reverse=True)
+
+            before = len([u for u in requested if "api/v1/state" in u])  # it refreshes by itself, no reload
+            polls = "performance.getEntriesByType('resource').filter(e => e.name.includes('api/v1/state')).length"
+            page.wait_for_function(f"{polls} > {before}", timeout=15_000)
+            assert column(0) == sorted((n.peer_id[:12] for n in swarm.nodes), reverse=True)  # sort survives
+            page.screenshot(path=tmp_path / "dashboard.png", full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    assert all(u.startswith(swarm.url) for u in requested), requested  # nothing from outside
+
+
+def test_standalone_dashboard_sees_the_same_swarm_and_exits_on_sigterm(swarm):
+    dashboard = spawn([*DASHBOARD_MAIN, "--initial-peers", swarm.maddr, "--http-port", "0", "--model", swarm.model,
+                       "--refresh", str(REFRESH)], 0, None)  # fmt: skip
+    try:
+        url = dashboard.wait_for(r"dashboard: (http://127\.0\.0\.1:\d+/)", 60)[1]
+        m = wait_model(url, swarm.model, all_healthy(3), 30, "standalone dashboard sees three healthy nodes")
+        assert {n["peer_id"] for n in m["nodes"]} == {n.peer_id for n in swarm.nodes} and m["ready"]
+        dashboard.proc.send_signal(signal.SIGTERM)
+        assert dashboard.proc.wait(20) == 0
+        assert "stopped" in dashboard.log
+    finally:
+        dashboard.stop()
+
+
+def test_node_signing_with_another_key_than_its_record_is_unhealthy(swarm):
+    """A record validly signed by key B claims the address of a real node that holds key A."""
+    m = model_state(swarm.url, swarm.model)
+    real = next(n for n in m["nodes"] if n["start"] == 0)
+    forger = Identity.generate()
+    record = ServerRecord(
+        peer_id=forger.peer_id, public_key=forger.public_key, address=real["address"], model=swarm.model,
+        revision=real["revision"], start=0, end=2, state="online", throughput=1000.0, cache_bytes_free=1 << 40,
+        version="0.1.0", expiration=get_dht_time() + EXPIRATION,
+    )  # fmt: skip
+    dht = start_dht([swarm.maddr], client_mode=True)
+    try:
+        assert all(announce(dht, forger, record).values())
+    finally:
+        dht.shutdown()
+    m = wait_model(swarm.url, swarm.model, lambda m: any(n["peer_id"] == forger.peer_id for n in m["nodes"]), 15,
+                   "the forged record shows")  # fmt: skip
+    forged = next(n for n in m["nodes"] if n["peer_id"] == forger.peer_id)
+    assert forged["health"] == "unhealthy" and "rejected reply" in forged["problem"], forged
+    assert forged["throughput"] == 1000.0  # shown as announced, but...
+    assert [b["servers"] for b in m["blocks"]] == [2, 2, 1, 1]  # ...it counts for nothing
+    assert len(m["nodes"]) == 4 and m["ready"]
+    wait_model(swarm.url, swarm.model, all_healthy(3), EXPIRATION + 3 * REFRESH + 5, "the forged record expires")
+
+
+def test_killed_node_leaves_a_gap_then_vanishes(swarm):
+    victim = next(n for n in swarm.nodes if (n.start, n.end) == (2, 4))
+    killed = time.monotonic()
+    victim.stop(signal.SIGKILL)
+    m = wait_model(swarm.url, swarm.model, lambda m: not m["ready"], 2 * REFRESH + 5, "the gap shows")
+    assert m["missing"] == [2, 3] and m["missing_ranges"] == "2:4"
+    assert [b["coverage"] for b in m["blocks"]] == ["replicated", "replicated", "uncovered", "uncovered"]
+    dead = [n for n in m["nodes"] if n["peer_id"] == victim.peer_id]
+    assert not dead or dead[0]["health"] == "unhealthy"  # until its record expires, it shows as unhealthy
+    m = wait_model(swarm.url, swarm.model, lambda m: len(m["nodes"]) == 2, EXPIRATION + 3 * REFRESH + 5,
+                   "the killed node vanishes")  # fmt: skip
+    vanished_after = time.monotonic() - killed
+    assert victim.peer_id not in {n["peer_id"] for n in m["nodes"]}
+    assert m["total_blocks"] == 4 and not m["ready"]  # the block count is remembered: the bar stays red
+    assert vanished_after <= EXPIRATION + 3 * REFRESH + 5
