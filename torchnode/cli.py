@@ -156,13 +156,44 @@ def coordinator(
     port: Annotated[int, typer.Option(help="DHT (p2pd) port")] = 31337,
     announce_host: Annotated[str | None, typer.Option(help="address others dial [default: --host]")] = None,
     initial_peers: Annotated[str, typer.Option(help="other peers to connect to (another coordinator, a node)")] = "",
+    dashboard: Annotated[bool, typer.Option("--dashboard", help="also run the health monitor and web dashboard")] = False,
+    http_host: Annotated[str, typer.Option(help="dashboard listen address")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="dashboard HTTP port")] = 8080,
+    model: Annotated[list[str] | None, typer.Option(help="model name to watch (repeatable) [default: the embedded model]")] = None,
+    refresh: Annotated[float, typer.Option(min=0.1, help="seconds between health scans")] = 5.0,
 ) -> None:
-    """Run a bootstrap DHT peer; prints the multiaddr others pass as --initial-peers."""
+    """Run a bootstrap DHT peer (prints the multiaddr others pass as --initial-peers), optionally with the dashboard."""
     from torchnode.coordinator.bootstrap import run_bootstrap
 
     status = lambda m: err.print(f"[bold magenta]coordinator[/] {m}", soft_wrap=True)  # noqa: E731
     with user_errors():
-        asyncio.run(run_bootstrap(host, port, announce_host, _peers(initial_peers), on_status=status))
+        board = None
+        if dashboard:
+            from torchnode.coordinator.dashboard import DashboardConfig
+            from torchnode.coordinator.health_monitor import DEFAULT_MODEL_NAME
+
+            board = DashboardConfig(tuple(model or [DEFAULT_MODEL_NAME]), http_host, http_port, refresh)
+        asyncio.run(run_bootstrap(host, port, announce_host, _peers(initial_peers), on_status=status, dashboard=board))
+
+
+@app.command("dashboard")
+def dashboard_command(
+    initial_peers: Annotated[str, typer.Option(help="multiaddrs of swarm peers")] = "",
+    http_host: Annotated[str, typer.Option(help="dashboard listen address")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="dashboard HTTP port")] = 8080,
+    model: Annotated[list[str] | None, typer.Option(help="model name to watch (repeatable) [default: the embedded model]")] = None,
+    refresh: Annotated[float, typer.Option(min=0.1, help="seconds between health scans")] = 5.0,
+) -> None:
+    """Run the health monitor and web dashboard (/, /api/v1/state, /metrics) on its own DHT client."""
+    peers = _peers(initial_peers)
+    if not peers:
+        raise typer.BadParameter("give the multiaddr of any swarm peer", param_hint="--initial-peers")
+    from torchnode.coordinator.dashboard import run_dashboard
+    from torchnode.coordinator.health_monitor import DEFAULT_MODEL_NAME
+
+    status = lambda m: err.print(f"[bold magenta]dashboard[/] {m}", soft_wrap=True)  # noqa: E731
+    with user_errors():
+        asyncio.run(run_dashboard(peers, model or [DEFAULT_MODEL_NAME], http_host, http_port, refresh, on_status=status))
 
 
 @app.command()
