@@ -265,6 +265,34 @@ def chat(
 
 
 @app.command()
+def api(
+    model: Annotated[str, typer.Argument(help="the model the nodes serve ('default', a path, or a hub id)")],
+    initial_peers: Annotated[str, typer.Option(help="multiaddrs of swarm peers")] = "",
+    peers: Annotated[str, typer.Option(help="comma-separated node addresses host:port (no DHT)")] = "",
+    host: Annotated[str, typer.Option(help="HTTP listen address; 0.0.0.0 exposes the API")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
+    served_model_name: Annotated[str | None, typer.Option(help="model id clients ask for [default: MODEL]")] = None,
+    context_length: Annotated[int | None, typer.Option(min=1, help="prompt + completion limit [default: the model's, at most 2048]")] = None,
+    step_timeout: Annotated[float, typer.Option(min=0.1, help="seconds a node may take per step before failover")] = 30.0,
+    identity: Annotated[Path | None, typer.Option(help="client key file")] = None,
+) -> None:
+    """Serve an OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions) over the swarm."""
+    if not _peers(peers) and not _peers(initial_peers):
+        raise typer.BadParameter("give --initial-peers MULTIADDR (a swarm) or --peers HOST:PORT,...", param_hint="--initial-peers")
+    from torchnode.client.openai_api import run_api
+
+    status = lambda m: err.print(f"[bold green]api[/] {m}", soft_wrap=True)  # noqa: E731
+    with user_errors(), contextlib.suppress(KeyboardInterrupt):  # Ctrl-C while the model is still loading
+        asyncio.run(
+            run_api(
+                model, _peers(peers), _peers(initial_peers), host, port, on_status=status,
+                served_name=served_model_name, context_length=context_length,
+                identity_path=identity, step_timeout=step_timeout,
+            )  # fmt: skip
+        )
+
+
+@app.command()
 def swarm(
     model: Annotated[str, typer.Argument(help="the model to look up ('default', a path, or a hub id)")],
     initial_peers: Annotated[str, typer.Option(help="multiaddrs of swarm peers")] = "",
