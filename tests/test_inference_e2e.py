@@ -43,6 +43,19 @@ def test_default_two_nodes_greedy_equals_transformers(default_client, default_re
     assert got.tolist() == expected.tolist()
 
 
+def test_default_three_nodes_greedy_equals_transformers(default_reference):
+    hf, tokenizer = default_reference
+    ids = chat_ids(tokenizer, STORY)
+    nodes = start_nodes("default", ["0:10", "10:20", "20:30"])
+    try:
+        with DistributedModel.from_pretrained("default", [n.address for n in nodes]) as model:
+            hops = model._loop.run(model._core.route())
+            assert [(h.start, h.end) for h in hops] == [(0, 10), (10, 20), (20, 30)]
+            assert model.generate(ids, max_new_tokens=40).tolist() == hf_greedy(hf, ids, 40).tolist()
+    finally:
+        stop_all(nodes)
+
+
 def test_cli_generate_streams_same_text_as_transformers(default_two_nodes, default_reference):
     hf, tokenizer = default_reference
     prompt = "What is the capital of France? Answer in two sentences."
