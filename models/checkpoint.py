@@ -131,14 +131,21 @@ def gguf_to_safetensors(gguf: Path, on_status: Callable[[str], None] = lambda _:
 
 def hub_snapshot(repo_id: str) -> Path:
     """Downloads (or finds in the HF cache, with HF_HUB_OFFLINE=1) the files a node or client needs."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    return Path(
-        snapshot_download(
-            repo_id,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"],
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"],
+            )
         )
-    )
+    except LocalEntryNotFoundError as e:  # offline (or the hub unreachable) and not in the cache
+        raise FileNotFoundError(
+            f"{repo_id} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and cannot be downloaded "
+            f"now (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}"
+        ) from e
 
 
 def resolve(model: str, on_status: Callable[[str], None] = lambda _: None) -> Checkpoint:

@@ -12,6 +12,7 @@ from .llama import block as llama_block
 from .llama.config import LlamaConfig, rope_inverse_frequencies
 from .mixtral import block as mixtral_block
 from .mixtral.config import MixtralConfig
+from .quantization import check_mode, quantize_span
 
 LAYER_PREFIX = "model.layers."
 
@@ -57,11 +58,14 @@ def _load(module: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtyp
     return module.to(dtype).eval().requires_grad_(False)
 
 
-def load_span(ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Builds blocks [start, end) and reads only their weights."""
+def load_span(
+    ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype = torch.float32, quant: str = "none"
+) -> nn.Module:
+    """Builds blocks [start, end) and reads only their weights; quant="int8" stores linear weights in 8 bits."""
     total = num_blocks(ckpt)
     if not 0 <= start < end <= total:
         raise ValueError(f"span {start}:{end} is outside the model's {total} blocks (0:{total})")
+    check_mode(quant)
     family = family_of(ckpt)
     config = family.config.from_hf(ckpt.hf_config)
     inv_freq, scaling = rope_inverse_frequencies(ckpt.hf_config)
@@ -71,7 +75,7 @@ def load_span(ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype = torch
     tensors = {"layers." + k.removeprefix(LAYER_PREFIX): v for k, v in tensors.items()}
     span = span.to_empty(device="cpu")
     span.inv_freq = inv_freq  # buffers are not in the checkpoint
-    return _load(span, tensors, dtype)
+    return quantize_span(_load(span, tensors, dtype), quant)
 
 
 def load_head(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -57,6 +57,7 @@ class NodeConfig:
     host: str = "127.0.0.1"
     port: int = 31330
     dtype: torch.dtype = torch.float32
+    quant: str = "none"  # "int8": linear weights stored in 8 bits (models.quantization.QUANT_MODES)
     identity_path: Path | None = None
     limits: Limits = field(default_factory=Limits)
     shutdown_grace: float = 10.0  # seconds in-flight sessions get to finish on SIGTERM
@@ -70,11 +71,12 @@ def grpc_options(limits: Limits) -> list[tuple[str, int]]:
     ]
 
 
-def blocks_that_fit(ckpt: Checkpoint, dtype: torch.dtype, max_memory: int | None) -> int:
+def blocks_that_fit(ckpt: Checkpoint, dtype: torch.dtype, max_memory: int | None, quant: str = "none") -> int:
     """How many blocks' weights fit in `max_memory` bytes (default: half the machine's RAM)."""
     if max_memory is None:
         max_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    per_block = ckpt.parameter_count(lambda k: k.startswith(f"{LAYER_PREFIX}0.")) * dtype.itemsize
+    itemsize = 1 if quant == "int8" else dtype.itemsize  # int8: norms and per-row scales stay float, a rounding error
+    per_block = ckpt.parameter_count(lambda k: k.startswith(f"{LAYER_PREFIX}0.")) * itemsize
     fits = max_memory // max(per_block, 1)
     if fits < 1:
         raise ValueError(f"--max-memory {max_memory} bytes holds no block ({per_block} bytes each)")
@@ -106,8 +108,10 @@ class Node:
 
     # ---- span
     def load_backend(self, start: int, end: int) -> SpanBackend:
-        self.on_status(f"loading blocks {start}:{end} of {self.ckpt.name} ({self.total} blocks) as {self.config.dtype}")
-        span = load_span(self.ckpt, start, end, self.config.dtype)
+        c = self.config
+        weights = "" if c.quant == "none" else f" with {c.quant} weights"
+        self.on_status(f"loading blocks {start}:{end} of {self.ckpt.name} ({self.total} blocks) as {c.dtype}{weights}")
+        span = load_span(self.ckpt, start, end, c.dtype, c.quant)
         info = SpanInfo(self.ckpt.name, self.ckpt.revision, start, end, self.total, span.config.hidden_size, self.config.dtype)
         backend = SpanBackend(span, info, self.config.limits)
         self.on_status(f"measured {backend.measure_throughput():.1f} tokens/s over blocks {start}:{end}")
@@ -120,6 +124,7 @@ class Node:
         return ServerRecord(
             peer_id=self.identity.peer_id, public_key=self.identity.public_key, address=f"{host}:{self.port}",
             model=self.ckpt.name, revision=self.ckpt.revision, start=start, end=end, state="joining",
+            total_blocks=self.total,
             throughput=b.throughput if b else 0.0,
             cache_bytes_free=(b.limits.cache_bytes - b.cache_bytes_used) if b else self.config.limits.cache_bytes,
             version=__version__, expiration=0.0, dht_maddrs=self.dht_maddrs,
@@ -134,7 +139,7 @@ class Node:
             return c.start, c.end if c.end is not None else self.total
         if swarm is None:
             return 0, self.total
-        n = swarm.num_blocks or blocks_that_fit(self.ckpt, c.dtype, swarm.max_memory)
+        n = swarm.num_blocks or blocks_that_fit(self.ckpt, c.dtype, swarm.max_memory, c.quant)
         start = choose_start(swarm_coverage(await self.servers(), self.total, self.identity.peer_id), n)
         return start, min(start + n, self.total)
 

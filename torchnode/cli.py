@@ -93,6 +93,7 @@ def join(
     port: Annotated[int, typer.Option(help="gRPC port")] = 31330,
     dht_port: Annotated[int, typer.Option(help="DHT (p2pd) port; 0 picks a free one")] = 0,
     dtype: Annotated[str, typer.Option(help="compute dtype: float32, bfloat16 or float16")] = "float32",
+    quant: Annotated[str, typer.Option(help="none, or int8: 8-bit weights (~0.25x fp32 memory, faster on CPU; not token-exact)")] = "none",
     identity: Annotated[Path | None, typer.Option(help="Ed25519 key file [default: ~/.torchnode/node-PORT.key]")] = None,
     max_sessions: Annotated[int, typer.Option(min=1, help="concurrent inference sessions")] = 64,
     cache_memory: Annotated[str, typer.Option(help="KV cache budget over all sessions")] = "1GiB",
@@ -108,6 +109,8 @@ def join(
     """Serve a span of a model's blocks, alone (for --peers clients) or in a swarm."""
     start, end = parse_blocks(blocks) if blocks is not None else (None, None)
     torch_dtype = _dtype(dtype, "--dtype")
+    if quant not in ("none", "int8"):
+        raise typer.BadParameter(f"expected none or int8, got {quant!r}", param_hint="--quant")
     peers = _peers(initial_peers)
     if peers and new_swarm:
         raise typer.BadParameter("either join a swarm (--initial-peers) or start one (--new-swarm)", param_hint="--new-swarm")
@@ -136,7 +139,7 @@ def join(
             rebalance_period=rebalance_period, rebalance_threshold=rebalance_threshold,
         )  # fmt: skip
     config = NodeConfig(
-        model=model, start=start, end=end, host=host, port=port, dtype=torch_dtype,
+        model=model, start=start, end=end, host=host, port=port, dtype=torch_dtype, quant=quant,
         identity_path=identity or torchnode_home() / f"node-{port}.key", limits=limits,
         shutdown_grace=shutdown_grace, swarm=swarm,
     )  # fmt: skip
