@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--node-threads", type=int, default=0, help="torch threads per node (0: torch's default)")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -71,7 +72,7 @@ def main() -> None:
     text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
 
-    nodes = start_nodes("default", ["0:15", "15:30"])
+    nodes = start_nodes("default", ["0:15", "15:30"], "--threads", str(args.node_threads))
     try:
         model = DistributedModel.from_pretrained(
             "default", [n.address for n in nodes], wire_dtype=getattr(torch, args.wire_dtype)
@@ -89,10 +90,12 @@ def main() -> None:
     med = lambda xs: statistics.median(xs)  # noqa: E731
     s_first, s_rate = med([r[0] for r in swarm]), med([r[1] for r in swarm])
     l_first, l_rate = med([r[0] for r in local]), med([r[1] for r in local])
-    print(f"prompt {ids.shape[1]} tokens, {args.tokens} greedy tokens, median of {args.runs} runs, wire {args.wire_dtype}")
+    print(f"prompt {ids.shape[1]} tokens, {args.tokens} greedy tokens, median of {args.runs} runs, wire {args.wire_dtype}, "
+          f"node threads {args.node_threads or 'default'}")
     print(f"local transformers : {l_rate:6.2f} tokens/s, first token {l_first * 1000:6.1f} ms")
     print(f"swarm (2 nodes)    : {s_rate:6.2f} tokens/s, first token {s_first * 1000:6.1f} ms")
-    print(f"ratio swarm/local  : {s_rate / l_rate:.3f}")
+    ratios = sorted(s[1] / l[1] for s, l in zip(swarm, local))  # paired runs: drift hits both alike
+    print(f"ratio swarm/local  : {med(ratios):.3f} (median of paired runs; range {ratios[0]:.3f}-{ratios[-1]:.3f})")
 
 
 if __name__ == "__main__":
