@@ -28,13 +28,12 @@ class AuthError(Exception):
 
 
 def _signed_bytes(method: str, message: Message, timestamp: float, nonce: bytes) -> bytes:
-    saved = pb.Auth()
-    saved.CopyFrom(message.auth)
-    message.ClearField("auth")
-    try:
-        body = message.SerializeToString(deterministic=True)
-    finally:
-        message.auth.CopyFrom(saved)
+    # A copy, not a clear-and-restore of `message.auth`: that would detach sub-message references that
+    # callers hold (`message.auth.CopyFrom(...)` evaluates `message.auth` before its argument).
+    unsigned = type(message)()
+    unsigned.CopyFrom(message)
+    unsigned.ClearField("auth")
+    body = unsigned.SerializeToString(deterministic=True)
     h = hashlib.sha256()
     h.update(method.encode())
     h.update(b"\0")
