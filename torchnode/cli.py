@@ -306,7 +306,7 @@ def swarm(
         raise typer.BadParameter("give the multiaddr of any swarm peer", param_hint="--initial-peers")
     from rich.table import Table
 
-    from torchnode.client.swarm_view import ServerView, swarm_view
+    from torchnode.client.swarm_view import swarm_view
 
     with user_errors():
         view = asyncio.run(swarm_view(model, peers))
