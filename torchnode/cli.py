@@ -306,21 +306,35 @@ def swarm(
         raise typer.BadParameter("give the multiaddr of any swarm peer", param_hint="--initial-peers")
     from rich.table import Table
 
-    from torchnode.client.swarm_view import swarm_view
+    from torchnode.coordinator.health_monitor import HealthMonitor
+    from torchnode.models.checkpoint import resolve
+    from torchnode.protocol.dht_network import start_dht
+
+    async def one_scan():
+        name = (await asyncio.to_thread(resolve, model)).name
+        dht = await asyncio.to_thread(start_dht, peers, client_mode=True)
+        monitor = HealthMonitor(dht, [name])
+        try:
+            return (await monitor.scan()).models[0]
+        finally:
+            await monitor.close()
+            await asyncio.to_thread(dht.shutdown)
 
     with user_errors():
-        view = asyncio.run(swarm_view(model, peers))
-    table = Table(title=f"{view.model} · {view.total_blocks} blocks · revision {view.revision}")
-    for column in ("peer", "address", "blocks", "state", "tokens/s", "RTT ms"):
+        view = asyncio.run(one_scan())
+    table = Table(title=f"{view.name} · {view.total_blocks} blocks")
+    for column in ("peer", "address", "blocks", "state", "health", "tokens/s", "RTT ms"):
         table.add_column(column, justify="right" if column in ("tokens/s", "RTT ms") else "left")
-    for s in view.servers:
-        rtt = f"{s.rtt * 1000:.1f}" if s.rtt is not None else "[red]unreachable[/]"
-        table.add_row(s.peer_id[:12], s.address, f"{s.start}:{s.end}", s.state, f"{s.throughput:.1f}", rtt)
-    Console().print(table)
-    if view.missing:
-        Console().print(f"[red]not covered:[/] blocks {view.missing_ranges}; generation is not possible")
+    for n in view.nodes:
+        rtt = f"{n.rtt_ms:.1f}" if n.rtt_ms is not None else "[red]-[/]"
+        health = n.health if n.problem is None else f"{n.health}: {n.problem}"
+        table.add_row(n.short_id, n.address, f"{n.start}:{n.end}", n.state, health, f"{n.throughput:.1f}", rtt)
+    console = Console()
+    console.print(table)
+    if view.ready:
+        console.print(f"[green]all {view.total_blocks} blocks covered[/]")
     else:
-        Console().print(f"[green]all {view.total_blocks} blocks covered[/]")
+        console.print(f"[red]not covered:[/] blocks {view.missing_ranges or '(unknown model size)'}; generation is not possible")
 
 
 def main() -> None:
