@@ -79,7 +79,7 @@ def main() -> int:
             expected = reference_answer()
         same = answer.strip() == expected.strip()
         console.rule()
-        console.print(f"{len(model.tokenizer(answer).input_ids)} tokens in {elapsed:.1f}s through 2 nodes")
+        console.print(f"answered in {elapsed:.1f}s through 2 nodes (at most {MAX_NEW_TOKENS} new tokens)")
         if same:
             console.print("[green]✓ same text as plain transformers (greedy)[/]")
         else:
