@@ -3,8 +3,9 @@
 Graph: vertices are block boundaries 0..total; a node serving [s, e) offers an edge from every boundary
 b in [s, e) to min(e, total): it may run any part of its span (starting late, or ending early when only
 a sub-range is routed, e.g. to replace a failed hop). Edge cost = the node's RTT plus the time its blocks
-take at its announced throughput; Dijkstra finds the cheapest chain. Ties are broken at random so equal
-replicas share the clients' load instead of all of them picking the same node.
+take at its announced throughput; Dijkstra finds the cheapest chain. Each node's cost is scaled by a
+random factor in [1, 1.1) per route, so replicas that are about equally good share the clients' load
+instead of all of them picking the same node.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 PER_HOP_OVERHEAD_S = 0.001  # serialization + signing per hop, measured on loopback
+SPREAD = 0.1  # costs within ~10% count as equal: each route call draws a factor in [1, 1 + SPREAD) per node
 UNKNOWN_THROUGHPUT = 1.0  # tokens/s assumed for a node that announced none
 
 
@@ -55,13 +57,15 @@ def find_route(
 ) -> list[RouteHop]:
     """The cheapest chain of (node, start, end) covering [start, total); raises NoRouteError."""
     rng = rng or random.Random()
-    candidates = rng.sample(list(candidates), len(candidates))  # equal costs: first one wins, so shuffle
+    # Measured RTTs never tie exactly, so plain Dijkstra would send every client to the same replica;
+    # a small random factor per node and route spreads clients over replicas that are about as good.
+    factor = {id(c): 1.0 + SPREAD * rng.random() for c in candidates}
     missing = [b for b in range(start, total) if not any(c.start <= b < c.end for c in candidates)]
     if missing:
         raise NoRouteError(missing, total)
     best: dict[int, float] = {start: 0.0}
     parent: dict[int, tuple[int, Candidate]] = {}
-    heap = [(0.0, rng.random(), start)]
+    heap = [(0.0, 0, start)]
     while heap:
         cost, _, b = heapq.heappop(heap)
         if b == total:
@@ -71,10 +75,10 @@ def find_route(
         for c in candidates:
             if c.start <= b < c.end:
                 stop = min(c.end, total)  # a hop runs any part of its span: it may start late or end early
-                new = cost + edge_cost(c, b, stop)
+                new = cost + edge_cost(c, b, stop) * factor[id(c)]
                 if new < best.get(stop, float("inf")) - 1e-12:
                     best[stop], parent[stop] = new, (b, c)
-                    heapq.heappush(heap, (new, rng.random(), stop))
+                    heapq.heappush(heap, (new, stop, stop))
     route, b = [], total
     while b != start:
         prev, c = parent[b]

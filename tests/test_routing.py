@@ -39,3 +39,10 @@ def test_equal_replicas_share_clients():
     candidates = [Candidate("r1", 0, 4, 10), Candidate("r2", 0, 4, 10)]
     picks = {find_route(candidates, 4, rng=random.Random(seed))[0].key for seed in range(20)}
     assert picks == {"r1", "r2"}
+
+
+def test_nearly_equal_replicas_share_clients_but_a_clearly_better_one_wins():
+    near = [Candidate("r1", 0, 4, 10, rtt=0.010), Candidate("r2", 0, 4, 10, rtt=0.0105)]
+    assert {find_route(near, 4, rng=random.Random(seed))[0].key for seed in range(30)} == {"r1", "r2"}
+    far = [Candidate("fast", 0, 4, 10, rtt=0.001), Candidate("slow", 0, 4, 10, rtt=0.5)]
+    assert {find_route(far, 4, rng=random.Random(seed))[0].key for seed in range(30)} == {"fast"}
