@@ -73,10 +73,12 @@ class InferenceSession:
         tokens = hidden.shape[1]
         if position + tokens > self.max_length:
             raise ValueError(f"session max_length {self.max_length} exceeded at position {position}")
+        rewind = position < self.position
         i = 0
         while i < len(self.hops):
             hop = self.hops[i]
-            hop.history = [(p, h) for p, h in hop.history if p < position]  # a rewind forgets the future
+            if rewind:  # forget the future, cutting an entry that straddles `position` (a replay is one entry)
+                hop.history = [(p, h[:, : position - p]) for p, h in hop.history if p < position]
             hop.history.append((position, hidden))
             try:
                 hidden = await self._send(hop, hidden, position)
