@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test protos check-protos bench clean
+.PHONY: setup demo test test-fast protos bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the unit tier: no node processes, no DHT; under a minute
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not swarm"
 
 protos: $(STAMP)
 	PATH=$(BIN):$$PATH bash scripts/gen_protos.sh

@@ -23,9 +23,6 @@ class BanList:
         self._until[key] = time.monotonic() + length
         return length
 
-    def is_banned(self, key: str) -> bool:
-        return self._until.get(key, 0.0) > time.monotonic()
-
     def banned(self) -> set[str]:
         now = time.monotonic()
         return {k for k, until in self._until.items() if until > now}

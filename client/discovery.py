@@ -8,17 +8,16 @@ and current throughput. Nodes serving another revision of the checkpoint are dro
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Sequence
 
 import hivemind
 
 from ..protocol.dht_network import find_servers
+from ..protocol.dht_records import latest_per_peer
 from ..protocol.identity import Identity
+from ..protocol.grpc_node import GrpcNodeClient
+from ..protocol.node_client import NodeClient, probe
 from .routing import Candidate
-from .transport import NodeClient, NodeError, NodeInfo
-
-PROBE_TIMEOUT = 5.0
 
 
 class PeerSource:
@@ -30,7 +29,7 @@ class PeerSource:
 
     def client(self, address: str, key: bytes | None = None) -> NodeClient:
         if (address, key) not in self.clients:
-            self.clients[address, key] = NodeClient(address, self.identity, key)
+            self.clients[address, key] = GrpcNodeClient(address, self.identity, key)
         return self.clients[address, key]
 
     async def nodes(self, model: str, total_blocks: int) -> list[NodeClient]:
@@ -43,9 +42,9 @@ class PeerSource:
         nodes = [n for n in await self.nodes(model, total_blocks) if n.address not in exclude]
         probes = await asyncio.gather(*(probe(n) for n in nodes))
         return [
-            (Candidate(info.address, info.start, info.end, info.throughput, rtt), node)
-            for node, (info, rtt) in zip(nodes, probes)
-            if info is not None and info.revision == revision and info.model == model
+            (Candidate(node.address, p.info.start_block, p.info.end_block, p.info.throughput, p.rtt), node)
+            for node, p in zip(nodes, probes)
+            if p.info is not None and p.info.revision == revision and p.info.model == model
         ]
 
     async def close(self) -> None:
@@ -71,19 +70,9 @@ class DhtPeers(PeerSource):
 
     async def nodes(self, model: str, total_blocks: int) -> list[NodeClient]:
         servers = await find_servers(self.dht, model, total_blocks, return_future=True)
-        online = {r.peer_id: r for rs in servers.values() for r in rs if r.state == "online"}
-        return [self.client(r.address, r.public_key) for r in online.values()]
+        online = [r for r in latest_per_peer(servers).values() if r.state == "online"]
+        return [self.client(r.address, r.public_key) for r in online]
 
     async def close(self) -> None:
         await super().close()
         await asyncio.to_thread(self.dht.shutdown)
-
-
-async def probe(node: NodeClient) -> tuple[NodeInfo | None, float]:
-    """(Info, RTT seconds), or (None, inf) for a node that is down, slow or signs with the wrong key."""
-    started = time.perf_counter()
-    try:
-        info = await node.info(timeout=PROBE_TIMEOUT)
-    except NodeError:
-        return None, float("inf")
-    return info, time.perf_counter() - started

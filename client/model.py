@@ -7,8 +7,10 @@ code, run on a private event loop thread (hivemind's DHT does the same).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 from transformers import AutoTokenizer
@@ -24,9 +26,10 @@ from .loop_thread import LoopThread
 from .routing import find_route
 from .sampling import SamplingParams
 from .session import DEFAULT_STEP_TIMEOUT, Hop, InferenceSession, RetryPolicy
-from .text_stream import TextStream
+from .text_stream import TextPiece, text_pieces
 
 DEFAULT_MAX_LENGTH = 2048
+T = TypeVar("T")
 Prompt = str | Sequence[dict] | torch.Tensor  # text, chat messages, or token ids (B, T)
 
 
@@ -138,11 +141,22 @@ class AsyncDistributedModel:
         new = [n async for n in self.generate_ids(ids, params)]
         return torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids
 
-    async def stream(self, prompt: Prompt, chat: bool = False, **sampling) -> AsyncIterator[str]:
+    async def generate_text(
+        self, prompt: Prompt, params: SamplingParams, chat: bool = False
+    ) -> AsyncIterator[TextPiece]:
+        """One prompt's new text as it is generated: pieces, the last with the finish reason ("stop": EOS or
+        a stop string, "length": max_new_tokens) and the number of tokens generated (see text_pieces)."""
+        ids = self.encode(prompt, chat)
+        if ids.shape[0] != 1:
+            raise ValueError("generate_text and stream take one prompt (batch size 1)")
+        pieces = text_pieces(self.tokenizer, self.generate_ids(ids, params), params, self.eos_ids)
+        async with contextlib.aclosing(pieces):
+            async for piece in pieces:
+                yield piece
+
+    def stream(self, prompt: Prompt, chat: bool = False, **sampling) -> AsyncIterator[str]:
         """Text pieces as they are generated (stop strings end the stream and are not included)."""
-        params = SamplingParams(**sampling)
-        async for piece in _text_pieces(self.tokenizer, self.generate_ids(self.encode(prompt, chat), params), params):
-            yield piece
+        return _texts(self.generate_text(prompt, SamplingParams(**sampling), chat))
 
     async def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, vocab) of every position: scoring, perplexity, checks against a local model."""
@@ -162,16 +176,12 @@ class AsyncDistributedModel:
         await self.close()
 
 
-async def _text_pieces(tokenizer, ids: AsyncIterator[torch.Tensor], params: SamplingParams) -> AsyncIterator[str]:
-    text = TextStream(tokenizer, params.stop)
-    async for new in ids:
-        piece = text.push(int(new[0]))
-        if piece:
-            yield piece
-        if text.stopped:
-            return
-    if tail := text.flush():
-        yield tail
+async def _texts(pieces: AsyncIterator[TextPiece]) -> AsyncIterator[str]:
+    """The pieces' text, empty ones left out (the stream() contract), closing `pieces` when closed."""
+    async with contextlib.aclosing(pieces):
+        async for piece in pieces:
+            if piece.text:
+                yield piece.text
 
 
 class AsyncChatSession:
@@ -224,10 +234,9 @@ class AsyncChatSession:
         new = [n async for n in self.generate_ids(ids, **sampling)]
         return torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids
 
-    async def stream(self, prompt: Prompt, chat: bool = False, **sampling) -> AsyncIterator[str]:
-        params = SamplingParams(**sampling)
-        async for piece in _text_pieces(self.model.tokenizer, self.generate_ids(prompt, chat, **sampling), params):
-            yield piece
+    def stream(self, prompt: Prompt, chat: bool = False, **sampling) -> AsyncIterator[str]:
+        new_ids, model = self.generate_ids(prompt, chat, **sampling), self.model
+        return _texts(text_pieces(model.tokenizer, new_ids, SamplingParams(**sampling), model.eos_ids))
 
 
 class DistributedModel:
@@ -235,6 +244,19 @@ class DistributedModel:
 
     def __init__(self, core: AsyncDistributedModel, loop: LoopThread):
         self._core, self._loop = core, loop
+
+    @property
+    def async_model(self) -> AsyncDistributedModel:
+        """The asyncio core, for calls that need it (open a session, step it); run them with `run`."""
+        return self._core
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Runs a coroutine of `async_model` on this model's event loop thread and returns its result."""
+        return self._loop.run(coro)
+
+    def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        """Drives an async iterator of `async_model` (e.g. `generate_ids`) from synchronous code."""
+        return self._loop.iterate(agen)
 
     @classmethod
     def from_pretrained(
@@ -282,6 +304,11 @@ class ChatSession:
 
     def __init__(self, core: AsyncChatSession, loop: LoopThread):
         self._core, self._loop = core, loop
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens of the conversation whose keys and values the nodes hold."""
+        return len(self._core.cached)
 
     def __enter__(self) -> ChatSession:
         self._loop.run(self._core.__aenter__())

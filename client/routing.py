@@ -15,6 +15,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..protocol.coverage import block_ranges
+
 PER_HOP_OVERHEAD_S = 0.001  # serialization + signing per hop, measured on loopback
 SPREAD = 0.1  # costs within ~10% count as equal: each route call draws a factor in [1, 1 + SPREAD) per node
 UNKNOWN_THROUGHPUT = 1.0  # tokens/s assumed for a node that announced none
@@ -85,14 +87,3 @@ def find_route(
         route.append(RouteHop(c.key, prev, b))
         b = prev
     return route[::-1]
-
-
-def block_ranges(blocks: list[int]) -> str:
-    out, start = [], None
-    for i, b in enumerate(blocks):
-        if start is None:
-            start = b
-        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
-            out.append(f"{start}:{b + 1}")
-            start = None
-    return ", ".join(out)

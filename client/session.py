@@ -19,10 +19,8 @@ import torch
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
 from tenacity import wait_exponential_jitter
 
-from ..protocol import tensor_codec
-from ..protocol import torchnode_pb2 as pb
+from ..protocol.node_client import NodeClient, NodeError, NodeSession, SessionSpec
 from .routing import NoRouteError
-from .transport import HopStream, NodeClient, NodeError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +32,7 @@ class Hop:
     node: NodeClient
     start: int
     end: int
-    stream: HopStream | None = None
+    stream: NodeSession | None = None
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, inputs) sent so far
 
 
@@ -92,14 +90,10 @@ class InferenceSession:
         return hidden
 
     async def _send(self, hop: Hop, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        request = pb.Step(session_id=self.id, position=position)
-        request.hidden.CopyFrom(tensor_codec.encode(hidden, self.wire_dtype))
         if hop.stream is None:
-            hop.stream = hop.node.open_stream()
-            request.max_length, request.batch_size = self.max_length, self.batch_size
-            request.start_block, request.end_block = hop.start, hop.end
-        out, _ = await hop.stream.step(request, self.wire_dtype, self.step_timeout)
-        return out
+            spec = SessionSpec(self.id, hop.start, hop.end, self.max_length, self.batch_size, self.wire_dtype)
+            hop.stream = hop.node.open_session(spec)
+        return await hop.stream.step(hidden, position, self.step_timeout)
 
     async def _recover(self, failed: Hop, error: NodeError) -> tuple[list[Hop], torch.Tensor]:
         """New hops for the failed hop's blocks, with its history replayed; returns them and their output."""
@@ -137,7 +131,7 @@ class InferenceSession:
 
     def _abandon(self, hop: Hop) -> None:
         if hop.stream is not None:
-            hop.stream.call.cancel()
+            hop.stream.abort()
             hop.stream = None
 
     async def close(self) -> None:

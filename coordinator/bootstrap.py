@@ -7,11 +7,11 @@ on this peer's DHT (no second DHT peer).
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..protocol.dht_network import start_dht, visible_maddrs
+from ..protocol.serving import bounded, until_signal
 
 if TYPE_CHECKING:
     from .dashboard import DashboardConfig
@@ -41,13 +41,5 @@ async def run_bootstrap(
     finally:
         if sock is not None:
             sock.close()
-        await asyncio.to_thread(dht.shutdown)
+        await bounded(asyncio.to_thread(dht.shutdown), "stopping the DHT")
         on_status("stopped")
-
-
-async def until_signal() -> None:
-    """Returns on the first SIGINT or SIGTERM."""
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()

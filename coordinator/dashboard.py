@@ -1,24 +1,22 @@
 """Runs the health monitor and the dashboard's HTTP server: on its own DHT peer (`run_dashboard`), or
 inside a coordinator next to its bootstrap peer (`serve_dashboard`, called by `run_bootstrap`).
 
-uvicorn serves the app on a socket bound here (so a busy port is an OSError at start, and port 0 picks a
-free one that the status line reports); signals belong to the caller, not to uvicorn.
+The HTTP socket is bound before anything slow starts (a busy port fails at once; port 0 picks a free
+one that the status line reports); signals belong to the caller (protocol/serving.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import hivemind
-import uvicorn
 
 from ..protocol.dht_network import start_dht
-from .bootstrap import until_signal
+from ..protocol.serving import bind_tcp, bounded, serve_http, until_signal, url_of
 from .dashboard_app import create_app
 from .health_monitor import DEFAULT_MODEL_NAME, DEFAULT_PROBE_TIMEOUT, DEFAULT_REFRESH, HealthMonitor, model_name
 
@@ -73,54 +71,35 @@ async def serve_dashboard(
     dht: hivemind.DHT,
     config: DashboardConfig,
     on_status: Callable[[str], None],
-    stop: asyncio.Future | asyncio.Task | None = None,
+    stop: Awaitable[None],
     sock: socket.socket | None = None,
     dht_maddrs: Sequence[str] = (),
 ) -> None:
-    """Monitor + HTTP server on an already started `dht`, until `stop` completes (forever if None)."""
+    """Monitor + HTTP server on an already started `dht`, until `stop` completes."""
     sock = sock or bind_http(config.host, config.http_port)
     monitor = HealthMonitor(dht, config.models, config.refresh, config.probe_timeout, dht_maddrs=dht_maddrs)
-    server = _Server(uvicorn.Config(create_app(monitor), lifespan="off", access_log=False, log_config=None))
-    tasks = [asyncio.create_task(monitor.run_forever()), asyncio.create_task(server.serve(sockets=[sock]))]
-    waiters = tasks + ([asyncio.ensure_future(stop)] if stop is not None else [])
+    scans = asyncio.create_task(monitor.run_forever())
+
+    def ready() -> None:
+        on_status(f"dashboard: {url_of(sock)} watching {', '.join(monitor.models)} (refresh {config.refresh:g}s)")
+
     try:
-        on_status(
-            f"dashboard: {url_of(sock)} watching {', '.join(monitor.models)} (refresh {config.refresh:g}s)"
-        )
-        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        for task in done & set(tasks):
-            task.result()  # a crashed monitor or server raises here
+        await serve_http(create_app(monitor), sock, _first(stop, scans), on_ready=ready)
+        if scans.done():
+            scans.result()  # a crashed monitor raises here
     finally:
-        server.should_exit = True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(tasks[1], 5)
-        for task in waiters:
-            task.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
-        await monitor.close()
+        scans.cancel()
+        await asyncio.gather(scans, return_exceptions=True)
+        await bounded(monitor.close(), "closing probe channels")
         sock.close()
+
+
+async def _first(*waits: Awaitable) -> None:
+    """Returns when any of `waits` completes (the stop signal, or the monitor task ending)."""
+    futures = [asyncio.ensure_future(w) for w in waits]
+    await asyncio.wait(futures, return_when=asyncio.FIRST_COMPLETED)
 
 
 def bind_http(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (raises OSError when the port is taken)."""
-    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
-    except OSError as e:
-        sock.close()
-        raise OSError(f"dashboard cannot listen on {host}:{port}: {e.strerror or e}") from None
-    return sock
-
-
-def url_of(sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
-
-
-class _Server(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield  # SIGINT/SIGTERM are handled by the coordinator or run_dashboard, which then stop us
+    """The dashboard's listening socket (OSError when the port is taken, ValueError for a bad host)."""
+    return bind_tcp(host, port, "dashboard")

@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .. import __version__
+from ..protocol.version import __version__
 from .state_schema import SwarmState
 
 PAGE = Path(__file__).parent / "static" / "dashboard.html"

@@ -22,18 +22,17 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import grpc
 import hivemind
 from hivemind.utils.timed_storage import get_dht_time
 
-from .. import __version__
-from ..client.routing import block_ranges
-from ..client.transport import NodeClient, NodeError, NodeInfo
+from ..protocol.coverage import block_ranges, coverage
 from ..protocol.dht_network import find_blocks
-from ..protocol.dht_records import MAX_BLOCKS, ServerRecord, validate_model_name
+from ..protocol.dht_records import MAX_BLOCKS, ServerRecord, latest_per_peer, validate_model_name
 from ..protocol.identity import Identity
+from ..protocol.grpc_node import GrpcNodeClient
+from ..protocol.node_client import NodeClient, NodeInfo, Probe, probe
+from ..protocol.version import __version__
 from .state_schema import BlockState, ModelState, NodeState, SwarmState
 
 log = logging.getLogger(__name__)
@@ -49,13 +48,6 @@ LOOKUP_TIMEOUT = 30.0  # seconds for all DHT lookups of one model in one scan
 def model_name(model: str) -> str:
     """The name the swarm uses for `model`: 'default' means the embedded model; others are taken as is."""
     return DEFAULT_MODEL_NAME if model == "default" else validate_model_name(model)
-
-
-@dataclass(frozen=True)
-class Probe:
-    info: NodeInfo | None
-    rtt: float | None  # seconds; None when the call failed
-    error: NodeError | None
 
 
 class HealthMonitor:
@@ -144,12 +136,7 @@ class HealthMonitor:
         batches = [blocks[i : i + LOOKUP_BATCH] for i in range(0, len(blocks), LOOKUP_BATCH)]
         lookups = asyncio.gather(*(find_blocks(self.dht, model, b, return_future=True) for b in batches))
         found = await asyncio.wait_for(lookups, LOOKUP_TIMEOUT)
-        latest: dict[str, ServerRecord] = {}
-        for servers in found:
-            for record in (r for rs in servers.values() for r in rs):
-                if record.peer_id not in latest or record.expiration > latest[record.peer_id].expiration:
-                    latest[record.peer_id] = record
-        return latest
+        return latest_per_peer({b: rs for servers in found for b, rs in servers.items()})
 
     async def _probe_all(self, records: dict[str, ServerRecord], used: set) -> dict[str, Probe]:
         peers = list(records)
@@ -160,15 +147,8 @@ class HealthMonitor:
         key = (record.address, record.public_key)  # the reply must be signed by the record's key
         used.add(key)
         if key not in self.clients:
-            self.clients[key] = NodeClient(record.address, self.identity, record.public_key)
-        started = time.perf_counter()
-        try:
-            info = await self.clients[key].info(timeout=self.probe_timeout)
-        except NodeError as e:
-            return Probe(None, None, e)
-        except Exception as e:  # whatever else a hostile or broken address causes: this node only
-            return Probe(None, None, NodeError(record.address, repr(e)))
-        return Probe(info, time.perf_counter() - started, None)
+            self.clients[key] = GrpcNodeClient(record.address, self.identity, record.public_key)
+        return await probe(self.clients[key], self.probe_timeout)
 
     def _learn_total(
         self, model: str, records: dict[str, ServerRecord], probes: dict[str, Probe]
@@ -208,9 +188,9 @@ class HealthMonitor:
 def _health(record: ServerRecord, probe: Probe) -> tuple[str, str | None]:
     if probe.info is None:
         error = probe.error
-        if record.state == "joining" and error.code == grpc.StatusCode.UNAVAILABLE:
+        if record.state == "joining" and error.status == "UNAVAILABLE":
             return "starting", "announced 'joining': not serving yet"
-        if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        if error.status == "DEADLINE_EXCEEDED":
             return "unhealthy", "Info: no answer in time"
         return "unhealthy", f"Info: {str(error).removeprefix(record.address + ': ')}"
     problems = _problems(record, probe.info)
@@ -224,9 +204,11 @@ def _problems(record: ServerRecord, info: NodeInfo) -> list[str]:
         problems.append(f"Info says model {info.model!r}, its record {record.model!r}")
     if info.revision != record.revision:
         problems.append(f"Info says revision {info.revision[:12]!r}, its record {record.revision[:12]!r}")
-    if (info.start, info.end) != (record.start, record.end):
-        problems.append(f"Info says blocks {info.start}:{info.end}, its record {record.start}:{record.end}")
-    if not info.end <= info.total_blocks <= MAX_BLOCKS:
+    if (info.start_block, info.end_block) != (record.start, record.end):
+        problems.append(
+            f"Info says blocks {info.start_block}:{info.end_block}, its record {record.start}:{record.end}"
+        )
+    if not info.end_block <= info.total_blocks <= MAX_BLOCKS:
         problems.append(f"Info says total_blocks {info.total_blocks}, below its span's end or too large")
     elif record.total_blocks and info.total_blocks != record.total_blocks:
         problems.append(f"Info says total_blocks {info.total_blocks}, its record {record.total_blocks}")
@@ -235,13 +217,13 @@ def _problems(record: ServerRecord, info: NodeInfo) -> list[str]:
 
 def _model_state(model: str, total: int, known: bool, nodes: list[NodeState]) -> ModelState:
     serving = [n for n in nodes if n.health == "healthy" and n.state == "online"]
-    blocks = []
-    for b in range(total):
-        servers = [n for n in serving if n.start <= b < n.end]
-        coverage = "uncovered" if not servers else "single" if len(servers) == 1 else "replicated"
-        blocks.append(BlockState(block=b, servers=len(servers), coverage=coverage,
-                                 throughput=sum(n.throughput for n in servers)))  # fmt: skip
-    missing = [b.block for b in blocks if not b.servers]
+    cov = coverage([(n.start, n.end, n.throughput) for n in serving], total)
+    blocks = [
+        BlockState(block=b, servers=n, throughput=tps,
+                   coverage="uncovered" if not n else "single" if n == 1 else "replicated")  # fmt: skip
+        for b, (n, tps) in enumerate(zip(cov.servers, cov.throughput))
+    ]
+    missing = cov.missing
     ready_revision = None
     if known and total and not missing:
         by_count = Counter(n.revision for n in serving)

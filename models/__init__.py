@@ -1,1 +1,1 @@
-"""Per-family block adapters shared by node and client: config, decoder blocks, KV cache, checkpoints."""
+"""Model code shared by node and client: the decoder block, per-family configs, KV cache, checkpoints."""

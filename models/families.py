@@ -1,42 +1,37 @@
-"""Which block code serves which transformers `model_type`, and loading spans and heads from checkpoints."""
+"""Which family config serves which transformers `model_type`, and loading spans and heads from checkpoints.
+
+Every family runs the shared `block.Block`, `Span` and `Head`; a family is its config class, which reads
+the transformers config and builds the parts that differ (the feed-forward). A new family is one entry here.
+"""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .block import Head, Span
 from .checkpoint import Checkpoint
-from .llama import block as llama_block
 from .llama.config import LlamaConfig, rope_inverse_frequencies
-from .mixtral import block as mixtral_block
 from .mixtral.config import MixtralConfig
 from .quantization import check_mode, quantize_span
 
 LAYER_PREFIX = "model.layers."
 
-
-@dataclass(frozen=True)
-class Family:
-    config: type
-    block_module: object  # defines Span and Head
-
-
-FAMILIES: dict[str, Family] = {
-    "llama": Family(LlamaConfig, llama_block),
-    "mistral": Family(LlamaConfig, llama_block),
-    "qwen2": Family(LlamaConfig, llama_block),
-    "qwen3": Family(LlamaConfig, llama_block),
-    "mixtral": Family(MixtralConfig, mixtral_block),
+FAMILIES: dict[str, type[LlamaConfig]] = {
+    "llama": LlamaConfig,
+    "mistral": LlamaConfig,
+    "qwen2": LlamaConfig,
+    "qwen3": LlamaConfig,
+    "mixtral": MixtralConfig,
 }
 
 
-def family_of(ckpt: Checkpoint) -> Family:
+def config_of(ckpt: Checkpoint) -> LlamaConfig:
+    """The block config of the checkpoint's family; unsupported model types fail here, before any weight is read."""
     model_type = ckpt.hf_config.model_type
     if model_type not in FAMILIES:
         raise ValueError(f"model type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[model_type]
+    return FAMILIES[model_type].from_hf(ckpt.hf_config)
 
 
 def num_blocks(ckpt: Checkpoint) -> int:
@@ -66,11 +61,10 @@ def load_span(
     if not 0 <= start < end <= total:
         raise ValueError(f"span {start}:{end} is outside the model's {total} blocks (0:{total})")
     check_mode(quant)
-    family = family_of(ckpt)
-    config = family.config.from_hf(ckpt.hf_config)
+    config = config_of(ckpt)
     inv_freq, scaling = rope_inverse_frequencies(ckpt.hf_config)
     with torch.device("meta"):
-        span = family.block_module.Span(config, start, end, inv_freq, scaling)
+        span = Span(config, start, end, inv_freq, scaling)
     tensors = ckpt.read_tensors(lambda key: _block_index(key) in range(start, end))
     tensors = {"layers." + k.removeprefix(LAYER_PREFIX): v for k, v in tensors.items()}
     span = span.to_empty(device="cpu")
@@ -80,9 +74,8 @@ def load_span(
 
 def load_head(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Builds the client's part: embeddings, final norm, LM head."""
-    family = family_of(ckpt)
-    config = family.config.from_hf(ckpt.hf_config)
-    head = family.block_module.Head(config)
+    config = config_of(ckpt)
+    head = Head(config)
     names = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight"}
     if not config.tie_word_embeddings:
         names["lm_head.weight"] = "lm_head.weight"

@@ -9,24 +9,7 @@ threshold: moving costs a reload, so small gains are not worth it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class Coverage:
-    throughput: list[float]  # per block
-    servers: list[int]  # per block
-
-
-def coverage(spans: Sequence[tuple[int, int, float]], total: int) -> Coverage:
-    """spans: (start, end, throughput) of every serving node -> per-block coverage."""
-    throughput, servers = [0.0] * total, [0] * total
-    for start, end, tps in spans:
-        for b in range(max(start, 0), min(end, total)):
-            throughput[b] += tps
-            servers[b] += 1
-    return Coverage(throughput, servers)
+from ..protocol.coverage import Coverage
 
 
 def choose_start(cov: Coverage, num_blocks: int) -> int:

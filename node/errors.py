@@ -20,9 +20,5 @@ class ResourceExhausted(RequestError):
     status = "RESOURCE_EXHAUSTED"
 
 
-class Unavailable(RequestError):
-    status = "UNAVAILABLE"
-
-
 class IdleTimeout(RequestError):
     status = "DEADLINE_EXCEEDED"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +18,19 @@ from pathlib import Path
 import torch
 from grpc import aio
 
-from .. import __version__
 from ..models.checkpoint import Checkpoint, resolve
 from ..models.families import LAYER_PREFIX, load_span, num_blocks
 from ..protocol import torchnode_pb2_grpc as pb_grpc
 from ..protocol.dht_network import find_servers, start_dht, visible_maddrs
-from ..protocol.dht_records import ServerRecord
+from ..protocol.dht_records import ServerRecord, latest_per_peer
 from ..protocol.identity import Identity
+from ..protocol.serving import bounded, until_signal
 from ..protocol.signing import ReplayGuard
+from ..protocol.version import __version__
 from .announcer import DEFAULT_EXPIRATION, Announcer
 from .auth_interceptor import AuthInterceptor
-from .block_selection import better_start, choose_start, coverage
+from ..protocol.coverage import coverage
+from .block_selection import better_start, choose_start
 from .limits import Limits
 from .servicer import NodeServicer
 from .span_backend import SpanBackend, SpanInfo
@@ -85,7 +86,7 @@ def blocks_that_fit(ckpt: Checkpoint, dtype: torch.dtype, max_memory: int | None
 
 def swarm_coverage(servers: dict[int, list[ServerRecord]], total: int, exclude: str):
     """Per-block coverage by other nodes; nodes still joining count at the swarm's typical throughput."""
-    records = {r.peer_id: r for rs in servers.values() for r in rs if r.peer_id != exclude and r.state != "draining"}
+    records = {p: r for p, r in latest_per_peer(servers).items() if p != exclude and r.state != "draining"}
     online = [r.throughput for r in records.values() if r.state == "online" and r.throughput > 0]
     nominal = sorted(online)[len(online) // 2] if online else 1.0
     spans = [(r.start, r.end, r.throughput if r.state == "online" else nominal) for r in records.values()]
@@ -126,7 +127,7 @@ class Node:
             model=self.ckpt.name, revision=self.ckpt.revision, start=start, end=end, state="joining",
             total_blocks=self.total,
             throughput=b.throughput if b else 0.0,
-            cache_bytes_free=(b.limits.cache_bytes - b.cache_bytes_used) if b else self.config.limits.cache_bytes,
+            cache_bytes_free=b.cache_bytes_free if b else self.config.limits.cache_bytes,
             version=__version__, expiration=0.0, dht_maddrs=self.dht_maddrs,
         )  # fmt: skip
 
@@ -178,30 +179,20 @@ class Node:
             f"ready: serving blocks {b.start}:{b.end} of {self.ckpt.name} on {c.host}:{self.port} "
             f"as peer {self.identity.peer_id}"
         )
-        await self.wait_for_signal()
+        await until_signal()
         self.on_status(f"draining: finishing sessions in flight (up to {c.shutdown_grace:.0f}s); signal again to quit now")
         for task in tasks:
             task.cancel()
         # each step is bounded: an unreachable DHT must not keep a leaving node alive
         if self.announcer is not None:
-            await _bounded(self.announcer.announce("draining"), SHUTDOWN_STEP_S, "announcing draining")
+            await bounded(self.announcer.announce("draining"), "announcing draining")
         await server.stop(c.shutdown_grace)
         self.backend.shutdown()
         if self.dht is not None:
-            await _bounded(asyncio.to_thread(self.dht.shutdown), SHUTDOWN_STEP_S, "stopping the DHT")
+            await bounded(asyncio.to_thread(self.dht.shutdown), "stopping the DHT")
             if self.dht.is_alive():
                 self.dht.kill()
         self.on_status("stopped")
-
-    async def wait_for_signal(self) -> None:
-        """Returns on the first SIGINT/SIGTERM; a second one exits at once, without draining."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, os._exit, 1)
 
     async def rebalance_forever(self) -> None:
         swarm = self.config.swarm
@@ -226,16 +217,6 @@ class Node:
         await self.announcer.announce("online")
         self.on_status(f"ready: serving blocks {start}:{start + n} of {self.ckpt.name} on port {self.port}")
         asyncio.create_task(_retire(old))
-
-
-SHUTDOWN_STEP_S = 10.0
-
-
-async def _bounded(awaitable, seconds: float, what: str) -> None:
-    try:
-        await asyncio.wait_for(awaitable, seconds)
-    except Exception as e:  # leaving goes on regardless (TimeoutError included)
-        log.warning("%s failed or took over %.0fs: %r", what, seconds, e)
 
 
 async def _retire(backend: SpanBackend) -> None:

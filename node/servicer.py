@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc import aio
 
-from .. import __version__
 from ..protocol import tensor_codec
 from ..protocol import torchnode_pb2 as pb
 from ..protocol import torchnode_pb2_grpc as pb_grpc
+from ..protocol.grpc_node import info_message
 from .errors import IdleTimeout, NotFound, RequestError
 from .span_backend import SpanBackend
 
@@ -28,29 +28,14 @@ class NodeServicer(pb_grpc.NodeServicer):
         self.backend, self.public_key = backend, public_key
 
     async def Info(self, request: pb.InfoRequest, context: aio.ServicerContext) -> pb.InfoResponse:
-        b, i = self.backend, self.backend.info
-        return pb.InfoResponse(
-            model=i.model,
-            revision=i.revision,
-            start_block=i.start,
-            end_block=i.end,
-            total_blocks=i.total_blocks,
-            hidden_size=i.hidden_size,
-            dtype=tensor_codec.dtype_name(i.dtype),
-            throughput=b.throughput,
-            cache_bytes_free=b.limits.cache_bytes - b.cache_bytes_used,
-            sessions_free=b.limits.max_sessions - len(b.sessions),
-            version=__version__,
-            public_key=self.public_key,
-            max_message_bytes=b.limits.max_message_bytes,
-        )
+        return info_message(self.backend.describe(self.public_key))
 
     async def Forward(self, request: pb.ForwardRequest, context: aio.ServicerContext) -> pb.ForwardResponse:
         backend = self.backend
         try:
             x = tensor_codec.decode(request.hidden)
             reply_dtype = _reply_dtype(request.wire_dtype, x.dtype)
-            out = await backend.forward(x, request.start_block, request.end_block)
+            out = await backend.forward(x, request.start_block, request.end_block, reply_dtype)
         except (RequestError, tensor_codec.TensorFormatError) as e:
             await context.abort(_status(e), str(e))
         return pb.ForwardResponse(hidden=tensor_codec.encode(out, reply_dtype))
@@ -82,7 +67,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                     raise NotFound(f"unknown session {step.session_id!r}: this stream serves {session.id!r}")
                 x = tensor_codec.decode(step.hidden) if step.HasField("hidden") else None
                 reply_dtype = _reply_dtype(step.wire_dtype, x.dtype if x is not None else None)
-                out = await backend.step(session, step.step, x, step.position)
+                out = await backend.step(session, step.step, x, step.position, reply_dtype)
                 result = pb.StepResult(session_id=session.id, step=step.step, cached_length=session.length)
                 if out is not None:
                     result.hidden.CopyFrom(tensor_codec.encode(out, reply_dtype))

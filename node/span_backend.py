@@ -15,8 +15,13 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.kv_cache import KVCache, cache_bytes
+from ..protocol import tensor_codec
+from ..protocol.node_client import NodeInfo
+from ..protocol.version import __version__
 from .errors import NotFound, OutOfRange, RequestError, ResourceExhausted
 from .limits import Limits
+
+REPLY_OVERHEAD = 4096  # bytes of a reply beside its tensor data: envelope, session id, shape
 
 
 @dataclass
@@ -53,6 +58,20 @@ class SpanBackend:
         config = span.config
         self._kv_shape = dict(kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=info.dtype)
 
+    @property
+    def cache_bytes_free(self) -> int:
+        return self.limits.cache_bytes - self.cache_bytes_used
+
+    def describe(self, public_key: bytes) -> NodeInfo:
+        """What `Info` answers: the span, its checkpoint and the node's current load."""
+        i = self.info
+        return NodeInfo(
+            model=i.model, revision=i.revision, start_block=i.start, end_block=i.end, total_blocks=i.total_blocks,
+            hidden_size=i.hidden_size, dtype=tensor_codec.dtype_name(i.dtype), throughput=self.throughput,
+            cache_bytes_free=self.cache_bytes_free, sessions_free=self.limits.max_sessions - len(self.sessions),
+            version=__version__, public_key=public_key, max_message_bytes=self.limits.max_message_bytes,
+        )  # fmt: skip
+
     # ---- checks shared by Forward and Inference
     def check_span(self, start: int, end: int) -> None:
         if not self.info.start <= start < end <= self.info.end:
@@ -70,17 +89,32 @@ class SpanBackend:
         if batch is not None and x.shape[0] != batch:
             raise RequestError(f"session was opened with batch size {batch}, got hidden states of batch {x.shape[0]}")
         if x.shape[1] > self.limits.max_session_tokens:
-            raise OutOfRange(f"{x.shape[1]} tokens in one request; this node allows {self.limits.max_session_tokens}")
+            raise OutOfRange(
+                f"{x.shape[1]} tokens in one request; this node allows {self.limits.max_session_tokens} "
+                "(--max-session-tokens)"
+            )
         if not torch.isfinite(x).all():
             raise RequestError("hidden states contain NaN or infinity")
+
+    def check_reply(self, x: torch.Tensor, dtype: torch.dtype) -> None:
+        """Refuses up front a request whose reply gRPC could not send (--max-message-size), e.g. bf16 in, fp32 out."""
+        nbytes = x.numel() * dtype.itemsize + REPLY_OVERHEAD
+        if nbytes > self.limits.max_message_bytes:
+            raise ResourceExhausted(
+                f"the reply would take about {nbytes} bytes, over this node's {self.limits.max_message_bytes} "
+                "(--max-message-size): send fewer tokens or ask for a smaller wire_dtype"
+            )
 
     async def _run(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn)
 
     # ---- stateless pass
-    async def forward(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    async def forward(
+        self, x: torch.Tensor, start: int, end: int, reply_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         self.check_span(start, end)
         self.check_hidden(x)
+        self.check_reply(x, reply_dtype or x.dtype)
         return await self._run(lambda: self.span(x, 0, start, end))
 
     # ---- sessions
@@ -116,7 +150,9 @@ class SpanBackend:
             self.cache_bytes_used -= session.nbytes
             session.caches.clear()
 
-    async def step(self, session: Session, step: int, x: torch.Tensor | None, position: int) -> torch.Tensor | None:
+    async def step(
+        self, session: Session, step: int, x: torch.Tensor | None, position: int, reply_dtype: torch.dtype | None = None
+    ) -> torch.Tensor | None:
         """Runs new tokens at `position` (<= cached length: a smaller one rewinds, for speculative decoding)."""
         if step != session.next_step:
             raise RequestError(f"step out of order: expected step {session.next_step}, got {step}")
@@ -124,12 +160,15 @@ class SpanBackend:
         if x is None:
             return None
         self.check_hidden(x, session.batch)
-        if not 0 <= position <= session.length:
+        if position < 0:
+            raise OutOfRange(f"position must not be negative, got {position}")
+        if position > session.length:
             raise OutOfRange(f"position {position} is past the {session.length} cached tokens")
         if position + x.shape[1] > session.max_length:
             raise OutOfRange(
                 f"session max_length {session.max_length} exceeded: position {position} + {x.shape[1]} tokens"
             )
+        self.check_reply(x, reply_dtype or x.dtype)
         out = await self._run(lambda: self.span(x, position, session.start, session.end, session.caches))
         session.length = position + x.shape[1]
         return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import msgpack
 
@@ -25,7 +25,6 @@ from .identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, peer_id_of, v
 STATES = ("joining", "online", "draining")
 MAX_BLOCKS = 1024  # no model has this many blocks; bounds the work a validator does per record
 MAX_RECORD_BYTES = 16 * 1024
-MAX_NEXT_PINGS = 64
 MAX_DHT_MADDRS = 16
 MAX_SHORT_STR = 128
 MAX_ADDRESS_CHARS = 255
@@ -80,13 +79,22 @@ class ServerRecord:
     cache_bytes_free: int
     version: str
     expiration: float  # absolute DHT time (seconds), equal to the DHT entry's expiration_time
-    next_pings: dict[str, float] = field(default_factory=dict, hash=False)  # peer id -> RTT seconds
     dht_maddrs: tuple[str, ...] = ()  # the node's own DHT multiaddrs, usable as initial peers
     total_blocks: int = 0  # blocks in the whole model; 0 = not said (records of older nodes)
 
     @property
     def blocks(self) -> range:
         return range(self.start, self.end)
+
+
+def latest_per_peer(servers: dict[int, list[ServerRecord]]) -> dict[str, ServerRecord]:
+    """{peer id: its record with the latest expiration} from a per-block lookup (a node appears once per
+    block it serves, and a moving node may briefly have two records)."""
+    latest: dict[str, ServerRecord] = {}
+    for record in (r for records in servers.values() for r in records):
+        if record.peer_id not in latest or record.expiration > latest[record.peer_id].expiration:
+            latest[record.peer_id] = record
+    return latest
 
 
 _OPTIONAL_FIELDS = {"total_blocks": 0}  # added after the first release: absent in older records
@@ -100,7 +108,6 @@ def encode_record(identity: Identity, record: ServerRecord) -> bytes:
     body_fields = asdict(record)
     body_fields["throughput"] = float(record.throughput)
     body_fields["expiration"] = float(record.expiration)
-    body_fields["next_pings"] = {k: float(v) for k, v in record.next_pings.items()}
     body_fields["dht_maddrs"] = list(record.dht_maddrs)
     _check_fields(body_fields)  # never sign something that others would refuse
     body = msgpack.packb(body_fields, use_bin_type=True)
@@ -171,13 +178,6 @@ def _check_fields(raw: dict) -> ServerRecord:
     if not _is_int(cache_bytes_free) or not 0 <= cache_bytes_free < 2**63:
         raise RecordError("cache_bytes_free must be a non-negative int64")
     expiration = _non_negative_float(raw["expiration"], "expiration")
-    next_pings = raw["next_pings"]
-    if not isinstance(next_pings, dict) or len(next_pings) > MAX_NEXT_PINGS:
-        raise RecordError(f"next_pings must be a map of at most {MAX_NEXT_PINGS} entries")
-    for peer, rtt in next_pings.items():
-        if not isinstance(peer, str) or not 0 < len(peer) <= MAX_SHORT_STR:
-            raise RecordError("next_pings keys must be peer ids")
-        _non_negative_float(rtt, "next_pings RTT")
     maddrs = raw["dht_maddrs"]
     if not isinstance(maddrs, list) or len(maddrs) > MAX_DHT_MADDRS:
         raise RecordError(f"dht_maddrs must be a list of at most {MAX_DHT_MADDRS} multiaddrs")
@@ -197,7 +197,6 @@ def _check_fields(raw: dict) -> ServerRecord:
         cache_bytes_free=cache_bytes_free,
         version=_short_str(raw, "version", MAX_SHORT_STR),
         expiration=expiration,
-        next_pings={peer: float(rtt) for peer, rtt in next_pings.items()},
         dht_maddrs=tuple(maddrs),
         total_blocks=total_blocks,
     )

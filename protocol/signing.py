@@ -9,6 +9,7 @@ nonce for as long as its timestamp stays inside the clock-skew window.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import struct
 import time
@@ -43,10 +44,16 @@ def _signed_bytes(method: str, message: Message, timestamp: float, nonce: bytes)
     return h.digest()
 
 
-def sign(identity: Identity, method: str, message: Message) -> Message:
-    """Fills `message.auth` in place and returns the message, for use in expressions."""
-    timestamp = time.time()
-    nonce = os.urandom(NONCE_BYTES)
+def sign(
+    identity: Identity, method: str, message: Message, *, timestamp: float | None = None, nonce: bytes | None = None
+) -> Message:
+    """Fills `message.auth` in place and returns the message, for use in expressions.
+
+    timestamp and nonce default to now and fresh random bytes; tests pass old or reused ones to check
+    that nodes refuse stale and replayed messages.
+    """
+    timestamp = time.time() if timestamp is None else timestamp
+    nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
     message.ClearField("auth")
     signature = identity.sign(_signed_bytes(method, message, timestamp, nonce))
     message.auth.CopyFrom(
@@ -64,6 +71,8 @@ class ReplayGuard:
     _next_prune: float = 0.0
 
     def check_and_remember(self, auth: pb.Auth, now: float) -> None:
+        if not math.isfinite(auth.timestamp):  # NaN compares false to everything: it would never be stale
+            raise AuthError(f"bad timestamp {auth.timestamp}: must be a finite number of unix seconds")
         if abs(now - auth.timestamp) > self.max_clock_skew:
             raise AuthError(
                 f"stale signature: timestamp is {now - auth.timestamp:+.1f}s from the node's clock "

@@ -19,6 +19,7 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 MAX_DIMS = 4
+MAX_ELEMENTS = 1 << 40  # far above any message gRPC carries; also bounds shapes with a zero dimension
 
 
 class TensorFormatError(ValueError):
@@ -57,6 +58,8 @@ def decode(message: pb.Tensor) -> torch.Tensor:
         raise TensorFormatError(f"tensor must have 1..{MAX_DIMS} dimensions, got shape {list(shape)}")
     if any(d < 0 for d in shape):
         raise TensorFormatError(f"negative dimension in shape {list(shape)}")
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:  # (0, 2**62, 2**62) would overflow torch's strides
+        raise TensorFormatError(f"absurd shape {list(shape)}: more than {MAX_ELEMENTS} elements")
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(shape) * itemsize
     if expected != len(message.data):

@@ -42,7 +42,7 @@ def main() -> None:
 
     resolve("default")  # the one-time GGUF conversion, before the nodes start
     coordinator = spawn(
-        [sys.executable, "-m", "torchnode.coordinator.dashboard_main", "--coordinator-port", str(free_port()),
+        [sys.executable, "-m", "torchnode", "coordinator", "--port", str(free_port()), "--dashboard",
          "--http-port", "0", "--model", MODEL_NAME, "--refresh", "2"], 0, None,
     )  # fmt: skip
     nodes = []

@@ -39,3 +39,16 @@ def tiny_llama(tmp_path_factory) -> Path:
     from tiny_models import save_tiny_model
 
     return save_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
+PROCESS_FIXTURES = {"swarm", "rogue_swarm"}  # test_dht_records: real hivemind DHT peers (p2pd processes)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The `swarm` mark (left out by `make test-fast`): tests that start real processes, i.e. every test
+    of a module that uses the node-process helpers of tests/swarm.py, and tests using DHT-peer fixtures."""
+    for item in items:
+        module = getattr(item, "module", None)
+        uses_processes = any(getattr(v, "__module__", None) == "swarm" for v in vars(module).values()) if module else False
+        if uses_processes or PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.swarm)

@@ -10,7 +10,8 @@ import torch
 from grpc import aio
 from swarm import start_node
 
-from torchnode.client.transport import NodeClient, NodeError
+from torchnode.protocol.grpc_node import GrpcNodeClient as NodeClient
+from torchnode.protocol.node_client import NodeError
 from torchnode.protocol import signing, tensor_codec
 from torchnode.protocol import torchnode_pb2 as pb
 from torchnode.protocol import torchnode_pb2_grpc as pb_grpc
@@ -137,8 +138,7 @@ def test_stale_signature(node):
     request = pb.ForwardRequest(hidden=tensor_codec.encode(torch.randn(1, 1, HIDDEN)), start_block=0, end_block=2)
     old = 1_000_000_000.0  # 2001: far outside the clock-skew window, and correctly signed
     nonce = b"n" * 16
-    signature = identity.sign(signing._signed_bytes("Forward", request, old, nonce))
-    request.auth.CopyFrom(pb.Auth(public_key=identity.public_key, timestamp=old, nonce=nonce, signature=signature))
+    signing.sign(identity, "Forward", request, timestamp=old, nonce=nonce)
     expect_status(grpc.StatusCode.UNAUTHENTICATED, "stale", call_forward(node.address, request))
     assert_still_serving(node)
 
@@ -200,5 +200,5 @@ def test_pinned_key_is_accepted(node):
         finally:
             await client.close()
 
-    assert run(info_twice()).start == 0
+    assert run(info_twice()).start_block == 0
 

@@ -1,4 +1,5 @@
-from torchnode.node.block_selection import better_start, choose_start, coverage
+from torchnode.node.block_selection import better_start, choose_start
+from torchnode.protocol.coverage import coverage
 
 
 def test_empty_swarm_starts_at_zero():

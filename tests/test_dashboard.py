@@ -24,7 +24,7 @@ from hivemind.utils.timed_storage import get_dht_time
 from prometheus_client.parser import text_string_to_metric_families
 from swarm import free_port, spawn, start_nodes, stop_all
 
-from torchnode.client.transport import NodeInfo
+from torchnode.protocol.node_client import NodeInfo
 from torchnode.coordinator.dashboard import DashboardConfig, bind_http
 from torchnode.coordinator.dashboard_app import create_app
 from torchnode.coordinator.health_monitor import DEFAULT_MODEL_NAME, HealthMonitor, Probe, _model_state
@@ -35,7 +35,7 @@ from torchnode.protocol.identity import Identity
 
 EXPIRATION = 6.0  # seconds a node's record lives without refresh
 REFRESH = 1.0  # seconds between the monitor's scans
-DASHBOARD_MAIN = [sys.executable, "-m", "torchnode.coordinator.dashboard_main"]
+TORCHNODE = [sys.executable, "-m", "torchnode"]
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run",
@@ -91,8 +91,8 @@ def record_of(identity: Identity, start=0, end=2, total_blocks=0, **kw) -> Serve
 
 def info_of(record: ServerRecord, total_blocks: int, **kw) -> NodeInfo:
     fields = dict(
-        address=record.address, model=record.model, revision=record.revision, start=record.start,
-        end=record.end, total_blocks=total_blocks, hidden_size=64, dtype="float32", throughput=2.0,
+        model=record.model, revision=record.revision, start_block=record.start,
+        end_block=record.end, total_blocks=total_blocks, hidden_size=64, dtype="float32", throughput=2.0,
         cache_bytes_free=1, sessions_free=1, version="0.1.0", public_key=record.public_key,
     )  # fmt: skip
     return NodeInfo(**(fields | kw))
@@ -121,7 +121,7 @@ def test_info_that_contradicts_the_record_is_unhealthy():
     ok = monitor._node_state(record, Probe(info_of(record, 4), 0.002, None), time.time(), get_dht_time())
     assert (ok.health, ok.problem, ok.rtt_ms, ok.throughput) == ("healthy", None, 2.0, 2.0)
     for bad_info, words in [
-        (info_of(record, 4, start=1), "blocks 1:2"),
+        (info_of(record, 4, start_block=1), "blocks 1:2"),
         (info_of(record, 4, revision="r9"), "revision"),
         (info_of(record, 8), "total_blocks 8"),
         (info_of(record, 4, model="other"), "model"),
@@ -211,7 +211,7 @@ def all_healthy(count: int) -> Callable[[dict], bool]:
 def swarm(tiny_llama):
     model = tiny_llama.name
     coordinator = spawn(
-        [*DASHBOARD_MAIN, "--coordinator-port", str(free_port()), "--http-port", "0", "--model", model,
+        [*TORCHNODE, "coordinator", "--port", str(free_port()), "--dashboard", "--http-port", "0", "--model", model,
          "--refresh", str(REFRESH)], 0, None,
     )  # fmt: skip
     nodes = []
@@ -304,7 +304,7 @@ def test_page_in_a_real_browser(swarm, tmp_path):
 
 
 def test_standalone_dashboard_sees_the_same_swarm_and_exits_on_sigterm(swarm):
-    dashboard = spawn([*DASHBOARD_MAIN, "--initial-peers", swarm.maddr, "--http-port", "0", "--model", swarm.model,
+    dashboard = spawn([*TORCHNODE, "dashboard", "--initial-peers", swarm.maddr, "--http-port", "0", "--model", swarm.model,
                        "--refresh", str(REFRESH)], 0, None)  # fmt: skip
     try:
         url = dashboard.wait_for(r"dashboard: (http://127\.0\.0\.1:\d+/)", 60)[1]

@@ -167,7 +167,7 @@ def test_spans_and_head_read_only_their_tensors(tiny: Tiny):
 
 
 def test_sliding_windows_per_layer(tiny: Tiny):
-    windows = FAMILIES[tiny.family].config.from_hf(tiny.ckpt.hf_config).windows
+    windows = FAMILIES[tiny.family].from_hf(tiny.ckpt.hf_config).windows
     expected = {
         "mistral": (SLIDING_WINDOW,) * 5,
         "qwen2": (None, None, SLIDING_WINDOW, SLIDING_WINDOW),  # from max_window_layers = 2 on
@@ -177,7 +177,7 @@ def test_sliding_windows_per_layer(tiny: Tiny):
 
 def test_mixtral_loads_transformers_fused_experts(tmp_path):
     """A state dict in transformers' in-memory layout (3D `mlp.experts.gate_up_proj`) loads into the same span."""
-    from torchnode.models.mixtral.block import Span
+    from torchnode.models.block import Span
     from torchnode.models.mixtral.config import MixtralConfig
 
     path = save_tiny_model("mixtral", tmp_path)

@@ -46,7 +46,7 @@ def undisturbed(model, prompt):
 
 def generate_with_fault(model, prompt, nodes, fault: int, at_step: int) -> tuple[list[int], list[float], object]:
     """Greedy generation that sends `fault` to a node of the route just before step `at_step`."""
-    core, loop = model._core, model._loop
+    core, loop = model.async_model, model
     session = loop.run(core.open_session(prompt.shape[1] + TOKENS))
     victim = next(n for n in nodes if n.address == random.Random(at_step).choice(session.hops).node.address)
     tokens, step_times, last = [], [], time.perf_counter()
@@ -93,7 +93,7 @@ def test_missing_span_raises_clear_error_then_recovers(tiny_llama):
             expected = model.generate(ids, max_new_tokens=8)
             started = time.monotonic()
             with pytest.raises(NoRouteError, match="blocks 2:4"):
-                core, loop = model._core, model._loop
+                core, loop = model.async_model, model
                 session = loop.run(core.open_session(32))
                 for i, _ in enumerate(loop.iterate(core.generate_ids(ids, SamplingParams(max_new_tokens=8), session))):
                     if i == 2:

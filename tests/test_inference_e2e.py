@@ -49,7 +49,7 @@ def test_default_three_nodes_greedy_equals_transformers(default_reference):
     nodes = start_nodes("default", ["0:10", "10:20", "20:30"])
     try:
         with DistributedModel.from_pretrained("default", [n.address for n in nodes]) as model:
-            hops = model._loop.run(model._core.route())
+            hops = model.run(model.async_model.route())
             assert [(h.start, h.end) for h in hops] == [(0, 10), (10, 20), (20, 30)]
             assert model.generate(ids, max_new_tokens=40).tolist() == hf_greedy(hf, ids, 40).tolist()
     finally:
@@ -95,7 +95,7 @@ def test_interleaved_sessions_equal_each_alone(default_client, default_reference
     b = chat_ids(tokenizer, "Count from one to five.")
     alone_a = default_client.generate(a, max_new_tokens=12)
     alone_b = default_client.generate(b, max_new_tokens=12)
-    core, loop = default_client._core, default_client._loop
+    core, loop = default_client.async_model, default_client
 
     async def interleaved():
         from torchnode.client.generation import generate_ids

@@ -4,7 +4,6 @@ and afterwards a good session still computes exactly what it computed before."""
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import grpc
@@ -125,11 +124,9 @@ def corrupt(kind: str, value) -> pb.ForwardRequest:
         request.wire_dtype = value
     signing.sign(ME, "Forward", request)
     if kind == "stale":
-        ts, nonce = request.auth.timestamp + value, os.urandom(signing.NONCE_BYTES)
-        request.auth.CopyFrom(pb.Auth(public_key=ME.public_key, timestamp=ts, nonce=nonce, signature=ME.sign(signing._signed_bytes("Forward", request, ts, nonce))))
+        signing.sign(ME, "Forward", request, timestamp=request.auth.timestamp + value)
     elif kind == "nonce":
-        ts = request.auth.timestamp
-        request.auth.CopyFrom(pb.Auth(public_key=ME.public_key, timestamp=ts, nonce=value, signature=ME.sign(signing._signed_bytes("Forward", request, ts, value))))
+        signing.sign(ME, "Forward", request, timestamp=request.auth.timestamp, nonce=value)
     elif kind == "foreign_key":
         request.auth.public_key = Identity.generate().public_key
     return request

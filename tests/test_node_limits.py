@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import psutil
 import pytest
 import torch
 from swarm import start_node
 
-from torchnode.client.transport import NodeClient, NodeError
-from torchnode.protocol import tensor_codec
-from torchnode.protocol import torchnode_pb2 as pb
+from torchnode.protocol.grpc_node import GrpcNodeClient as NodeClient
+from torchnode.protocol.node_client import NodeError, SessionSpec
 from torchnode.protocol.identity import Identity
 
 TINY_HIDDEN = 64
@@ -21,10 +19,8 @@ TINY_BYTES_PER_TOKEN = 512
 
 
 async def open_session(client: NodeClient, name: str, max_length: int, end: int = 2, tokens: int = 1, hidden: int = TINY_HIDDEN):
-    stream = client.open_stream()
-    step = pb.Step(session_id=name, max_length=max_length, start_block=0, end_block=end, batch_size=1)
-    step.hidden.CopyFrom(tensor_codec.encode(torch.randn(1, tokens, hidden)))
-    await stream.step(step, torch.float32, 30)
+    stream = client.open_session(SessionSpec(name, 0, end, max_length))
+    await stream.step(torch.randn(1, tokens, hidden), 0, 30)
     return stream
 
 
@@ -36,11 +32,11 @@ def test_max_sessions_and_cache_memory(tiny_llama):
         first = await open_session(client, "a", 128)  # 64 KiB of the 100 KiB budget
         with pytest.raises(NodeError, match="--cache-memory") as info:
             await open_session(client, "b", 128)  # another 64 KiB does not fit
-        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.status == "RESOURCE_EXHAUSTED"
         second = await open_session(client, "c", 32)
         with pytest.raises(NodeError, match="--max-sessions") as info:
             await open_session(client, "d", 8)  # a third session
-        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.status == "RESOURCE_EXHAUSTED"
         await first.close()
         await second.close()
         for _ in range(50):  # closing frees the budget and the slots
@@ -67,11 +63,9 @@ def test_idle_session_is_closed_and_freed(tiny_llama):
         stream = await open_session(client, "idle", 64)
         assert (await client.info()).sessions_free == 63
         await asyncio.sleep(2.0)  # longer than --session-timeout
-        step = pb.Step(session_id="idle", position=1)
-        step.hidden.CopyFrom(tensor_codec.encode(torch.randn(1, 1, TINY_HIDDEN)))
         with pytest.raises(NodeError, match="--session-timeout") as info:
-            await stream.step(step, torch.float32, 10)
-        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            await stream.step(torch.randn(1, 1, TINY_HIDDEN), 1, 10)
+        assert info.value.status == "DEADLINE_EXCEEDED"
         status = await client.info()
         assert status.sessions_free == 64 and status.cache_bytes_free == 1 << 30
         await client.close()
@@ -100,7 +94,7 @@ def test_rss_stays_within_cache_budget_under_50_sessions():
         opened = [r for r in results if not isinstance(r, Exception)]
         refused = [r for r in results if isinstance(r, NodeError)]
         assert len(opened) + len(refused) == 50, [r for r in results if isinstance(r, Exception) and not isinstance(r, NodeError)]
-        assert refused and all(r.code == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
+        assert refused and all(r.status == "RESOURCE_EXHAUSTED" for r in refused)
         rss_peak = process.memory_info().rss
         info = await client.info()
         for stream in opened:

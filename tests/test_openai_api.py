@@ -20,8 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from torchnode import AsyncDistributedModel
 from torchnode.client.loop_thread import LoopThread
-from torchnode.client.openai_api import Job, Piece, create_app, run_job
-from torchnode.client.sampling import SamplingParams
+from torchnode.api import create_app
 
 NAME = "tiny-llama"
 CONTEXT = 256  # the tiny model's max_position_embeddings
@@ -165,6 +164,11 @@ def test_token_id_prompts_batches_and_echo(client, hf):
     assert echoed.choices[0].text == "The sky" + alone[0].choices[0].text
 
 
+def test_zero_max_tokens_echoes_the_prompt_only(client):
+    out = greedy(client, "The sky", 0, echo=True)
+    assert (out.choices[0].text, out.choices[0].finish_reason, out.usage.completion_tokens) == ("The sky", "length", 0)
+
+
 def test_seeded_sampling_is_reproducible(client):
     kwargs = dict(model=NAME, prompt="Hello", max_tokens=12, temperature=0.9, top_p=0.9, seed=7)
     assert client.completions.create(**kwargs).choices[0].text == client.completions.create(**kwargs).choices[0].text
@@ -225,44 +229,6 @@ def test_a_client_leaving_mid_stream_disturbs_nothing(client):
         pass
     stream.close()
     assert greedy(client, "Once", 4, extra_body={"ignore_eos": True}).usage.completion_tokens == 4
-
-
-class ScriptedModel:
-    """Stands in for AsyncDistributedModel in run_job: yields a fixed list of token ids."""
-
-    def __init__(self, tokenizer, script: list[int]):
-        self.tokenizer, self.script, self.eos_ids = tokenizer, script, [tokenizer.eos_token_id]
-
-    async def generate_ids(self, ids, params):
-        for token in self.script[: params.max_new_tokens]:
-            yield torch.tensor([token])
-            if token in self.eos_ids and not params.ignore_eos:
-                return
-
-
-@pytest.mark.parametrize("case", ["eos", "eos at max_tokens", "max_tokens", "stop string"])
-def test_finish_reason_and_token_count(hf, case):
-    tokenizer = hf[1]
-    words = tokenizer("Hello world").input_ids
-    script = words + ([tokenizer.eos_token_id] if case.startswith("eos") else tokenizer(" dog").input_ids * 10)
-    stop = ("lo w",) if case == "stop string" else ()
-    max_tokens = len(words) if case == "eos at max_tokens" else 10
-    finish, count = {
-        "eos": ("stop", len(words) + 1),
-        "eos at max_tokens": ("length", len(words)),
-        "max_tokens": ("length", 10),
-        "stop string": ("stop", next(k for k in range(len(script)) if "lo w" in tokenizer.decode(script[:k]))),
-    }[case]
-    job = Job(0, torch.tensor([[1]]), SamplingParams(max_new_tokens=max_tokens, stop=stop))
-
-    async def pieces() -> list[Piece]:
-        return [p async for p in run_job(ScriptedModel(tokenizer, script), job)]
-
-    out = asyncio.run(pieces())
-    assert out[-1].finish_reason == finish and all(p.finish_reason is None for p in out[:-1])
-    assert job.completion_tokens == count
-    full = tokenizer.decode(script[:count], skip_special_tokens=True)
-    assert "".join(p.text for p in out) == (full[: full.index(stop[0])] if stop else full)
 
 
 # ---- errors
@@ -361,7 +327,7 @@ def test_schemathesis_finds_no_server_error(api, tmp_path):
 def test_run_api_serves_until_sigint(tiny_llama, nodes):
     script = (
         "import asyncio, sys\n"
-        "from torchnode.client.openai_api import run_api\n"
+        "from torchnode.api import run_api\n"
         "status = lambda m: print('api', m, flush=True)\n"
         "asyncio.run(run_api(sys.argv[1], peers=sys.argv[2].split(','), port=0, on_status=status))\n"
     )

@@ -67,11 +67,11 @@ def test_multi_turn_session_keeps_cache_and_equals_one_shot(model, hf):
     conversation = [{"role": "user", "content": "Hi!"}]
     with model.session(max_length=256) as s:
         first = s.generate(conversation, max_new_tokens=10)
-        reply = tokenizer.decode(first[0, len(model._core.encode(conversation)[0]) :], skip_special_tokens=True)
+        reply = tokenizer.decode(first[0, len(model.async_model.encode(conversation)[0]) :], skip_special_tokens=True)
         conversation += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
         second = s.generate(conversation, max_new_tokens=10)
-        cached_before_second = len(s._core.cached)
-    one_shot = hf_generate(hf, model._core.encode(conversation), 10)
+        cached_before_second = s.cached_tokens
+    one_shot = hf_generate(hf, model.async_model.encode(conversation), 10)
     assert second.tolist() == one_shot.tolist()
     assert cached_before_second > 0
 
@@ -91,23 +91,3 @@ async def test_async_model(tiny_llama, nodes, hf):
         assert (await m.generate(ids, max_new_tokens=16)).tolist() == hf_generate(hf, ids, 16).tolist()
         pieces = [p async for p in m.stream("Hello there", max_new_tokens=8)]
         assert pieces
-
-
-def test_rewind_trims_history_that_straddles_the_position(model):
-    from torchnode.client.session import Hop, InferenceSession
-
-    class Echo:  # a hop's node is only used through _send, replaced here
-        address = "echo"
-
-    session = InferenceSession([Hop(Echo(), 0, 4)], max_length=32)
-
-    async def send(hop, hidden, position):
-        return hidden
-
-    session._send = send
-    model._loop.run(session.step(torch.zeros(1, 10, 64)))  # positions 0..9
-    session.hops[0].history = [(0, torch.arange(10.0).reshape(1, 10, 1).expand(1, 10, 64))]  # as after a replay
-    model._loop.run(session.step(torch.ones(1, 2, 64), position=6))  # rewind to 6
-    (p0, h0), (p1, h1) = session.hops[0].history
-    assert (p0, h0.shape[1], p1, h1.shape[1]) == (0, 6, 6, 2)
-    assert h0[0, :, 0].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]

@@ -103,7 +103,7 @@ def test_default_swarm_weakest_span_kill_and_drain(coordinator, default_referenc
             assert model.generate(ids, max_new_tokens=40).tolist() == expected.tolist()
 
             # SIGTERM a node of the route mid-generation: it drains, the generation completes.
-            core, loop = model._core, model._loop
+            core, loop = model.async_model, model
             session = loop.run(core.open_session(ids.shape[1] + 40))
             victim_address = session.hops[0].node.address
             victim = next(n for n in nodes if n.address == victim_address)
@@ -123,11 +123,10 @@ def test_default_swarm_weakest_span_kill_and_drain(coordinator, default_referenc
 def test_rebalance_moves_to_a_gap_without_breaking_open_session(coordinator, tiny_llama):
     import asyncio
 
-    from torchnode.client.transport import NodeClient
+    from torchnode.protocol.grpc_node import GrpcNodeClient as NodeClient
+    from torchnode.protocol.node_client import SessionSpec
     from torchnode.models.checkpoint import resolve
     from torchnode.models.families import load_span
-    from torchnode.protocol import tensor_codec
-    from torchnode.protocol import torchnode_pb2 as pb
     from torchnode.protocol.identity import Identity
 
     fixed = ("--rebalance-period", "0")
@@ -142,16 +141,12 @@ def test_rebalance_moves_to_a_gap_without_breaking_open_session(coordinator, tin
 
         async def open_and_step():
             client = NodeClient(mover.address, Identity.generate())
-            stream = client.open_stream()
-            step = pb.Step(session_id="rebalance", max_length=16, start_block=old[0], end_block=old[1], batch_size=1)
-            step.hidden.CopyFrom(tensor_codec.encode(x[:, :2]))
-            out, _ = await stream.step(step, torch.float32, 10)
+            stream = client.open_session(SessionSpec("rebalance", old[0], old[1], max_length=16))
+            out = await stream.step(x[:, :2], 0, 10)
             return client, stream, out
 
         async def step_again(stream):
-            step = pb.Step(session_id="rebalance", position=2)
-            step.hidden.CopyFrom(tensor_codec.encode(x[:, 2:]))
-            return (await stream.step(step, torch.float32, 10))[0]
+            return await stream.step(x[:, 2:], 2, 10)
 
         loop = asyncio.new_event_loop()
         client, stream, first = loop.run_until_complete(open_and_step())

@@ -58,7 +58,7 @@ def _peers(text: str) -> list[str]:
 def user_errors() -> Iterator[None]:
     """Errors a user can fix (no route, a failing node, a bad path or value) end in one red line, exit 1."""
     from torchnode.client.routing import NoRouteError
-    from torchnode.client.transport import NodeError
+    from torchnode.protocol.node_client import NodeError
 
     try:
         yield
@@ -282,7 +282,7 @@ def api(
     """Serve an OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions) over the swarm."""
     if not _peers(peers) and not _peers(initial_peers):
         raise typer.BadParameter("give --initial-peers MULTIADDR (a swarm) or --peers HOST:PORT,...", param_hint="--initial-peers")
-    from torchnode.client.openai_api import run_api
+    from torchnode.api.runner import run_api
 
     status = lambda m: err.print(f"[bold green]api[/] {m}", soft_wrap=True)  # noqa: E731
     with user_errors(), contextlib.suppress(KeyboardInterrupt):  # Ctrl-C while the model is still loading

@@ -1,1 +1,1 @@
-"""The Llama family (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3 share this block with small switches)."""
+"""The Llama family (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3): its config; the block is the shared one."""

@@ -1,11 +1,21 @@
-"""The few numbers a Llama-style block needs, read once from a transformers config."""
+"""The Llama family as a config: the few numbers the shared block needs, read once from a transformers config,
+and the feed-forward part it uses (the dense SwiGLU MLP). Mistral, Qwen2 and Qwen3 are this family with
+small switches (biases, q/k norms, sliding windows); other families subclass the config.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from torch import nn
 from transformers import PretrainedConfig
+
+from ..feed_forward import MLP
+
+LoadHook = Callable[..., None]  # an `nn.Module.register_load_state_dict_pre_hook` hook
 
 
 @dataclass(frozen=True)
@@ -25,8 +35,15 @@ class LlamaConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k before rotary
     windows: tuple[int | None, ...] = ()  # per layer: attend to the last N tokens only; None (or absent) = all
 
+    feed_forward_name: ClassVar[str] = "mlp"  # what checkpoints call it: `model.layers.{i}.mlp.gate_proj`
+    load_hook: ClassVar[LoadHook | None] = None  # renames another layout of a block's weights when loading
+
     def window(self, layer: int) -> int | None:
         return self.windows[layer] if layer < len(self.windows) else None
+
+    def feed_forward(self, layer: int) -> nn.Module:
+        """The feed-forward part of block `layer` (a family may vary it per layer): the dense SwiGLU MLP."""
+        return MLP(self.hidden_size, self.intermediate_size, self.mlp_bias)
 
     @classmethod
     def from_hf(cls, hf: PretrainedConfig) -> LlamaConfig:

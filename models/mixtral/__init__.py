@@ -1,1 +1,1 @@
-"""The Mixtral family: the Llama attention with a sparse mixture-of-experts feed-forward."""
+"""The Mixtral family: the shared block with a sparse mixture-of-experts feed-forward."""

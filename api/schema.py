@@ -1,4 +1,4 @@
-"""Request and response bodies of the OpenAI API, the part torchnode serves (see openai_api.py).
+"""Request and response bodies of the OpenAI API, the part torchnode serves (see handlers.py).
 
 Field names, defaults and ranges follow OpenAI's reference, so the official clients work unchanged.
 Parameters torchnode cannot honour (n > 1, logprobs, logit_bias, penalties, tools, suffix, best_of) pass

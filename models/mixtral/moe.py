@@ -1,10 +1,9 @@
-"""A Mixtral decoder block: Llama attention, then a router sending each token to its top-k SwiGLU experts.
+"""Mixtral's feed-forward: a router sending each token to its top-k SwiGLU experts.
 
-Attention, norms, rotary, caches, the span and the head are the Llama ones; only the feed-forward differs.
 Parameter names are the checkpoint's (`block_sparse_moe.gate`, `block_sparse_moe.experts.{e}.w1`, ...), which
 is what Mixtral checkpoints on the hub hold and what transformers' `save_pretrained` writes. A state dict in
 transformers' in-memory layout (fused 3D `mlp.experts.gate_up_proj`, as a GGUF dequantized by
-`checkpoint.gguf_to_safetensors` holds) is split into those names when it is loaded.
+`checkpoint.gguf_to_safetensors` holds) is split into those names when it is loaded (`split_fused_experts`).
 """
 
 from __future__ import annotations
@@ -13,33 +12,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kv_cache import KVCache
-from ..llama.block import Attention, Head, RMSNorm
-from ..llama.block import Span as LlamaSpan
-from .config import MixtralConfig
-
-__all__ = ["Block", "Head", "Span", "SparseMoE"]
-
-
 class Expert(nn.Module):
     """One SwiGLU feed-forward; w1 is the gate, w3 the up and w2 the down projection."""
 
-    def __init__(self, c: MixtralConfig):
+    def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.w1 = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.w2 = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-        self.w3 = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.w1 = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.w2 = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (n, C)
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, c: MixtralConfig):
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int):
         super().__init__()
-        self.top_k = c.experts_per_token
-        self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False)  # the router
-        self.experts = nn.ModuleList(Expert(c) for _ in range(c.num_experts))
+        self.top_k = top_k
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # the router
+        self.experts = nn.ModuleList(Expert(hidden_size, intermediate_size) for _ in range(num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, C = x.shape
@@ -55,11 +46,12 @@ class SparseMoE(nn.Module):
         return y.view(B, T, C)
 
 
-def split_fused_experts(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
-    """Load pre-hook: renames transformers' in-memory MoE layout to the checkpoint names, in place.
+def split_fused_experts(block: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """Block load pre-hook: renames transformers' in-memory MoE layout to the checkpoint names, in place.
 
     `mlp.gate.weight` (E, C) -> `block_sparse_moe.gate.weight`; `mlp.experts.gate_up_proj` (E, 2I, C) ->
     `experts.{e}.w1` (gate rows) and `w3` (up rows); `mlp.experts.down_proj` (E, C, I) -> `experts.{e}.w2`.
+    It hooks the block, not the MoE: the fused names sit under `mlp.`, outside the MoE's own prefix.
     """
     fused = prefix + "mlp.experts.gate_up_proj"
     if fused not in state_dict:
@@ -73,23 +65,3 @@ def split_fused_experts(module: nn.Module, state_dict: dict, prefix: str, *_) ->
         state_dict[f"{new}experts.{e}.w1.weight"] = w1
         state_dict[f"{new}experts.{e}.w2.weight"] = down[e]
         state_dict[f"{new}experts.{e}.w3.weight"] = w3
-
-
-class Block(nn.Module):
-    def __init__(self, c: MixtralConfig, layer: int):
-        super().__init__()
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = Attention(c, c.window(layer))
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.block_sparse_moe = SparseMoE(c)
-        self.register_load_state_dict_pre_hook(split_fused_experts)
-
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position: int, cache: KVCache | None
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, position, cache)
-        return x + self.block_sparse_moe(self.post_attention_layernorm(x))
-
-
-class Span(LlamaSpan):
-    block = Block

@@ -1,0 +1,105 @@
+"""The one way to talk to a node: `NodeClient` (Info, sessions) and `NodeSession` (steps).
+
+This interface is all that routing, sessions, discovery and the health monitor see. `grpc_node.py` is
+its network implementation, and protobuf and gRPC stay inside that file (exo's peer handle does the
+same); tests put an in-memory node behind the same interface.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_PROBE_TIMEOUT = 5.0
+
+
+class NodeError(Exception):
+    """A node failed or refused a call. `status` is the gRPC status name ("UNAVAILABLE", ...), or None
+    when the node answered but the answer was wrong (a bad signature, a reply to another step)."""
+
+    def __init__(self, address: str, message: str, status: str | None = None):
+        super().__init__(f"{address}: {message}")
+        self.address, self.status = address, status
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node says about itself; field names are those of the `InfoResponse` message."""
+
+    model: str
+    revision: str
+    start_block: int
+    end_block: int
+    total_blocks: int
+    hidden_size: int
+    dtype: str
+    throughput: float
+    cache_bytes_free: int
+    sessions_free: int
+    version: str
+    public_key: bytes
+    max_message_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """What opening a session asks of a node: its id, blocks, KV cache size, batch and reply dtype."""
+
+    session_id: str
+    start: int
+    end: int
+    max_length: int
+    batch_size: int = 1
+    wire_dtype: torch.dtype = torch.float32
+
+
+class NodeSession(ABC):
+    """One inference session on one node; steps run in order, the node keeps the KV cache."""
+
+    @abstractmethod
+    async def step(self, hidden: torch.Tensor, position: int, timeout: float | None) -> torch.Tensor:
+        """Runs hidden states (B, T, H) of tokens at `position` (<= cached length; less rewinds)."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drops the session now, without waiting for the node (it failed, or is being replaced)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Ends the session politely: the node frees its cache."""
+
+
+class NodeClient(ABC):
+    address: str
+
+    @abstractmethod
+    async def info(self, timeout: float | None = 10.0) -> NodeInfo: ...
+
+    @abstractmethod
+    def open_session(self, spec: SessionSpec) -> NodeSession:
+        """A session that opens on the node with its first step (no round trip of its own)."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Probe:
+    info: NodeInfo | None  # None when the call failed
+    rtt: float | None  # seconds
+    error: NodeError | None
+
+
+async def probe(node: NodeClient, timeout: float = DEFAULT_PROBE_TIMEOUT) -> Probe:
+    """A signed Info call and its round trip: proves the node holds its key, tells its span and load."""
+    started = time.perf_counter()
+    try:
+        info = await node.info(timeout=timeout)
+    except NodeError as e:
+        return Probe(None, None, e)
+    except Exception as e:  # whatever else a hostile or broken address causes: this node only
+        return Probe(None, None, NodeError(node.address, repr(e)))
+    return Probe(info, time.perf_counter() - started, None)

@@ -1,0 +1,104 @@
+"""An in-memory node behind the same `NodeClient` interface as a gRPC node: the real span backend
+(node/span_backend.py, real weights, real KV caches), without processes or sockets.
+
+Unit tests drive the client's sessions, routing and failover through these, and inject faults the way
+a network does: a node that is down (every call fails), or that dies after a number of steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from torchnode.client.discovery import PeerSource
+from torchnode.models.checkpoint import Checkpoint
+from torchnode.models.families import load_span, num_blocks
+from torchnode.node.errors import RequestError
+from torchnode.node.limits import Limits
+from torchnode.node.span_backend import SpanBackend, SpanInfo
+from torchnode.protocol.identity import Identity
+from torchnode.protocol.node_client import NodeClient, NodeError, NodeInfo, NodeSession, SessionSpec
+
+
+class MemoryNode(NodeClient):
+    def __init__(self, ckpt: Checkpoint, start: int, end: int, address: str, throughput: float = 100.0):
+        span = load_span(ckpt, start, end, torch.float32)
+        info = SpanInfo(ckpt.name, ckpt.revision, start, end, num_blocks(ckpt), span.config.hidden_size, torch.float32)
+        self.backend = SpanBackend(span, info, Limits())
+        self.backend.throughput = throughput
+        self.address, self.identity = address, Identity.generate()
+        self.down = False
+        self.steps_left: int | None = None  # dies after this many more steps (None: never)
+        self.steps_served = 0
+        self.sessions: list[MemorySession] = []
+
+    def fail_after(self, steps: int) -> None:
+        self.steps_left = steps
+
+    def _check_up(self) -> None:
+        if self.steps_left is not None and self.steps_left <= 0:
+            self.down = True
+        if self.down:
+            raise NodeError(self.address, "connection refused", "UNAVAILABLE")
+
+    async def info(self, timeout: float | None = 10.0) -> NodeInfo:
+        self._check_up()
+        return self.backend.describe(self.identity.public_key)
+
+    def open_session(self, spec: SessionSpec) -> NodeSession:
+        session = MemorySession(self, spec)
+        self.sessions.append(session)
+        return session
+
+    async def close(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        self.backend.shutdown()
+
+
+class MemorySession(NodeSession):
+    def __init__(self, node: MemoryNode, spec: SessionSpec):
+        self.node, self.spec = node, spec
+        self.session = None
+        self.next_step = 0
+        self.positions: list[int] = []  # the position of every step received, for assertions
+
+    async def step(self, hidden: torch.Tensor, position: int, timeout: float | None) -> torch.Tensor:
+        node, s = self.node, self.spec
+        node._check_up()
+        try:
+            if self.session is None:
+                self.session = node.backend.open_session(s.session_id, s.start, s.end, s.batch_size, s.max_length)
+            out = await node.backend.step(self.session, self.next_step, hidden.to(s.wire_dtype), position)
+        except RequestError as e:
+            raise NodeError(node.address, str(e), e.status) from None
+        self.next_step += 1
+        self.positions.append(position)
+        node.steps_served += 1
+        if node.steps_left is not None:
+            node.steps_left -= 1
+        return out.to(s.wire_dtype)
+
+    def abort(self) -> None:
+        self._free()
+
+    async def close(self) -> None:
+        self._free()
+
+    def _free(self) -> None:
+        if self.session is not None:
+            self.node.backend.close_session(self.session)
+            self.session = None
+
+
+class MemoryPeers(PeerSource):
+    """A fixed set of in-memory nodes, found and probed like any others."""
+
+    def __init__(self, nodes: Sequence[MemoryNode]):
+        super().__init__(Identity.generate())
+        self.memory_nodes = list(nodes)
+
+    async def nodes(self, model: str, total_blocks: int) -> list[NodeClient]:
+        return list(self.memory_nodes)
