@@ -64,7 +64,7 @@ class OpenAIServer:
             raise unsupported("response_format", "only {'type': 'text'} is supported")
         ids = self._chat_ids(body.messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        job = Job(0, ids, self._params(body, ids.shape[1], max_tokens, "messages"))
+        job = Job(0, ids, self._params(body, ids.shape[1], max_tokens, "messages"), adapter=self._check_model(body.model))
         events = run_job(self.model, job)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
@@ -82,8 +82,9 @@ class OpenAIServer:
             raise unsupported("best_of", "only best_of=1 is supported")
         if body.logprobs is not None:
             raise unsupported("logprobs", "log probabilities are not supported")
+        adapter = self._check_model(body.model)
         jobs = [
-            Job(i, ids, self._params(body, ids.shape[1], body.max_tokens, "prompt"), echo if body.echo else "")
+            Job(i, ids, self._params(body, ids.shape[1], body.max_tokens, "prompt"), echo if body.echo else "", adapter=adapter)
             for i, (ids, echo) in enumerate(self._prompts(body.prompt))
         ]
         events = merge([run_job(self.model, job) for job in jobs])
@@ -138,12 +139,15 @@ class OpenAIServer:
         return ["".join(t) for t in texts], finish
 
     # ---- request checks and prompts
-    def _check_model(self, name: str) -> None:
-        if name != self.served_name:
+    def _check_model(self, name: str) -> str | None:
+        """The LoRA adapter a model id names ("BASE:ADAPTER"; None for BASE itself); 404 for another model."""
+        base, colon, adapter = name.partition(":")
+        if base != self.served_name or (colon and not adapter):
             raise ApiError(
                 404, f"The model {name!r} does not exist: this server serves {self.served_name!r}.",
                 param="model", code="model_not_found",
             )  # fmt: skip
+        return adapter or None
 
     def _check_common(self, body: SamplingFields) -> None:
         self._check_model(body.model)

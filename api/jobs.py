@@ -25,6 +25,7 @@ class Job:
     params: SamplingParams
     echo: str = ""  # text to put before the completion
     completion_tokens: int = 0  # counted as the job runs
+    adapter: str | None = None  # LoRA adapter (model "BASE:ADAPTER"); None: the server's default
 
     @property
     def prompt_tokens(self) -> int:
@@ -42,7 +43,7 @@ async def run_job(model: AsyncDistributedModel, job: Job) -> AsyncIterator[Piece
     """The job's text as it is generated (AsyncDistributedModel.generate_text), echo first."""
     if job.echo:
         yield Piece(job.index, job.echo)
-    async with contextlib.aclosing(model.generate_text(job.ids, job.params)) as pieces:  # closes the session
+    async with contextlib.aclosing(model.generate_text(job.ids, job.params, adapter=job.adapter)) as pieces:  # closes the session
         async for piece in pieces:
             job.completion_tokens = piece.tokens
             yield Piece(job.index, piece.text, piece.finish_reason)

@@ -8,6 +8,7 @@ and current throughput. Nodes serving another revision of the checkpoint are dro
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 
 import hivemind
@@ -19,32 +20,46 @@ from ..protocol.grpc_node import GrpcNodeClient
 from ..protocol.node_client import NodeClient, probe
 from .routing import Candidate
 
+log = logging.getLogger(__name__)
+
 
 class PeerSource:
     """Base: subclasses say which NodeClients exist; probing and filtering are shared."""
 
-    def __init__(self, identity: Identity):
-        self.identity = identity
+    allow_keys: frozenset[bytes] | None = None  # private swarm (--allow-keys): use only nodes with these keys
+
+    def __init__(self, identity: Identity, insecure: bool = False):
+        self.identity, self.insecure = identity, insecure  # insecure: plaintext channels (--insecure)
         self.clients: dict[tuple[str, bytes | None], NodeClient] = {}
+        self.reported: dict[str, str] = {}  # address -> the last probe failure logged for it
+        self.relayed: set[str] = set()  # addresses that are relays' ports for nodes behind a NAT (records say)
 
     def client(self, address: str, key: bytes | None = None) -> NodeClient:
         if (address, key) not in self.clients:
-            self.clients[address, key] = GrpcNodeClient(address, self.identity, key)
+            self.clients[address, key] = GrpcNodeClient(address, self.identity, key, insecure=self.insecure)
         return self.clients[address, key]
 
     async def nodes(self, model: str, total_blocks: int) -> list[NodeClient]:
         raise NotImplementedError
 
     async def candidates(
-        self, model: str, revision: str, total_blocks: int, exclude: set[str] = frozenset()
+        self, model: str, revision: str, total_blocks: int, exclude: set[str] = frozenset(), adapter: str | None = None
     ) -> list[tuple[Candidate, NodeClient]]:
-        """Probed nodes serving exactly this checkpoint; addresses in `exclude` are not even probed."""
+        """Probed nodes serving exactly this checkpoint (and `adapter`, if named, as their Info says);
+        addresses in `exclude` are not even probed."""
         nodes = [n for n in await self.nodes(model, total_blocks) if n.address not in exclude]
         probes = await asyncio.gather(*(probe(n) for n in nodes))
+        for p in probes:  # why a node is skipped (not encrypted, a man in the middle, down), once per reason
+            if p.error is not None and self.reported.get(p.error.address) != str(p.error):
+                self.reported[p.error.address] = str(p.error)
+                log.warning("skipping node %s", p.error)
         return [
-            (Candidate(node.address, p.info.start_block, p.info.end_block, p.info.throughput, p.rtt), node)
+            (Candidate(node.address, p.info.start_block, p.info.end_block, p.info.throughput, p.rtt,
+                       relayed=node.address in self.relayed), node)
             for node, p in zip(nodes, probes)
             if p.info is not None and p.info.revision == revision and p.info.model == model
+            and (self.allow_keys is None or p.info.public_key in self.allow_keys)
+            and (not adapter or adapter in p.info.adapters)
         ]
 
     async def close(self) -> None:
@@ -53,8 +68,10 @@ class PeerSource:
 
 
 class StaticPeers(PeerSource):
-    def __init__(self, identity: Identity, addresses: Sequence[str], keys: dict[str, bytes] | None = None):
-        super().__init__(identity)
+    def __init__(
+        self, identity: Identity, addresses: Sequence[str], keys: dict[str, bytes] | None = None, insecure: bool = False
+    ):
+        super().__init__(identity, insecure)
         if not addresses:
             raise ValueError("no peers given: pass at least one node address (host:port)")
         self.addresses, self.keys = list(addresses), keys or {}
@@ -64,13 +81,14 @@ class StaticPeers(PeerSource):
 
 
 class DhtPeers(PeerSource):
-    def __init__(self, identity: Identity, dht: hivemind.DHT):
-        super().__init__(identity)
+    def __init__(self, identity: Identity, dht: hivemind.DHT, insecure: bool = False):
+        super().__init__(identity, insecure)
         self.dht = dht
 
     async def nodes(self, model: str, total_blocks: int) -> list[NodeClient]:
         servers = await find_servers(self.dht, model, total_blocks, return_future=True)
         online = [r for r in latest_per_peer(servers).values() if r.state == "online"]
+        self.relayed |= {r.address for r in online if r.relay}
         return [self.client(r.address, r.public_key) for r in online]
 
     async def close(self) -> None:

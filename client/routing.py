@@ -20,6 +20,7 @@ from ..protocol.coverage import block_ranges
 PER_HOP_OVERHEAD_S = 0.001  # serialization + signing per hop, measured on loopback
 SPREAD = 0.1  # costs within ~10% count as equal: each route call draws a factor in [1, 1 + SPREAD) per node
 UNKNOWN_THROUGHPUT = 1.0  # tokens/s assumed for a node that announced none
+RELAY_LEG_S = 0.005  # a relayed node's extra leg: the relay's splice, and a relay shared with other nodes
 
 
 class NoRouteError(RuntimeError):
@@ -38,6 +39,7 @@ class Candidate:
     end: int
     throughput: float = 0.0  # tokens/s over its whole span
     rtt: float = 0.0  # seconds
+    relayed: bool = False  # reached through a relay (the node is behind a NAT): one more leg per step
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,8 @@ def edge_cost(c: Candidate, start: int, stop: int) -> float:
     """Seconds to run blocks [start, stop) on `c`: RTT + per-hop overhead + its share of the span's time."""
     throughput = c.throughput if c.throughput > 0 else UNKNOWN_THROUGHPUT
     per_block = 1.0 / (throughput * (c.end - c.start))
-    return c.rtt + PER_HOP_OVERHEAD_S + per_block * (stop - start)
+    relay = RELAY_LEG_S if c.relayed else 0.0  # the probe's RTT has the leg's distance; this, its sharing
+    return c.rtt + PER_HOP_OVERHEAD_S + relay + per_block * (stop - start)
 
 
 def find_route(

@@ -38,16 +38,18 @@ class SamplingParams:
         return self.temperature < MIN_TEMPERATURE  # dividing logits by ~0 overflows: that limit *is* greedy
 
 
-def next_tokens(
-    logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor, generator: torch.Generator | None
-) -> torch.Tensor:
-    """logits (B, V) float32, previous ids (B, T) -> next ids (B,)."""
+def warped_logits(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) float32, previous ids (B, T) -> the logits next_tokens chooses from (B, V).
+
+    Greedy: repetition penalty only (argmax them). Sampling: also temperature, top-k and top-p, with the
+    tokens left out at -inf (softmax them). Speculative sampling needs these distributions themselves.
+    """
     if params.repetition_penalty != 1.0:  # as transformers' RepetitionPenaltyLogitsProcessor
         seen = torch.gather(logits, 1, previous)
         seen = torch.where(seen < 0, seen * params.repetition_penalty, seen / params.repetition_penalty)
         logits = logits.scatter(1, previous, seen)
     if params.greedy:
-        return logits.argmax(-1)
+        return logits
     logits = logits / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
@@ -58,4 +60,14 @@ def next_tokens(
         drop = cumulative - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest set reaching top_p
         drop[:, 0] = False  # the most likely token always stays, however small top_p is
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def next_tokens(
+    logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """logits (B, V) float32, previous ids (B, T) -> next ids (B,)."""
+    logits = warped_logits(logits, params, previous)
+    if params.greedy:
+        return logits.argmax(-1)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

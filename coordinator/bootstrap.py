@@ -14,6 +14,7 @@ from ..protocol.dht_network import start_dht, visible_maddrs
 from ..protocol.serving import bounded, until_signal
 
 if TYPE_CHECKING:
+    from ..node.relay import RelaySetup
     from .dashboard import DashboardConfig
 
 
@@ -24,21 +25,28 @@ async def run_bootstrap(
     initial_peers: Sequence[str],
     on_status: Callable[[str], None] = print,
     dashboard: DashboardConfig | None = None,
+    allow_keys: frozenset[bytes] | None = None,  # private swarm: accept DHT records only from these keys
+    relay: RelaySetup | None = None,  # --relay: also relay for nodes that cannot be dialled (node/relay.py)
 ) -> None:
     sock = None
     if dashboard is not None:
         from .dashboard import bind_http, serve_dashboard  # fastapi, uvicorn: the `api` extra
 
         sock = bind_http(dashboard.host, dashboard.http_port)  # before the DHT: a busy port fails fast
-    dht = await asyncio.to_thread(start_dht, list(initial_peers), host, port, announce_host)
+    dht = await asyncio.to_thread(start_dht, list(initial_peers), host, port, announce_host, allow_keys=allow_keys)
     try:
         maddrs = visible_maddrs(dht)
+        relay_task = None
+        if relay is not None:
+            relay_task = asyncio.create_task(relay.run(dht, host, announce_host, on_status))
         on_status(f"ready: --initial-peers {','.join(maddrs)}")
         if dashboard is None:
             await until_signal()
         else:
             await serve_dashboard(dht, dashboard, on_status, until_signal(), sock=sock, dht_maddrs=maddrs)
     finally:
+        if relay is not None and relay_task is not None:
+            relay_task.cancel()
         if sock is not None:
             sock.close()
         await bounded(asyncio.to_thread(dht.shutdown), "stopping the DHT")

@@ -18,22 +18,21 @@ import hivemind
 from ..protocol.dht_network import start_dht
 from ..protocol.serving import bind_tcp, bounded, serve_http, until_signal, url_of
 from .dashboard_app import create_app
-from .health_monitor import DEFAULT_MODEL_NAME, DEFAULT_PROBE_TIMEOUT, DEFAULT_REFRESH, HealthMonitor, model_name
+from .health_monitor import DEFAULT_PROBE_TIMEOUT, DEFAULT_REFRESH, HealthMonitor, model_name
 
 DEFAULT_HTTP_PORT = 8080
 
 
 @dataclass(frozen=True)
 class DashboardConfig:
-    models: tuple[str, ...] = (DEFAULT_MODEL_NAME,)  # swarm model names; "default" = the embedded model
+    models: tuple[str, ...] = ()  # a filter of swarm model names ("default" = the embedded model); empty: all
     host: str = "127.0.0.1"  # HTTP listen address; 0.0.0.0 shows the dashboard to everyone
     http_port: int = DEFAULT_HTTP_PORT  # 0 picks a free port
     refresh: float = DEFAULT_REFRESH  # seconds between scans
     probe_timeout: float = DEFAULT_PROBE_TIMEOUT
+    insecure: bool = False  # probe nodes over plaintext (--insecure)
 
     def __post_init__(self):
-        if not self.models:
-            raise ValueError("watch at least one model (--model)")
         object.__setattr__(self, "models", tuple(dict.fromkeys(model_name(m) for m in self.models)))
         if not 0 <= self.http_port < 65536:
             raise ValueError(f"--http-port {self.http_port} is not a TCP port")
@@ -44,19 +43,22 @@ class DashboardConfig:
 
 async def run_dashboard(
     initial_peers: list[str],
-    models: list[str],
+    models: Sequence[str] = (),
     host: str = "127.0.0.1",
     http_port: int = DEFAULT_HTTP_PORT,
     refresh: float = DEFAULT_REFRESH,
     on_status: Callable[[str], None] = print,
+    insecure: bool = False,
+    allow_keys: frozenset[bytes] | None = None,
 ) -> None:
-    """A standalone dashboard: joins the swarm as a DHT client, serves until SIGINT/SIGTERM."""
+    """A standalone dashboard: joins the swarm as a DHT client, serves until SIGINT/SIGTERM. `models`
+    filters what it shows; empty: every model in the DHT model index."""
     if not initial_peers:
         raise ValueError("give the multiaddr of any swarm peer (--initial-peers)")
-    config = DashboardConfig(tuple(models) or (DEFAULT_MODEL_NAME,), host, http_port, refresh)
+    config = DashboardConfig(tuple(models), host, http_port, refresh, insecure=insecure)
     sock = bind_http(host, http_port)  # before the DHT: a busy port fails fast
     try:
-        dht = await asyncio.to_thread(start_dht, list(initial_peers), client_mode=True)
+        dht = await asyncio.to_thread(start_dht, list(initial_peers), client_mode=True, allow_keys=allow_keys)
     except BaseException:
         sock.close()
         raise
@@ -77,11 +79,14 @@ async def serve_dashboard(
 ) -> None:
     """Monitor + HTTP server on an already started `dht`, until `stop` completes."""
     sock = sock or bind_http(config.host, config.http_port)
-    monitor = HealthMonitor(dht, config.models, config.refresh, config.probe_timeout, dht_maddrs=dht_maddrs)
+    monitor = HealthMonitor(
+        dht, config.models, config.refresh, config.probe_timeout, dht_maddrs=dht_maddrs, insecure=config.insecure
+    )
     scans = asyncio.create_task(monitor.run_forever())
 
     def ready() -> None:
-        on_status(f"dashboard: {url_of(sock)} watching {', '.join(monitor.models)} (refresh {config.refresh:g}s)")
+        watching = ", ".join(monitor.filter) or "every model in the index"
+        on_status(f"dashboard: {url_of(sock)} watching {watching} (refresh {config.refresh:g}s)")
 
     try:
         await serve_http(create_app(monitor), sock, _first(stop, scans), on_ready=ready)

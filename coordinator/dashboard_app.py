@@ -1,12 +1,15 @@
 """The dashboard's web app: the page, its JSON, and Prometheus metrics, all read from one state source.
 
-    GET /               the swarm dashboard (one self-contained HTML file; it polls /api/v1/state)
+    GET /               the swarm dashboard (one self-contained HTML file; it polls /api/v1/state). Pages
+                        by URL fragment: #/ every model, #/model/NAME one model, #/node/PEER_ID one node
     GET /api/v1/state   `SwarmState` as JSON (its schema: /openapi.json)
+    GET /api/v1/history?model=NAME   the model's samples over the last hour, for charts
+    GET /api/v1/nodes/{peer_id}      one node now, and its throughput and RTT over the last hour
     GET /metrics        Prometheus text format
     GET /healthz        "ok": the monitor process is up
 
-The app knows nothing of the DHT or of gRPC: it only reads `source.state`, so it is tested with a
-hand-made state and served by `dashboard.py` next to a live `HealthMonitor`.
+The app knows nothing of the DHT or of gRPC: it only reads `source.state` and `source.history`, so it
+is tested with a hand-made state and served by `dashboard.py` next to a live `HealthMonitor`.
 """
 
 from __future__ import annotations
@@ -16,14 +19,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..protocol.version import __version__
-from .state_schema import SwarmState
+from .history import History
+from .state_schema import ModelHistory, NodeDetail, SwarmState
 
 PAGE = Path(__file__).parent / "static" / "dashboard.html"
 
@@ -31,6 +35,9 @@ PAGE = Path(__file__).parent / "static" / "dashboard.html"
 class StateSource(Protocol):
     @property
     def state(self) -> SwarmState: ...
+
+    @property
+    def history(self) -> History: ...
 
 
 def create_app(source: StateSource) -> FastAPI:
@@ -53,6 +60,20 @@ def create_app(source: StateSource) -> FastAPI:
     @app.get("/api/v1/state", response_model=SwarmState, summary="The swarm's current state, model by model")
     def state() -> SwarmState:
         return source.state
+
+    @app.get("/api/v1/history", response_model=ModelHistory, summary="A model's samples over the last hour")
+    def history(model: str = Query(description="model name, as in /api/v1/state")) -> ModelHistory:
+        samples = source.history.model(model)
+        if not samples and all(m.name != model for m in source.state.models):
+            raise HTTPException(404, f"no model {model!r} in the swarm's state or history")
+        return ModelHistory(model=model, window_s=source.history.window, samples=samples)
+
+    @app.get("/api/v1/nodes/{peer_id}", response_model=NodeDetail, summary="One node now and over the last hour")
+    def node(peer_id: str) -> NodeDetail:
+        found = next((n for m in source.state.models for n in m.nodes if n.peer_id == peer_id), None)
+        if found is None:
+            raise HTTPException(404, f"no node with peer id {peer_id!r} in the swarm's state")
+        return NodeDetail(node=found, window_s=source.history.window, samples=source.history.node(peer_id))
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
@@ -99,6 +120,8 @@ class StateCollector(Collector):
         rtt = GaugeMetricFamily("torchnode_node_rtt_seconds", "Round trip of a signed Info call", labels=node_labels)
         cache = GaugeMetricFamily("torchnode_node_cache_bytes_free", "KV cache memory left", labels=node_labels)
         uptime = GaugeMetricFamily("torchnode_node_uptime_seconds", "Seconds since first seen", labels=node_labels)
+        batch = GaugeMetricFamily("torchnode_node_batch_size", "Sequences in the node's latest batch", labels=node_labels)
+        queue = GaugeMetricFamily("torchnode_node_queue_length", "Steps waiting for the node's next batch", labels=node_labels)
         for m in s.models:
             counts = Counter((n.state, n.health) for n in m.nodes)
             for (state, health), count in sorted(counts.items()):
@@ -116,7 +139,11 @@ class StateCollector(Collector):
                 uptime.add_metric(labels, n.uptime_s)
                 if n.rtt_ms is not None:
                     rtt.add_metric(labels, n.rtt_ms / 1000)
+                if n.batch_size is not None:
+                    batch.add_metric(labels, n.batch_size)
+                    queue.add_metric(labels, n.queue_length)
         yield from (nodes, blocks, covered, replicated, ready, bottleneck, throughput, healthy, rtt, cache, uptime)
+        yield from (batch, queue)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -1,8 +1,10 @@
 """The health monitor: every few seconds, read the DHT, probe every node, and compute the swarm's state.
 
-A scan, for each watched model:
-  1. looks up the DHT records of blocks 0..N-1 (N = the model's block count; while it is unknown, a
-     window of `window` blocks, in batches), one record per peer (the latest);
+A scan first reads the DHT model index (protocol/model_index.py): every model some node serves, with
+its family and block count. It watches all of them (and, for an hour, models whose nodes all left, shown
+as not ready), or only those named by `models` (a filter). Then, for each watched model:
+  1. looks up the DHT records of blocks 0..N-1 (N = the model's block count; while it is unknown, the
+     count the index announces, else a window of `window` blocks, in batches), one record per peer (the latest);
   2. probes every node with a signed `Info` call that must be signed by the key its record names, and
      measures the round trip;
   3. learns N from healthy nodes (the `total_blocks` of their records, else of their Info; the most
@@ -12,7 +14,8 @@ A scan, for each watched model:
 Nodes whose records expire are simply not found any more and vanish from the state; a node that is
 unreachable, answers with a key other than its record's, or whose Info contradicts its record stays in
 the state, marked unhealthy with the reason, and does not count towards coverage. `state` always holds
-the last complete scan, so readers (the web app) never see half of one.
+the last complete scan, so readers (the web app) never see half of one; `history` keeps a sample of
+every scan over the last hour, for the dashboard's charts.
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ import hivemind
 from hivemind.utils.timed_storage import get_dht_time
 
 from ..protocol.coverage import block_ranges, coverage
-from ..protocol.dht_network import find_blocks
+from ..protocol.dht_network import find_blocks, start_dht
 from ..protocol.dht_records import MAX_BLOCKS, ServerRecord, latest_per_peer, validate_model_name
 from ..protocol.identity import Identity
 from ..protocol.grpc_node import GrpcNodeClient
+from ..protocol.model_index import IndexedModel, find_models, group_by_model
 from ..protocol.node_client import NodeClient, NodeInfo, Probe, probe
 from ..protocol.version import __version__
+from .history import DEFAULT_WINDOW, History
 from .state_schema import BlockState, ModelState, NodeState, SwarmState
 
 log = logging.getLogger(__name__)
@@ -56,21 +61,25 @@ class HealthMonitor:
     def __init__(
         self,
         dht: hivemind.DHT,
-        models: Sequence[str],
+        models: Sequence[str] = (),
         refresh: float = DEFAULT_REFRESH,
         probe_timeout: float = DEFAULT_PROBE_TIMEOUT,
         window: int = DISCOVERY_WINDOW,
         dht_maddrs: Sequence[str] = (),
+        history_window: float = DEFAULT_WINDOW,
+        insecure: bool = False,
     ):
-        if not models:
-            raise ValueError("watch at least one model")
+        """`models`: names to watch, a filter; empty: every model in the DHT model index."""
         if refresh <= 0 or probe_timeout <= 0:
             raise ValueError("refresh and probe_timeout must be positive")
         self.dht, self.refresh, self.probe_timeout = dht, refresh, probe_timeout
-        self.models = list(dict.fromkeys(model_name(m) for m in models))
+        self.insecure = insecure  # probe over plaintext (--insecure): only nodes started with --insecure answer
+        self.filter = list(dict.fromkeys(model_name(m) for m in models))
+        self.models = list(self.filter)  # the models of the last scan
         self.window = min(window, MAX_BLOCKS)
         self.identity = Identity.generate()  # probing needs a signature, not a reputation: no key on disk
-        self.total = {m: 0 for m in self.models}  # block count per model, 0 = unknown
+        self.total: dict[str, int] = {}  # block count per model learned from healthy nodes; absent = unknown
+        self.history = History(history_window)
         self.first_seen: dict[tuple[str, str], float] = {}  # (model, peer id) -> unix time
         self.clients: dict[tuple[str, bytes], NodeClient] = {}  # (address, expected key) -> channel
         self.state = SwarmState(
@@ -90,7 +99,10 @@ class HealthMonitor:
         started = time.monotonic()
         used: set[tuple[str, bytes]] = set()
         try:
-            models = await asyncio.gather(*(self._scan_model(m, used) for m in self.models))
+            entries = await asyncio.wait_for(find_models(self.dht, return_future=True), LOOKUP_TIMEOUT)
+            index = group_by_model(entries)
+            names = self.filter or sorted(set(index) | set(self.history.recent_models()))
+            models = await asyncio.gather(*(self._scan_model(m, index.get(m), used) for m in names))
         except Exception as e:  # the DHT is best effort; the next scan tries again
             log.warning("scan failed: %r", e)
             error = f"scan failed: {type(e).__name__}: {e}"
@@ -99,6 +111,8 @@ class HealthMonitor:
         for key in set(self.clients) - used:  # nodes that left: close their channels
             await self.clients.pop(key).close()
         self.scans += 1
+        self.models = names
+        self.history.record(models)
         self.state = SwarmState(
             generated_at=time.time(), refresh_s=self.refresh, scan_duration_s=time.monotonic() - started,
             monitor_version=__version__, dht_maddrs=self.state.dht_maddrs, models=models,
@@ -111,8 +125,8 @@ class HealthMonitor:
         self.clients.clear()
 
     # ---- one model
-    async def _scan_model(self, model: str, used: set[tuple[str, bytes]]) -> ModelState:
-        scanned = self.total[model] or self.window
+    async def _scan_model(self, model: str, indexed: IndexedModel | None, used: set[tuple[str, bytes]]) -> ModelState:
+        scanned = self.total.get(model) or (indexed.total_blocks if indexed else 0) or self.window
         records = await self._lookup(model, range(scanned))
         probes = await self._probe_all(records, used)
         total, known = self._learn_total(model, records, probes)
@@ -129,7 +143,7 @@ class HealthMonitor:
             self._node_state(records[peer], probes[peer], now, dht_now)
             for peer in sorted(records, key=lambda p: (records[p].start, records[p].end, p))
         ]
-        return _model_state(model, total, known, nodes)
+        return _model_state(model, total, known, nodes, indexed)
 
     async def _lookup(self, model: str, blocks: range) -> dict[str, ServerRecord]:
         """{peer id: its record with the latest expiration} over `blocks`, looked up in batches."""
@@ -147,7 +161,7 @@ class HealthMonitor:
         key = (record.address, record.public_key)  # the reply must be signed by the record's key
         used.add(key)
         if key not in self.clients:
-            self.clients[key] = GrpcNodeClient(record.address, self.identity, record.public_key)
+            self.clients[key] = GrpcNodeClient(record.address, self.identity, record.public_key, insecure=self.insecure)
         return await probe(self.clients[key], self.probe_timeout)
 
     def _learn_total(
@@ -162,7 +176,7 @@ class HealthMonitor:
                 votes[record.total_blocks or probe.info.total_blocks] += 1
         if votes:
             self.total[model] = max(votes, key=lambda n: (votes[n], n))
-        if self.total[model]:
+        if self.total.get(model):
             return self.total[model], True
         return max((r.end for r in records.values()), default=0), False  # a lower bound only
 
@@ -175,14 +189,33 @@ class HealthMonitor:
             peer_id=record.peer_id, short_id=record.peer_id[:12], public_key=record.public_key.hex(),
             address=record.address, model=record.model, revision=record.revision,
             start=record.start, end=record.end, state=record.state, health=health, problem=problem,
+            encrypted=getattr(self.clients.get((record.address, record.public_key)), "encrypted", None),
             throughput=live.throughput if live else record.throughput,
             rtt_ms=probe.rtt * 1000 if probe.rtt is not None else None,
             cache_bytes_free=live.cache_bytes_free if live else record.cache_bytes_free,
             sessions_free=live.sessions_free if live else None, dtype=live.dtype if live else None,
+            batch_size=live.batch_size if live else None, queue_length=live.queue_length if live else None,
             version=record.version, total_blocks=record.total_blocks or (live.total_blocks if live else 0),
             first_seen=first_seen, uptime_s=max(0.0, now - first_seen),
             expires_in_s=max(0.0, record.expiration - dht_now),
         )  # fmt: skip
+
+
+async def scan_once(
+    initial_peers: Sequence[str],
+    models: Sequence[str] = (),
+    insecure: bool = False,
+    allow_keys: frozenset[bytes] | None = None,
+) -> SwarmState:
+    """One scan from a fresh DHT client (`torchnode models`, `torchnode swarm`): what the dashboard would
+    show right now. Needs no weights: model names and block counts come from the DHT."""
+    dht = await asyncio.to_thread(start_dht, list(initial_peers), client_mode=True, allow_keys=allow_keys)
+    monitor = HealthMonitor(dht, models, insecure=insecure)
+    try:
+        return await monitor.scan()
+    finally:
+        await monitor.close()
+        await asyncio.to_thread(dht.shutdown)
 
 
 def _health(record: ServerRecord, probe: Probe) -> tuple[str, str | None]:
@@ -215,7 +248,9 @@ def _problems(record: ServerRecord, info: NodeInfo) -> list[str]:
     return problems
 
 
-def _model_state(model: str, total: int, known: bool, nodes: list[NodeState]) -> ModelState:
+def _model_state(
+    model: str, total: int, known: bool, nodes: list[NodeState], indexed: IndexedModel | None = None
+) -> ModelState:
     serving = [n for n in nodes if n.health == "healthy" and n.state == "online"]
     cov = coverage([(n.start, n.end, n.throughput) for n in serving], total)
     blocks = [
@@ -232,8 +267,14 @@ def _model_state(model: str, total: int, known: bool, nodes: list[NodeState]) ->
             if len(covered) == total:
                 ready_revision = revision
                 break
+    index_fields = {}
+    if indexed is not None:
+        index_fields = dict(
+            family=", ".join(indexed.families), revisions=indexed.revisions, indexed_nodes=len(indexed.entries),
+            adapters=sorted({a for e in indexed.entries for a in e.adapters}),
+        )  # fmt: skip
     return ModelState(
-        name=model, total_blocks=total, total_blocks_known=known, ready=ready_revision is not None,
+        **index_fields, name=model, total_blocks=total, total_blocks_known=known, ready=ready_revision is not None,
         ready_revision=ready_revision, missing=missing, missing_ranges=block_ranges(missing),
         bottleneck_throughput=min((b.throughput for b in blocks), default=0.0), blocks=blocks, nodes=nodes,
     )  # fmt: skip

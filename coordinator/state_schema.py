@@ -34,8 +34,14 @@ class NodeState(BaseModel):
     problem: str | None = Field(None, description="why the node is not healthy")
     throughput: float = Field(description="tokens/s: from Info when healthy, else as announced")
     rtt_ms: float | None = Field(None, description="round trip of the signed Info call; null when it failed")
+    encrypted: bool | None = Field(
+        None, description="whether the node's gRPC channel is TLS bound to its key (false: plaintext, --insecure); "
+        "null until the monitor has reached it"
+    )
     cache_bytes_free: int = Field(description="KV cache memory left: from Info when healthy, else as announced")
     sessions_free: int | None = Field(None, description="inference sessions the node still accepts (from Info)")
+    batch_size: int | None = Field(None, description="sequences in the node's latest batch, 0 when idle (from Info)")
+    queue_length: int | None = Field(None, description="steps waiting for the node's next batch (from Info)")
     dtype: str | None = Field(None, description="compute dtype (from Info)")
     version: str = Field(description="torchnode version the node runs")
     total_blocks: int = Field(description="the model's block count as the node says it (0: unknown)")
@@ -53,6 +59,10 @@ class BlockState(BaseModel):
 
 class ModelState(BaseModel):
     name: str
+    family: str | None = Field(None, description="transformers model_type, from the model index (null: not indexed)")
+    revisions: list[str] = Field([], description="checkpoint revisions nodes announce in the model index")
+    adapters: list[str] = Field([], description="adapters any node announces for this model in the index")
+    indexed_nodes: int = Field(0, description="nodes with an entry for this model in the DHT model index")
     total_blocks: int = Field(description="the model's block count (0 while nobody has said it)")
     total_blocks_known: bool = Field(
         description="false when no node said the count: total_blocks is then only the highest block seen"
@@ -79,3 +89,42 @@ class SwarmState(BaseModel):
     dht_maddrs: list[str] = Field(description="multiaddrs of the monitor's DHT peer (empty in client mode)")
     error: str | None = Field(None, description="why the last scan failed; the state is then the previous one")
     models: list[ModelState]
+
+
+class HistorySample(BaseModel):
+    """One scan of one model, for the dashboard's charts."""
+
+    t: float = Field(description="unix time of the scan")
+    nodes: int = Field(description="nodes with a live record")
+    nodes_online: int = Field(description="healthy online nodes")
+    blocks_covered: int
+    total_blocks: int
+    tokens_per_s: float = Field(description="tokens/s of the weakest block: what the swarm can generate in aggregate")
+    ready: bool
+    sessions_free: int | None = Field(None, description="free session slots over healthy online nodes")
+    batch_size: int | None = Field(None, description="sum of current batch sizes, where nodes report them")
+    queue_length: int | None = Field(None, description="sum of queue lengths, where nodes report them")
+
+
+class ModelHistory(BaseModel):
+    """GET /api/v1/history?model=NAME."""
+
+    model: str
+    window_s: float = Field(description="seconds of history the monitor keeps")
+    samples: list[HistorySample]
+
+
+class NodeSample(BaseModel):
+    t: float
+    throughput: float
+    rtt_ms: float | None
+    health: Health
+    state: Literal["joining", "online", "draining"]
+
+
+class NodeDetail(BaseModel):
+    """GET /api/v1/nodes/{peer_id}: the node now and over the last hour."""
+
+    node: NodeState
+    window_s: float
+    samples: list[NodeSample]

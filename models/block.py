@@ -8,6 +8,8 @@ feed-forward part the config builds (gpt-fast's one `TransformerBlock`, with MoE
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,6 +56,24 @@ def attention_mask(position: int, tokens: int, window: int | None) -> torch.Tens
     return mask
 
 
+@dataclass(frozen=True)
+class Segment:
+    """One sequence's share of a packed pass: `rows` x `tokens` hidden states whose first token sits at `position`.
+
+    A pass over several sessions lays their tokens one after another along one axis, so every linear layer
+    runs them as one matrix (where batching pays); attention then runs segment by segment, each against its
+    own KV cache, so every sequence keeps its own length, positions and mask.
+    """
+
+    rows: int  # the session's batch size
+    tokens: int
+    position: int
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.tokens
+
+
 class Attention(nn.Module):
     def __init__(self, c: LlamaConfig, window: int | None = None):
         super().__init__()
@@ -67,24 +87,45 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position: int, cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segments: Sequence[Segment],
+        caches: Sequence[KVCache | None],
     ) -> torch.Tensor:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.c.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(B, T, -1, self.c.head_dim)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, -1, self.c.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        """x (1, N, C): the segments' tokens packed one after another; cos, sin (N, D); one cache per segment."""
+        N, D = x.shape[1], self.c.head_dim
+        q = self.q_proj(x).view(N, -1, D)  # (N, H, D)
+        k = self.k_proj(x).view(N, -1, D)  # (N, Hkv, D)
+        v = self.v_proj(x).view(N, -1, D)  # (N, Hkv, D)
         if self.c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, Hkv, T, D)
+        cos, sin = cos[:, None], sin[:, None]  # (N, 1, D)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        sizes = [s.size for s in segments]
+        ys = [
+            self.attend(s, cache, *parts)
+            for s, cache, *parts in zip(segments, caches, q.split(sizes), k.split(sizes), v.split(sizes))
+        ]  # (B_i * T_i, H * D) each
+        return self.o_proj((ys[0] if len(ys) == 1 else torch.cat(ys))[None])  # (1, N, C)
+
+    def attend(
+        self, s: Segment, cache: KVCache | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """One segment's attention over its own cache: q (B*T, H, D), k, v (B*T, Hkv, D) -> (B*T, H*D)."""
+        B, T, D = s.rows, s.tokens, self.c.head_dim
+        q = q.view(B, T, -1, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, -1, D).transpose(1, 2)  # (B, Hkv, T, D)
         if cache is not None:
-            k, v = cache.update(position, k, v)  # (B, Hkv, position + T, D)
-        mask = attention_mask(position, T, self.window)
+            k, v = cache.update(s.position, k, v)  # (B, Hkv, position + T, D)
+        mask = attention_mask(s.position, T, self.window)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True
         )  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, C)
+        return y.transpose(1, 2).reshape(B * T, -1)
 
 
 class Block(nn.Module):
@@ -101,7 +142,8 @@ class Block(nn.Module):
     def __init__(self, c: LlamaConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = Attention(c, c.window(layer))
+        # a family with its own attention (DeepSeek's latent attention) builds it: `c.attention(layer)`
+        self.self_attn = c.attention(layer) if hasattr(c, "attention") else Attention(c, c.window(layer))
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.feed_forward_name = c.feed_forward_name
         self.add_module(c.feed_forward_name, c.feed_forward(layer))
@@ -109,11 +151,16 @@ class Block(nn.Module):
             self.register_load_state_dict_pre_hook(c.load_hook)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, position: int, cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        segments: Sequence[Segment],
+        caches: Sequence[KVCache | None],
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, position, cache)  # (B, T, C)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments, caches)  # (1, N, C)
         feed_forward = getattr(self, self.feed_forward_name)
-        return x + feed_forward(self.post_attention_layernorm(x))  # (B, T, C)
+        return x + feed_forward(self.post_attention_layernorm(x))  # (1, N, C)
 
 
 class Span(nn.Module):
@@ -126,11 +173,10 @@ class Span(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.rope_scaling = rope_scaling
 
-    def rotary(self, position: int, tokens: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (T, D) of tokens [position, position + T), computed once for all blocks of the span."""
-        positions = torch.arange(position, position + tokens, dtype=torch.float32)
-        freqs = positions[:, None] * self.inv_freq[None, :]  # (T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (N, D) of tokens at `positions` (N,), computed once for all blocks of the span."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]  # (N, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (N, D)
         return (emb.cos() * self.rope_scaling).to(dtype), (emb.sin() * self.rope_scaling).to(dtype)
 
     def new_caches(self, start: int, end: int, batch: int, max_length: int) -> list[KVCache]:
@@ -139,17 +185,37 @@ class Span(nn.Module):
         c = self.config
         return [KVCache(batch, c.num_kv_heads, max_length, c.head_dim, dtype) for _ in range(start, end)]
 
-    @torch.inference_mode()
     def forward(
         self, x: torch.Tensor, position: int, start: int, end: int, caches: list[KVCache] | None = None
     ) -> torch.Tensor:
         """Runs blocks [start, end) on x (B, T, hidden) whose first token sits at `position`."""
-        dtype = x.dtype
-        x = x.to(next(self.parameters()).dtype)
-        cos, sin = self.rotary(position, x.shape[1], x.dtype)
+        return self.forward_batch([x], [position], start, end, [caches])[0]
+
+    @torch.inference_mode()
+    def forward_batch(
+        self,
+        xs: Sequence[torch.Tensor],
+        positions: Sequence[int],
+        start: int,
+        end: int,
+        caches: Sequence[list[KVCache] | None],
+    ) -> list[torch.Tensor]:
+        """Runs several sequences through blocks [start, end) as one pass: xs[i] (B_i, T_i, hidden) whose
+        first token sits at positions[i], with caches[i] (one per block, or None). Each output is what
+        `forward` gives that sequence alone (the linear layers see more rows; attention is per sequence)."""
+        dtype = next(self.parameters()).dtype
+        segments = [Segment(x.shape[0], x.shape[1], p) for x, p in zip(xs, positions)]
+        flat = [x.reshape(-1, x.shape[-1]).to(dtype) for x in xs]  # (B_i * T_i, hidden) each
+        h = (flat[0] if len(flat) == 1 else torch.cat(flat))[None]  # (1, N, hidden)
+        token_positions = torch.cat(
+            [torch.arange(s.position, s.position + s.tokens, device=self.inv_freq.device).repeat(s.rows) for s in segments]
+        )  # (N,)
+        cos, sin = self.rotary(token_positions, dtype)  # (N, D)
         for offset, i in enumerate(range(start, end)):
-            x = self.layers[str(i)](x, cos, sin, position, caches[offset] if caches is not None else None)
-        return x.to(dtype)
+            layer_caches = [c[offset] if c is not None else None for c in caches]
+            h = self.layers[str(i)](h, cos, sin, segments, layer_caches)  # (1, N, hidden)
+        outs = h[0].split([s.size for s in segments])  # (B_i * T_i, hidden) each
+        return [out.view(x.shape).to(x.dtype) for out, x in zip(outs, xs)]
 
 
 class Head(nn.Module):

@@ -1,11 +1,18 @@
-"""Where a model's weights come from, and reading only the tensors a span needs.
+"""Where a model's weights come from, and reading (and downloading) only the tensors a span needs.
 
 MODEL may be `default` (the embedded SmolLM2-135M-Instruct GGUF), a `.gguf` file, a local directory
 saved with `save_pretrained`, or a Hugging Face hub id. Everything ends up as a directory of
 safetensors, because safetensors can be read tensor by tensor: a node serving 4 of 30 blocks reads
-only those 4 blocks. GGUF cannot be read that way after dequantization, so a `.gguf` file is
-dequantized once, in full, into a safetensors cache (`$TORCHNODE_CACHE`, default
-`~/.cache/torchnode/gguf/`), and every later load reads its span from there.
+only those 4 blocks.
+
+- A hub id is fetched lazily: config, tokenizer files and the shard index first; then, when a span (or the
+  client's head) is loaded, only the shards the index names for its tensors (`Checkpoint.shards`).
+- A `.gguf` file is dequantized once into a safetensors cache (`$TORCHNODE_CACHE`, default
+  `~/.cache/torchnode/gguf/`), tensor by tensor: each is dequantized, written and dropped before the next,
+  so converting needs about one tensor of memory, not the model (`gguf_to_safetensors`).
+- Tensors are read with plain file reads into their own buffers, not through a memory map: the pages of
+  a mapped shard count in the process's resident memory until it is closed, which would double a span's
+  peak memory while it loads (`read_tensors`).
 """
 
 from __future__ import annotations
@@ -15,75 +22,177 @@ import importlib.util
 import json
 import math
 import os
+import shutil
+import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
 from filelock import FileLock
-from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import AutoConfig, PretrainedConfig
 
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+SINGLE_SHARD = "model.safetensors"
+# everything but weights: config, generation config, tokenizer (json, sentencepiece, vocab/merges, templates)
+HUB_SMALL_FILES = ["*.json", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+# safetensors' dtype names (the format's header) and torch's
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+Wanted = Callable[[str], bool]
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("TORCHNODE_CACHE", Path.home() / ".cache" / "torchnode"))
 
 
+# ---- the safetensors format, read and written without a memory map
+
+
+def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
+    """({name: {dtype, shape, data_offsets}}, where the data starts) from the file's JSON header alone."""
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def read_safetensors(path: Path, wanted: Wanted) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for each tensor of the file whose name satisfies `wanted`, each read into a fresh
+    buffer of its own with one file read: nothing else of the file is read, mapped or kept."""
+    header, data_start = safetensors_header(path)
+    with open(path, "rb", buffering=0) as f:
+        for name, entry in header.items():
+            if not wanted(name):
+                continue
+            begin, end = entry["data_offsets"]
+            buffer = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(data_start + begin)
+            if f.readinto(memoryview(buffer.numpy())) != end - begin:
+                raise ValueError(f"{path} is truncated: tensor {name} ends past the end of the file")
+            yield name, buffer.view(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+
+def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict[str, str]) -> None:
+    """Writes (name, tensor) pairs as one safetensors file, holding one tensor in memory at a time.
+
+    The header (names, shapes, offsets) comes first in the format but is known only at the end, so the
+    data goes to a side file as the tensors arrive, and is then copied behind the header in fixed-size
+    chunks. (safetensors' own `save_file` needs every tensor in memory at once.)
+    """
+    header: dict[str, dict] = {"__metadata__": metadata}
+    data_path = path.with_suffix(".data")
+    offset = 0
+    with open(data_path, "wb") as data:
+        for name, tensor in tensors:
+            raw = tensor.contiguous().view(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+            data.write(raw)
+            size = tensor.numel() * tensor.element_size()
+            header[name] = {
+                "dtype": TORCH_TO_SAFETENSORS[tensor.dtype], "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + size],
+            }  # fmt: skip
+            offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8 bytes with spaces
+    with open(path, "wb") as out, open(data_path, "rb") as data:
+        out.write(struct.pack("<Q", len(encoded)) + encoded)
+        shutil.copyfileobj(data, out, 16 << 20)
+    data_path.unlink()
+
+
+# ---- a resolved checkpoint
+
+
 @dataclass(frozen=True)
 class Checkpoint:
-    """A resolved model: its public name, a directory of safetensors, and a fingerprint of its files."""
+    """A resolved model: its public name, a directory of safetensors (or of a hub snapshot whose shards are
+    fetched when first needed: `repo_id` and `commit` set), and a fingerprint of its files."""
 
     name: str
     path: Path
+    repo_id: str | None = None  # a hub repository whose shards may still be missing from `path`
+    commit: str | None = None  # the snapshot's commit: every shard comes from the same one
 
     @cached_property
     def hf_config(self) -> PretrainedConfig:
         return AutoConfig.from_pretrained(self.path)
 
     @cached_property
+    def index(self) -> dict[str, str] | None:
+        """{tensor name: shard file} from `model.safetensors.index.json`; None for a single-file checkpoint."""
+        index = self.path / SAFETENSORS_INDEX
+        return json.loads(index.read_text())["weight_map"] if index.exists() else None
+
+    @cached_property
     def revision(self) -> str:
-        """Nodes and clients compare this before exchanging hidden states: same files, same numbers."""
+        """Nodes and clients compare this before exchanging hidden states: same files, same numbers.
+
+        A sharded checkpoint is fingerprinted by its config and index (names, shard of each tensor, total
+        size), which every node has without downloading shards it does not serve.
+        """
         h = hashlib.sha256((self.path / "config.json").read_bytes())
-        for shard in sorted(self.shards()):
+        if self.index is not None:
+            h.update((self.path / SAFETENSORS_INDEX).read_bytes())
+            return h.hexdigest()[:12]
+        for shard in self.shards():
             h.update(f"{shard.name}:{shard.stat().st_size}".encode())
         return h.hexdigest()[:12]
 
-    def shards(self) -> list[Path]:
-        index = self.path / SAFETENSORS_INDEX
-        if index.exists():
-            names = set(json.loads(index.read_text())["weight_map"].values())
-            return [self.path / n for n in sorted(names)]
+    def shards(self, wanted: Wanted | None = None) -> list[Path]:
+        """Local paths of the shards holding tensors that satisfy `wanted` (all shards if None), downloading
+        from the hub those not here yet: with an index, a node fetches only its span's shards."""
+        if self.index is not None:
+            names = {shard for key, shard in self.index.items() if wanted is None or wanted(key)}
+            return [self._local(name) for name in sorted(names)]
         shards = sorted(self.path.glob("*.safetensors"))
+        if not shards and self.repo_id is not None:
+            shards = [self._local(SINGLE_SHARD)]
         if not shards:
             raise FileNotFoundError(f"no .safetensors files in {self.path}")
         return shards
 
-    def parameter_count(self, wanted: Callable[[str], bool]) -> int:
+    def _local(self, shard: str) -> Path:
+        path = self.path / shard
+        if path.exists() or self.repo_id is None:
+            return path
+        return Path(hub_file(self.repo_id, shard, self.commit))
+
+    def parameter_count(self, wanted: Wanted) -> int:
         """Elements in the tensors whose names satisfy `wanted`, from the file headers alone."""
         count = 0
-        for shard in self.shards():
-            with safe_open(shard, framework="pt") as f:
-                for key in f.keys():
-                    if wanted(key):
-                        count += math.prod(f.get_slice(key).get_shape())
+        for shard in self.shards(wanted):
+            header, _ = safetensors_header(shard)
+            count += sum(math.prod(e["shape"]) for key, e in header.items() if wanted(key))
         return count
 
-    def read_tensors(self, wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
-        """Reads the tensors whose checkpoint names satisfy `wanted`, and nothing else."""
+    def read_tensors(
+        self, wanted: Wanted, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """Reads the tensors whose checkpoint names satisfy `wanted`, and nothing else, each converted to
+        `dtype` (floating tensors only) and moved to `device` as soon as it is read: the peak is what is
+        kept plus one tensor as stored."""
         tensors: dict[str, torch.Tensor] = {}
-        for shard in self.shards():
-            with safe_open(shard, framework="pt") as f:
-                for key in f.keys():
-                    if wanted(key):
-                        tensors[key] = f.get_tensor(key)
+        for shard in self.shards(wanted):
+            for key, tensor in read_safetensors(shard, wanted):
+                if dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                tensors[key] = tensor.to(device)
         return tensors
+
+
+# ---- GGUF
 
 
 def default_gguf() -> Path:
@@ -106,62 +215,146 @@ def gguf_to_safetensors(gguf: Path, on_status: Callable[[str], None] = lambda _:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").exists():  # another process converted it while we waited
             return target
-        on_status(f"dequantizing {gguf.name} into {target} (once)")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        on_status(f"dequantizing {gguf.name} into {target} (once, tensor by tensor)")
+        from transformers import AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tmp = Path(tempfile.mkdtemp(dir=target.parent))
-        # save_pretrained refuses GGUF-quantized models; the weights are plain floats by now, so write them
-        # as a plain checkpoint ourselves (tied LM head left out, as transformers does).
-        config = model.config
-        if hasattr(config, "quantization_config"):
+        write_safetensors(tmp / SINGLE_SHARD, gguf_tensors(gguf, config), metadata={"format": "pt"})
+        if hasattr(config, "quantization_config"):  # the weights are plain floats now
             del config.quantization_config
         config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        state = model.state_dict()
-        if config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
         tmp.rename(target)
     return target
 
 
-def hub_snapshot(repo_id: str) -> Path:
-    """Downloads (or finds in the HF cache, with HF_HUB_OFFLINE=1) the files a node or client needs."""
+def gguf_tensors(gguf: Path, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(transformers name, float32 tensor) for each tensor of a GGUF file, dequantized one at a time.
+
+    Names and layouts are transformers' own: its name map (built on a weightless meta-device model) and
+    its per-architecture tensor processors (the q/k row permutation of Llama, experts fused per layer for
+    Qwen MoE). A fused experts tensor is yielded once every GGUF tensor it is made of has been read.
+    A tied LM head is left out, as transformers' save_pretrained does.
+    """
+    import numpy as np
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, read_field,
+    )  # fmt: skip
+
+    reader = GGUFReader(gguf)
+    architecture = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())  # head counts
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = get_gguf_hf_weights_map(skeleton, processor)
+    parts_of = {}  # hf name -> how many GGUF tensors fill it (2 for fused gate+up experts)
+    for hf_name in names.values():
+        parts_of[hf_name] = parts_of.get(hf_name, 0) + 1
+    pending: dict[str, dict] = {"tensors": {}}  # where MoE processors assemble fused experts
+    filled: dict[str, int] = {}
+    for tensor in reader.tensors:
+        result = processor.process(
+            weights=dequantize_rows(tensor), name=tensor.name,
+            tensor_key_mapping=names, parsed_parameters=pending,
+        )  # fmt: skip
+        if result.name is None:  # a part of fused experts, gone into `pending` under its transformers name
+            hf_name = names[tensor.name.removesuffix(".weight")]
+            filled[hf_name] = filled.get(hf_name, 0) + 1
+            if filled[hf_name] == parts_of[hf_name]:
+                yield hf_name, pending["tensors"].pop(hf_name).float()
+            continue
+        if result.name not in names:
+            continue
+        hf_name = names[result.name]
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        weights = np.ascontiguousarray(result.weights)
+        if not weights.flags.writeable:  # F32 tensors come straight from the file's read-only memory map
+            weights = weights.copy()
+        yield hf_name, torch.from_numpy(weights).float()
+
+
+def dequantize_rows(tensor, rows: int = 1024):
+    """gguf's dequantization of one tensor, a slice of `rows` rows at a time into one float32 array: gguf's
+    numpy code makes several full-size temporaries, which for the largest tensor (the embedding) would be the
+    conversion's peak; sliced, the peak is the output plus the temporaries of one slice."""
+    import numpy as np
+    from gguf import dequantize
+
+    data = tensor.data  # a memory map of the file: (rows, bytes per row) for quantized tensors
+    if data.ndim < 2 or data.shape[0] <= rows:
+        return dequantize(data, tensor.tensor_type)
+    out = None
+    for begin in range(0, data.shape[0], rows):
+        part = dequantize(data[begin : begin + rows], tensor.tensor_type)
+        if out is None:
+            out = np.empty((data.shape[0], *part.shape[1:]), dtype=np.float32)
+        out[begin : begin + part.shape[0]] = part
+    return out
+
+
+# ---- the hub
+
+
+def hub_file(repo_id: str, filename: str, commit: str | None) -> str:
+    """One file of a hub repository at `commit`, from the HF cache or downloaded into it."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(repo_id, filename, revision=commit)
+    except LocalEntryNotFoundError as e:  # offline (or the hub unreachable) and not in the cache
+        raise FileNotFoundError(
+            f"{filename} of {repo_id} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and cannot be "
+            f"downloaded now (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}"
+        ) from e
+
+
+def hub_checkpoint(repo_id: str) -> Checkpoint:
+    """Downloads (or finds in the HF cache, with HF_HUB_OFFLINE=1) the config, tokenizer files and shard index
+    of `repo_id`; the weight shards come later, only those a span or the head needs."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        return Path(
-            snapshot_download(
-                repo_id,
-                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"],
-            )
-        )
-    except LocalEntryNotFoundError as e:  # offline (or the hub unreachable) and not in the cache
+        path = Path(snapshot_download(repo_id, allow_patterns=HUB_SMALL_FILES))
+    except LocalEntryNotFoundError as e:
         raise FileNotFoundError(
             f"{repo_id} is not in the Hugging Face cache {constants.HF_HUB_CACHE} and cannot be downloaded "
             f"now (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}"
         ) from e
+    return Checkpoint(name=repo_id, path=path, repo_id=repo_id, commit=path.name)
+
+
+def swarm_name(model: str) -> str:
+    """What the swarm calls MODEL, found without loading or converting anything (`torchnode swarm`)."""
+    if model == DEFAULT_MODEL:
+        return default_gguf().name.split(".")[0]
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        return path.name.split(".")[0]
+    if path.is_dir():
+        return path.resolve().name
+    return model  # a hub id
 
 
 def resolve(model: str, on_status: Callable[[str], None] = lambda _: None) -> Checkpoint:
     """Turns a MODEL argument into a Checkpoint; the name is what the swarm calls the model."""
+    name = swarm_name(model)
     if model == DEFAULT_MODEL:
-        gguf = default_gguf()
-        return Checkpoint(name=gguf.name.split(".")[0], path=gguf_to_safetensors(gguf, on_status))
+        return Checkpoint(name=name, path=gguf_to_safetensors(default_gguf(), on_status))
     path = Path(model).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"no such GGUF file: {path}")
-        return Checkpoint(name=path.name.split(".")[0], path=gguf_to_safetensors(path, on_status))
+        return Checkpoint(name=name, path=gguf_to_safetensors(path, on_status))
     if path.is_dir():
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} has no config.json (save it with save_pretrained)")
-        return Checkpoint(name=path.resolve().name, path=path)
+        return Checkpoint(name=name, path=path)
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise FileNotFoundError(f"no such model directory or file: {model}")
-    return Checkpoint(name=model, path=hub_snapshot(model))
+    return hub_checkpoint(model)

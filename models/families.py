@@ -1,7 +1,8 @@
 """Which family config serves which transformers `model_type`, and loading spans and heads from checkpoints.
 
 Every family runs the shared `block.Block`, `Span` and `Head`; a family is its config class, which reads
-the transformers config and builds the parts that differ (the feed-forward). A new family is one entry here.
+the transformers config and builds the parts that differ (the feed-forward; DeepSeek's attention too).
+A new family is one entry here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from torch import nn
 from .block import Head, Span
 from .checkpoint import Checkpoint
 from .llama.config import LlamaConfig, rope_inverse_frequencies
+from .deepseek.config import DeepseekV3Config
 from .mixtral.config import MixtralConfig
+from .qwen3_moe.config import Qwen3MoeConfig
 from .quantization import check_mode, quantize_span
 
 LAYER_PREFIX = "model.layers."
@@ -23,6 +26,8 @@ FAMILIES: dict[str, type[LlamaConfig]] = {
     "qwen2": LlamaConfig,
     "qwen3": LlamaConfig,
     "mixtral": MixtralConfig,
+    "qwen3_moe": Qwen3MoeConfig,
+    "deepseek_v3": DeepseekV3Config,
 }
 
 
@@ -46,7 +51,9 @@ def _block_index(key: str) -> int | None:
 
 
 def _load(module: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    """Puts the read tensors into a meta-device module as its own parameters (`assign`: no second copy)."""
+    missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
+    tensors.clear()  # the module holds them now; no reference may outlive a later conversion
     missing = [k for k in missing if k != "lm_head.weight"]  # tied heads share the embedding
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model code: missing {missing}, unexpected {unexpected}")
@@ -54,30 +61,41 @@ def _load(module: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtyp
 
 
 def load_span(
-    ckpt: Checkpoint, start: int, end: int, dtype: torch.dtype = torch.float32, quant: str = "none"
+    ckpt: Checkpoint,
+    start: int,
+    end: int,
+    dtype: torch.dtype = torch.float32,
+    quant: str = "none",
+    device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """Builds blocks [start, end) and reads only their weights; quant="int8" stores linear weights in 8 bits."""
+    """Builds blocks [start, end) on `device` and reads only their weights, each converted to `dtype` and
+    moved there as it is read, so the peak is the span plus one tensor; quant="int8"/"int4" stores linear
+    weights in 8 or 4 bits (quantized on `device`, one layer at a time)."""
     total = num_blocks(ckpt)
     if not 0 <= start < end <= total:
         raise ValueError(f"span {start}:{end} is outside the model's {total} blocks (0:{total})")
-    check_mode(quant)
+    check_mode(quant, torch.device(device))
     config = config_of(ckpt)
     inv_freq, scaling = rope_inverse_frequencies(ckpt.hf_config)
     with torch.device("meta"):
         span = Span(config, start, end, inv_freq, scaling)
-    tensors = ckpt.read_tensors(lambda key: _block_index(key) in range(start, end))
+    tensors = ckpt.read_tensors(lambda key: _block_index(key) in range(start, end), dtype, device)
     tensors = {"layers." + k.removeprefix(LAYER_PREFIX): v for k, v in tensors.items()}
-    span = span.to_empty(device="cpu")
-    span.inv_freq = inv_freq  # buffers are not in the checkpoint
-    return quantize_span(_load(span, tensors, dtype), quant)
+    span = _load(span, tensors, dtype)
+    span.inv_freq = inv_freq.to(device)  # buffers are not in the checkpoint
+    return quantize_span(span, quant)
 
 
-def load_head(ckpt: Checkpoint, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Builds the client's part: embeddings, final norm, LM head."""
+def load_head(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
+    """Builds the client's part on `device`: embeddings, final norm, LM head."""
     config = config_of(ckpt)
-    head = Head(config)
+    with torch.device("meta"):
+        head = Head(config)
     names = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight"}
     if not config.tie_word_embeddings:
         names["lm_head.weight"] = "lm_head.weight"
-    tensors = ckpt.read_tensors(lambda key: key in names)
-    return _load(head, {names[k]: v for k, v in tensors.items()}, dtype)
+    tensors = ckpt.read_tensors(lambda key: key in names, dtype, device)
+    head = _load(head, {names[k]: v for k, v in tensors.items()}, dtype)
+    if config.tie_word_embeddings:
+        head.lm_head.weight = head.embed_tokens.weight  # assign=True replaced the embedding the head was tied to
+    return head

@@ -3,11 +3,19 @@
 Kept out of the servicer (Flower-style): a request whose envelope fails never reaches a handler, and
 handlers never think about keys. Stream requests are checked message by message.
 
+A request must be addressed to this node (its `audience` is our public key), so one captured on its way
+to another node is refused here. `Info` may name no node: a client that reaches a node by address over
+plaintext (--insecure) learns the node's key from its first Info reply; Info does nothing and reveals
+only what the node announces. Each reply names the request it answers (its signature); the servicer
+answers a stream's steps one by one, in order, so replies are matched to requests first in, first out.
+
 Requests arrive here as raw bytes and are parsed here too: left to gRPC, bytes that are not a protobuf
 message would end the call with UNKNOWN and a traceback in the node's log, instead of INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -18,6 +26,8 @@ from ..protocol.identity import Identity
 
 
 class AuthInterceptor(aio.ServerInterceptor):
+    UNADDRESSED_OK = frozenset({"Info"})  # methods whose requests may omit the audience
+
     def __init__(self, identity: Identity, replay_guard: signing.ReplayGuard):
         self.identity, self.replay_guard = identity, replay_guard
 
@@ -49,8 +59,11 @@ class AuthInterceptor(aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {method} message: {e}")
 
     async def _verify(self, method: str, message, context: aio.ServicerContext) -> None:
+        audience = self.identity.public_key
+        if method in self.UNADDRESSED_OK and message.HasField("auth") and not message.auth.audience:
+            audience = None
         try:
-            signing.check(method, message, replay_guard=self.replay_guard)
+            signing.check(method, message, replay_guard=self.replay_guard, audience=audience)
         except signing.AuthError as e:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
 
@@ -58,19 +71,24 @@ class AuthInterceptor(aio.ServerInterceptor):
         async def wrapped(raw, context):
             request = await self._parse(method, parse, raw, context)
             await self._verify(method, request, context)
-            return signing.sign(self.identity, method, await behavior(request, context))
+            reply = await behavior(request, context)
+            return signing.sign(self.identity, method, reply, in_reply_to=request.auth.signature)
 
         return wrapped
 
     def _stream(self, method, parse, behavior):
         async def wrapped(request_iterator, context):
+            unanswered: deque[bytes] = deque()  # signatures of verified requests, oldest first
+
             async def verified():
                 async for raw in request_iterator:
                     request = await self._parse(method, parse, raw, context)
                     await self._verify(method, request, context)
+                    unanswered.append(request.auth.signature)
                     yield request
 
             async for response in behavior(verified(), context):
-                yield signing.sign(self.identity, method, response)
+                answers = unanswered.popleft() if unanswered else b""
+                yield signing.sign(self.identity, method, response, in_reply_to=answers)
 
         return wrapped

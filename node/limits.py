@@ -22,10 +22,14 @@ class Limits:
     session_idle_timeout: float = 300.0  # seconds without a step before a session is closed
     max_message_bytes: int = 64 << 20  # gRPC send/receive message limit
     max_clock_skew: float = 30.0  # seconds a signature timestamp may differ from the node's clock
+    max_batch_tokens: int = 256  # tokens of all sessions in one pass over the span; longer prefills run in chunks
+    batch_wait: float = 0.002  # seconds the runner may wait for more sessions' steps to fill a batch
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "cache_bytes", "max_session_tokens", "max_message_bytes"):
+        for name in ("max_sessions", "cache_bytes", "max_session_tokens", "max_message_bytes", "max_batch_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.session_idle_timeout <= 0 or self.max_clock_skew <= 0:
             raise ValueError("timeouts must be positive")
+        if not 0 <= self.batch_wait <= 1:
+            raise ValueError(f"batch_wait must be in 0..1 seconds, got {self.batch_wait}")

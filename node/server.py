@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,15 +18,22 @@ import torch
 from grpc import aio
 
 from ..models.checkpoint import Checkpoint, resolve
+from ..models.devices import default_dtype, free_memory, place, resolve_device
 from ..models.families import LAYER_PREFIX, load_span, num_blocks
+from ..models.lora import AdapterBank, AdapterError, find_adapter
+from ..models.quantization import GROUP_SIZE
+from ..protocol import tls
 from ..protocol import torchnode_pb2_grpc as pb_grpc
 from ..protocol.dht_network import find_servers, start_dht, visible_maddrs
 from ..protocol.dht_records import ServerRecord, latest_per_peer
-from ..protocol.identity import Identity
+from ..protocol.identity import Identity, default_identity_path
 from ..protocol.serving import bounded, until_signal
 from ..protocol.signing import ReplayGuard
 from ..protocol.version import __version__
 from .announcer import DEFAULT_EXPIRATION, Announcer
+from .reachability import establish
+from .relay import RelayLimits, serve_relay
+from .allow_list import allow_list
 from .auth_interceptor import AuthInterceptor
 from ..protocol.coverage import coverage
 from .block_selection import better_start, choose_start
@@ -36,6 +42,9 @@ from .servicer import NodeServicer
 from .span_backend import SpanBackend, SpanInfo
 
 log = logging.getLogger(__name__)
+
+THROUGHPUT_REFRESH_SECONDS = 5.0  # how often the announced tokens/s is updated from served steps
+LEAVE_STEP_SECONDS = 1.0  # the longest announcing `draining` (after sessions end) or stopping the DHT may take
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,9 @@ class SwarmConfig:
     expiration: float = DEFAULT_EXPIRATION
     rebalance_period: float = 120.0  # 0: never move
     rebalance_threshold: float = 0.25  # move if the weakest block gains more than this fraction
+    reachable: str = "auto"  # --reachable: auto (a relay dials back), yes, no (serve through a relay)
+    relay: RelayLimits | None = None  # --relay: also relay for nodes that cannot be dialled
+    relay_port: int = 0  # --relay-port: the relay's control port (0: a free one)
 
 
 @dataclass(frozen=True)
@@ -57,12 +69,23 @@ class NodeConfig:
     end: int | None  # None: to the last block, or start + num_blocks when choosing
     host: str = "127.0.0.1"
     port: int = 31330
-    dtype: torch.dtype = torch.float32
-    quant: str = "none"  # "int8": linear weights stored in 8 bits (models.quantization.QUANT_MODES)
+    dtype: torch.dtype | None = None  # None: the device's default (float32 on CPU, bfloat16 on a GPU)
+    quant: str = "none"  # "int8"/"int4"/"nf4": linear weights in 8 or 4 bits (models.quantization.QUANT_MODES)
+    device: torch.device | str = "auto"  # auto, cpu, cuda[:N], mps: where the span, its KV caches and its work live
     identity_path: Path | None = None
     limits: Limits = field(default_factory=Limits)
     shutdown_grace: float = 10.0  # seconds in-flight sessions get to finish on SIGTERM
     swarm: SwarmConfig | None = None
+    insecure: bool = False  # plaintext gRPC (--insecure, debugging on loopback); default: TLS bound to the identity
+    allow_keys: frozenset[bytes] | None = None  # private swarm (--allow-keys): serve and trust only these keys
+    adapters: tuple[str, ...] = ()  # LoRA adapters to serve (--adapters): PEFT directories or hub ids
+
+    def __post_init__(self) -> None:
+        """Resolves `auto` to this machine's device and the dtype to its default, once, for every later use."""
+        device = resolve_device(str(self.device))
+        object.__setattr__(self, "device", device)
+        if self.dtype is None:
+            object.__setattr__(self, "dtype", default_dtype(device))
 
 
 def grpc_options(limits: Limits) -> list[tuple[str, int]]:
@@ -72,15 +95,18 @@ def grpc_options(limits: Limits) -> list[tuple[str, int]]:
     ]
 
 
-def blocks_that_fit(ckpt: Checkpoint, dtype: torch.dtype, max_memory: int | None, quant: str = "none") -> int:
-    """How many blocks' weights fit in `max_memory` bytes (default: half the machine's RAM)."""
+def blocks_that_fit(
+    ckpt: Checkpoint, dtype: torch.dtype, max_memory: int | None, quant: str = "none", device: torch.device | str = "cpu"
+) -> int:
+    """How many blocks' weights fit in `max_memory` bytes (default: the device's free memory now, or half the
+    RAM on the CPU), at `quant`'s bytes per weight (norms, scales and zeros are a rounding error)."""
     if max_memory is None:
-        max_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    itemsize = 1 if quant == "int8" else dtype.itemsize  # int8: norms and per-row scales stay float, a rounding error
+        max_memory = free_memory(torch.device(device))
+    itemsize = {"int8": 1.0, "int4": 0.5 + 4 / GROUP_SIZE, "nf4": 0.5}.get(quant, dtype.itemsize)
     per_block = ckpt.parameter_count(lambda k: k.startswith(f"{LAYER_PREFIX}0.")) * itemsize
     fits = max_memory // max(per_block, 1)
     if fits < 1:
-        raise ValueError(f"--max-memory {max_memory} bytes holds no block ({per_block} bytes each)")
+        raise ValueError(f"--max-memory {max_memory} bytes holds no block ({per_block:.0f} bytes each)")
     return min(int(fits), num_blocks(ckpt))
 
 
@@ -97,7 +123,12 @@ class Node:
     def __init__(self, config: NodeConfig, on_status: Callable[[str], None]):
         self.config, self.on_status = config, on_status
         self.identity = Identity.load_or_create(config.identity_path)
+        cert_path = tls.certificate_path(config.identity_path or default_identity_path())
+        self.certificate = None if config.insecure else tls.load_or_create(self.identity, cert_path)
         self.ckpt = resolve(config.model, on_status)
+        self.adapters = [find_adapter(a) for a in config.adapters]  # checked before joining: bad ones fail here
+        if len({a.name for a in self.adapters}) != len(self.adapters):
+            raise AdapterError(f"--adapters names an adapter twice: {', '.join(a.name for a in self.adapters)}")
         self.total = num_blocks(self.ckpt)
         self.dht = None
         self.dht_maddrs: tuple[str, ...] = ()
@@ -106,16 +137,20 @@ class Node:
         self.port = config.port
         self.announcer: Announcer | None = None
         self.planned: tuple[int, int] = (0, 0)  # the span being loaded, announced while `joining`
+        self.relayed = None  # protocol.relay_link.Registration while served through a relay
 
     # ---- span
     def load_backend(self, start: int, end: int) -> SpanBackend:
         c = self.config
         weights = "" if c.quant == "none" else f" with {c.quant} weights"
-        self.on_status(f"loading blocks {start}:{end} of {self.ckpt.name} ({self.total} blocks) as {c.dtype}{weights}")
-        span = load_span(self.ckpt, start, end, c.dtype, c.quant)
-        info = SpanInfo(self.ckpt.name, self.ckpt.revision, start, end, self.total, span.config.hidden_size, self.config.dtype)
-        backend = SpanBackend(span, info, self.config.limits)
-        self.on_status(f"measured {backend.measure_throughput():.1f} tokens/s over blocks {start}:{end}")
+        self.on_status(
+            f"loading blocks {start}:{end} of {self.ckpt.name} ({self.total} blocks) on {c.device} as {c.dtype}{weights}"
+        )
+        span = place(load_span(self.ckpt, start, end, c.dtype, c.quant, c.device), c.device)  # KV caches go there too
+        info = SpanInfo(self.ckpt.name, self.ckpt.revision, start, end, self.total, span.config.hidden_size, c.dtype)
+        adapters = AdapterBank(span, start, end, self.adapters) if self.adapters else None  # their span's tensors only
+        backend = SpanBackend(span, info, self.config.limits, adapters)
+        self.on_status(f"measured {backend.measure_throughput():.1f} tokens/s over blocks {start}:{end} on {c.device}")
         return backend
 
     def record(self) -> ServerRecord:
@@ -123,12 +158,15 @@ class Node:
         host = swarm.announce_host or self.config.host
         start, end = (b.info.start, b.info.end) if b else self.planned
         return ServerRecord(
-            peer_id=self.identity.peer_id, public_key=self.identity.public_key, address=f"{host}:{self.port}",
+            peer_id=self.identity.peer_id, public_key=self.identity.public_key,
+            address=self.relayed.address if self.relayed else f"{host}:{self.port}",
+            relay=self.relayed.relay.peer_id if self.relayed else "",
             model=self.ckpt.name, revision=self.ckpt.revision, start=start, end=end, state="joining",
             total_blocks=self.total,
             throughput=b.throughput if b else 0.0,
             cache_bytes_free=b.cache_bytes_free if b else self.config.limits.cache_bytes,
             version=__version__, expiration=0.0, dht_maddrs=self.dht_maddrs,
+            adapters=tuple(a.name for a in self.adapters),
         )  # fmt: skip
 
     async def servers(self) -> dict[int, list[ServerRecord]]:
@@ -140,7 +178,7 @@ class Node:
             return c.start, c.end if c.end is not None else self.total
         if swarm is None:
             return 0, self.total
-        n = swarm.num_blocks or blocks_that_fit(self.ckpt, c.dtype, swarm.max_memory, c.quant)
+        n = swarm.num_blocks or blocks_that_fit(self.ckpt, c.dtype, swarm.max_memory, c.quant, c.device)
         start = choose_start(swarm_coverage(await self.servers(), self.total, self.identity.peer_id), n)
         return start, min(start + n, self.total)
 
@@ -149,27 +187,33 @@ class Node:
         c, swarm = self.config, self.config.swarm
         if swarm is not None:
             self.dht = await asyncio.to_thread(
-                start_dht, list(swarm.initial_peers), c.host, swarm.dht_port, swarm.announce_host
+                start_dht, list(swarm.initial_peers), c.host, swarm.dht_port, swarm.announce_host,
+                client_mode=swarm.reachable == "no", allow_keys=c.allow_keys,  # no inbound: a DHT client only
             )
             self.dht_maddrs = tuple(visible_maddrs(self.dht))
             self.on_status(f"joined the DHT as {' '.join(self.dht_maddrs)}")
         self.planned = await self.choose_span()
         if swarm is not None:
-            self.announcer = Announcer(self.dht, self.identity, self.record, swarm.expiration)
+            family = self.ckpt.hf_config.model_type  # for the model index entry
+            self.announcer = Announcer(
+                self.dht, self.identity, self.record, swarm.expiration, family=family,
+                adapters=lambda: tuple(a.name for a in self.adapters),
+            )  # fmt: skip
             await self.announcer.announce("joining")
         self.backend = await asyncio.to_thread(self.load_backend, *self.planned)
         server = aio.server(
-            interceptors=[AuthInterceptor(self.identity, ReplayGuard(c.limits.max_clock_skew))],
+            interceptors=[AuthInterceptor(self.identity, ReplayGuard(c.limits.max_clock_skew)), *allow_list(c.allow_keys)],
             options=grpc_options(c.limits),
         )
         self.servicer = NodeServicer(self.backend, self.identity.public_key)
         pb_grpc.add_NodeServicer_to_server(self.servicer, server)
-        self.port = server.add_insecure_port(f"{c.host}:{c.port}")
+        self.port = self.listen(server)
         if self.port == 0:
             raise OSError(f"cannot listen on {c.host}:{c.port} (port in use?)")
         await server.start()
-        tasks = []
+        tasks = [asyncio.create_task(self.track_throughput())]
         if self.announcer is not None:
+            tasks += await self.reach_and_relay()
             await self.announcer.announce("online")
             tasks.append(asyncio.create_task(self.announcer.run_forever()))
             if swarm.rebalance_period > 0 and c.start is None:
@@ -177,22 +221,62 @@ class Node:
         b = self.backend.info
         self.on_status(
             f"ready: serving blocks {b.start}:{b.end} of {self.ckpt.name} on {c.host}:{self.port} "
-            f"as peer {self.identity.peer_id}"
+            f"as peer {self.identity.peer_id} ({'plaintext, --insecure' if c.insecure else 'TLS'})"
         )
         await until_signal()
         self.on_status(f"draining: finishing sessions in flight (up to {c.shutdown_grace:.0f}s); signal again to quit now")
         for task in tasks:
             task.cancel()
-        # each step is bounded: an unreachable DHT must not keep a leaving node alive
-        if self.announcer is not None:
-            await bounded(self.announcer.announce("draining"), "announcing draining")
+        # Leaving stays bounded when the DHT is gone: `draining` is announced while sessions in flight
+        # finish (server.stop returns at once when none are), then waited for at most LEAVE_STEP_SECONDS;
+        # the DHT gets as long to stop before it is killed. A node with nothing in flight leaves in ~2 s.
+        draining = asyncio.ensure_future(self.announcer.announce("draining")) if self.announcer else None
         await server.stop(c.shutdown_grace)
+        if draining is not None:
+            await bounded(draining, "announcing draining", LEAVE_STEP_SECONDS)
         self.backend.shutdown()
         if self.dht is not None:
-            await bounded(asyncio.to_thread(self.dht.shutdown), "stopping the DHT")
+            self.dht.shutdown_timeout = LEAVE_STEP_SECONDS  # hivemind's join before it terminates the process
+            await bounded(asyncio.to_thread(self.dht.shutdown), "stopping the DHT", LEAVE_STEP_SECONDS + 0.5)
             if self.dht.is_alive():
                 self.dht.kill()
         self.on_status("stopped")
+
+    async def reach_and_relay(self) -> list[asyncio.Task]:
+        """Serves through a relay when this node cannot be dialled (node/reachability.py), and relays for
+        others with --relay; returns the tasks that keep both going."""
+        c, swarm, tasks = self.config, self.config.swarm, []
+        local = f"{'127.0.0.1' if c.host in ('0.0.0.0', '::') else c.host}:{self.port}"
+
+        async def moved(registration) -> None:
+            self.relayed = registration
+            self.on_status(f"relayed: reachable through relay {registration.relay.peer_id} at {registration.address}")
+            await self.announcer.announce()
+
+        key = b"" if c.insecure else self.identity.public_key
+        announced = f"{swarm.announce_host or c.host}:{self.port}"
+        link = await establish(swarm.reachable, self.dht, self.identity, announced, local, key, moved, self.on_status)
+        if link is not None:
+            self.relayed = link.current
+            tasks.append(asyncio.create_task(link.run_forever()))
+        if swarm.relay is not None:
+            relay = serve_relay(self.dht, self.identity, c.host, swarm.relay_port, swarm.announce_host, swarm.relay, self.on_status)
+            tasks.append(asyncio.create_task(relay))
+        return tasks
+
+    def listen(self, server: aio.Server) -> int:
+        """Binds the gRPC port: TLS with the certificate bound to this node's identity, unless --insecure."""
+        c = self.config
+        if self.certificate is None:
+            return server.add_insecure_port(f"{c.host}:{c.port}")
+        return server.add_secure_port(f"{c.host}:{c.port}", self.certificate.server_credentials())
+
+    async def track_throughput(self) -> None:
+        """Keeps the tokens/s that Info and the DHT record announce current from the steps actually served
+        (at batch 1, or at the node's usual batch while busy), so routing follows reality."""
+        while True:
+            await asyncio.sleep(THROUGHPUT_REFRESH_SECONDS)
+            self.backend.refresh_throughput()
 
     async def rebalance_forever(self) -> None:
         swarm = self.config.swarm

@@ -15,6 +15,7 @@ from ..protocol import tensor_codec
 from ..protocol import torchnode_pb2 as pb
 from ..protocol import torchnode_pb2_grpc as pb_grpc
 from ..protocol.grpc_node import info_message
+from . import lora_training
 from .errors import IdleTimeout, NotFound, RequestError
 from .span_backend import SpanBackend
 
@@ -35,10 +36,31 @@ class NodeServicer(pb_grpc.NodeServicer):
         try:
             x = tensor_codec.decode(request.hidden)
             reply_dtype = _reply_dtype(request.wire_dtype, x.dtype)
-            out = await backend.forward(x, request.start_block, request.end_block, reply_dtype)
+            if request.lora:  # a client fine-tuning: its own LoRA weights for this pass (node/lora_training.py)
+                lora = _lora_tensors(request.lora)
+                backend.check_reply(x, reply_dtype)
+                out = await lora_training.forward(backend, x, request.start_block, request.end_block, lora, request.lora_scale)
+            else:
+                out = await backend.forward(x, request.start_block, request.end_block, reply_dtype)
         except (RequestError, tensor_codec.TensorFormatError) as e:
             await context.abort(_status(e), str(e))
         return pb.ForwardResponse(hidden=tensor_codec.encode(out, reply_dtype))
+
+    async def Backward(self, request: pb.BackwardRequest, context: aio.ServicerContext) -> pb.BackwardResponse:
+        try:
+            x, grad = tensor_codec.decode(request.hidden), tensor_codec.decode(request.grad_output)
+            reply_dtype = _reply_dtype(request.wire_dtype, x.dtype)
+            self.backend.check_reply(x, reply_dtype)
+            grad_x, grads = await lora_training.backward(
+                self.backend, x, grad, request.start_block, request.end_block, _lora_tensors(request.lora),
+                request.lora_scale,
+            )  # fmt: skip
+        except (RequestError, tensor_codec.TensorFormatError) as e:
+            await context.abort(_status(e), str(e))
+        return pb.BackwardResponse(
+            grad_hidden=tensor_codec.encode(grad_x, reply_dtype),
+            lora_grads=[pb.LoraTensor(name=n, tensor=tensor_codec.encode(g, reply_dtype)) for n, g in grads.items()],
+        )
 
     async def Inference(
         self, request_iterator: AsyncIterator[pb.Step], context: aio.ServicerContext
@@ -61,7 +83,8 @@ class NodeServicer(pb_grpc.NodeServicer):
                     if step.step != 0:
                         raise NotFound(f"unknown session {step.session_id!r}: a stream must open it with step 0")
                     session = backend.open_session(
-                        step.session_id, step.start_block, step.end_block, step.batch_size or 1, step.max_length
+                        step.session_id, step.start_block, step.end_block, step.batch_size or 1, step.max_length,
+                        step.adapter,
                     )
                 elif step.session_id != session.id:
                     raise NotFound(f"unknown session {step.session_id!r}: this stream serves {session.id!r}")
@@ -77,6 +100,13 @@ class NodeServicer(pb_grpc.NodeServicer):
         finally:
             if session is not None:
                 backend.close_session(session)
+
+
+def _lora_tensors(items) -> dict:
+    names = [t.name for t in items]
+    if len(set(names)) != len(names):
+        raise RequestError("a LoRA tensor name appears twice")
+    return {t.name: tensor_codec.decode(t.tensor) for t in items}
 
 
 def _status(error: Exception) -> grpc.StatusCode:

@@ -1,27 +1,34 @@
 """What a node does with requests, free of gRPC: checks inputs, runs the span, keeps session KV caches.
 
-All torch work runs on one compute thread, so sessions interleave step by step without fighting over
-the cores, and the event loop stays free to answer `Info` and read the next messages meanwhile.
+All torch work runs on one runner thread. Steps of all sessions (and stateless passes) queue in the
+scheduler (node/scheduler.py), which decides what runs together; the runner executes each batch as one
+pass over the span (`Span.forward_batch`: the linear layers see every session's tokens at once, attention
+runs per session against its own cache) and hands each step its output. The event loop stays free to
+answer `Info` and read the next messages meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
 from ..models.kv_cache import KVCache, cache_bytes
+from ..models.lora import AdapterBank, Lora, UnknownAdapter, lora_pass
 from ..protocol import tensor_codec
 from ..protocol.node_client import NodeInfo
 from ..protocol.version import __version__
 from .errors import NotFound, OutOfRange, RequestError, ResourceExhausted
 from .limits import Limits
+from .scheduler import Batch, Scheduler, Work
 
 REPLY_OVERHEAD = 4096  # bytes of a reply beside its tensor data: envelope, session id, shape
+RECENT_SECONDS = 30.0  # served steps older than this no longer describe the node's load
+IDLE_SECONDS = 2.0  # Info reports batch size 0 after this long without a batch
+EMA_WEIGHT = 0.1  # weight of the newest batch in the served-speed averages
 
 
 @dataclass
@@ -35,6 +42,7 @@ class Session:
     caches: list[KVCache] = field(default_factory=list)
     length: int = 0  # tokens in the cache
     next_step: int = 0
+    lora: Lora | None = None  # the adapter this session named (models/lora.py), applied to its rows of each batch
 
 
 @dataclass(frozen=True)
@@ -48,13 +56,61 @@ class SpanInfo:
     dtype: torch.dtype
 
 
+class ServedSpeed:
+    """Decode speed of the whole span per session, from the batches the node actually runs.
+
+    A figure measured once at start-up is noisy (nodes loading side by side measured 12 and 107 tokens/s
+    for equal spans) and says nothing about load. This keeps two moving averages from served decode
+    batches, scaled to the whole span: `alone` (batches of one sequence) and `busy` (batches of several:
+    what each session gets at the node's usual batch, whose size is kept too).
+    """
+
+    def __init__(self, span_blocks: int):
+        self.span_blocks = span_blocks
+        self.alone: float | None = None  # tokens/s per session at batch 1
+        self.busy: float | None = None  # tokens/s per session at the usual batch
+        self.usual_batch = 0.0  # sequences per busy batch, averaged
+        self.busy_at = self.last_at = -float("inf")  # time.monotonic() of the last busy batch / any batch
+        self.last_sequences = 0
+
+    def record(self, batch: Batch, seconds: float) -> None:
+        self.last_at, self.last_sequences = time.monotonic(), sum(c.work.rows for c in batch.chunks)
+        if any(c.tokens != 1 for c in batch.chunks) or seconds <= 0:
+            return  # prefill chunks and multi-token steps are not decode speed
+        speed = (batch.end - batch.start) / (seconds * self.span_blocks)  # tokens/s over the whole span
+        if self.last_sequences == 1:
+            self.alone = _average(self.alone, speed)
+        else:
+            self.busy, self.busy_at = _average(self.busy, speed), self.last_at
+            self.usual_batch = _average(self.usual_batch or None, self.last_sequences)
+
+    def current(self, fallback: float) -> float:
+        """What routing should expect now: the busy speed while the node is busy, else the speed alone."""
+        if self.busy is not None and time.monotonic() - self.busy_at < RECENT_SECONDS:
+            return self.busy
+        return self.alone if self.alone is not None else fallback
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences in the latest batch; 0 once the node has been idle for IDLE_SECONDS."""
+        return self.last_sequences if time.monotonic() - self.last_at < IDLE_SECONDS else 0
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EMA_WEIGHT) * old + EMA_WEIGHT * new
+
+
 class SpanBackend:
-    def __init__(self, span: torch.nn.Module, info: SpanInfo, limits: Limits):
+    def __init__(self, span: torch.nn.Module, info: SpanInfo, limits: Limits, adapters: AdapterBank | None = None):
         self.span, self.info, self.limits = span, info, limits
+        self.adapters = adapters  # LoRA adapters served per session (--adapters)
         self.sessions: dict[str, Session] = {}
         self.cache_bytes_used = 0
-        self.throughput = 0.0  # tokens/s, measured by the caller after start-up
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torchnode-compute")
+        self.throughput = 0.0  # tokens/s announced: measured after start-up, then `refresh_throughput`
+        self.speed = ServedSpeed(info.end - info.start)
+        self.scheduler = Scheduler(limits.max_batch_tokens, limits.batch_wait, lambda: max(1, len(self.sessions)))
+        self._runner = threading.Thread(target=self._run_batches, name="torchnode-runner", daemon=True)
+        self._runner.start()
         config = span.config
         self._kv_shape = dict(kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=info.dtype)
 
@@ -70,7 +126,14 @@ class SpanBackend:
             hidden_size=i.hidden_size, dtype=tensor_codec.dtype_name(i.dtype), throughput=self.throughput,
             cache_bytes_free=self.cache_bytes_free, sessions_free=self.limits.max_sessions - len(self.sessions),
             version=__version__, public_key=public_key, max_message_bytes=self.limits.max_message_bytes,
+            batch_size=self.speed.batch_size, queue_length=self.scheduler.queue_length,
+            adapters=self.adapters.names if self.adapters else (),
         )  # fmt: skip
+
+    def refresh_throughput(self) -> float:
+        """Sets the announced tokens/s from the steps served lately (unchanged while none were)."""
+        self.throughput = self.speed.current(self.throughput)
+        return self.throughput
 
     # ---- checks shared by Forward and Inference
     def check_span(self, start: int, end: int) -> None:
@@ -105,8 +168,42 @@ class SpanBackend:
                 "(--max-message-size): send fewer tokens or ask for a smaller wire_dtype"
             )
 
-    async def _run(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        return await asyncio.get_running_loop().run_in_executor(self._compute, fn)
+    # ---- running: the scheduler decides what runs together, the runner thread executes batches
+    async def _submit(
+        self, x: torch.Tensor, position: int, start: int, end: int, caches: list, session_id: str | None = None
+    ) -> torch.Tensor:
+        """Queues a step and waits for its output (B, T, hidden), however the scheduler batches or cuts it."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def deliver(result: torch.Tensor | BaseException) -> None:  # on the runner thread
+            try:
+                loop.call_soon_threadsafe(_settle, future, result)
+            except RuntimeError:  # the caller's event loop is gone: nobody is waiting
+                pass
+
+        self.scheduler.submit(Work(x, position, start, end, caches, deliver, session_id))
+        return await future
+
+    def _run_batches(self) -> None:
+        while (batch := self.scheduler.next_batch()) is not None:
+            chunks = batch.chunks
+            started = time.perf_counter()
+            # each session's adapter applies to its own rows of the packed pass (per-sequence LoRA)
+            loras = [self._lora_of(c.work.session_id) for c in chunks]
+            try:
+                with lora_pass([c.work.rows * c.tokens for c in chunks], loras):
+                    outputs: list[torch.Tensor] | BaseException = self.span.forward_batch(
+                        [c.x for c in chunks], [c.position for c in chunks], batch.start, batch.end, [c.work.caches for c in chunks]
+                    )
+            except Exception as e:  # handed to every step of the batch; the runner carries on
+                outputs = e
+            self.speed.record(batch, time.perf_counter() - started)
+            self.scheduler.finish(batch, outputs)
+
+    def _lora_of(self, session_id: str | None) -> Lora | None:
+        session = self.sessions.get(session_id) if session_id is not None else None
+        return session.lora if session is not None else None
 
     # ---- stateless pass
     async def forward(
@@ -115,10 +212,15 @@ class SpanBackend:
         self.check_span(start, end)
         self.check_hidden(x)
         self.check_reply(x, reply_dtype or x.dtype)
-        return await self._run(lambda: self.span(x, 0, start, end))
+        caches = self.span.new_caches(start, end, x.shape[0], x.shape[1])  # its own, so it can run in chunks
+        return await self._submit(x, 0, start, end, caches)
 
     # ---- sessions
-    def open_session(self, session_id: str, start: int, end: int, batch: int, max_length: int) -> Session:
+    def open_session(
+        self, session_id: str, start: int, end: int, batch: int, max_length: int, adapter: str = ""
+    ) -> Session:
+        """adapter: the name of a served LoRA adapter this session runs with (empty: the base model)."""
+        lora = self.lora(adapter) if adapter else None
         if not session_id or len(session_id) > 128:
             raise RequestError("session_id must be 1..128 characters")
         self.check_span(start, end)
@@ -139,14 +241,24 @@ class SpanBackend:
                 f"KV cache budget exhausted: session needs {nbytes} bytes, {free} of {self.limits.cache_bytes} "
                 "free (--cache-memory)"
             )
-        session = Session(session_id, start, end, batch, max_length, nbytes)
+        session = Session(session_id, start, end, batch, max_length, nbytes, lora=lora)
         session.caches = self.span.new_caches(start, end, batch, max_length)
         self.sessions[session_id] = session
         self.cache_bytes_used += nbytes
         return session
 
+    def lora(self, adapter: str) -> Lora:
+        """A served adapter's weights over this span; NotFound naming it otherwise."""
+        if self.adapters is None:
+            raise NotFound(f"adapter {adapter!r} is not served by this node (it serves none)")
+        try:
+            return self.adapters.get(adapter)
+        except UnknownAdapter as e:
+            raise NotFound(str(e)) from None
+
     def close_session(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is not None:
+            self.scheduler.drop(session.id)
             self.cache_bytes_used -= session.nbytes
             session.caches.clear()
 
@@ -169,7 +281,7 @@ class SpanBackend:
                 f"session max_length {session.max_length} exceeded: position {position} + {x.shape[1]} tokens"
             )
         self.check_reply(x, reply_dtype or x.dtype)
-        out = await self._run(lambda: self.span(x, position, session.start, session.end, session.caches))
+        out = await self._submit(x, position, session.start, session.end, list(session.caches), session.id)
         session.length = position + x.shape[1]
         return out
 
@@ -185,4 +297,14 @@ class SpanBackend:
         return self.throughput
 
     def shutdown(self) -> None:
-        self._compute.shutdown(wait=True)
+        self.scheduler.close()
+        self._runner.join()
+
+
+def _settle(future: asyncio.Future, result: torch.Tensor | BaseException) -> None:
+    if future.done():  # the caller gave up (its stream closed)
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

@@ -2,7 +2,7 @@
 
 Every DHT is started by `start_dht`: its p2pd listens and announces only on the given host, with no
 relays, AutoNAT, UPnP or public bootstrap peers, a fresh libp2p identity per process, and the
-`ServerRecordValidator` as the DHT's only validator.
+`SwarmValidator` (server records, model index entries) as the DHT's only validator.
 
 `announce` and `find_servers` run inside the DHT's own process (`dht.run_coroutine`). They block by
 default; pass `return_future=True` to get a hivemind MPFuture instead, which asyncio code can `await`.
@@ -22,7 +22,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from .dht_records import ServerRecord, block_key, encode_record
 from .identity import Identity
-from .record_validator import ServerRecordValidator, parse_entry
+from .record_validator import AllowListValidator, SwarmValidator, parse_entry
 
 
 def start_dht(
@@ -31,6 +31,7 @@ def start_dht(
     port: int = 0,
     announce_host: str | None = None,
     client_mode: bool = False,
+    allow_keys: frozenset[bytes] | None = None,
 ) -> hivemind.DHT:
     """Starts a DHT peer (a child process with its p2pd) and waits until it has joined `initial_peers`.
 
@@ -44,7 +45,8 @@ def start_dht(
         initial_peers=list(initial_peers),
         start=True,
         client_mode=client_mode,
-        record_validators=[ServerRecordValidator()],
+        # server records and model index entries; in a private swarm (--allow-keys) only from listed keys
+        record_validators=[SwarmValidator(), *([AllowListValidator(allow_keys)] if allow_keys else [])],
         # forwarded by DHTNode.create to hivemind.P2P.create, i.e. to the p2pd command line:
         host_maddrs=[_maddr(host, port)],  # -hostAddrs: listen only here (hivemind's own default is 127.0.0.1)
         announce_maddrs=[_maddr(announce_host or host, port)],  # -announceAddrs: no observed/other addrs

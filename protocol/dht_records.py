@@ -15,6 +15,8 @@ This module knows nothing of hivemind; `record_validator.py` ties it to the DHT'
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import TypeVar
 import re
 from dataclasses import asdict, dataclass, fields
 
@@ -23,12 +25,15 @@ import msgpack
 from .identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, peer_id_of, verify
 
 STATES = ("joining", "online", "draining")
+T = TypeVar("T")
 MAX_BLOCKS = 1024  # no model has this many blocks; bounds the work a validator does per record
 MAX_RECORD_BYTES = 16 * 1024
 MAX_DHT_MADDRS = 16
 MAX_SHORT_STR = 128
 MAX_ADDRESS_CHARS = 255
+MAX_ADAPTERS = 32  # LoRA adapter names one node may announce
 MAX_MADDR_CHARS = 256
+EXPIRATION_TOLERANCE = 1e-3  # seconds: a DHT entry's expiration may differ this much from the signed one
 
 # letters, digits, `-`, `_`, `.`, `/` (hub ids like `org/name`); 1..128 chars; no leading/trailing dot or slash
 _MODEL_NAME = re.compile(r"(?![./])[A-Za-z0-9._/-]{1,128}(?<![./])")
@@ -81,6 +86,8 @@ class ServerRecord:
     expiration: float  # absolute DHT time (seconds), equal to the DHT entry's expiration_time
     dht_maddrs: tuple[str, ...] = ()  # the node's own DHT multiaddrs, usable as initial peers
     total_blocks: int = 0  # blocks in the whole model; 0 = not said (records of older nodes)
+    relay: str = ""  # peer id of the relay `address` belongs to ("reachable through relay R"); "" = direct
+    adapters: tuple[str, ...] = ()  # names of the LoRA adapters the node serves (--adapters)
 
     @property
     def blocks(self) -> range:
@@ -97,19 +104,45 @@ def latest_per_peer(servers: dict[int, list[ServerRecord]]) -> dict[str, ServerR
     return latest
 
 
-_OPTIONAL_FIELDS = {"total_blocks": 0}  # added after the first release: absent in older records
+_OPTIONAL_FIELDS = {"total_blocks": 0, "relay": "", "adapters": []}  # added after the first release: absent in older records
 _FIELD_NAMES = tuple(f.name for f in fields(ServerRecord) if f.name not in _OPTIONAL_FIELDS)
 
 
 def encode_record(identity: Identity, record: ServerRecord) -> bytes:
     """Signs `record` with `identity` and returns the bytes to store as the DHT value."""
-    if record.public_key != identity.public_key or record.peer_id != identity.peer_id:
-        raise RecordError("record.public_key / record.peer_id do not belong to the signing identity")
     body_fields = asdict(record)
     body_fields["throughput"] = float(record.throughput)
     body_fields["expiration"] = float(record.expiration)
     body_fields["dht_maddrs"] = list(record.dht_maddrs)
-    _check_fields(body_fields)  # never sign something that others would refuse
+    body_fields["adapters"] = list(record.adapters)
+    return encode_signed(identity, record, body_fields, _check_fields)
+
+
+def decode_record(value: bytes) -> ServerRecord:
+    """Parses and verifies a DHT value; raises RecordError saying what is wrong with it."""
+    return decode_signed(value, _check_fields, "record")
+
+
+def encode_signed(identity: Identity, entry, body_fields: dict, check: Callable[[dict], object]) -> bytes:
+    """Checks and signs the field map of a record dataclass that names its signer (`peer_id`, `public_key`):
+    server records, model index entries, relay entries. Never signs what others would refuse."""
+    if entry.public_key != identity.public_key or entry.peer_id != identity.peer_id:
+        raise RecordError(f"{type(entry).__name__}: public_key / peer_id do not belong to the signing identity")
+    check(body_fields)
+    return sign_fields(identity, body_fields)
+
+
+def decode_signed(value: bytes, check: Callable[[dict], T], what: str) -> T:
+    """Opens a signed envelope, checks its fields with `check` and the signature with the key they name."""
+    body_fields, body, signature = open_signed(value)
+    entry = check(body_fields)
+    if not verify(entry.public_key, signature, body):
+        raise RecordError(f"bad signature on the {what} of peer {entry.peer_id}")
+    return entry
+
+
+def sign_fields(identity: Identity, body_fields: dict) -> bytes:
+    """The signed envelope of a field map (server records, model index entries): the DHT value."""
     body = msgpack.packb(body_fields, use_bin_type=True)
     value = msgpack.packb({"record": body, "signature": identity.sign(body)}, use_bin_type=True)
     if len(value) > MAX_RECORD_BYTES:
@@ -117,8 +150,9 @@ def encode_record(identity: Identity, record: ServerRecord) -> bytes:
     return value
 
 
-def decode_record(value: bytes) -> ServerRecord:
-    """Parses and verifies a DHT value; raises RecordError saying what is wrong with it."""
+def open_signed(value: bytes) -> tuple[dict, bytes, bytes]:
+    """(field map, signed bytes, signature) of an envelope made by `sign_fields`. The caller checks the
+    fields, then the signature against the public key they name."""
     if not isinstance(value, bytes):
         raise RecordError(f"record value must be bytes, got {type(value).__name__}")
     if len(value) > MAX_RECORD_BYTES:
@@ -132,10 +166,7 @@ def decode_record(value: bytes) -> ServerRecord:
     body_fields = _unpack(body, "record")
     if not isinstance(body_fields, dict):
         raise RecordError("record must be a msgpack map")
-    record = _check_fields(body_fields)
-    if not verify(record.public_key, signature, body):
-        raise RecordError(f"bad signature on the record of peer {record.peer_id}")
-    return record
+    return body_fields, body, signature
 
 
 def _unpack(data: bytes, what: str) -> object:
@@ -199,7 +230,28 @@ def _check_fields(raw: dict) -> ServerRecord:
         expiration=expiration,
         dht_maddrs=tuple(maddrs),
         total_blocks=total_blocks,
+        relay=_relay_peer_id(raw["relay"]),
+        adapters=adapter_names(raw["adapters"]),
     )
+
+
+def adapter_names(adapters: object) -> tuple[str, ...]:
+    """A record's `adapters` field: at most MAX_ADAPTERS names, each shaped like a model name."""
+    if not isinstance(adapters, list) or len(adapters) > MAX_ADAPTERS:
+        raise RecordError(f"adapters must be a list of at most {MAX_ADAPTERS} names")
+    for name in adapters:
+        try:
+            validate_model_name(name)
+        except ValueError:
+            raise RecordError(f"adapter name {name!r} is malformed") from None
+    return tuple(adapters)
+
+
+def _relay_peer_id(relay: object) -> str:
+    """The `relay` field: empty (the node is dialled directly) or a relay's peer id."""
+    if not isinstance(relay, str) or len(relay) > MAX_SHORT_STR or not re.fullmatch(r"[0-9a-f]*", relay):
+        raise RecordError(f"relay must be empty or a peer id (hex), got {relay!r}")
+    return relay
 
 
 def _is_int(x: object) -> bool:

@@ -1,27 +1,32 @@
-"""`NodeClient` over signed gRPC: the client end of proto/torchnode.proto.
+"""`NodeClient` over signed gRPC on TLS: the client end of proto/torchnode.proto.
 
-Everything a node sends back is checked against the key the client expects for it (from the DHT record,
-or pinned on first use), so a man in the middle or a node swapped behind an address is caught on the
-first message.
+The channel is TLS, pinned to a certificate bound to the key the client expects for the node (from the
+DHT record, or learned from the certificate on first use for --peers): see protocol/tls.py. Everything a
+node sends back is also signed by that key and names the request it answers, and every request names
+the node it is for, so a man in the middle, a node swapped behind an address, or a message replayed
+from elsewhere is caught on the first message. `insecure=True` (--insecure, debugging on loopback)
+speaks plaintext; a client and node that disagree get a NodeError at once, never a hang.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import fields
 
 import grpc
 import torch
 from grpc import aio
 
-from . import signing, tensor_codec
+from . import signing, tensor_codec, tls
 from . import torchnode_pb2 as pb
 from . import torchnode_pb2_grpc as pb_grpc
-from .identity import Identity
+from .identity import Identity, peer_id_of
 from .node_client import NodeClient, NodeError, NodeInfo, NodeSession, SessionSpec
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 INFO_FIELDS = tuple(f.name for f in fields(NodeInfo))
+AGREE = "client and node must agree: both encrypted (the default), or both started with --insecure"
 
 
 def info_message(info: NodeInfo) -> pb.InfoResponse:
@@ -29,13 +34,12 @@ def info_message(info: NodeInfo) -> pb.InfoResponse:
     return pb.InfoResponse(**{name: getattr(info, name) for name in INFO_FIELDS})
 
 
-
-def _error(address: str, e: aio.AioRpcError) -> NodeError:
-    return NodeError(address, e.details() or str(e.code()), e.code().name)
-
-
 class GrpcNodeClient(NodeClient):
-    """A node at host:port over signed gRPC; one channel, shared by its calls and sessions."""
+    """A node at host:port over signed gRPC; one channel, shared by its calls and sessions.
+
+    The channel is made on first use (TLS needs the node's certificate first). `encrypted` says how the
+    node speaks once known: True (TLS), False (plaintext), None (not reached yet).
+    """
 
     def __init__(
         self,
@@ -43,51 +47,178 @@ class GrpcNodeClient(NodeClient):
         identity: Identity,
         expected_key: bytes | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        insecure: bool = False,
     ):
-        self.address, self.identity, self.expected_key = address, identity, expected_key
-        options = [
+        self.address, self.identity, self.expected_key, self.insecure = address, identity, expected_key, insecure
+        self.options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
         ]
-        self.channel = aio.insecure_channel(address, options=options)
-        self.stub = pb_grpc.NodeStub(self.channel)
+        self.encrypted: bool | None = None
+        self.channel: aio.Channel | None = None
+        self._stub: pb_grpc.NodeStub | None = None
+        self._connecting = asyncio.Lock()
 
-    def check(self, method: str, message) -> None:
-        """Accepts a reply only if signed by the expected key (pinned from the first reply if none)."""
+    async def stub(self, timeout: float | None = tls.DEFAULT_FETCH_TIMEOUT) -> pb_grpc.NodeStub:
+        """The channel's stub, made on first use: over TLS, after the certificate's binding is checked."""
+        async with self._connecting:
+            if self._stub is None:
+                if self.insecure:
+                    self.channel = aio.insecure_channel(self.address, options=self.options)
+                else:
+                    pin = await self._pin(timeout)
+                    self.channel = aio.secure_channel(self.address, pin.credentials(), options=self.options + pin.options())
+                self._stub = pb_grpc.NodeStub(self.channel)
+        return self._stub
+
+    async def _pin(self, timeout: float | None) -> tls.Pin:
+        """The node's certificate, bound to the expected key (which it sets on first use)."""
         try:
-            key = signing.check(method, message, expected_key=self.expected_key)
+            pin = await tls.pin(self.address, self.expected_key, timeout)
+        except tls.BindingError as e:
+            raise NodeError(
+                self.address, f"TLS certificate is not bound to the expected key ({e}): refusing the channel "
+                "(a man in the middle, or another node at this address)",
+            ) from None  # fmt: skip
+        except ssl.SSLError as e:
+            self.encrypted = False
+            raise NodeError(self.address, f"the node does not speak TLS ({e.reason or e}); {AGREE}", "UNAVAILABLE") from None
+        except TimeoutError:
+            raise NodeError(self.address, f"no TLS handshake within {timeout}s", "DEADLINE_EXCEEDED") from None
+        except (OSError, ValueError) as e:
+            raise NodeError(self.address, f"cannot connect: {e}", "UNAVAILABLE") from None
+        self.expected_key, self.encrypted = pin.key, True  # trust on first use when no key was expected
+        return pin
+
+    async def call_error(self, e: aio.AioRpcError) -> NodeError:
+        """A NodeError for a failed call; a plaintext client that reaches a TLS node is told so."""
+        if self.insecure and e.code() == grpc.StatusCode.UNAVAILABLE and await self._speaks_tls():
+            self.encrypted = True
+            return NodeError(self.address, f"the node speaks TLS but this client runs with --insecure; {AGREE}", "UNAVAILABLE")
+        if not self.insecure and e.code() == grpc.StatusCode.UNAVAILABLE and "handshake" in (e.details() or "").lower():
+            # the next call fetches the certificate again and checks its binding anew: a node that made a
+            # new certificate (bound to the same key) is reached again, a man in the middle is not
+            channel, self._stub, self.channel = self.channel, None, None
+            if channel is not None:
+                await channel.close()
+            return NodeError(
+                self.address, f"TLS handshake failed against the certificate pinned for peer "
+                f"{peer_id_of(self.expected_key)} (a man in the middle, or the node changed its certificate): "
+                f"{e.details()}", "UNAVAILABLE",
+            )  # fmt: skip
+        return NodeError(self.address, e.details() or str(e.code()), e.code().name)
+
+    async def _speaks_tls(self) -> bool:
+        try:
+            await tls.fetch_certificate(self.address, timeout=2.0)
+        except (OSError, TimeoutError, ValueError):  # ssl.SSLError is an OSError
+            return False
+        return True
+
+    def check(self, method: str, message, request=None) -> None:
+        """Accepts a reply only if signed by the expected key (pinned from the first reply if none) and,
+        given the `request`, only if it answers that request."""
+        try:
+            key = signing.check(method, message, expected_key=self.expected_key, reply_to=request)
         except signing.AuthError as e:
             raise NodeError(self.address, f"rejected reply: {e}") from None
         if self.expected_key is None:
-            self.expected_key = key  # trust on first use; DHT records pin it up front
+            self.expected_key = key  # plaintext only: over TLS the certificate pinned the key already
+
+    def sign(self, method: str, request):
+        """`request` signed by this client and addressed to the node (by its key, once known)."""
+        return signing.sign(self.identity, method, request, audience=self.expected_key or b"")
 
     async def info(self, timeout: float | None = 10.0) -> NodeInfo:
+        stub = await self.stub(timeout)
+        request = self.sign("Info", pb.InfoRequest())
         try:
-            reply = await self.stub.Info(signing.sign(self.identity, "Info", pb.InfoRequest()), timeout=timeout)
+            reply = await stub.Info(request, timeout=timeout)
         except aio.AioRpcError as e:
-            raise _error(self.address, e) from None
-        self.check("Info", reply)
+            raise await self.call_error(e) from None
+        self.check("Info", reply, request)
+        if self.insecure:
+            self.encrypted = False
         if reply.public_key != reply.auth.public_key:
             raise NodeError(self.address, "Info names a public key other than the one that signed it")
-        return NodeInfo(**{name: getattr(reply, name) for name in INFO_FIELDS})
+        return NodeInfo(**{name: getattr(reply, name) for name in INFO_FIELDS} | {"adapters": tuple(reply.adapters)})
+
+    async def audience(self, timeout: float | None) -> bytes:
+        """The node's key, to address requests to; over plaintext with no key given, its first Info tells."""
+        if self.expected_key is None:
+            await self.info(timeout)
+        return self.expected_key
 
     def open_session(self, spec: SessionSpec) -> NodeSession:
         return GrpcNodeSession(self, spec)
 
+    async def _unary(self, method: str, request, timeout: float | None):
+        """A signed unary call addressed to the node; its reply checked to be the node's answer to it."""
+        stub = await self.stub(timeout)
+        await self.audience(timeout)
+        request = self.sign(method, request)
+        try:
+            reply = await getattr(stub, method)(request, timeout=timeout)
+        except aio.AioRpcError as e:
+            raise await self.call_error(e) from None
+        self.check(method, reply, request)
+        return reply
+
+    async def train_forward(
+        self, hidden: torch.Tensor, start: int, end: int, lora: dict[str, torch.Tensor], scale: float, timeout: float | None
+    ) -> torch.Tensor:
+        request = pb.ForwardRequest(
+            hidden=tensor_codec.encode(hidden), start_block=start, end_block=end, lora=_lora_message(lora), lora_scale=scale
+        )
+        return self._decode((await self._unary("Forward", request, timeout)).hidden)
+
+    async def backward(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        start: int,
+        end: int,
+        lora: dict[str, torch.Tensor],
+        scale: float,
+        timeout: float | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        request = pb.BackwardRequest(
+            hidden=tensor_codec.encode(hidden), grad_output=tensor_codec.encode(grad_output), start_block=start,
+            end_block=end, lora=_lora_message(lora), lora_scale=scale,
+        )  # fmt: skip
+        reply = await self._unary("Backward", request, timeout)
+        grads = {t.name: self._decode(t.tensor) for t in reply.lora_grads}
+        if set(grads) != set(lora):
+            raise NodeError(self.address, "Backward returned gradients for other LoRA tensors than were sent")
+        return self._decode(reply.grad_hidden), grads
+
+    def _decode(self, tensor: pb.Tensor) -> torch.Tensor:
+        try:
+            return tensor_codec.decode(tensor)
+        except tensor_codec.TensorFormatError as e:
+            raise NodeError(self.address, f"malformed tensor in reply: {e}") from None
+
     async def close(self) -> None:
-        await self.channel.close()
+        if self.channel is not None:
+            await self.channel.close()
+
+
+def _lora_message(lora: dict[str, torch.Tensor]) -> list[pb.LoraTensor]:
+    return [pb.LoraTensor(name=name, tensor=tensor_codec.encode(t.detach())) for name, t in lora.items()]
 
 
 class GrpcNodeSession(NodeSession):
-    """The client end of one Inference stream: send a Step, read its StepResult, in lock step."""
+    """The client end of one Inference stream: send a Step, read its StepResult, in lock step.
+
+    The stream opens with the first step (the channel may still have to be made then)."""
 
     def __init__(self, node: GrpcNodeClient, spec: SessionSpec):
         self.node, self.spec = node, spec
-        self.call = node.stub.Inference()
+        self.call = None
         self.next_step = 0
 
     async def step(self, hidden: torch.Tensor, position: int, timeout: float | None) -> torch.Tensor:
-        s, address = self.spec, self.node.address
+        s, node, address = self.spec, self.node, self.node.address
         request = pb.Step(
             session_id=s.session_id, step=self.next_step, position=position,
             wire_dtype=tensor_codec.dtype_name(s.wire_dtype), hidden=tensor_codec.encode(hidden, s.wire_dtype),
@@ -95,24 +226,30 @@ class GrpcNodeSession(NodeSession):
         if self.next_step == 0:
             request.max_length, request.batch_size = s.max_length, s.batch_size
             request.start_block, request.end_block = s.start, s.end
+            request.adapter = s.adapter
         self.next_step += 1
         try:
-            await asyncio.wait_for(self.call.write(signing.sign(self.node.identity, "Inference", request)), timeout)
+            if self.call is None:
+                stub = await node.stub(timeout)
+                await node.audience(timeout)
+                self.call = stub.Inference()
+            await asyncio.wait_for(self.call.write(node.sign("Inference", request)), timeout)
             reply = await asyncio.wait_for(self.call.read(), timeout)
         except aio.AioRpcError as e:
-            raise _error(address, e) from None
+            raise await node.call_error(e) from None
         except asyncio.InvalidStateError:  # the stream already ended: the node closed it or died
             raise NodeError(address, await self._ended(), (await self.call.code()).name) from None
         except TimeoutError:
-            self.call.cancel()
+            self.abort()
             raise NodeError(address, f"no reply within {timeout}s", grpc.StatusCode.DEADLINE_EXCEEDED.name) from None
         if reply is aio.EOF:
             raise NodeError(address, await self._ended(), (await self.call.code()).name)
-        self.node.check("Inference", reply)
+        node.check("Inference", reply, request)
         if reply.step != request.step:
             raise NodeError(address, f"reply to step {reply.step}, expected {request.step}")
         if not reply.HasField("hidden"):
             raise NodeError(address, f"reply to step {request.step} carries no hidden states")
+        self.last_exchange = (request.SerializeToString(), reply.SerializeToString())  # signed: a fraud proof's parts
         try:
             return tensor_codec.decode(reply.hidden)
         except tensor_codec.TensorFormatError as e:
@@ -122,8 +259,9 @@ class GrpcNodeSession(NodeSession):
         return f"stream ended: {await self.call.code()} {await self.call.details() or ''}".strip()
 
     def abort(self) -> None:
-        self.call.cancel()
+        if self.call is not None:
+            self.call.cancel()
 
     async def close(self) -> None:
-        if not self.call.done():
+        if self.call is not None and not self.call.done():
             await self.call.done_writing()

@@ -42,11 +42,14 @@ class NodeInfo:
     version: str
     public_key: bytes
     max_message_bytes: int = 0
+    batch_size: int = 0  # sequences in the node's latest batch (0: idle)
+    queue_length: int = 0  # steps waiting for the next batch
+    adapters: tuple[str, ...] = ()  # names of the LoRA adapters the node serves
 
 
 @dataclass(frozen=True)
 class SessionSpec:
-    """What opening a session asks of a node: its id, blocks, KV cache size, batch and reply dtype."""
+    """What opening a session asks of a node: its id, blocks, KV cache size, batch, reply dtype and adapter."""
 
     session_id: str
     start: int
@@ -54,6 +57,7 @@ class SessionSpec:
     max_length: int
     batch_size: int = 1
     wire_dtype: torch.dtype = torch.float32
+    adapter: str = ""  # a LoRA adapter the node serves, applied to this session (empty: the base model)
 
 
 class NodeSession(ABC):
@@ -74,6 +78,7 @@ class NodeSession(ABC):
 
 class NodeClient(ABC):
     address: str
+    encrypted: bool | None = None  # whether the link is encrypted (TLS); None: not known (not reached yet)
 
     @abstractmethod
     async def info(self, timeout: float | None = 10.0) -> NodeInfo: ...
@@ -84,6 +89,26 @@ class NodeClient(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    async def train_forward(
+        self, hidden: torch.Tensor, start: int, end: int, lora: dict[str, torch.Tensor], scale: float, timeout: float | None
+    ) -> torch.Tensor:
+        """Blocks [start, end) over hidden (B, T, H) from position 0 with the caller's LoRA weights
+        ({"layers.N.module.lora_A" | "...lora_B": tensor}, term scaled by `scale`); nothing is kept."""
+        raise NotImplementedError(f"{type(self).__name__} does not train")
+
+    async def backward(
+        self,
+        hidden: torch.Tensor,
+        grad_output: torch.Tensor,
+        start: int,
+        end: int,
+        lora: dict[str, torch.Tensor],
+        scale: float,
+        timeout: float | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(d loss / d hidden, {LoRA name: d loss / d it}) given d loss / d outputs of `train_forward`'s pass."""
+        raise NotImplementedError(f"{type(self).__name__} does not train")
 
 
 @dataclass(frozen=True)

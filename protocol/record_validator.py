@@ -1,4 +1,5 @@
-"""The one record validator of torchnode's DHT: only signed server records under block keys get in.
+"""The record validators of torchnode's DHT: only signed server records under block keys, and signed model
+entries under the model index key, get in (`SwarmValidator` dispatches between the two).
 
 How hivemind 1.1.12 hands records to a validator (dht/node.py, dht/protocol.py):
   - `DHTRecord.key` is NOT the key string: it is `DHTID.generate(source=key).to_bytes()`, the SHA-1 of
@@ -23,52 +24,41 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_logger
 from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 
-from .dht_records import RecordError, ServerRecord, block_key, decode_record
+from .dht_records import EXPIRATION_TOLERANCE, RecordError, ServerRecord, block_key, decode_record, open_signed
+from .model_index import INDEX_KEY, ModelEntry, decode_entry
+from .relay_records import RELAY_KEY, RelayEntry, decode_relay
 
 logger = get_logger(__name__)
 
 DEFAULT_MAX_LIFETIME = 120.0  # seconds: a record may not claim to live longer than this from now
-EXPIRATION_TOLERANCE = 1e-3
 
 
-class ServerRecordValidator(RecordValidatorBase):
+class _SignedInValue(RecordValidatorBase):
+    """Base of our validators: records signed inside their value (nothing to add or strip), refused with
+    a logged reason, and a lifetime bound that holds for both policies when two validators merge."""
+
+    what = "DHT record"
+
     def __init__(self, max_lifetime: float = DEFAULT_MAX_LIFETIME):
         self.max_lifetime = max_lifetime
+
+    def check(self, record: DHTRecord, now: DHTExpiration | None = None) -> object:
+        raise NotImplementedError
 
     def validate(self, record: DHTRecord) -> bool:
         try:
             self.check(record)
         except RecordError as e:
-            logger.debug(f"refused DHT record: {e}")
+            logger.debug(f"refused {self.what}: {e}")
             return False
         return True
 
-    def check(self, record: DHTRecord, now: DHTExpiration | None = None) -> tuple[ServerRecord, int]:
-        """Returns the server record and its block, or raises RecordError saying why it is refused."""
-        try:
-            value = msgpack.unpackb(record.value, raw=False)
-        except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as e:
-            raise RecordError(f"DHT value is not msgpack: {e}") from None
-        if not isinstance(value, bytes):
-            raise RecordError(f"DHT value must be encoded record bytes, got {type(value).__name__}")
-        server = decode_record(value)
-        if record.subkey != MSGPackSerializer.dumps(server.peer_id):
-            raise RecordError(f"subkey is not the peer id {server.peer_id} of the record's signer")
-        block = _span_key_ids(server.model, server.start, server.end).get(record.key)
-        if block is None:
-            raise RecordError(f"key is not a block key of {server.model} blocks [{server.start}, {server.end})")
-        if not math.isfinite(record.expiration_time) or not math.isclose(
-            server.expiration, record.expiration_time, rel_tol=0, abs_tol=EXPIRATION_TOLERANCE
-        ):
-            raise RecordError(
-                f"DHT expiration {record.expiration_time} differs from the signed expiration {server.expiration}"
-            )
-        now = get_dht_time() if now is None else now
-        if server.expiration > now + self.max_lifetime:
-            raise RecordError(f"record expires {server.expiration - now:.1f} s from now, max is {self.max_lifetime}")
-        return server, block
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        if type(other) is not type(self):
+            return False
+        self.max_lifetime = min(self.max_lifetime, other.max_lifetime)  # both policies hold
+        return True
 
-    # The record is signed inside its value, so there is nothing to add or strip.
     def sign_value(self, record: DHTRecord) -> bytes:
         return record.value
 
@@ -77,12 +67,101 @@ class ServerRecordValidator(RecordValidatorBase):
 
     @property
     def priority(self) -> int:
-        return 0  # it deserializes the value; signature validators that wrap values must run first (higher)
+        return 0  # they deserialize the value; signature validators that wrap values must run first (higher)
+
+
+class ServerRecordValidator(_SignedInValue):
+    """Only signed server records under the block keys of their own span, each under its signer's id."""
+
+    def check(self, record: DHTRecord, now: DHTExpiration | None = None) -> tuple[ServerRecord, int]:
+        """Returns the server record and its block, or raises RecordError saying why it is refused."""
+        server = decode_record(_unpack_value(record))
+        if record.subkey != MSGPackSerializer.dumps(server.peer_id):
+            raise RecordError(f"subkey is not the peer id {server.peer_id} of the record's signer")
+        block = _span_key_ids(server.model, server.start, server.end).get(record.key)
+        if block is None:
+            raise RecordError(f"key is not a block key of {server.model} blocks [{server.start}, {server.end})")
+        _check_expiration(record, server.expiration, self.max_lifetime, now)
+        return server, block
+
+
+class ModelIndexValidator(_SignedInValue):
+    """Only signed model entries (protocol/model_index.py) under INDEX_KEY, each under its signer's id."""
+
+    what = "model index entry"
+
+    def check(self, record: DHTRecord, now: DHTExpiration | None = None) -> ModelEntry:
+        """Returns the entry, or raises RecordError saying why it is refused."""
+        if record.key != INDEX_KEY_ID:
+            raise RecordError("a model entry must be stored under the model index key")
+        entry = decode_entry(_unpack_value(record))
+        if record.subkey != MSGPackSerializer.dumps(entry.peer_id):
+            raise RecordError(f"subkey is not the peer id {entry.peer_id} of the entry's signer")
+        _check_expiration(record, entry.expiration, self.max_lifetime, now)
+        return entry
+
+
+class RelayDirectoryValidator(_SignedInValue):
+    """Only signed relay entries (protocol/relay_records.py) under RELAY_KEY, each under its signer's id."""
+
+    what = "relay entry"
+
+    def check(self, record: DHTRecord, now: DHTExpiration | None = None) -> RelayEntry:
+        if record.key != RELAY_KEY_ID:
+            raise RecordError("a relay entry must be stored under the relay directory key")
+        entry = decode_relay(_unpack_value(record))
+        if record.subkey != MSGPackSerializer.dumps(entry.peer_id):
+            raise RecordError(f"subkey is not the peer id {entry.peer_id} of the entry's signer")
+        _check_expiration(record, entry.expiration, self.max_lifetime, now)
+        return entry
+
+
+class SwarmValidator(_SignedInValue):
+    """The DHT's one validator: records under the model index key go to `ModelIndexValidator`, all others
+    to `ServerRecordValidator`. (hivemind applies separate validators to every record, all of which must
+    accept it, so two kinds of keys need one validator that dispatches.)"""
+
+    def __init__(self, max_lifetime: float = DEFAULT_MAX_LIFETIME):
+        self.servers = ServerRecordValidator(max_lifetime)
+        self.index = ModelIndexValidator(max_lifetime)
+        self.relays = RelayDirectoryValidator(max_lifetime)
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.key == RELAY_KEY_ID:
+            return self.relays.validate(record)
+        return (self.index if record.key == INDEX_KEY_ID else self.servers).validate(record)
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
-        if not isinstance(other, ServerRecordValidator):
+        if isinstance(other, SwarmValidator):
+            return (
+                self.servers.merge_with(other.servers)
+                and self.index.merge_with(other.index)
+                and self.relays.merge_with(other.relays)
+            )
+        return self.servers.merge_with(other) or self.index.merge_with(other)
+
+
+class AllowListValidator(_SignedInValue):
+    """Private swarms (--allow-keys): only records signed by a listed key get in. It runs beside the
+    SwarmValidator (hivemind asks every validator; all must accept), so it checks only the signer."""
+
+    what = "record of a key not on the allow list"
+
+    def __init__(self, allowed: frozenset[bytes]):
+        super().__init__()
+        self.allowed = frozenset(allowed)
+
+    def check(self, record: DHTRecord, now: DHTExpiration | None = None) -> bytes:
+        body_fields, _, _ = open_signed(_unpack_value(record))
+        key = body_fields.get("public_key")
+        if not isinstance(key, bytes) or key not in self.allowed:
+            raise RecordError("signer is not on the allow list")
+        return key  # the signature itself is the SwarmValidator's to check
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        if not isinstance(other, AllowListValidator):
             return False
-        self.max_lifetime = min(self.max_lifetime, other.max_lifetime)  # both policies hold
+        self.allowed &= other.allowed  # both lists hold
         return True
 
 
@@ -94,6 +173,31 @@ def key_id(key: str) -> bytes:
 @functools.lru_cache(maxsize=128)  # <= 128 spans of <= MAX_BLOCKS ids: a few MiB at worst
 def _span_key_ids(model: str, start: int, end: int) -> dict[bytes, int]:
     return {key_id(block_key(model, block)): block for block in range(start, end)}
+
+
+INDEX_KEY_ID = key_id(INDEX_KEY)
+RELAY_KEY_ID = key_id(RELAY_KEY)
+
+
+def _unpack_value(record: DHTRecord) -> bytes:
+    try:
+        value = msgpack.unpackb(record.value, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as e:
+        raise RecordError(f"DHT value is not msgpack: {e}") from None
+    if not isinstance(value, bytes):
+        raise RecordError(f"DHT value must be encoded record bytes, got {type(value).__name__}")
+    return value
+
+
+def _check_expiration(record: DHTRecord, signed: float, max_lifetime: float, now: DHTExpiration | None) -> None:
+    """The DHT entry's expiration must be the signed one, and not too far ahead."""
+    if not math.isfinite(record.expiration_time) or not math.isclose(
+        signed, record.expiration_time, rel_tol=0, abs_tol=EXPIRATION_TOLERANCE
+    ):
+        raise RecordError(f"DHT expiration {record.expiration_time} differs from the signed expiration {signed}")
+    now = get_dht_time() if now is None else now
+    if signed > now + max_lifetime:
+        raise RecordError(f"record expires {signed - now:.1f} s from now, max is {max_lifetime}")
 
 
 def parse_entry(

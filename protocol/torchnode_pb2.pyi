@@ -17,16 +17,20 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Auth(_message.Message):
-    __slots__ = ("public_key", "timestamp", "nonce", "signature")
+    __slots__ = ("public_key", "timestamp", "nonce", "signature", "audience", "in_reply_to")
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCE_FIELD_NUMBER: _ClassVar[int]
+    IN_REPLY_TO_FIELD_NUMBER: _ClassVar[int]
     public_key: bytes
     timestamp: float
     nonce: bytes
     signature: bytes
-    def __init__(self, public_key: _Optional[bytes] = ..., timestamp: _Optional[float] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    audience: bytes
+    in_reply_to: bytes
+    def __init__(self, public_key: _Optional[bytes] = ..., timestamp: _Optional[float] = ..., nonce: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., audience: _Optional[bytes] = ..., in_reply_to: _Optional[bytes] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ("auth",)
@@ -35,7 +39,7 @@ class InfoRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "revision", "start_block", "end_block", "total_blocks", "hidden_size", "dtype", "throughput", "cache_bytes_free", "sessions_free", "version", "public_key", "max_message_bytes", "auth")
+    __slots__ = ("model", "revision", "start_block", "end_block", "total_blocks", "hidden_size", "dtype", "throughput", "cache_bytes_free", "sessions_free", "version", "public_key", "max_message_bytes", "auth", "batch_size", "queue_length", "adapters")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +54,9 @@ class InfoResponse(_message.Message):
     PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     AUTH_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     model: str
     revision: str
     start_block: int
@@ -64,21 +71,66 @@ class InfoResponse(_message.Message):
     public_key: bytes
     max_message_bytes: int
     auth: Auth
-    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., total_blocks: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_bytes_free: _Optional[int] = ..., sessions_free: _Optional[int] = ..., version: _Optional[str] = ..., public_key: _Optional[bytes] = ..., max_message_bytes: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+    batch_size: int
+    queue_length: int
+    adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., total_blocks: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_bytes_free: _Optional[int] = ..., sessions_free: _Optional[int] = ..., version: _Optional[str] = ..., public_key: _Optional[bytes] = ..., max_message_bytes: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., batch_size: _Optional[int] = ..., queue_length: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("hidden", "start_block", "end_block", "wire_dtype", "auth")
+    __slots__ = ("hidden", "start_block", "end_block", "wire_dtype", "lora", "lora_scale", "auth")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
     END_BLOCK_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    LORA_SCALE_FIELD_NUMBER: _ClassVar[int]
     AUTH_FIELD_NUMBER: _ClassVar[int]
     hidden: Tensor
     start_block: int
     end_block: int
     wire_dtype: str
+    lora: _containers.RepeatedCompositeFieldContainer[LoraTensor]
+    lora_scale: float
     auth: Auth
-    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., lora: _Optional[_Iterable[_Union[LoraTensor, _Mapping]]] = ..., lora_scale: _Optional[float] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+
+class LoraTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: Tensor
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class BackwardRequest(_message.Message):
+    __slots__ = ("hidden", "grad_output", "start_block", "end_block", "lora", "lora_scale", "wire_dtype", "auth")
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    START_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    END_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    LORA_FIELD_NUMBER: _ClassVar[int]
+    LORA_SCALE_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    hidden: Tensor
+    grad_output: Tensor
+    start_block: int
+    end_block: int
+    lora: _containers.RepeatedCompositeFieldContainer[LoraTensor]
+    lora_scale: float
+    wire_dtype: str
+    auth: Auth
+    def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., grad_output: _Optional[_Union[Tensor, _Mapping]] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., lora: _Optional[_Iterable[_Union[LoraTensor, _Mapping]]] = ..., lora_scale: _Optional[float] = ..., wire_dtype: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+
+class BackwardResponse(_message.Message):
+    __slots__ = ("grad_hidden", "lora_grads", "auth")
+    GRAD_HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    LORA_GRADS_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    grad_hidden: Tensor
+    lora_grads: _containers.RepeatedCompositeFieldContainer[LoraTensor]
+    auth: Auth
+    def __init__(self, grad_hidden: _Optional[_Union[Tensor, _Mapping]] = ..., lora_grads: _Optional[_Iterable[_Union[LoraTensor, _Mapping]]] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("hidden", "auth")
@@ -89,7 +141,7 @@ class ForwardResponse(_message.Message):
     def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("session_id", "step", "max_length", "start_block", "end_block", "batch_size", "hidden", "position", "wire_dtype", "auth")
+    __slots__ = ("session_id", "step", "max_length", "start_block", "end_block", "batch_size", "hidden", "position", "wire_dtype", "adapter", "auth")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +151,7 @@ class Step(_message.Message):
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
     AUTH_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
@@ -109,8 +162,9 @@ class Step(_message.Message):
     hidden: Tensor
     position: int
     wire_dtype: str
+    adapter: str
     auth: Auth
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., max_length: _Optional[int] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., max_length: _Optional[int] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., adapter: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("session_id", "step", "hidden", "cached_length", "auth")

@@ -49,6 +49,11 @@ class NodeStub:
                 request_serializer=torchnode__pb2.Step.SerializeToString,
                 response_deserializer=torchnode__pb2.StepResult.FromString,
                 _registered_method=True)
+        self.Backward = channel.unary_unary(
+                '/torchnode.Node/Backward',
+                request_serializer=torchnode__pb2.BackwardRequest.SerializeToString,
+                response_deserializer=torchnode__pb2.BackwardResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -72,6 +77,12 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Backward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Inference,
                     request_deserializer=torchnode__pb2.Step.FromString,
                     response_serializer=torchnode__pb2.StepResult.SerializeToString,
+            ),
+            'Backward': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backward,
+                    request_deserializer=torchnode__pb2.BackwardRequest.FromString,
+                    response_serializer=torchnode__pb2.BackwardResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class Node:
             '/torchnode.Node/Inference',
             torchnode__pb2.Step.SerializeToString,
             torchnode__pb2.StepResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/torchnode.Node/Backward',
+            torchnode__pb2.BackwardRequest.SerializeToString,
+            torchnode__pb2.BackwardResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,7 +1,11 @@
 """Decode tokens/s of SmolLM2 split over 2 loopback nodes (0:15, 15:30) vs plain transformers in one
-process: same prompt, same 64 greedy tokens. Prints both, their ratio, and first-token latency.
+process: same prompt, same 64 greedy tokens. Prints both, their ratio, first-token latency, and the
+overhead per hop per token in ms ((1/swarm - 1/local) / hops).
 
-    .venv/bin/python scripts/bench_overhead.py [--runs 3] [--tokens 64] [--wire-dtype float32]
+--links tls (the default, as users run it), insecure (plaintext, both sides --insecure), or both
+(one after the other, each paired with its own local runs) shows what encryption costs.
+
+    .venv/bin/python scripts/bench_overhead.py [--runs 3] [--tokens 64] [--wire-dtype float32] [--links both]
 """
 
 from __future__ import annotations
@@ -54,30 +58,20 @@ def _params(tokens: int):
     return SamplingParams(max_new_tokens=tokens, ignore_eos=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--node-threads", type=int, default=0, help="torch threads per node (0: torch's default)")
-    args = parser.parse_args()
+HOPS = 2
+SPANS = ["0:15", "15:30"]
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+def measure(links: str, ids: torch.Tensor, hf, args) -> tuple[list, list]:
+    """Paired (swarm, local) runs, each a (first-token s, tokens/s), over nodes started with `links`."""
     from torchnode.client.model import DistributedModel
-    from torchnode.models.checkpoint import resolve
 
-    ckpt = resolve("default")
-    tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-
-    nodes = start_nodes("default", ["0:15", "15:30"], "--threads", str(args.node_threads))
+    insecure = links == "insecure"
+    nodes = start_nodes("default", SPANS, "--threads", str(args.node_threads), *(["--insecure"] if insecure else []))
     try:
         model = DistributedModel.from_pretrained(
-            "default", [n.address for n in nodes], wire_dtype=getattr(torch, args.wire_dtype)
+            "default", [n.address for n in nodes], wire_dtype=getattr(torch, args.wire_dtype), insecure=insecure
         )
-        hf = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
         time_swarm(model, ids, 4), time_local(hf, ids, 4)  # warm-up both
         swarm, local = [], []
         for _ in range(args.runs):  # alternate so drift on the machine hits both alike
@@ -86,16 +80,52 @@ def main() -> None:
         model.close()
     finally:
         stop_all(nodes)
+    return swarm, local
 
-    med = lambda xs: statistics.median(xs)  # noqa: E731
+
+def report(links: str, swarm: list, local: list) -> None:
+    med = statistics.median
     s_first, s_rate = med([r[0] for r in swarm]), med([r[1] for r in swarm])
     l_first, l_rate = med([r[0] for r in local]), med([r[1] for r in local])
+    ratios = sorted(s[1] / l[1] for s, l in zip(swarm, local))  # paired runs: drift hits both alike
+    per_hop = sorted((1 / s[1] - 1 / l[1]) / HOPS * 1000 for s, l in zip(swarm, local))
+    print(f"[{links}] local transformers : {l_rate:6.2f} tokens/s, first token {l_first * 1000:6.1f} ms")
+    print(f"[{links}] swarm ({HOPS} nodes)    : {s_rate:6.2f} tokens/s, first token {s_first * 1000:6.1f} ms")
+    print(f"[{links}] ratio swarm/local  : {med(ratios):.3f} (median of paired runs; range {ratios[0]:.3f}-{ratios[-1]:.3f})")
+    print(f"[{links}] overhead per hop   : {med(per_hop):.2f} ms per token (range {per_hop[0]:.2f}-{per_hop[-1]:.2f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--node-threads", type=int, default=0, help="torch threads per node (0: torch's default)")
+    parser.add_argument("--links", default="tls", choices=["tls", "insecure", "both"],
+                        help="tls: encrypted (default); insecure: plaintext; both: one after the other")  # fmt: skip
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from torchnode.models.checkpoint import resolve
+
+    ckpt = resolve("default")
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    hf = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+
+    modes = ["tls", "insecure"] if args.links == "both" else [args.links]
+    results = {links: measure(links, ids, hf, args) for links in modes}
     print(f"prompt {ids.shape[1]} tokens, {args.tokens} greedy tokens, median of {args.runs} runs, wire {args.wire_dtype}, "
           f"node threads {args.node_threads or 'default'}")
-    print(f"local transformers : {l_rate:6.2f} tokens/s, first token {l_first * 1000:6.1f} ms")
-    print(f"swarm (2 nodes)    : {s_rate:6.2f} tokens/s, first token {s_first * 1000:6.1f} ms")
-    ratios = sorted(s[1] / l[1] for s, l in zip(swarm, local))  # paired runs: drift hits both alike
-    print(f"ratio swarm/local  : {med(ratios):.3f} (median of paired runs; range {ratios[0]:.3f}-{ratios[-1]:.3f})")
+    for links, (swarm, local) in results.items():
+        report(links, swarm, local)
+    if len(results) == 2:  # what encryption itself costs, without the local baseline's noise
+        tls_rate = statistics.median(r[1] for r in results["tls"][0])
+        plain_rate = statistics.median(r[1] for r in results["insecure"][0])
+        extra = (1 / tls_rate - 1 / plain_rate) / HOPS * 1000
+        print(f"[tls vs insecure] swarm tokens/s ratio {tls_rate / plain_rate:.3f}; TLS adds {extra:+.2f} ms per hop per token")
 
 
 if __name__ == "__main__":

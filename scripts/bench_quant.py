@@ -1,10 +1,11 @@
-"""SmolLM2 served as fp32, bf16 and int8 spans: weight memory, decode speed and perplexity, in-process.
+"""SmolLM2 served as fp32, bf16, int8 and int4 spans: weight memory, decode speed, perplexity, agreement.
 
 All 30 blocks in one span with the client's head (`load_head`, fp32), as one node serving the whole model:
 - weights: bytes of the span's weights as stored (`models.quantization.weight_bytes`), in MiB;
 - decode: tokens/s at batch 1, 64 greedy tokens with a KV cache after the prompt (median of --runs, the
   modes taking turns);
-- perplexity: of the fixed English TEXT below (~300 tokens), one forward pass without a cache.
+- perplexity: of the fixed English TEXT below (~300 tokens), one forward pass without a cache;
+- agreement: fed the same TEXT, the share of positions where the mode's most likely next token is fp32's.
 
     .venv/bin/python scripts/bench_quant.py [--runs 3] [--tokens 64]
 """
@@ -39,7 +40,10 @@ time, as long skirts gave way to clothing better suited for riding. Cycling club
 tours, and they campaigned for smoother roads, long before the first cars appeared. Today the bicycle
 remains one of the most efficient ways to travel, turning almost all of the rider's effort into motion.
 """
-MODES = (("fp32", torch.float32, "none"), ("bf16", torch.bfloat16, "none"), ("int8", torch.float32, "int8"))
+MODES = (
+    ("fp32", torch.float32, "none"), ("bf16", torch.bfloat16, "none"), ("int8", torch.float32, "int8"),
+    ("int4", torch.float32, "int4"),
+)  # fmt: skip
 
 
 @torch.inference_mode()
@@ -56,8 +60,11 @@ def decode_tokens_per_s(head, span, ids: torch.Tensor, tokens: int) -> float:
 
 
 @torch.inference_mode()
-def perplexity(head, span, ids: torch.Tensor) -> float:
-    logits = head.logits(span(head.embed(ids), 0, span.start, span.end))  # (1, T, V)
+def text_logits(head, span, ids: torch.Tensor) -> torch.Tensor:
+    return head.logits(span(head.embed(ids), 0, span.start, span.end))  # (1, T, V)
+
+
+def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return F.cross_entropy(logits[0, :-1], ids[0, 1:]).exp().item()
 
 
@@ -85,15 +92,23 @@ def main() -> None:
     for _ in range(args.runs):  # round robin, so a busy machine slows every mode alike
         for name, span in spans.items():
             speeds[name].append(decode_tokens_per_s(head, span, prompt_ids, args.tokens))
+    logits = {name: text_logits(head, span, text_ids) for name, span in spans.items()}
+    fp32_next = logits["fp32"][0].argmax(-1)  # (T,)
     rows = [
-        (name, weight_bytes(span) / 2**20, statistics.median(speeds[name]), perplexity(head, span, text_ids))
+        (
+            name, weight_bytes(span) / 2**20, statistics.median(speeds[name]), perplexity(logits[name], text_ids),
+            (logits[name][0].argmax(-1) == fp32_next).float().mean().item(),
+        )
         for name, span in spans.items()
-    ]
+    ]  # fmt: skip
     base = rows[0][1]
-    print(f"| {'span':<5} | {'weights MiB':>11} | {'vs fp32':>7} | {'decode tok/s':>12} | {'perplexity':>10} |")
-    print(f"|{'-' * 7}|{'-' * 13}|{'-' * 9}|{'-' * 14}|{'-' * 12}|")
-    for name, mib, speed, ppl in rows:
-        print(f"| {name:<5} | {mib:>11.1f} | {mib / base:>6.2f}x | {speed:>12.1f} | {ppl:>10.3f} |")
+    print(
+        f"| {'span':<5} | {'weights MiB':>11} | {'vs fp32':>7} | {'decode tok/s':>12} | {'perplexity':>10} "
+        f"| {'agreement':>9} |"
+    )
+    print(f"|{'-' * 7}|{'-' * 13}|{'-' * 9}|{'-' * 14}|{'-' * 12}|{'-' * 11}|")
+    for name, mib, speed, ppl, agree in rows:
+        print(f"| {name:<5} | {mib:>11.1f} | {mib / base:>6.2f}x | {speed:>12.1f} | {ppl:>10.3f} | {agree:>8.1%} |")
 
 
 if __name__ == "__main__":

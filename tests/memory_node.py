@@ -14,6 +14,8 @@ import torch
 from torchnode.client.discovery import PeerSource
 from torchnode.models.checkpoint import Checkpoint
 from torchnode.models.families import load_span, num_blocks
+from torchnode.models.lora import AdapterBank, find_adapter
+from torchnode.node import lora_training
 from torchnode.node.errors import RequestError
 from torchnode.node.limits import Limits
 from torchnode.node.span_backend import SpanBackend, SpanInfo
@@ -22,10 +24,13 @@ from torchnode.protocol.node_client import NodeClient, NodeError, NodeInfo, Node
 
 
 class MemoryNode(NodeClient):
-    def __init__(self, ckpt: Checkpoint, start: int, end: int, address: str, throughput: float = 100.0):
+    def __init__(
+        self, ckpt: Checkpoint, start: int, end: int, address: str, throughput: float = 100.0, adapters: Sequence[str] = ()
+    ):
         span = load_span(ckpt, start, end, torch.float32)
         info = SpanInfo(ckpt.name, ckpt.revision, start, end, num_blocks(ckpt), span.config.hidden_size, torch.float32)
-        self.backend = SpanBackend(span, info, Limits())
+        bank = AdapterBank(span, start, end, [find_adapter(a) for a in adapters]) if adapters else None  # LoRA (--adapters)
+        self.backend = SpanBackend(span, info, Limits(), bank)
         self.backend.throughput = throughput
         self.address, self.identity = address, Identity.generate()
         self.down = False
@@ -54,6 +59,20 @@ class MemoryNode(NodeClient):
     async def close(self) -> None:
         pass
 
+    async def train_forward(self, hidden, start, end, lora, scale, timeout):
+        self._check_up()
+        return await self._training(lora_training.forward(self.backend, hidden, start, end, lora, scale))
+
+    async def backward(self, hidden, grad_output, start, end, lora, scale, timeout):
+        self._check_up()
+        return await self._training(lora_training.backward(self.backend, hidden, grad_output, start, end, lora, scale))
+
+    async def _training(self, call):
+        try:
+            return await call
+        except RequestError as e:
+            raise NodeError(self.address, str(e), e.status) from None
+
     def shutdown(self) -> None:
         self.backend.shutdown()
 
@@ -70,7 +89,9 @@ class MemorySession(NodeSession):
         node._check_up()
         try:
             if self.session is None:
-                self.session = node.backend.open_session(s.session_id, s.start, s.end, s.batch_size, s.max_length)
+                self.session = node.backend.open_session(
+                    s.session_id, s.start, s.end, s.batch_size, s.max_length, s.adapter
+                )
             out = await node.backend.step(self.session, self.next_step, hidden.to(s.wire_dtype), position)
         except RequestError as e:
             raise NodeError(node.address, str(e), e.status) from None

@@ -12,7 +12,7 @@ from swarm import start_node
 
 from torchnode.protocol.grpc_node import GrpcNodeClient as NodeClient
 from torchnode.protocol.node_client import NodeError
-from torchnode.protocol import signing, tensor_codec
+from torchnode.protocol import signing, tensor_codec, tls
 from torchnode.protocol import torchnode_pb2 as pb
 from torchnode.protocol import torchnode_pb2_grpc as pb_grpc
 from torchnode.protocol.identity import Identity
@@ -20,11 +20,26 @@ from torchnode.protocol.identity import Identity
 HIDDEN = 64  # tiny llama
 
 
+NODE = {}  # the test node's key, learned from its certificate: the audience every request names
+
+
 @pytest.fixture(scope="module")
 def node(tiny_llama):
     node = start_node(str(tiny_llama), "--blocks", "0:2", "--max-message-size", "1MiB", "--max-session-tokens", "64")
+    NODE["key"] = asyncio.run(tls.pin(node.address)).key
     yield node
     node.stop()
+
+
+def sign(identity: Identity, method: str, message, **kwargs):
+    """Signed for the test node."""
+    return signing.sign(identity, method, message, audience=NODE["key"], **kwargs)
+
+
+async def channel_to(address: str) -> aio.Channel:
+    """A TLS channel pinned to the node's certificate."""
+    pin = await tls.pin(address)
+    return aio.secure_channel(address, pin.credentials(), options=pin.options())
 
 
 def run(coro):
@@ -32,13 +47,13 @@ def run(coro):
 
 
 async def call_forward(address: str, request: pb.ForwardRequest):
-    async with aio.insecure_channel(address) as channel:
+    async with await channel_to(address) as channel:
         return await pb_grpc.NodeStub(channel).Forward(request, timeout=10)
 
 
 async def call_inference(address: str, steps: list[pb.Step]):
     """Sends the steps one by one, reading each reply; returns the replies or raises AioRpcError."""
-    async with aio.insecure_channel(address) as channel:
+    async with await channel_to(address) as channel:
         call = pb_grpc.NodeStub(channel).Inference()
         replies = []
         for step in steps:
@@ -55,7 +70,7 @@ async def call_inference(address: str, steps: list[pb.Step]):
 
 def good_forward(identity: Identity, x: torch.Tensor | None = None) -> pb.ForwardRequest:
     x = torch.randn(1, 3, HIDDEN) if x is None else x
-    return signing.sign(identity, "Forward", pb.ForwardRequest(hidden=tensor_codec.encode(x), start_block=0, end_block=2))
+    return sign(identity, "Forward", pb.ForwardRequest(hidden=tensor_codec.encode(x), start_block=0, end_block=2))
 
 
 def expect_status(code: grpc.StatusCode, words: str, coro) -> None:
@@ -94,7 +109,7 @@ BAD_FORWARDS = {
 def test_bad_tensor_is_rejected(node, case):
     make, words = BAD_FORWARDS[case]
     request = pb.ForwardRequest(hidden=make(), start_block=0, end_block=2)
-    signing.sign(Identity.generate(), "Forward", request)
+    sign(Identity.generate(), "Forward", request)
     code = grpc.StatusCode.OUT_OF_RANGE if case == "too many tokens" else grpc.StatusCode.INVALID_ARGUMENT
     expect_status(code, words, call_forward(node.address, request))
     assert_still_serving(node)
@@ -102,13 +117,13 @@ def test_bad_tensor_is_rejected(node, case):
 
 def test_span_not_served(node):
     request = pb.ForwardRequest(hidden=tensor_codec.encode(torch.randn(1, 1, HIDDEN)), start_block=1, end_block=3)
-    expect_status(grpc.StatusCode.NOT_FOUND, "not served here", call_forward(node.address, signing.sign(Identity.generate(), "Forward", request)))
+    expect_status(grpc.StatusCode.NOT_FOUND, "not served here", call_forward(node.address, sign(Identity.generate(), "Forward", request)))
     assert_still_serving(node)
 
 
 def test_oversized_message(node):
     x = torch.randn(1, 40, 8192)  # 1.3 MB > --max-message-size 1MiB
-    request = signing.sign(Identity.generate(), "Forward", pb.ForwardRequest(hidden=tensor_codec.encode(x), start_block=0, end_block=2))
+    request = sign(Identity.generate(), "Forward", pb.ForwardRequest(hidden=tensor_codec.encode(x), start_block=0, end_block=2))
     expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max", call_forward(node.address, request))
     assert_still_serving(node)
 
@@ -138,7 +153,7 @@ def test_stale_signature(node):
     request = pb.ForwardRequest(hidden=tensor_codec.encode(torch.randn(1, 1, HIDDEN)), start_block=0, end_block=2)
     old = 1_000_000_000.0  # 2001: far outside the clock-skew window, and correctly signed
     nonce = b"n" * 16
-    signing.sign(identity, "Forward", request, timestamp=old, nonce=nonce)
+    sign(identity, "Forward", request, timestamp=old, nonce=nonce)
     expect_status(grpc.StatusCode.UNAUTHENTICATED, "stale", call_forward(node.address, request))
     assert_still_serving(node)
 
@@ -154,7 +169,7 @@ def step(identity: Identity, index: int, x: torch.Tensor | None = None, session:
     message = pb.Step(session_id=session, step=index, **fields)
     if x is not None:
         message.hidden.CopyFrom(tensor_codec.encode(x))
-    return signing.sign(identity, "Inference", message)
+    return sign(identity, "Inference", message)
 
 
 def test_session_roundtrip_and_stepping_errors(node):
@@ -186,7 +201,7 @@ def test_client_rejects_reply_signed_by_another_key(node):
         finally:
             await client.close()
 
-    with pytest.raises(NodeError, match="unexpected key"):
+    with pytest.raises(NodeError, match="not bound to the expected key"):
         run(info_with_wrong_pin())
 
 

@@ -1,8 +1,9 @@
 """The health monitor and the dashboard: state logic on hand-made data, then a real swarm on 127.0.0.1.
 
 The swarm (module fixture): a coordinator process running the dashboard in the same process
-(`run_bootstrap(dashboard=...)`), and three tiny-llama nodes on blocks 0:2, 0:2 and 2:4 with 6 s records.
-Tests run in file order; the last one kills a node.
+(`run_bootstrap(dashboard=...)`) with no `--model` (it finds models in the DHT model index), three
+tiny-llama nodes on blocks 0:2, 0:2 and 2:4 and one tiny-qwen2 node on all 4 blocks, with 6 s records.
+Tests run in file order; the last two kill a node, then the coordinator, and time the last node's exit.
 """
 
 from __future__ import annotations
@@ -14,19 +15,23 @@ import shutil
 import signal
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
 from hivemind.utils.timed_storage import get_dht_time
 from prometheus_client.parser import text_string_to_metric_families
-from swarm import free_port, spawn, start_nodes, stop_all
+from swarm import free_port, run_cli, spawn, start_node, start_nodes, stop_all, wait_ready
 
 from torchnode.protocol.node_client import NodeInfo
 from torchnode.coordinator.dashboard import DashboardConfig, bind_http
 from torchnode.coordinator.dashboard_app import create_app
+from torchnode.coordinator.history import History
 from torchnode.coordinator.health_monitor import DEFAULT_MODEL_NAME, HealthMonitor, Probe, _model_state
 from torchnode.coordinator.state_schema import NodeState, SwarmState
 from torchnode.protocol.dht_network import announce, start_dht
@@ -35,6 +40,7 @@ from torchnode.protocol.identity import Identity
 
 EXPIRATION = 6.0  # seconds a node's record lives without refresh
 REFRESH = 1.0  # seconds between the monitor's scans
+LEAVE_BOUND_S = 3.5  # "a couple of seconds" to leave, plus the interpreter's exit on a busy 2-core machine
 TORCHNODE = [sys.executable, "-m", "torchnode"]
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -142,13 +148,19 @@ def test_app_serves_page_json_schema_and_metrics():
     m = _model_state("m", 4, True, [node_state("aa", 0, 2), node_state("bb", 2, 4, health="unhealthy")])
     state = SwarmState(generated_at=1.0, refresh_s=2.0, scan_duration_s=0.1, monitor_version="0.1.0",
                        dht_maddrs=[], models=[m])  # fmt: skip
-    client = TestClient(create_app(SimpleNamespace(state=state)))
+    history = History()
+    history.record(state.models, now=1.0)
+    client = TestClient(create_app(SimpleNamespace(state=state, history=history)))
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "api/v1/state" in page.text
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page.text)  # self-contained: no CDN
     assert "innerHTML" not in page.text  # node-provided strings are set as text only
     assert client.get("/api/v1/state").json() == json.loads(state.model_dump_json())
+    samples = client.get("/api/v1/history", params={"model": "m"}).json()["samples"]
+    assert [(s["nodes"], s["nodes_online"], s["blocks_covered"]) for s in samples] == [(2, 1, 2)]
+    assert client.get("/api/v1/nodes/" + "bb" * 16).json()["node"]["health"] == "unhealthy"
+    assert client.get("/api/v1/history", params={"model": "x"}).status_code == 404
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     assert {"SwarmState", "ModelState", "NodeState", "BlockState"} <= set(schemas)
     assert "health" in schemas["NodeState"]["properties"]
@@ -160,7 +172,8 @@ def test_app_serves_page_json_schema_and_metrics():
 
 def test_dashboard_config_checks_its_values_and_busy_ports_fail_fast():
     assert DashboardConfig(models=("default", "org/m", "default")).models == (DEFAULT_MODEL_NAME, "org/m")
-    for bad in [dict(models=()), dict(models=("bad name",)), dict(http_port=70000), dict(refresh=0),
+    assert DashboardConfig().models == ()  # no filter: every model in the index
+    for bad in [dict(models=("bad name",)), dict(http_port=70000), dict(refresh=0),
                 dict(host="localhost")]:  # fmt: skip
         with pytest.raises(ValueError):
             DashboardConfig(**bad)
@@ -190,7 +203,7 @@ def get(url: str) -> bytes:
 
 def model_state(url: str, model: str) -> dict:
     state = json.loads(get(url + "api/v1/state"))
-    return next(m for m in state["models"] if m["name"] == model)
+    return next((m for m in state["models"] if m["name"] == model), {"nodes": [], "name": model})
 
 
 def wait_model(url: str, model: str, condition: Callable[[dict], bool], timeout: float, what: str) -> dict:
@@ -204,26 +217,37 @@ def wait_model(url: str, model: str, condition: Callable[[dict], bool], timeout:
 
 
 def all_healthy(count: int) -> Callable[[dict], bool]:
-    return lambda m: len(m["nodes"]) == count and all(n["health"] == "healthy" for n in m["nodes"])
+    return lambda m: len(m["nodes"]) == count and all(n["health"] == "healthy" and n["state"] == "online" for n in m["nodes"])
 
 
 @pytest.fixture(scope="module")
-def swarm(tiny_llama):
+def tiny_qwen2(tmp_path_factory) -> Path:
+    from tiny_models import save_tiny_model
+
+    return save_tiny_model("qwen2", tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_llama, tiny_qwen2):
     model = tiny_llama.name
     coordinator = spawn(
-        [*TORCHNODE, "coordinator", "--port", str(free_port()), "--dashboard", "--http-port", "0", "--model", model,
+        [*TORCHNODE, "coordinator", "--port", str(free_port()), "--dashboard", "--http-port", "0",
          "--refresh", str(REFRESH)], 0, None,
     )  # fmt: skip
-    nodes = []
+    nodes, others = [], []
     try:
         maddr = coordinator.wait_for(r"ready: --initial-peers (\S+)", 60)[1]
         url = coordinator.wait_for(r"dashboard: (http://127\.0\.0\.1:\d+/)", 60)[1]
-        nodes = start_nodes(str(tiny_llama), ["0:2", "0:2", "2:4"], "--initial-peers", maddr,
-                            "--expiration", str(EXPIRATION))  # fmt: skip
+        args = ("--initial-peers", maddr, "--expiration", str(EXPIRATION))
+        others = [start_node(str(tiny_qwen2), "--blocks", "0:4", *args, wait=False)]
+        nodes = start_nodes(str(tiny_llama), ["0:2", "0:2", "2:4"], *args)
+        wait_ready(others[0])
         wait_model(url, model, all_healthy(3), 60, "three healthy nodes")
-        yield SimpleNamespace(model=model, maddr=maddr, url=url, nodes=nodes, coordinator=coordinator)
+        wait_model(url, tiny_qwen2.name, all_healthy(1), 30, "the second model's node")
+        yield SimpleNamespace(model=model, other=tiny_qwen2.name, maddr=maddr, url=url, nodes=nodes,
+                              other_nodes=others, coordinator=coordinator)  # fmt: skip
     finally:
-        stop_all(nodes)
+        stop_all(nodes + others)
         coordinator.stop()
 
 
@@ -252,6 +276,58 @@ def test_metrics_of_the_live_swarm(swarm):
         labels = (("address", n.address), ("model", swarm.model), ("peer_id", n.peer_id))
         assert metrics["torchnode_node_tokens_per_second", labels] > 0
         assert metrics["torchnode_node_healthy", labels] == 1
+
+
+def test_every_model_in_the_index_shows_without_a_model_flag(swarm):
+    by_name = {m["name"]: m for m in json.loads(get(swarm.url + "api/v1/state"))["models"]}
+    assert set(by_name) == {swarm.model, swarm.other}
+    llama, qwen = by_name[swarm.model], by_name[swarm.other]
+    assert (llama["family"], llama["indexed_nodes"], llama["ready"], llama["adapters"]) == ("llama", 3, True, [])
+    assert (qwen["family"], qwen["indexed_nodes"], qwen["ready"], qwen["total_blocks"]) == ("qwen2", 1, True, 4)
+    assert llama["revisions"] == sorted({n["revision"] for n in llama["nodes"]})
+    metrics = parse_metrics(get(swarm.url + "metrics").decode())
+    assert metrics["torchnode_model_ready", (("model", swarm.other),)] == 1
+
+
+def test_models_command_lists_every_model(swarm):
+    result = run_cli("models", "--initial-peers", swarm.maddr, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {cells[0]: cells[1:] for line in result.stdout.splitlines()
+            if len(cells := [c.strip() for c in line.strip("│┃ ").split("│")]) == 6}  # fmt: skip
+    assert rows[swarm.model] == ["llama", "4/4", "3/3", rows[swarm.model][3], "ready"], result.stdout
+    assert rows[swarm.other][:3] == ["qwen2", "4/4", "1/1"] and rows[swarm.other][4] == "ready"
+    assert float(rows[swarm.model][3]) > 0
+    missing = run_cli("models", timeout=60)
+    assert missing.returncode == 2 and "--initial-peers" in missing.stderr
+
+
+def get_json(url: str) -> dict:
+    return json.loads(get(url))
+
+
+def test_history_and_node_detail(swarm):
+    history_url = swarm.url + "api/v1/history?model=" + urllib.parse.quote(swarm.model)
+    deadline = time.monotonic() + 10
+    while len(get_json(history_url)["samples"]) < 3 and time.monotonic() < deadline:
+        time.sleep(REFRESH)
+    history = get_json(history_url)
+    assert history["model"] == swarm.model and history["window_s"] == 3600
+    samples = history["samples"]
+    assert len(samples) >= 3 and [s["t"] for s in samples] == sorted({s["t"] for s in samples})
+    last = samples[-1]
+    assert (last["nodes"], last["nodes_online"], last["blocks_covered"], last["total_blocks"], last["ready"]) == (
+        3, 3, 4, 4, True
+    )  # fmt: skip
+    assert last["tokens_per_s"] > 0 and last["sessions_free"] > 0
+    node = swarm.nodes[0]
+    detail = get_json(swarm.url + "api/v1/nodes/" + node.peer_id)
+    assert (detail["node"]["peer_id"], detail["node"]["address"]) == (node.peer_id, node.address)
+    recent = detail["samples"][-3:]  # earlier ones may show it starting
+    assert len(recent) == 3 and all(s["health"] == "healthy" and s["rtt_ms"] > 0 for s in recent)
+    for missing in ("api/v1/nodes/" + "0" * 32, "api/v1/history?model=no-such-model"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            get(swarm.url + missing)
+        assert e.value.code == 404
 
 
 def chromium() -> str:
@@ -296,10 +372,29 @@ def test_page_in_a_real_browser(swarm, tmp_path):
             polls = "performance.getEntriesByType('resource').filter(e => e.name.includes('api/v1/state')).length"
             page.wait_for_function(f"{polls} > {before}", timeout=15_000)
             assert column(0) == sorted((n.peer_id[:12] for n in swarm.nodes), reverse=True)  # sort survives
+            assert page.locator(f'section.model[data-model="{swarm.other}"]').count() == 1  # every model
             page.screenshot(path=tmp_path / "dashboard.png", full_page=True)
+
+            page.locator(f'a.model-name[href="#/model/{swarm.model}"]').click()  # a page per model, with charts
+            line = page.locator('.chart[data-chart="nodes_online"] path.line')
+            line.wait_for(state="attached", timeout=15_000)  # a flat line has no height: "hidden" to Playwright
+            assert int(line.get_attribute("data-points")) >= 2
+            assert page.locator(".charts .chart").count() >= 4
+            assert page.locator("section.model").count() == 1
+            assert page.locator(f'section.model[data-model="{swarm.other}"]').count() == 0
+            page.screenshot(path=tmp_path / "model.png", full_page=True)
+
+            peer = swarm.nodes[0].peer_id
+            page.locator(f'a[href="#/node/{peer}"]').click()  # a node's detail
+            page.locator('[data-testid="node-fields"] tr[data-field="peer_id"]').wait_for(timeout=15_000)
+            fields = page.locator('[data-testid="node-fields"]').inner_text()
+            assert peer in fields and swarm.nodes[0].address in fields
+            page.locator('.chart[data-chart="throughput"] path.line').wait_for(state="attached", timeout=15_000)
+            assert swarm.model in page.locator("#crumbs").inner_text()
+            page.screenshot(path=tmp_path / "node.png", full_page=True)
         finally:
             browser.close()
-    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    assert all((tmp_path / f"{name}.png").stat().st_size > 10_000 for name in ("dashboard", "model", "node"))
     assert all(u.startswith(swarm.url) for u in requested), requested  # nothing from outside
 
 
@@ -310,6 +405,7 @@ def test_standalone_dashboard_sees_the_same_swarm_and_exits_on_sigterm(swarm):
         url = dashboard.wait_for(r"dashboard: (http://127\.0\.0\.1:\d+/)", 60)[1]
         m = wait_model(url, swarm.model, all_healthy(3), 30, "standalone dashboard sees three healthy nodes")
         assert {n["peer_id"] for n in m["nodes"]} == {n.peer_id for n in swarm.nodes} and m["ready"]
+        assert [m["name"] for m in json.loads(get(url + "api/v1/state"))["models"]] == [swarm.model]  # a filter
         dashboard.proc.send_signal(signal.SIGTERM)
         assert dashboard.proc.wait(20) == 0
         assert "stopped" in dashboard.log
@@ -335,7 +431,8 @@ def test_node_signing_with_another_key_than_its_record_is_unhealthy(swarm):
     m = wait_model(swarm.url, swarm.model, lambda m: any(n["peer_id"] == forger.peer_id for n in m["nodes"]), 15,
                    "the forged record shows")  # fmt: skip
     forged = next(n for n in m["nodes"] if n["peer_id"] == forger.peer_id)
-    assert forged["health"] == "unhealthy" and "rejected reply" in forged["problem"], forged
+    assert forged["health"] == "unhealthy", forged  # the reply (or, over TLS, the channel) is not bound to its key
+    assert re.search("rejected reply|not bound to the expected key", forged["problem"]), forged
     assert forged["throughput"] == 1000.0  # shown as announced, but...
     assert [b["servers"] for b in m["blocks"]] == [2, 2, 1, 1]  # ...it counts for nothing
     assert len(m["nodes"]) == 4 and m["ready"]
@@ -357,3 +454,18 @@ def test_killed_node_leaves_a_gap_then_vanishes(swarm):
     assert victim.peer_id not in {n["peer_id"] for n in m["nodes"]}
     assert m["total_blocks"] == 4 and not m["ready"]  # the block count is remembered: the bar stays red
     assert vanished_after <= EXPIRATION + 3 * REFRESH + 5
+
+
+def test_a_node_leaves_within_seconds_when_the_dht_is_gone(swarm):
+    """Issue 16, point 5: SIGTERM to a node with no session open while its coordinator stops too."""
+    last = next(n for n in swarm.nodes if n.proc.poll() is None)
+    for node in [*swarm.nodes, *swarm.other_nodes]:
+        if node is not last:
+            node.stop(signal.SIGKILL)
+    swarm.coordinator.proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    last.proc.send_signal(signal.SIGTERM)
+    code = last.proc.wait(20)
+    took = time.monotonic() - started
+    assert code == 0 and "stopped" in last.log, last.log
+    assert took < LEAVE_BOUND_S, f"leaving took {took:.1f}s:\n{last.log}"

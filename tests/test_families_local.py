@@ -143,8 +143,8 @@ class RecordingCheckpoint(Checkpoint):
 
     read: list[str] = field(default_factory=list)
 
-    def read_tensors(self, wanted):
-        tensors = super().read_tensors(wanted)
+    def read_tensors(self, wanted, *args, **kwargs):
+        tensors = super().read_tensors(wanted, *args, **kwargs)
         self.read.extend(tensors)
         return tensors
 

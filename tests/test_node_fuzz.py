@@ -3,6 +3,7 @@ and afterwards a good session still computes exactly what it computed before."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from swarm import start_node
 
-from torchnode.protocol import signing, tensor_codec
+from torchnode.protocol import signing, tensor_codec, tls
 from torchnode.protocol import torchnode_pb2 as pb
 from torchnode.protocol import torchnode_pb2_grpc as pb_grpc
 from torchnode.protocol.identity import Identity
@@ -32,9 +33,19 @@ def node(tiny_llama):
     node.stop()
 
 
+NODE = {}  # the node's key, learned from its certificate: the audience every request names
+
+
+def sign(identity: Identity, method: str, message, **kwargs):
+    """Signed for the test node."""
+    return signing.sign(identity, method, message, audience=NODE["key"], **kwargs)
+
+
 @pytest.fixture(scope="module")
 def channel(node):
-    with grpc.insecure_channel(node.address) as channel:
+    pin = asyncio.run(tls.pin(node.address))
+    NODE["key"] = pin.key
+    with grpc.secure_channel(node.address, pin.credentials(), options=pin.options()) as channel:
         yield channel
 
 
@@ -55,7 +66,7 @@ def step(index: int, x: torch.Tensor | None = None, session: str = "fuzz", **fie
     message = pb.Step(session_id=session, step=index, **fields)
     if x is not None:
         message.hidden.CopyFrom(tensor_codec.encode(x))
-    return signing.sign(ME, "Inference", message)
+    return sign(ME, "Inference", message)
 
 
 def expect_error(call) -> grpc.RpcError:
@@ -122,11 +133,11 @@ def corrupt(kind: str, value) -> pb.ForwardRequest:
         request.hidden.CopyFrom(tensor_codec.encode(torch.randn(1, value, HIDDEN)))
     elif kind == "wire_dtype":
         request.wire_dtype = value
-    signing.sign(ME, "Forward", request)
+    sign(ME, "Forward", request)
     if kind == "stale":
-        signing.sign(ME, "Forward", request, timestamp=request.auth.timestamp + value)
+        sign(ME, "Forward", request, timestamp=request.auth.timestamp + value)
     elif kind == "nonce":
-        signing.sign(ME, "Forward", request, timestamp=request.auth.timestamp, nonce=value)
+        sign(ME, "Forward", request, timestamp=request.auth.timestamp, nonce=value)
     elif kind == "foreign_key":
         request.auth.public_key = Identity.generate().public_key
     return request
@@ -162,7 +173,7 @@ def test_bad_session_steps(channel, steps):
     for message in steps:  # a fresh session id per example, re-signed
         if message.session_id == "fuzz":
             message.session_id = unique
-        signing.sign(ME, "Inference", message)
+        sign(ME, "Inference", message)
     expect_error(lambda: list(pb_grpc.NodeStub(channel).Inference(iter(steps), timeout=TIMEOUT)))
 
 

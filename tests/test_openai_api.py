@@ -223,6 +223,29 @@ def test_concurrent_requests_each_get_their_own_session(api, client):
     assert asyncio.run(together()) == alone
 
 
+def test_sixteen_concurrent_chats_each_equal_their_answer_alone(api, client):
+    """The nodes batch the 16 sessions' steps (different prompt lengths, streamed and not): no answer changes."""
+    questions = [f"Question {i}: what is {'very ' * (i % 5)}interesting about the number {i}?" for i in range(16)]
+
+    def request(i: int) -> dict:
+        return dict(model=NAME, messages=[{"role": "user", "content": questions[i]}], max_tokens=12, temperature=0,
+                    extra_body={"ignore_eos": True})  # fmt: skip
+
+    alone = [client.chat.completions.create(**request(i)).choices[0].message.content for i in range(16)]
+
+    async def one(aclient: openai.AsyncOpenAI, i: int) -> str:
+        if i % 2:  # half of them streamed
+            stream = await aclient.chat.completions.create(**request(i), stream=True)
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        return (await aclient.chat.completions.create(**request(i))).choices[0].message.content
+
+    async def together() -> list[str]:
+        async with openai.AsyncOpenAI(base_url=f"{api.url}/v1", api_key="none", max_retries=0, timeout=120) as aclient:
+            return list(await asyncio.gather(*(one(aclient, i) for i in range(16))))
+
+    assert asyncio.run(together()) == alone
+
+
 def test_a_client_leaving_mid_stream_disturbs_nothing(client):
     stream = greedy(client, "Once", 200, stream=True, extra_body={"ignore_eos": True})
     for _, _ in zip(range(3), stream):

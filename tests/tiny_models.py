@@ -11,6 +11,9 @@ Each family switches on what makes it differ from plain Llama, so the tests exer
   qwen2    q/k/v biases (no o_proj bias); sliding window only on layers >= max_window_layers; tied head
   qwen3    per-head q/k RMSNorm, biases on q/k/v/o (attention_bias), untied head
   mixtral  4 experts, top-2 routing, untied head
+  qwen3_moe  q/k norms, 8 experts top-2 (not renormalized), layer 1 dense (mlp_only_layers), untied head
+  deepseek_v3  latent attention (q and kv LoRA ranks, interleaved rope), first layer dense, then 8 routed
+           experts in 4 groups (top-2 groups, top-2 experts, sigmoid + correction bias) + 1 shared expert
 Weights use initializer_range 0.2, so logits are spread out and greedy decoding is not a coin toss.
 """
 
@@ -29,9 +32,11 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
+from transformers import DeepseekV3Config
 
-FAMILIES_UNDER_TEST = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
+FAMILIES_UNDER_TEST = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "deepseek_v3")
 
 VOCAB_SIZE = 512  # the tokenizer's too: 3 special tokens, 256 bytes, 253 merges
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # pad/bos, turn start, eos
@@ -100,6 +105,18 @@ def tiny_config(family: str) -> PretrainedConfig:
             num_experts_per_tok=2,
             tie_word_embeddings=False,
         )
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(
+            **common, num_hidden_layers=4, head_dim=16, moe_intermediate_size=32, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1], tie_word_embeddings=False,
+        )  # fmt: skip
+    if family == "deepseek_v3":
+        return DeepseekV3Config(
+            **{**common, "num_key_value_heads": 4}, num_hidden_layers=4, q_lora_rank=32, kv_lora_rank=24,
+            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=32, n_routed_experts=8,
+            n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
+            routed_scaling_factor=2.5, tie_word_embeddings=False,
+        )  # fmt: skip
     raise ValueError(f"no tiny model for family {family!r}; known: {', '.join(FAMILIES_UNDER_TEST)}")
 
 
@@ -133,6 +150,9 @@ def save_tiny_model(family: str, directory: Path) -> Path:
     config = tiny_config(family)
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # DeepSeek: zeros at init; nonzero, it steers the routing
+            buffer.normal_(0.0, 0.1)
     directory = Path(directory)
     model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)

@@ -1,0 +1,399 @@
+"""Don't trust, verify: every hop's outputs are recomputed elsewhere, window by window, before use.
+
+Signing proves who answered, not what. With verification on, the session reports each hop's outputs
+here (`observe`). Once W new positions have gone through the chain, each hop's kept inputs of that window
+(`Hop.history`) are run as ONE prefill by an *opinion*: an ordinary inference session on another node
+or chain covering the same blocks (the checked node never sees anything unusual, so a node that lies
+only on decode steps, at random, or when it thinks nobody looks is caught all the same), or the
+client's own copy of the blocks when it holds the weights. The two are compared within a tolerance
+derived from the dtypes on both sides (`tolerance`). A mismatch gets a third opinion (the client's own
+computation if it can, else another route); whoever disagrees with it lied. The liar is reported to
+the caller (`on_dishonest`: ban, warning, evidence), its hop is re-routed, and `check` returns the
+first wrong position so that generation rewinds there. Nothing is released before its window passed.
+
+A prefill of W tokens costs far less than W decode steps (on a GPU about one), so checking every
+token is affordable: see scripts/bench_verify.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..models.checkpoint import Checkpoint
+from ..models.families import LAYER_PREFIX, load_span
+from ..protocol import tensor_codec
+from ..protocol.identity import peer_id_of
+from ..protocol.node_client import NodeClient, NodeError, NodeInfo
+from .routing import NoRouteError
+from .session import Hop, InferenceSession
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW = 32  # tokens per check: each hop's window is one prefill on another node
+EPS_FACTOR = 32  # tolerance = EPS_FACTOR * machine epsilon of the coarsest dtype involved + FLOOR
+FLOOR = 1e-4  # float32 prefill vs decode differ by up to ~5e-6 (relative) on SmolLM2's 15 blocks
+
+Router = Callable[[int, int, set[str]], Awaitable[list[Hop]]]  # (start, end, addresses to avoid) -> hops
+
+
+class VerificationError(RuntimeError):
+    """Outputs could not be verified: no other opinion exists, or opinions disagree with no way to decide."""
+
+
+def tolerance(*dtypes: torch.dtype) -> float:
+    """Largest relative error (see `first_mismatch`) that honest computations in these dtypes can show."""
+    return EPS_FACTOR * max(torch.finfo(d).eps for d in dtypes) + FLOOR
+
+
+def first_mismatch(claimed: torch.Tensor, reference: torch.Tensor, tol: float) -> tuple[int | None, float]:
+    """Index along T of the first position where claimed and reference (B, T, H) differ beyond `tol`, and
+    the largest error. The error of an element is |claimed - reference| / (|reference| + rms of its
+    position): relative for the residual stream's huge outlier channels, absolute-ish for the rest."""
+    ref, got = reference.float(), claimed.float()
+    scale = ref.abs() + ref.pow(2).mean(-1, keepdim=True).sqrt()  # (B, T, H)
+    error = ((got - ref).abs() / scale.clamp_min(1e-30)).nan_to_num(float("inf")).amax(dim=(0, 2))  # (T,)
+    bad = (~(error <= tol)).nonzero()
+    return (int(bad[0, 0]) if len(bad) else None), float(error.max()) if error.numel() else 0.0
+
+
+def holds_blocks(ckpt: Checkpoint) -> bool:
+    """Whether the client's checkpoint has the blocks' weights on disk (then it can be its own judge)."""
+    try:
+        return ckpt.parameter_count(lambda key: key.startswith(LAYER_PREFIX)) > 0
+    except (OSError, ValueError):
+        return False
+
+
+# ---- opinions: who recomputes a span
+
+
+class Opinion:
+    """Someone else's run of blocks [start, end) over the same inputs. It keeps its KV cache between
+    checks, so each check sends only the new window, as one prefill."""
+
+    trusted = False  # the client's own computation decides alone
+    name = ""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.valid, self.lock = dtype, 0, asyncio.Lock()  # valid: positions it holds that still stand
+
+    async def outputs(self, inputs: torch.Tensor, start: int) -> torch.Tensor:
+        """Outputs (B, L - start, H) at positions [start, L) of inputs (B, L, H)."""
+        async with self.lock:
+            sent = min(self.valid, start)
+            out = await self._run(inputs[:, sent:], sent)
+            self.valid = inputs.shape[1]
+            return out[:, start - sent :]
+
+    def forget_from(self, position: int) -> None:
+        self.valid = min(self.valid, position)
+
+    async def _run(self, x: torch.Tensor, position: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+class RemoteOpinion(Opinion):
+    """An ordinary inference session on other nodes: to them, a client prefilling W tokens at a time."""
+
+    def __init__(self, session: InferenceSession, dtype: torch.dtype):
+        super().__init__(dtype)
+        self.session = session
+
+    @property
+    def nodes(self) -> list[NodeClient]:
+        return [hop.node for hop in self.session.hops]
+
+    @property
+    def name(self) -> str:
+        return ", ".join(node.address for node in self.nodes)
+
+    async def _run(self, x: torch.Tensor, position: int) -> torch.Tensor:
+        return await self.session.step(x, position)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+class LocalOpinion(Opinion):
+    """The client's own copy of the blocks (read from its local checkpoint on first need), in float32."""
+
+    trusted = True
+    name = "this client"
+
+    def __init__(self, ckpt: Checkpoint, start: int, end: int, batch: int, max_length: int):
+        super().__init__(torch.float32)
+        self.span = load_span(ckpt, start, end, torch.float32)
+        self.start, self.end = start, end
+        self.caches = self.span.new_caches(start, end, batch, max_length)
+
+    async def _run(self, x: torch.Tensor, position: int) -> torch.Tensor:
+        x = x.to(torch.float32)
+        return await asyncio.to_thread(self.span, x, position, self.start, self.end, self.caches)
+
+
+# ---- what each hop answered
+
+
+@dataclass
+class Record:
+    """Outputs one hop's node returned, from position `first` on (B, 1, H) each, and its signed exchanges."""
+
+    hop: Hop
+    first: int
+    outputs: list[torch.Tensor] = field(default_factory=list)  # outputs[i]: position first + i
+    exchanges: list[tuple[bytes, bytes]] = field(default_factory=list)  # (signed request, signed reply) per step
+
+    @property
+    def end(self) -> int:
+        return self.first + len(self.outputs)
+
+    def add(self, position: int, out: torch.Tensor) -> None:
+        self.forget_from(position)
+        self.outputs.extend(out[:, i : i + 1] for i in range(out.shape[1]))
+
+    def forget_from(self, position: int) -> None:
+        del self.outputs[max(position - self.first, 0) :]
+
+    def drop_before(self, position: int) -> None:
+        cut = min(max(position - self.first, 0), len(self.outputs))
+        del self.outputs[:cut]
+        self.first += cut
+
+    def claimed(self, start: int, stop: int) -> torch.Tensor:
+        return torch.cat(self.outputs[start - self.first : stop - self.first], dim=1)  # (B, stop - start, H)
+
+    def inputs(self, stop: int) -> torch.Tensor:
+        """The inputs the node was given for positions [0, stop), from the hop's kept history."""
+        return torch.cat([h for _, h in self.hop.history], dim=1)[:, :stop]  # (B, stop, H)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A node caught returning wrong outputs: first wrong `position` on blocks [start, end)."""
+
+    node: NodeClient
+    peer_id: str
+    start: int
+    end: int
+    position: int
+    error: float
+    tolerance: float
+    judge: str  # who decided (the third opinion)
+    public_key: bytes = b""
+    dtype: str = "float32"  # what the node says it computes in (its Info)
+    exchanges: tuple[tuple[bytes, bytes], ...] = ()  # its signed requests and replies, for a fraud proof
+
+
+class Verifier:
+    """One per inference session; `check` after each step says where to rewind, if anywhere."""
+
+    def __init__(
+        self,
+        session: InferenceSession,
+        route: Router,
+        on_dishonest: Callable[[Finding], None],
+        window: int = DEFAULT_WINDOW,
+        local: Checkpoint | None = None,
+    ):
+        if window < 1:
+            raise ValueError(f"verify_window must be >= 1 token, got {window}")
+        self.session, self.route, self.on_dishonest = session, route, on_dishonest
+        self.window, self.local = window, local
+        self.verified = 0  # outputs at positions < verified are checked, or were never used
+        self.records: dict[int, Record] = {}  # id(hop) -> what it answered
+        self.checkers: dict[tuple[int, int, str], Opinion] = {}  # (start, end, checked node) -> opinion
+        self.locals: dict[tuple[int, int], LocalOpinion] = {}
+        self.infos: dict[str, NodeInfo] = {}
+
+    # ---- the session's hook
+    def observe(self, hop: Hop, position: int, out: torch.Tensor) -> None:
+        """Called by the session with every output a hop returns (steps and replays alike)."""
+        record = self.records.get(id(hop))
+        if record is None:
+            first = max(position, self.verified)  # a replay's older outputs were never used downstream
+            record = self.records[id(hop)] = Record(hop, first)
+        elif position < record.end:
+            self.forget_from(position)  # the session rewound
+        exchange = getattr(hop.stream, "last_exchange", None)
+        if exchange is not None:
+            record.exchanges.append(exchange)
+        skip = max(record.first - position, 0)
+        if skip < out.shape[1]:
+            record.add(position + skip, out[:, skip:])
+
+    def forget_from(self, position: int) -> None:
+        self.verified = min(self.verified, position)
+        for record in self.records.values():
+            record.forget_from(position)
+        for opinion in [*self.checkers.values(), *self.locals.values()]:
+            opinion.forget_from(position)
+
+    # ---- checks
+    async def check(self, final: bool = False) -> int | None:
+        """Checks the outputs of [verified, session.position) once a window is full (or `final`).
+
+        Returns None when all are right (verified moves on), or the first wrong position: the liar is
+        reported and re-routed, and the caller must rewind generation there."""
+        stop = self.session.position
+        if stop <= self.verified or (not final and stop - self.verified < self.window):
+            return None
+        start = self.verified
+        records = [r for r in self.records.values() if r.first < stop and r.end > start]
+        findings = await asyncio.gather(*(self._check_record(r, start, stop) for r in records))
+        liars = [(r, f) for r, f in zip(records, findings) if f is not None]
+        if not liars:
+            self._advance(stop)
+            return None
+        rewind = min(f.position for _, f in liars)
+        for record, finding in liars:
+            self.on_dishonest(finding)
+            await self._drop_checkers_of(finding.node)
+            if any(hop is record.hop for hop in self.session.hops):
+                await self.session.replace(record.hop, rewind)
+            del self.records[id(record.hop)]
+        self.forget_from(rewind)
+        self._advance(rewind)
+        return rewind
+
+    def _advance(self, position: int) -> None:
+        self.verified = position
+        live = {id(hop) for hop in self.session.hops}
+        for key, record in list(self.records.items()):
+            record.drop_before(position)
+            if key not in live and record.end <= position:
+                del self.records[key]
+
+    async def _check_record(self, record: Record, start: int, stop: int) -> Finding | None:
+        start, stop = max(start, record.first), min(stop, record.end)
+        if start >= stop:
+            return None
+        hop = record.hop
+        inputs, claimed = record.inputs(stop), record.claimed(start, stop)
+        node_dtype = await self._dtype(hop.node)
+        checker = await self._checker(hop)
+        reference = await checker.outputs(inputs, start)
+        tol = tolerance(node_dtype, checker.dtype, self.session.wire_dtype)
+        wrong, error = first_mismatch(claimed, reference, tol)
+        if wrong is None:
+            return None
+        log.warning(
+            "verification: %s and %s disagree on blocks %d:%d at position %d (error %.3g > %.3g); asking a third opinion",
+            hop.node.address, checker.name, hop.start, hop.end, start + wrong, error, tol,
+        )  # fmt: skip
+        if checker.trusted:
+            return await self._finding(record, start, start + wrong, error, tol, checker.name)
+        third = await self._third(hop, checker)
+        try:
+            judged = await third.outputs(inputs, start)
+        finally:
+            if not third.trusted:
+                await third.close()
+        tol3 = tolerance(node_dtype, checker.dtype, third.dtype, self.session.wire_dtype)
+        node_wrong, node_error = first_mismatch(claimed, judged, tol3)
+        checker_wrong, _ = first_mismatch(reference, judged, tol3)
+        if checker_wrong is not None and (node_wrong is None or third.trusted):
+            await self._checker_lied(hop, checker, third.name)
+        if node_wrong is not None and (checker_wrong is None or third.trusted):
+            return await self._finding(record, start, start + node_wrong, node_error, tol3, third.name)
+        if node_wrong is not None:
+            raise VerificationError(
+                f"blocks {hop.start}:{hop.end}: {hop.node.address}, {checker.name} and {third.name} all disagree; "
+                "no two opinions agree, so no output can be trusted"
+            )
+        return None
+
+    async def _finding(self, record: Record, start: int, wrong: int, error: float, tol: float, judge: str) -> Finding:
+        node = record.hop.node
+        info = self.infos.get(node.address)
+        key = info.public_key if info is not None else getattr(node, "expected_key", None) or b""
+        return Finding(
+            node, peer_id_of(key) if key else "unknown", record.hop.start, record.hop.end, wrong, error, tol, judge,
+            key, info.dtype if info is not None else "float32", tuple(record.exchanges),
+        )  # fmt: skip
+
+    async def _dtype(self, node: NodeClient) -> torch.dtype:
+        """The dtype a node computes in, from its Info (an ordinary call), asked once."""
+        if node.address not in self.infos:
+            try:
+                self.infos[node.address] = await node.info()
+            except NodeError:
+                return torch.bfloat16  # unknown: the loosest dtype we accept, never a false accusation
+        return tensor_codec.dtype_from_name(self.infos[node.address].dtype)
+
+    async def _checker(self, hop: Hop) -> Opinion:
+        key = (hop.start, hop.end, hop.node.address)
+        if key not in self.checkers:
+            self.checkers[key] = await self._opinion(hop, {hop.node.address}, prefer_local=False)
+        return self.checkers[key]
+
+    async def _third(self, hop: Hop, checker: Opinion) -> Opinion:
+        avoid = {hop.node.address} | {n.address for n in getattr(checker, "nodes", [])}
+        try:
+            return await self._opinion(hop, avoid, prefer_local=True)
+        except VerificationError:
+            raise VerificationError(
+                f"{hop.node.address} and {checker.name} disagree on blocks {hop.start}:{hop.end} and there is no "
+                "third opinion (no other node serves these blocks and the client holds no local weights); "
+                "refusing to return an unverified answer"
+            ) from None
+
+    async def _opinion(self, hop: Hop, avoid: set[str], prefer_local: bool) -> Opinion:
+        if prefer_local and self.local is not None:
+            return self._local(hop)
+        try:
+            hops = await self.route(hop.start, hop.end, avoid)
+        except NoRouteError:
+            if self.local is not None:
+                return self._local(hop)
+            raise VerificationError(
+                f"cannot verify blocks {hop.start}:{hop.end} served by {hop.node.address}: no other node serves them "
+                "and the client holds no local weights for them"
+            ) from None
+        s = self.session
+        session = InferenceSession(
+            hops, s.max_length, s.batch_size, s.wire_dtype, s.step_timeout,
+            router=lambda a, b: self.route(a, b, avoid), on_failure=s.on_failure, retry=s.retry,
+        )  # fmt: skip
+        dtypes = [await self._dtype(h.node) for h in hops]
+        return RemoteOpinion(session, max(dtypes, key=lambda d: torch.finfo(d).eps))
+
+    def _local(self, hop: Hop) -> LocalOpinion:
+        key = (hop.start, hop.end)
+        if key not in self.locals:
+            s = self.session
+            self.locals[key] = LocalOpinion(self.local, hop.start, hop.end, s.batch_size, s.max_length)
+        return self.locals[key]
+
+    async def _checker_lied(self, hop: Hop, checker: Opinion, judge: str) -> None:
+        """The checker, not the checked node, was wrong: a lone checker node is named; a chain is dropped."""
+        nodes = getattr(checker, "nodes", [])
+        if len(nodes) == 1:
+            node = nodes[0]
+            await self._dtype(node)
+            info = self.infos.get(node.address)
+            peer = peer_id_of(info.public_key) if info is not None else "unknown"
+            self.on_dishonest(Finding(node, peer, hop.start, hop.end, -1, float("nan"), float("nan"), judge, info.public_key if info else b""))
+        else:
+            log.warning("verification: the chain %s gave wrong outputs for blocks %d:%d; not using it again", checker.name, hop.start, hop.end)
+        await self._drop_checkers_of(*nodes)
+
+    async def _drop_checkers_of(self, *nodes: NodeClient) -> None:
+        addresses = {n.address for n in nodes}
+        for key, opinion in list(self.checkers.items()):
+            if key[2] in addresses or addresses & {n.address for n in getattr(opinion, "nodes", [])}:
+                del self.checkers[key]
+                await opinion.close()
+
+    async def close(self) -> None:
+        for opinion in self.checkers.values():
+            await opinion.close()
+        self.checkers.clear()
+        self.locals.clear()

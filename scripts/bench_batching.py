@@ -1,0 +1,176 @@
+"""Aggregate tokens/s of N concurrent sessions through 2 SmolLM2 nodes (0:15, 15:30), against plain
+transformers running the same N prompts as one padded batch in this process (the reference).
+
+Two swarm figures per N:
+- `sdk`: what a user writes, `model.generate([N prompts])`: one session each, run concurrently; the nodes
+  batch their steps, but the client computes each session's LM head on its own (one 576 x 49152 matrix
+  read per session per token), which is most of its time at large N;
+- `lockstep`: the same N sessions stepped together by this script, with one LM-head pass for all N per
+  token: what the nodes' batching gives once the client's head is batched too.
+Every figure is N x new tokens / wall time, prefill included. While the swarm runs, the nodes' Info is
+polled for their batch sizes (what the nodes actually did).
+
+    .venv/bin/python scripts/bench_batching.py [--sessions 1,2,4,8,16] [--tokens 32] [--node-threads 1]
+        [--max-batch-tokens 256] [--batch-wait-ms 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from swarm import start_nodes, stop_all  # noqa: E402
+
+SPANS = ["0:15", "15:30"]
+SUBJECTS = ["dragons", "the sea", "a robot", "Paris", "winter", "a lost key", "music", "the moon", "trains",
+            "a garden", "chess", "rain", "a lighthouse", "bread", "mountains", "a clock"]  # fmt: skip
+
+
+def prompts(n: int) -> list[str]:
+    """n different prompts of different lengths."""
+    return [f"Write a story about {SUBJECTS[i % len(SUBJECTS)]}" + " in detail" * (i % 4) for i in range(n)]
+
+
+class BatchWatch:
+    """Polls the nodes' signed Info in its own thread: the batch sizes they report while the swarm runs."""
+
+    def __init__(self, addresses: list[str]):
+        self.addresses, self.sizes, self.queues = addresses, [], []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._poll()), daemon=True)
+
+    async def _poll(self) -> None:
+        from torchnode.protocol.grpc_node import GrpcNodeClient
+        from torchnode.protocol.identity import Identity
+
+        clients = [GrpcNodeClient(a, Identity.generate()) for a in self.addresses]
+        while not self._stop.is_set():
+            for client in clients:
+                info = await client.info()
+                if info.batch_size:
+                    self.sizes.append(info.batch_size)
+                    self.queues.append(info.queue_length)
+            await asyncio.sleep(0.02)
+        for client in clients:
+            await client.close()
+
+    def __enter__(self) -> BatchWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def time_swarm(model, texts: list[str], tokens: int) -> float:
+    started = time.perf_counter()
+    outs = model.generate(texts, max_new_tokens=tokens, ignore_eos=True)
+    elapsed = time.perf_counter() - started
+    assert all(o.shape[1] > tokens for o in outs)
+    return len(texts) * tokens / elapsed
+
+
+async def lockstep(core, texts: list[str], tokens: int) -> None:
+    """N sessions, greedy, one head pass per token for all of them; each session's steps go to the nodes
+    concurrently (the nodes batch them)."""
+    ids = [core.encode(t) for t in texts]
+    sessions = [await core.open_session(i.shape[1] + tokens) for i in ids]
+    try:
+        outs = await asyncio.gather(*(s.step(core.head.embed(i)) for s, i in zip(sessions, ids)))  # prefills
+        last = torch.cat([o[:, -1:] for o in outs])  # (N, 1, hidden)
+        for step in range(tokens):
+            new = core.head.logits(last)[:, -1].argmax(-1)  # (N,): one LM-head pass for every session
+            if step + 1 == tokens:
+                return
+            embedded = core.head.embed(new[:, None])  # (N, 1, hidden)
+            last = torch.cat(await asyncio.gather(*(s.step(embedded[i : i + 1]) for i, s in enumerate(sessions))))
+    finally:
+        for s in sessions:
+            await s.close()
+
+
+def time_lockstep(model, texts: list[str], tokens: int) -> float:
+    started = time.perf_counter()
+    model._loop.run(lockstep(model._core, texts, tokens))
+    return len(texts) * tokens / (time.perf_counter() - started)
+
+
+def time_reference(hf, tokenizer, texts: list[str], tokens: int) -> float:
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    elapsed = time.perf_counter() - started
+    assert out.shape[1] == batch.input_ids.shape[1] + tokens
+    return len(texts) * tokens / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", default="1,2,4,8,16", help="comma-separated N")
+    parser.add_argument("--tokens", type=int, default=32, help="new greedy tokens per session")
+    parser.add_argument("--node-threads", type=int, default=1, help="torch threads per node (2 nodes on one machine)")
+    parser.add_argument("--reference-threads", type=int, default=0, help="torch threads of the reference (0: default)")
+    parser.add_argument("--max-batch-tokens", type=int, default=256, help="the nodes' --max-batch-tokens")
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0, help="the nodes' --batch-wait-ms")
+    args = parser.parse_args()
+    counts = [int(n) for n in args.sessions.split(",")]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from torchnode.client.model import DistributedModel
+    from torchnode.models.checkpoint import resolve
+
+    if args.reference_threads:
+        torch.set_num_threads(args.reference_threads)
+    ckpt = resolve("default")
+    hf = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.path, padding_side="left")
+    node_flags = ["--threads", str(args.node_threads), "--max-batch-tokens", str(args.max_batch_tokens),
+                  "--batch-wait-ms", str(args.batch_wait_ms)]  # fmt: skip
+    nodes = start_nodes("default", SPANS, *node_flags)
+    rows = []
+    try:
+        model = DistributedModel.from_pretrained("default", [n.address for n in nodes])
+        time_swarm(model, prompts(2), 4), time_lockstep(model, prompts(2), 4)  # warm-up
+        time_reference(hf, tokenizer, prompts(2), 4)
+        for n in counts:
+            texts = prompts(n)
+            with BatchWatch([node.address for node in nodes]) as watch:
+                sdk = time_swarm(model, texts, args.tokens)
+            with BatchWatch([node.address for node in nodes]) as watch_lockstep:
+                stepped = time_lockstep(model, texts, args.tokens)
+            reference = time_reference(hf, tokenizer, texts, args.tokens)
+            batches = [_mean(watch.sizes), _mean(watch_lockstep.sizes)]
+            rows.append((n, sdk, stepped, reference, batches))
+            print(f"N={n:>2}: sdk {sdk:6.1f} tokens/s (node batch {batches[0]:4.1f}), lockstep {stepped:6.1f} "
+                  f"(node batch {batches[1]:4.1f}), transformers batched {reference:6.1f}", flush=True)  # fmt: skip
+        model.close()
+    finally:
+        stop_all(nodes)
+
+    base = {"sdk": rows[0][1], "lockstep": rows[0][2]} if rows and rows[0][0] == 1 else None
+    print(f"\n{len(SPANS)} nodes {', '.join(SPANS)}, {args.tokens} greedy tokens per session, node flags: {' '.join(node_flags)}")
+    print("|  N | sdk tokens/s | x N=1 | lockstep tokens/s | x N=1 | transformers batched | sdk / tf | lockstep / tf | node batch sdk / lockstep |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, sdk, stepped, reference, (batch_sdk, batch_lockstep) in rows:
+        gains = [f"{v / base[k]:.2f}" if base else "-" for k, v in (("sdk", sdk), ("lockstep", stepped))]
+        print(f"| {n} | {sdk:.1f} | {gains[0]} | {stepped:.1f} | {gains[1]} | {reference:.1f} | {sdk / reference:.2f} "
+              f"| {stepped / reference:.2f} | {batch_sdk:.1f} / {batch_lockstep:.1f} |")
+
+
+def _mean(values: list[int]) -> float:
+    return statistics.mean(values) if values else 0.0
+
+
+if __name__ == "__main__":
+    main()

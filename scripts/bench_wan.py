@@ -1,0 +1,176 @@
+"""Decoding over distance: tokens/s of plain, ngram and draft-model speculative decoding, on loopback and
+through a delay proxy in front of every node, and the first-token latency of a long prompt with and
+without pipelined prefill.
+
+Nodes: `torchnode join MODEL` processes splitting the model's blocks evenly over --hops nodes. The
+proxy (scripts/delay_proxy.py) adds --delay-ms to every chunk each way. Prompts: a copying one
+("repeat this text") and free writing; --tokens greedy tokens each. Every greedy output is compared
+with every other of the same prompt (plain, speculative, loopback, delayed): they must be identical.
+The bound printed for plain decoding is 1 / (legs x D + compute), compute = 1 / loopback plain tokens/s,
+legs = 2 x hops (the client drives every hop, as now) or hops + 1 (node-to-node push).
+
+    .venv/bin/python scripts/bench_wan.py [--hops 2,4] [--delay-ms 25] [--tokens 96] [--draft-model default] [--threads 1]
+
+--draft-model default makes SmolLM2 its own draft: it accepts everything and costs a full local forward
+per drafted token, so it shows the mechanism, not the speed of a real small draft.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from swarm import free_port, start_nodes, stop_all  # noqa: E402
+
+COPY_TEXT = (
+    "The committee met on Tuesday to review the budget for the new library. After a long discussion, the "
+    "members agreed to spend more on children's books, to open the reading room on Sunday afternoons, and "
+    "to replace the old computers near the entrance. The chair thanked the volunteers who had organised "
+    "the book sale in the spring, which raised enough money to repair the roof. The next meeting will be "
+    "held in the town hall on the first Monday of the month, and everyone is welcome to attend."
+)
+PROMPTS = {
+    "copying": f"Repeat the following text exactly, word for word:\n\n{COPY_TEXT}",
+    "free": "Write a long story about a dragon who learns to paint.",
+}
+LONG_TEXT = (
+    "Distributed inference splits a language model across machines: each serves a span of blocks and "
+    "passes hidden states on to the next. "
+)
+
+
+def spans(total: int, hops: int) -> list[str]:
+    cuts = [round(i * total / hops) for i in range(hops + 1)]
+    return [f"{a}:{b}" for a, b in zip(cuts, cuts[1:])]
+
+
+def start_proxy(targets: list[str], delay_ms: float) -> tuple[subprocess.Popen, list[str]]:
+    listens = [f"127.0.0.1:{free_port()}" for _ in targets]
+    maps = [arg for listen, target in zip(listens, targets) for arg in ("--map", f"{listen}={target}")]
+    cmd = [sys.executable, str(ROOT / "scripts" / "delay_proxy.py"), "--delay-ms", str(delay_ms), *maps]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    for _ in targets:
+        line = proc.stdout.readline()
+        if not line.startswith("ready:"):
+            proc.kill()
+            raise RuntimeError(f"delay proxy failed to start: {line!r}")
+    return proc, listens
+
+
+def timed(model, ids: torch.Tensor, tokens: int, draft: str | None, ignore_eos: bool = True) -> tuple[list[int], float, float]:
+    """(new tokens, first-token latency s, tokens/s from the request to the last token)."""
+    from torchnode.client.sampling import SamplingParams
+
+    core, params = model.async_model, SamplingParams(max_new_tokens=tokens, ignore_eos=ignore_eos)
+    out, stamps, started = [], [], time.perf_counter()
+    for new in model.iterate(core.generate_ids(ids, params, draft=draft)):
+        out.append(int(new[0]))
+        stamps.append(time.perf_counter())
+    return out, stamps[0] - started, len(out) / (stamps[-1] - started)
+
+
+def first_token_latency(model, ids: torch.Tensor, chunk: int, runs: int) -> float:
+    kept, model.async_model.prefill_chunk = model.async_model.prefill_chunk, chunk
+    try:
+        return statistics.median(timed(model, ids, 1, None)[1] for _ in range(runs))
+    finally:
+        model.async_model.prefill_chunk = kept
+
+
+def bench_hops(args, hops: int, long_ids: torch.Tensor) -> dict:
+    from torchnode.client.model import DistributedModel
+
+    nodes = start_nodes(args.model, spans(args.blocks, hops), "--threads", str(args.threads), *args.node_args)
+    proxy, proxied = start_proxy([n.address for n in nodes], args.delay_ms)
+    results, outputs = {}, {}
+    try:
+        for link, peers in (("loopback", [n.address for n in nodes]), (f"+{args.delay_ms:g}ms", proxied)):
+            with DistributedModel.from_pretrained(args.model, peers) as model:
+                timed(model, model.async_model.encode("Hi"), 4, None)  # warm-up: channels, caches
+                if args.draft_model:
+                    model.async_model.drafter(args.draft_model)  # load it once, outside the timings
+                for name, text in PROMPTS.items():
+                    ids = model.async_model.encode(text, chat=True)
+                    for mode in ("plain", "ngram", "draft-model"):
+                        draft = {"plain": None, "ngram": "ngram", "draft-model": args.draft_model}[mode]
+                        if mode == "draft-model" and not args.draft_model:
+                            continue
+                        runs = [timed(model, ids, args.tokens, draft) for _ in range(args.repeats)]
+                        rate = statistics.median(r[2] for r in runs)
+                        results[link, name, mode] = rate
+                        outputs.setdefault(name, []).extend(r[0] for r in runs)
+                        print(f"  {hops} hops {link:>9} {name:>8} {mode:>12}: {rate:6.2f} tokens/s", flush=True)
+                for chunk in (0, args.prefill_chunk):
+                    latency = first_token_latency(model, long_ids, chunk, args.runs)
+                    results[link, "prefill", chunk] = latency
+                    print(f"  {hops} hops {link:>9} first token of {long_ids.shape[1]} tokens, chunk {chunk}: "
+                          f"{latency * 1000:7.0f} ms", flush=True)  # fmt: skip
+    finally:
+        proxy.terminate()
+        proxy.wait()
+        stop_all(nodes)
+    results["identical"] = all(all(o == outs[0] for o in outs) for outs in outputs.values())
+    return results
+
+
+def report(args, hops: int, r: dict) -> None:
+    d, delayed = args.delay_ms / 1000, f"+{args.delay_ms:g}ms"
+    compute = 1 / r["loopback", "free", "plain"]
+    print(f"\n## {hops} hops, {args.delay_ms:g} ms each way, {args.tokens} greedy tokens (tokens/s)")
+    print("| prompt | mode | loopback | delayed | vs plain (delayed) |")
+    print("|---|---|---|---|---|")
+    for name in PROMPTS:
+        plain = r[delayed, name, "plain"]
+        for mode in ("plain", "ngram", "draft-model"):
+            if (delayed, name, mode) in r:
+                loop, wan = r["loopback", name, mode], r[delayed, name, mode]
+                print(f"| {name} | {mode} | {loop:.2f} | {wan:.2f} | {wan / plain:.2f}x |")
+    print(f"bound, client-driven ({2 * hops} legs): {1 / (2 * hops * d + compute):.2f} tokens/s; "
+          f"with push ({hops + 1} legs): {1 / ((hops + 1) * d + compute):.2f} tokens/s "
+          f"(compute {compute * 1000:.0f} ms/token from loopback plain)")  # fmt: skip
+    for link in ("loopback", delayed):
+        one, piped = r[link, "prefill", 0], r[link, "prefill", args.prefill_chunk]
+        print(f"first token, {args.long_tokens}-token prompt, {link}: one step {one * 1000:.0f} ms, "
+              f"pipelined chunks of {args.prefill_chunk} {piped * 1000:.0f} ms ({one / piped:.2f}x)")  # fmt: skip
+    print(f"greedy outputs identical across modes and links: {'yes' if r['identical'] else 'NO'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--hops", default="2", help="comma-separated chain lengths to measure (2)")
+    parser.add_argument("--delay-ms", type=float, default=25.0, help="proxy delay each way (25)")
+    parser.add_argument("--tokens", type=int, default=96, help="greedy tokens per run (96)")
+    parser.add_argument("--draft-model", default="default", help="draft model; '' skips it (default: the target)")
+    parser.add_argument("--long-tokens", type=int, default=1000, help="prompt length for first-token latency (1000)")
+    parser.add_argument("--prefill-chunk", type=int, default=128, help="chunk of the pipelined prefill (128)")
+    parser.add_argument("--runs", type=int, default=3, help="first-token latency: median of this many (3)")
+    parser.add_argument("--repeats", type=int, default=1, help="decoding: median tokens/s of this many runs (1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of each node and of the client (1): "
+                        "on a small shared machine, more threads per process spin against each other")
+    parser.add_argument("--node-args", default="", help="extra `torchnode join` arguments")
+    args = parser.parse_args()
+    args.node_args = args.node_args.split()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    from torchnode.models.checkpoint import resolve
+    from torchnode.models.families import num_blocks
+
+    ckpt = resolve(args.model)
+    args.blocks, tokenizer = num_blocks(ckpt), AutoTokenizer.from_pretrained(ckpt.path)
+    long_ids = tokenizer(LONG_TEXT * 60, return_tensors="pt").input_ids[:, : args.long_tokens]
+    for hops in (int(h) for h in args.hops.split(",")):
+        report(args, hops, bench_hops(args, hops, long_ids))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""A dishonest node, for tests only (never a production flag): the real span backend, with outputs corrupted
+by one of three policies:
+
+  decode     lies on every single-token (decode) step, answers prefills honestly
+  random     lies on a random quarter of its steps (seeded)
+  unchecked  lies only where it believes nobody checks: on decode steps of sessions that look like plain
+             generation (one prefill, then single tokens), after a few honest steps; any session with a
+             multi-token step after its first (what a verifier's prefill would look like) gets the truth
+
+All of them claim to be 100x faster than they are, to attract clients. In-process: `dishonest_memory_node(ckpt, start, end, address, mode)` (tests/memory_node.py's node).
+As a process: `python tests/dishonest_node.py MODE join MODEL --blocks ... ` runs the real `torchnode join`
+with this backend in place of the honest one.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import torch
+
+from torchnode.node.span_backend import Session, SpanBackend
+
+MODES = ("decode", "random", "unchecked")
+LIE_PROBABILITY = 0.25
+TRUST_STEPS = 3  # `unchecked` answers this many steps of each session honestly first
+
+
+def corrupt(out: torch.Tensor) -> torch.Tensor:
+    """A lie big enough to change the next token: every position pushed by twice its RMS along a fixed
+    direction (deterministic, so runs repeat)."""
+    direction = torch.sin(torch.arange(out.shape[-1], dtype=torch.float32))  # (H,)
+    rms = out.float().pow(2).mean(-1, keepdim=True).sqrt()  # (B, T, 1)
+    return (out.float() + 2.0 * rms * direction).to(out.dtype)
+
+
+class DishonestBackend(SpanBackend):
+    def __init__(self, *args, mode: str = "decode", seed: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode, self.rng = mode, random.Random(seed)
+        self.looks_checked: set[str] = set()  # sessions with a multi-token step after the first
+        self.steps_seen: dict[str, int] = {}
+        self.lies = 0
+        self.lie_positions: list[int] = []  # where each lie started (benchmarks: how soon it is caught)
+
+    def _lies(self, session: Session, x: torch.Tensor, step: int) -> bool:
+        if self.mode == "decode":
+            return x.shape[1] == 1
+        if self.mode == "random":
+            return self.rng.random() < LIE_PROBABILITY
+        if step > 0 and x.shape[1] > 1:
+            self.looks_checked.add(session.id)
+        seen = self.steps_seen[session.id] = self.steps_seen.get(session.id, 0) + 1
+        return session.id not in self.looks_checked and x.shape[1] == 1 and seen > TRUST_STEPS
+
+    def measure_throughput(self, steps: int = 8) -> float:
+        """Claims to be 100x faster than it is, so that routing sends clients its way."""
+        return super().measure_throughput(steps) * 100
+
+    async def step(self, session: Session, step: int, x, position: int, reply_dtype=None):
+        out = await super().step(session, step, x, position, reply_dtype)
+        if out is not None and self._lies(session, x, step):
+            self.lies += 1
+            self.lie_positions.append(position)
+            return corrupt(out)
+        return out
+
+
+def dishonest_memory_node(ckpt, start: int, end: int, address: str, mode: str, seed: int = 1):
+    """tests/memory_node.py's in-memory node, lying with `mode`."""
+    from memory_node import MemoryNode
+
+    node = MemoryNode(ckpt, start, end, address)
+    honest = node.backend
+    node.backend = DishonestBackend(honest.span, honest.info, honest.limits, mode=mode, seed=seed)
+    node.backend.throughput = honest.throughput
+    honest.shutdown()
+    return node
+
+
+def main() -> None:
+    """`python tests/dishonest_node.py MODE join ...`: the real node process, with this backend."""
+    mode, args = sys.argv[1], sys.argv[2:]
+    import functools
+
+    import torchnode.node.server as server
+    from torchnode.cli import app
+
+    server.SpanBackend = functools.partial(DishonestBackend, mode=mode)  # test-only: this process lies
+    app(args, prog_name="torchnode")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Process tier: a private swarm (--allow-keys) and a public node on the same machine, through one DHT.
+
+The private coordinator and node accept DHT records only from listed keys and the node serves only listed
+clients: a private client uses only the private node, a public client only the public one, and a stranger
+dialling the private node directly is refused with PERMISSION_DENIED."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from swarm import start_coordinator, start_node, stop_all, wait_ready
+
+from torchnode.client.model import DistributedModel
+from torchnode.protocol.allow_keys import load_allow_keys
+from torchnode.protocol.grpc_node import GrpcNodeClient
+from torchnode.protocol.identity import Identity
+from torchnode.protocol.node_client import NodeError
+
+
+def write_allow_file(path, *keys: bytes) -> None:
+    path.write_text("# members of the private swarm\n" + "".join(f"{k.hex()}  # member\n" for k in keys) + "\n")
+
+
+def test_allow_file_format(tmp_path):
+    key = Identity.generate().public_key
+    write_allow_file(tmp_path / "ok", key)
+    assert load_allow_keys(tmp_path / "ok") == {key}
+    (tmp_path / "bad").write_text("not-a-key\n")
+    with pytest.raises(ValueError, match=r"bad:1: 'not-a-key' is not a public key"):
+        load_allow_keys(tmp_path / "bad")
+
+
+def test_private_and_public_swarms_do_not_see_each_other(tiny_llama, tmp_path):
+    model = str(tiny_llama)
+    member, node_key, stranger = (tmp_path / name for name in ("member.key", "node.key", "stranger.key"))
+    members = tmp_path / "members.txt"
+    write_allow_file(members, Identity.load_or_create(member).public_key, Identity.load_or_create(node_key).public_key)
+
+    processes = []
+    try:
+        coordinator, maddr = start_coordinator("--allow-keys", str(members))
+        processes.append(coordinator)
+        common = ("--blocks", "0:4", "--initial-peers", maddr)
+        private = start_node(model, *common, "--allow-keys", str(members), "--identity", str(node_key), wait=False)
+        public = start_node(model, *common, wait=False)  # a public node knocking on the private swarm's DHT
+        processes += [private, public]
+        wait_ready(private), wait_ready(public)
+
+        def visible(**kwargs) -> set[str]:
+            client = DistributedModel.from_pretrained(model, initial_peers=[maddr], **kwargs)
+            try:
+                core = client.async_model
+                found = client.run(core.source.candidates(core.ckpt.name, core.ckpt.revision, core.total_blocks))
+                return {candidate.key for candidate, _ in found}
+            finally:
+                client.close()
+
+        assert visible(identity_path=member, allow_keys=members) == {private.address}
+        assert visible(identity_path=stranger) == {public.address}
+
+        refused = GrpcNodeClient(private.address, Identity.load_or_create(stranger))
+        with pytest.raises(NodeError) as e:
+            asyncio.run(refused.info())
+        assert e.value.status == "PERMISSION_DENIED" and "not on this node's allow list" in str(e.value)
+    finally:
+        stop_all(processes)
