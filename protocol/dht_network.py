@@ -11,6 +11,7 @@ Expirations are absolute DHT times from `get_dht_time()` (hivemind's clock).
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -41,6 +42,18 @@ def start_dht(
     listen_ip = ipaddress.ip_address(host)  # ValueError for anything that is not an IP literal
     if port == 0:
         port = _free_port(str(listen_ip))
+    # hivemind's DHT is a *forked* process. A child that garbage-collects objects it inherited (gRPC channels
+    # of a process that already talked to nodes) can crash in their finalizers (seen: a segfault in the
+    # child's GC). Freezing moves everything that exists now out of the collector's reach, in the child
+    # too; the parent unfreezes once the child has started.
+    gc.freeze()
+    try:
+        return _new_dht(initial_peers, host, port, announce_host, client_mode, allow_keys)
+    finally:
+        gc.unfreeze()
+
+
+def _new_dht(initial_peers, host, port, announce_host, client_mode, allow_keys) -> hivemind.DHT:
     return hivemind.DHT(
         initial_peers=list(initial_peers),
         start=True,
