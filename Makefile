@@ -21,8 +21,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
+# two workers, each test module on one of them (process tests mostly wait on start-up; 2 cores suffice)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # the unit tier: no node processes, no DHT; under a minute
 test-fast: $(STAMP)

@@ -15,12 +15,15 @@ import hivemind
 
 from ..protocol.dht_network import find_servers
 from ..protocol.dht_records import latest_per_peer
+from ..protocol.fraud_reports import FraudReport, publish_report
 from ..protocol.identity import Identity
 from ..protocol.grpc_node import GrpcNodeClient
 from ..protocol.node_client import NodeClient, probe
 from .routing import Candidate
 
 log = logging.getLogger(__name__)
+
+REPORT_STORE_TIMEOUT = 10.0  # seconds `close` waits for fraud reports still being stored
 
 
 class PeerSource:
@@ -62,6 +65,9 @@ class PeerSource:
             and (not adapter or adapter in p.info.adapters)
         ]
 
+    def publish(self, report: FraudReport | None) -> None:
+        """Tells the swarm about a liar (a signed DHT report); fixed peers have no DHT to tell."""
+
     async def close(self) -> None:
         for node in self.clients.values():
             await node.close()
@@ -84,6 +90,7 @@ class DhtPeers(PeerSource):
     def __init__(self, identity: Identity, dht: hivemind.DHT, insecure: bool = False):
         super().__init__(identity, insecure)
         self.dht = dht
+        self.reports: list = []  # stores in flight (hivemind MPFutures), awaited on close
 
     async def nodes(self, model: str, total_blocks: int) -> list[NodeClient]:
         servers = await find_servers(self.dht, model, total_blocks, return_future=True)
@@ -91,6 +98,20 @@ class DhtPeers(PeerSource):
         self.relayed |= {r.address for r in online if r.relay}
         return [self.client(r.address, r.public_key) for r in online]
 
+    def publish(self, report: FraudReport | None) -> None:
+        """Stores the report in the background (best effort, as every DHT store); `close` waits for it."""
+        if report is not None:
+            self.reports.append(publish_report(self.dht, self.identity, report, return_future=True))
+
     async def close(self) -> None:
         await super().close()
+        if self.reports:
+            try:
+                pending = asyncio.gather(*self.reports, return_exceptions=True)
+                results = await asyncio.wait_for(pending, REPORT_STORE_TIMEOUT)
+            except asyncio.TimeoutError:
+                results = [f"no answer in {REPORT_STORE_TIMEOUT:.0f} s"]
+            failed = [r for r in results if r is not True]
+            if failed:
+                log.warning("fraud reports not stored in the DHT (%d of %d): %s", len(failed), len(self.reports), failed)
         await asyncio.to_thread(self.dht.shutdown)

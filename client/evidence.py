@@ -10,10 +10,14 @@ output differs from the right one beyond the tolerance of the node's dtype.
 File: `$TORCHNODE_HOME/evidence/{peer id}-{UTC time}.evidence`, msgpack (no pickle):
     {"format": FORMAT, "model", "revision", "address", "public_key", "dtype", "start", "end", "position",
      "reporter", "created", "exchanges": [[request bytes, reply bytes], ...]}
+
+A client that reads the DHT also publishes a signed report naming the node and the file's sha256
+(`fraud_report`, protocol/fraud_reports.py), which dashboards count: a claim whose proof is the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +27,12 @@ import torch
 
 from ..models.checkpoint import Checkpoint
 from ..models.families import load_span
+from hivemind.utils.timed_storage import get_dht_time
+
 from ..protocol import signing, tensor_codec
 from ..protocol import torchnode_pb2 as pb
-from ..protocol.identity import peer_id_of, torchnode_home
+from ..protocol.fraud_reports import DEFAULT_REPORT_LIFETIME, FraudReport
+from ..protocol.identity import Identity, peer_id_of, torchnode_home
 from .verification import Finding, first_mismatch, tolerance
 
 FORMAT = "torchnode-evidence/1"
@@ -55,6 +62,20 @@ def write_evidence(finding: Finding, model: str, revision: str, reporter: bytes)
     path = folder / f"{finding.peer_id}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{finding.position}.evidence"
     path.write_bytes(msgpack.packb(record, use_bin_type=True))
     return path
+
+
+def fraud_report(
+    finding: Finding, model: str, path: Path, reporter: Identity, lifetime: float = DEFAULT_REPORT_LIFETIME
+) -> FraudReport | None:
+    """The signed DHT report naming the liar and the hash of the evidence file at `path`; None when the
+    node's key is unknown (nothing to name it by)."""
+    if len(finding.public_key) == 0:
+        return None
+    return FraudReport(
+        peer_id=reporter.peer_id, public_key=reporter.public_key, node_peer_id=peer_id_of(finding.public_key),
+        node_address=finding.node.address, model=model, start=finding.start, end=finding.end,
+        evidence_sha256=hashlib.sha256(Path(path).read_bytes()).hexdigest(), expiration=get_dht_time() + lifetime,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,14 @@ from collections.abc import AsyncIterator, Sequence
 import torch
 from torch import nn
 
+from .head_batcher import HeadBatcher
 from .sampling import SamplingParams, next_tokens
 from .session import InferenceSession
 from .speculative import Drafter, speculative_ids
 
 
 async def generate_ids(
-    head: nn.Module,
+    head: nn.Module | HeadBatcher,
     session: InferenceSession,
     input_ids: torch.Tensor,
     params: SamplingParams,
@@ -45,7 +46,8 @@ async def generate_ids(
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     pending: list[tuple[torch.Tensor, tuple]] = []  # unreleased tokens (B,), each with the state before it
     while ids.shape[1] - prompt < params.max_new_tokens:
-        logits = head.logits(out[:, -1:])[:, -1]  # (B, V): only the last position needs the LM head
+        # (B, V): only the last position needs the LM head, run in one pass with other sessions' (head_batcher.py)
+        logits = (await HeadBatcher.of(head).logits(out[:, -1:]))[:, -1]
         before = (generator.get_state() if generator is not None else None, finished.clone())
         new = next_tokens(logits, params, ids, generator)
         if len(eos):

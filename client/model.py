@@ -26,13 +26,14 @@ from ..protocol.identity import Identity
 from .ban_list import BanList
 from .discovery import DhtPeers, PeerSource, StaticPeers
 from .generation import generate_ids
+from .head_batcher import HeadBatcher
 from .loop_thread import LoopThread
 from .routing import NoRouteError, find_route
 from .sampling import SamplingParams
-from .session import DEFAULT_PREFILL_CHUNK, DEFAULT_STEP_TIMEOUT, Hop, InferenceSession, RetryPolicy
+from .session import DEFAULT_PREFILL_CHUNK, DEFAULT_PUSH, DEFAULT_STEP_TIMEOUT, Hop, InferenceSession, RetryPolicy
 from .speculative import DEFAULT_DRAFT_TOKENS, Drafter, load_drafter
 from .text_stream import TextPiece, text_pieces
-from .evidence import write_evidence
+from .evidence import fraud_report, write_evidence
 from .verification import DEFAULT_WINDOW, Finding, Verifier, holds_blocks
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,9 @@ class AsyncDistributedModel:
         verify_local: bool = True,
         device: str = "auto",
         adapter: str | None = None,
+        push: bool = DEFAULT_PUSH,
     ):
+        self.push = push  # node-to-node push for plain steps (client/session.py); False: the client drives every hop
         self.adapter = adapter  # the LoRA adapter of every call that names none ("" in a call: the base model)
         self.ckpt, self.source, self.wire_dtype, self.step_timeout = ckpt, source, wire_dtype, step_timeout
         self.retry, self.bans = retry, BanList()
@@ -71,6 +74,7 @@ class AsyncDistributedModel:
         # device: where the head (embeddings, final norm, LM head) computes, in float32 (exact logits) wherever it is
         self.device = resolve_device(device)
         self.head = place(load_head(ckpt, device=self.device), self.device)
+        self.heads = HeadBatcher(self.head)  # every session's LM-head calls, merged when they coincide
         self.tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
         self.total_blocks = num_blocks(ckpt)
         if prefill_chunk < 0:
@@ -102,7 +106,9 @@ class AsyncDistributedModel:
         kwargs: wire_dtype (float32: lossless; bfloat16: half the bytes), step_timeout, retry, and the
         defaults of every generation: draft ("ngram" or a draft model), draft_tokens, prefill_chunk;
         device ("auto": CUDA, else MPS, else CPU; or "cpu", "cuda:N", "mps") for the head;
-        adapter: the LoRA adapter (served by nodes started with --adapters) of every call that names none.
+        adapter: the LoRA adapter (served by nodes started with --adapters) of every call that names none;
+        push (default True): each node sends its output straight to the next (hops + 1 one-way legs per
+        token instead of 2 x hops); False: the client drives every hop.
         """
         identity = Identity.load_or_create(identity_path)
         allowed = load_allow_keys(allow_keys) if isinstance(allow_keys, (str, Path)) else allow_keys
@@ -146,7 +152,7 @@ class AsyncDistributedModel:
         session = InferenceSession(
             await router(), max_length, batch_size, self.wire_dtype, self.step_timeout,
             router=router, on_failure=lambda node: self.bans.ban(node.address), retry=self.retry,
-            prefill_chunk=self.prefill_chunk, adapter=adapter,
+            prefill_chunk=self.prefill_chunk, adapter=adapter, push=self.push,
         )  # fmt: skip
         if self.verify:
             local = self.ckpt if self.verify_local and holds_blocks(self.ckpt) else None
@@ -165,6 +171,7 @@ class AsyncDistributedModel:
         path = write_evidence(finding, self.ckpt.name, self.ckpt.revision, self.source.identity.public_key)
         if path is not None:
             log.warning("evidence against peer %s written to %s (torchnode check-evidence FILE MODEL)", finding.peer_id, path)
+            self.source.publish(fraud_report(finding, self.ckpt.name, path, self.source.identity))  # DHT only
 
     def drafter(self, draft: str | None = None, draft_tokens: int | None = None) -> tuple[Drafter | None, int]:
         """The drafter and K for one generation (None, 0: plain decoding); None picks the model's default.
@@ -231,7 +238,7 @@ class AsyncDistributedModel:
         if own:
             session = await self.open_session(input_ids.shape[1] + params.max_new_tokens, input_ids.shape[0], adapter)
         try:
-            async for new in generate_ids(self.head, session, input_ids, params, self.eos_ids, cached, drafter, k):
+            async for new in generate_ids(self.heads, session, input_ids, params, self.eos_ids, cached, drafter, k):
                 yield new
         finally:
             if own:
@@ -300,7 +307,7 @@ class AsyncDistributedModel:
             out = await session.step(self.head.embed(input_ids))
             while session.verifier is not None and (rewind := await session.verifier.check(final=True)) is not None:
                 out = torch.cat([out[:, :rewind], await session.step(self.head.embed(input_ids[:, rewind:]), rewind)], 1)
-            return self.head.logits(out)
+            return await self.heads.logits(out)
         finally:
             await session.close()
 

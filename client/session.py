@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,13 +21,14 @@ import torch
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
 from tenacity import wait_exponential_jitter
 
-from ..protocol.node_client import NodeClient, NodeError, NodeSession, SessionSpec
+from ..protocol.node_client import NodeClient, NodeError, NodeSession, PushedStep, PushTarget, SessionSpec, tensor_digest
 from .routing import NoRouteError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STEP_TIMEOUT = 30.0
 DEFAULT_PREFILL_CHUNK = 128  # tokens per chunk of a pipelined prefill of a longer input; 0 = one step
+DEFAULT_PUSH = True  # node-to-node push for steps (hops + 1 legs per token instead of 2 x hops)
 
 
 @dataclass
@@ -62,8 +64,11 @@ class InferenceSession:
         retry: RetryPolicy = RetryPolicy(),
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         adapter: str | None = None,
+        push: bool = DEFAULT_PUSH,
     ):
         self.hops, self.max_length, self.batch_size = hops, max_length, batch_size
+        self.push = push  # node-to-node push for steps: hops + 1 one-way legs per step instead of 2 x hops
+        self.node_pushes = 0  # hop inputs that came straight from the previous node (not from the client)
         self.prefill_chunk = prefill_chunk
         self.adapter = adapter or ""  # the LoRA adapter every hop applies (its router finds only nodes serving it)
         self.wire_dtype, self.step_timeout = wire_dtype, step_timeout
@@ -79,6 +84,16 @@ class InferenceSession:
         if position + tokens > self.max_length:
             raise ValueError(f"session max_length {self.max_length} exceeded at position {position}")
         rewind = position < self.position
+        if self.push and len(self.hops) > 1:
+            out = await self._pushed(hidden, position, rewind)
+        else:
+            out = await self._hop_by_hop(hidden, position, rewind)
+        self.position = position + tokens
+        return out
+
+    async def _hop_by_hop(self, hidden: torch.Tensor, position: int, rewind: bool) -> torch.Tensor:
+        """The client drives every hop in turn: 2 x hops one-way legs per step; a failed hop is replaced."""
+        tokens = hidden.shape[1]
         i = 0
         while i < len(self.hops):
             hop = self.hops[i]
@@ -93,7 +108,6 @@ class InferenceSession:
                 self.hops[i : i + 1] = replacement
                 i += len(replacement)
                 hidden = out[:, -tokens:]
-        self.position = position + tokens
         return hidden
 
     async def prefill(self, hidden: torch.Tensor, chunk: int | None = None, position: int | None = None) -> torch.Tensor:
@@ -157,10 +171,76 @@ class InferenceSession:
             outputs.append(item[1])
         return torch.cat(outputs, dim=1)  # (B, T, H)
 
-    async def _send(self, hop: Hop, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    async def _pushed(self, hidden: torch.Tensor, position: int, rewind: bool) -> torch.Tensor:
+        """`step` by node-to-node push: every hop gets its step at once, hop 0 with the input, each next hop
+        waiting for the previous one to push its output; the client takes every hop's output (its copy, kept
+        as the next hop's input in its history, and verified) and waits only for the last. A hop that could
+        not push gets its input from the client instead; a hop that fails is replaced as in `step`, and the
+        client then sends its replacement's output on to the next hop itself."""
+        tokens, timeout = hidden.shape[1], self.step_timeout
+        try:
+            keys = [await hop.node.audience(timeout) for hop in self.hops]
+        except NotImplementedError:  # a node that cannot push (an in-process one): hop by hop from now on
+            self.push = False
+            return await self._hop_by_hop(hidden, position, rewind)
+        except NodeError:  # a hop is unreachable: driven hop by hop, which fails over
+            return await self._hop_by_hop(hidden, position, rewind)
+        hops, n = list(self.hops), len(self.hops)
+        links = [os.urandom(16) for _ in range(n - 1)]  # the token hop i + 1 waits for, pushed by hop i
+        pending = []
+        for i, hop in enumerate(hops):
+            self._open(hop)
+            target = PushTarget(hops[i + 1].node.address, keys[i + 1], links[i]) if i + 1 < n else None
+            upstream = (links[i - 1], keys[i - 1]) if i else (b"", b"")
+            first = hidden if i == 0 else None
+            pending.append(
+                asyncio.ensure_future(hop.stream.pushed_step(first, position, timeout, target, *upstream))
+            )
+        x, supply = hidden, False  # supply: the client sends hop i its input (its predecessor did not push it)
+        try:
+            for i, hop in enumerate(hops):
+                if rewind:
+                    _forget_from(hop, position)
+                hop.history.append((position, x))
+                try:
+                    if supply:
+                        await hop.node.push(links[i - 1], x, timeout)
+                    reply: PushedStep = await pending[i]
+                    if i and reply.input_digest and reply.input_digest != tensor_digest(x.to(self.wire_dtype)):
+                        # the previous node pushed something else than it returned (or this one says so): no
+                        # more pushing in this session; this hop steps again from the client's copy (a rewind)
+                        log.warning("%s got another input by push than the previous hop returned", hop.node.address)
+                        self.push = False
+                        out, supply = await self._send(hop, x, position), i + 1 < n
+                    else:
+                        self.node_pushes += bool(i) and not supply
+                        out, supply = reply.hidden, bool(reply.push_error) and i + 1 < n
+                        if supply:
+                            log.info("%s could not push (%s); sending its output on", hop.node.address, reply.push_error)
+                        if self.verifier is not None:
+                            self.verifier.observe(hop, position, out)
+                except NodeError as error:
+                    if not pending[i].done():
+                        pending[i].cancel()
+                    replacement, out = await self._recover(hop, error)
+                    at = next(j for j, h in enumerate(self.hops) if h is hop)
+                    self.hops[at : at + 1] = replacement
+                    out, supply = out[:, -tokens:], True
+                x = out
+        finally:
+            for i, task in enumerate(pending):
+                if not task.done():  # given up: that hop's stream is out of lock step
+                    task.cancel()
+                    self._abandon(hops[i])
+        return x
+
+    def _open(self, hop: Hop) -> None:
         if hop.stream is None:
             spec = SessionSpec(self.id, hop.start, hop.end, self.max_length, self.batch_size, self.wire_dtype, self.adapter)
             hop.stream = hop.node.open_session(spec)
+
+    async def _send(self, hop: Hop, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        self._open(hop)
         out = await hop.stream.step(hidden, position, self.step_timeout)
         if self.verifier is not None:  # client/verification.py: checks every output before it is used
             self.verifier.observe(hop, position, out)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .head_batcher import HeadBatcher
 from .sampling import SamplingParams, warped_logits
 from .session import InferenceSession
 
@@ -243,7 +244,7 @@ class SpeculationStats:
 
 
 async def speculative_ids(
-    head: nn.Module,
+    head: nn.Module | HeadBatcher,
     session: InferenceSession,
     input_ids: torch.Tensor,
     params: SamplingParams,
@@ -268,7 +269,8 @@ async def speculative_ids(
         draft = state.propose(ids, k, params, generator) if k > 0 else Draft([])
         hidden = head.embed(torch.tensor([pending + draft.tokens]))  # (1, T, H)
         out = await session.prefill(hidden, position=position)  # one step unless a long prompt is chunked
-        logits = head.logits(out[:, -len(draft.tokens) - 1 :])[0]  # (K + 1, V)
+        # (K + 1, V), in one LM-head pass with other sessions' (head_batcher.py)
+        logits = (await HeadBatcher.of(head).logits(out[:, -len(draft.tokens) - 1 :]))[0]
         new = accept(logits, draft, params, ids, generator)
         length.update(len(draft.tokens), len(new) - 1)
         stats.passes, stats.drafted, stats.accepted = stats.passes + 1, stats.drafted + len(draft.tokens), stats.accepted + len(new) - 1

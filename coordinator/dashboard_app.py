@@ -122,6 +122,9 @@ class StateCollector(Collector):
         uptime = GaugeMetricFamily("torchnode_node_uptime_seconds", "Seconds since first seen", labels=node_labels)
         batch = GaugeMetricFamily("torchnode_node_batch_size", "Sequences in the node's latest batch", labels=node_labels)
         queue = GaugeMetricFamily("torchnode_node_queue_length", "Steps waiting for the node's next batch", labels=node_labels)
+        reports = GaugeMetricFamily(
+            "torchnode_node_fraud_reports", "Signed fraud reports in the DHT naming the node (claims)", labels=node_labels
+        )
         for m in s.models:
             counts = Counter((n.state, n.health) for n in m.nodes)
             for (state, health), count in sorted(counts.items()):
@@ -137,13 +140,14 @@ class StateCollector(Collector):
                 healthy.add_metric(labels, float(n.health == "healthy"))
                 cache.add_metric(labels, n.cache_bytes_free)
                 uptime.add_metric(labels, n.uptime_s)
+                reports.add_metric(labels, n.reports)
                 if n.rtt_ms is not None:
                     rtt.add_metric(labels, n.rtt_ms / 1000)
                 if n.batch_size is not None:
                     batch.add_metric(labels, n.batch_size)
                     queue.add_metric(labels, n.queue_length)
         yield from (nodes, blocks, covered, replicated, ready, bottleneck, throughput, healthy, rtt, cache, uptime)
-        yield from (batch, queue)
+        yield from (batch, queue, reports)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -32,6 +32,7 @@ from hivemind.utils.timed_storage import get_dht_time
 from ..protocol.coverage import block_ranges, coverage
 from ..protocol.dht_network import find_blocks, start_dht
 from ..protocol.dht_records import MAX_BLOCKS, ServerRecord, latest_per_peer, validate_model_name
+from ..protocol.fraud_reports import FraudReport, find_reports
 from ..protocol.identity import Identity
 from ..protocol.grpc_node import GrpcNodeClient
 from ..protocol.model_index import IndexedModel, find_models, group_by_model
@@ -135,12 +136,13 @@ class HealthMonitor:
             probes |= await self._probe_all(more, used)
             records |= more
             total, known = self._learn_total(model, records, probes)
+        reports = await self._reports(records)
         now, dht_now = time.time(), get_dht_time()
         seen = {(model, peer) for peer in records}
         for key in [k for k in self.first_seen if k[0] == model and k not in seen]:
             del self.first_seen[key]  # a node that comes back later starts a new uptime
         nodes = [
-            self._node_state(records[peer], probes[peer], now, dht_now)
+            self._node_state(records[peer], probes[peer], now, dht_now, reports.get(peer, ()))
             for peer in sorted(records, key=lambda p: (records[p].start, records[p].end, p))
         ]
         return _model_state(model, total, known, nodes, indexed)
@@ -151,6 +153,14 @@ class HealthMonitor:
         lookups = asyncio.gather(*(find_blocks(self.dht, model, b, return_future=True) for b in batches))
         found = await asyncio.wait_for(lookups, LOOKUP_TIMEOUT)
         return latest_per_peer({b: rs for servers in found for b, rs in servers.items()})
+
+    async def _reports(self, records: dict[str, ServerRecord]) -> dict[str, list[FraudReport]]:
+        """Fraud reports naming each node, in one batched lookup; best effort (none shown if it fails)."""
+        try:
+            return await asyncio.wait_for(find_reports(self.dht, records, return_future=True), LOOKUP_TIMEOUT)
+        except Exception as e:  # reports are extra information: a failed lookup must not fail the scan
+            log.warning("looking up fraud reports failed: %r", e)
+            return {}
 
     async def _probe_all(self, records: dict[str, ServerRecord], used: set) -> dict[str, Probe]:
         peers = list(records)
@@ -180,14 +190,16 @@ class HealthMonitor:
             return self.total[model], True
         return max((r.end for r in records.values()), default=0), False  # a lower bound only
 
-    def _node_state(self, record: ServerRecord, probe: Probe, now: float, dht_now: float) -> NodeState:
+    def _node_state(
+        self, record: ServerRecord, probe: Probe, now: float, dht_now: float, reports: Sequence[FraudReport] = ()
+    ) -> NodeState:
         first_seen = self.first_seen.setdefault((record.model, record.peer_id), now)
         info = probe.info
         health, problem = _health(record, probe)
         live = info if health == "healthy" else None  # an unhealthy node's Info is not to be believed
         return NodeState(
             peer_id=record.peer_id, short_id=record.peer_id[:12], public_key=record.public_key.hex(),
-            address=record.address, model=record.model, revision=record.revision,
+            address=record.address, relay=record.relay, model=record.model, revision=record.revision,
             start=record.start, end=record.end, state=record.state, health=health, problem=problem,
             encrypted=getattr(self.clients.get((record.address, record.public_key)), "encrypted", None),
             throughput=live.throughput if live else record.throughput,
@@ -198,6 +210,7 @@ class HealthMonitor:
             version=record.version, total_blocks=record.total_blocks or (live.total_blocks if live else 0),
             first_seen=first_seen, uptime_s=max(0.0, now - first_seen),
             expires_in_s=max(0.0, record.expiration - dht_now),
+            reports=len(reports), report_evidence=sorted({r.evidence_sha256 for r in reports}),
         )  # fmt: skip
 
 

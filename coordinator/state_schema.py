@@ -21,6 +21,10 @@ class NodeState(BaseModel):
     short_id: str = Field(description="first 12 chars of peer_id, for display")
     public_key: str = Field(description="the node's Ed25519 public key from its record, hex")
     address: str = Field(description="host:port of the node's gRPC server, from its record")
+    relay: str = Field(
+        "", description="peer id of the relay `address` belongs to (the node is behind a NAT and reached through "
+        "it); empty: dialled directly"
+    )
     model: str
     revision: str = Field(description="fingerprint of the checkpoint the node serves")
     start: int = Field(description="first block served")
@@ -48,6 +52,11 @@ class NodeState(BaseModel):
     first_seen: float = Field(description="unix time the monitor first saw this peer (since it last vanished)")
     uptime_s: float = Field(description="seconds since first_seen")
     expires_in_s: float = Field(description="seconds until the node's record expires unless refreshed")
+    reports: int = Field(
+        0, description="signed fraud reports in the DHT that name this node (one per reporter key): claims, not "
+        "proof; the evidence file with one of `report_evidence` proves it (torchnode check-evidence FILE MODEL)"
+    )
+    report_evidence: list[str] = Field([], description="sha256 (hex) of the evidence file each report names")
 
 
 class BlockState(BaseModel):

@@ -24,9 +24,12 @@ class Limits:
     max_clock_skew: float = 30.0  # seconds a signature timestamp may differ from the node's clock
     max_batch_tokens: int = 256  # tokens of all sessions in one pass over the span; longer prefills run in chunks
     batch_wait: float = 0.002  # seconds the runner may wait for more sessions' steps to fill a batch
+    push_timeout: float = 5.0  # seconds to open a Push stream to the next node (TLS included) and write to it
+    push_wait: float = 60.0  # seconds a pushed input waits for the client's step that names it
+    max_pushed: int = 4096  # pushed inputs kept while their steps have not arrived
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "cache_bytes", "max_session_tokens", "max_message_bytes", "max_batch_tokens"):
+        for name in ("max_sessions", "cache_bytes", "max_session_tokens", "max_message_bytes", "max_batch_tokens", "max_pushed"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.session_idle_timeout <= 0 or self.max_clock_skew <= 0:

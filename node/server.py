@@ -38,6 +38,7 @@ from .auth_interceptor import AuthInterceptor
 from ..protocol.coverage import coverage
 from .block_selection import better_start, choose_start
 from .limits import Limits
+from .push import Pusher
 from .servicer import NodeServicer
 from .span_backend import SpanBackend, SpanInfo
 
@@ -205,7 +206,7 @@ class Node:
             interceptors=[AuthInterceptor(self.identity, ReplayGuard(c.limits.max_clock_skew)), *allow_list(c.allow_keys)],
             options=grpc_options(c.limits),
         )
-        self.servicer = NodeServicer(self.backend, self.identity.public_key)
+        self.servicer = NodeServicer(self.backend, self.identity.public_key, Pusher(self.identity, c.insecure, c.limits.push_timeout))
         pb_grpc.add_NodeServicer_to_server(self.servicer, server)
         self.port = self.listen(server)
         if self.port == 0:

@@ -15,7 +15,8 @@ from ..protocol import tensor_codec
 from ..protocol import torchnode_pb2 as pb
 from ..protocol import torchnode_pb2_grpc as pb_grpc
 from ..protocol.grpc_node import info_message
-from . import lora_training
+from ..protocol.node_client import PushTarget
+from . import lora_training, push
 from .errors import IdleTimeout, NotFound, RequestError
 from .span_backend import SpanBackend
 
@@ -25,8 +26,11 @@ def _reply_dtype(requested: str, x_dtype):
 
 
 class NodeServicer(pb_grpc.NodeServicer):
-    def __init__(self, backend: SpanBackend, public_key: bytes):
+    def __init__(self, backend: SpanBackend, public_key: bytes, pusher: push.Pusher | None = None):
         self.backend, self.public_key = backend, public_key
+        limits = backend.limits
+        self.pusher = pusher  # node-to-node push (node/push.py)
+        self.pushes = push.PushBox(max_waiting=limits.max_pushed, ttl=limits.push_wait)
 
     async def Info(self, request: pb.InfoRequest, context: aio.ServicerContext) -> pb.InfoResponse:
         return info_message(self.backend.describe(self.public_key))
@@ -89,17 +93,37 @@ class NodeServicer(pb_grpc.NodeServicer):
                 elif step.session_id != session.id:
                     raise NotFound(f"unknown session {step.session_id!r}: this stream serves {session.id!r}")
                 x = tensor_codec.decode(step.hidden) if step.HasField("hidden") else None
+                x, digest = await push.step_input(
+                    self.pushes, x, step.push_token, step.push_from, step.auth.public_key, backend.limits.session_idle_timeout
+                )
                 reply_dtype = _reply_dtype(step.wire_dtype, x.dtype if x is not None else None)
                 out = await backend.step(session, step.step, x, step.position, reply_dtype)
-                result = pb.StepResult(session_id=session.id, step=step.step, cached_length=session.length)
+                result = pb.StepResult(session_id=session.id, step=step.step, cached_length=session.length, input_digest=digest)
                 if out is not None:
                     result.hidden.CopyFrom(tensor_codec.encode(out, reply_dtype))
+                    if step.HasField("push_to"):
+                        result.push_error = await self._push(step.push_to, out.to(reply_dtype))
                 yield result
         except (RequestError, tensor_codec.TensorFormatError) as e:
             await context.abort(_status(e), str(e))
         finally:
             if session is not None:
                 backend.close_session(session)
+
+
+    async def _push(self, target: pb.PushTarget, out) -> str:
+        if self.pusher is None:
+            return "this node does not push"
+        return await self.pusher.push(PushTarget(target.address, target.public_key, target.token), out)
+
+    async def Push(self, request_iterator: AsyncIterator[pb.Pushed], context: aio.ServicerContext) -> AsyncIterator[pb.PushAck]:
+        """Inputs pushed by the previous node of a chain (or a session's client) for steps that name them."""
+        try:
+            async for message in request_iterator:
+                self.pushes.deliver(message.token, message.auth.public_key, tensor_codec.decode(message.hidden))
+                yield pb.PushAck(token=message.token)
+        except tensor_codec.TensorFormatError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
 
 def _lora_tensors(items) -> dict:

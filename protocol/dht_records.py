@@ -183,22 +183,11 @@ def _check_fields(raw: dict) -> ServerRecord:
     missing = [name for name in _FIELD_NAMES if name not in raw]
     if missing:
         raise RecordError(f"record lacks fields {missing}")
-    public_key = raw["public_key"]
-    if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_BYTES:
-        raise RecordError("public_key must be 32 raw bytes")
-    if raw["peer_id"] != peer_id_of(public_key):
-        raise RecordError("peer_id is not the hash of public_key")
-    address = _short_str(raw, "address", MAX_ADDRESS_CHARS)
-    host, colon, port = address.rpartition(":")
-    if not host or not colon or not _BLOCK_INDEX.fullmatch(port) or not 0 < int(port) < 65536:
-        raise RecordError(f"address {address!r} is not 'host:port'")
-    try:
-        model = validate_model_name(raw["model"])
-    except ValueError as e:
-        raise RecordError(str(e)) from None
+    public_key = signer_key(raw)
+    address = host_port(raw, "address")
+    model = record_model(raw)
     start, end = raw["start"], raw["end"]
-    if not _is_int(start) or not _is_int(end) or not 0 <= start < end <= MAX_BLOCKS:
-        raise RecordError(f"span [{start!r}, {end!r}) must satisfy 0 <= start < end <= {MAX_BLOCKS}")
+    check_span(start, end)
     total_blocks = raw["total_blocks"]
     if not _is_int(total_blocks) or not 0 <= total_blocks <= MAX_BLOCKS or (total_blocks and end > total_blocks):
         raise RecordError(f"total_blocks {total_blocks!r} must be 0 (unknown) or in [end={end}, {MAX_BLOCKS}]")
@@ -233,6 +222,37 @@ def _check_fields(raw: dict) -> ServerRecord:
         relay=_relay_peer_id(raw["relay"]),
         adapters=adapter_names(raw["adapters"]),
     )
+
+
+def signer_key(raw: dict) -> bytes:
+    """A signed field map's `public_key`, checked to be 32 bytes whose hash is its `peer_id`."""
+    public_key = raw["public_key"]
+    if not isinstance(public_key, bytes) or len(public_key) != PUBLIC_KEY_BYTES:
+        raise RecordError("public_key must be 32 raw bytes")
+    if raw["peer_id"] != peer_id_of(public_key):
+        raise RecordError("peer_id is not the hash of public_key")
+    return public_key
+
+
+def host_port(raw: dict, name: str) -> str:
+    """Field `name` of a record, checked to be 'host:port'."""
+    address = _short_str(raw, name, MAX_ADDRESS_CHARS)
+    host, colon, port = address.rpartition(":")
+    if not host or not colon or not _BLOCK_INDEX.fullmatch(port) or not 0 < int(port) < 65536:
+        raise RecordError(f"{name} {address!r} is not 'host:port'")
+    return address
+
+
+def record_model(raw: dict) -> str:
+    try:
+        return validate_model_name(raw["model"])
+    except ValueError as e:
+        raise RecordError(str(e)) from None
+
+
+def check_span(start: object, end: object) -> None:
+    if not _is_int(start) or not _is_int(end) or not 0 <= start < end <= MAX_BLOCKS:
+        raise RecordError(f"span [{start!r}, {end!r}) must satisfy 0 <= start < end <= {MAX_BLOCKS}")
 
 
 def adapter_names(adapters: object) -> tuple[str, ...]:

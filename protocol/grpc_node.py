@@ -22,7 +22,7 @@ from . import signing, tensor_codec, tls
 from . import torchnode_pb2 as pb
 from . import torchnode_pb2_grpc as pb_grpc
 from .identity import Identity, peer_id_of
-from .node_client import NodeClient, NodeError, NodeInfo, NodeSession, SessionSpec
+from .node_client import NodeClient, NodeError, NodeInfo, NodeSession, PushedStep, PushTarget, SessionSpec
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 INFO_FIELDS = tuple(f.name for f in fields(NodeInfo))
@@ -58,6 +58,8 @@ class GrpcNodeClient(NodeClient):
         self.channel: aio.Channel | None = None
         self._stub: pb_grpc.NodeStub | None = None
         self._connecting = asyncio.Lock()
+        self._push_call = None  # the Push stream to this node, opened by the first push
+        self._pushing = asyncio.Lock()
 
     async def stub(self, timeout: float | None = tls.DEFAULT_FETCH_TIMEOUT) -> pb_grpc.NodeStub:
         """The channel's stub, made on first use: over TLS, after the certificate's binding is checked."""
@@ -198,7 +200,40 @@ class GrpcNodeClient(NodeClient):
         except tensor_codec.TensorFormatError as e:
             raise NodeError(self.address, f"malformed tensor in reply: {e}") from None
 
+    async def push(self, token: bytes, hidden: torch.Tensor, timeout: float | None) -> None:
+        """Writes a signed Push on one long-lived stream to the node: no round trip once the stream is open
+        (the acks are read in the background). A failed write drops the stream; the next push opens one anew."""
+        async with self._pushing:
+            try:
+                if self._push_call is None or self._push_call.done():
+                    stub = await self.stub(timeout)
+                    await self.audience(timeout)
+                    self._push_call = stub.Push()
+                    asyncio.get_running_loop().create_task(self._drain_acks(self._push_call))
+                message = self.sign("Push", pb.Pushed(token=token, hidden=tensor_codec.encode(hidden)))
+                await asyncio.wait_for(self._push_call.write(message), timeout)
+            except aio.AioRpcError as e:
+                self._push_call = None
+                raise await self.call_error(e) from None
+            except (asyncio.InvalidStateError, TimeoutError) as e:
+                call, self._push_call = self._push_call, None
+                if call is not None:
+                    call.cancel()
+                raise NodeError(self.address, f"push stream failed: {e!r}", "UNAVAILABLE") from None
+
+    async def _drain_acks(self, call) -> None:
+        """Reads the node's acks (signed by it) so that the stream never stalls on unread replies."""
+        try:
+            async for ack in call:
+                self.check("Push", ack)
+        except (aio.AioRpcError, NodeError, asyncio.CancelledError):
+            pass
+        if self._push_call is call:
+            self._push_call = None
+
     async def close(self) -> None:
+        if self._push_call is not None:
+            self._push_call.cancel()
         if self.channel is not None:
             await self.channel.close()
 
@@ -218,16 +253,41 @@ class GrpcNodeSession(NodeSession):
         self.next_step = 0
 
     async def step(self, hidden: torch.Tensor, position: int, timeout: float | None) -> torch.Tensor:
-        s, node, address = self.spec, self.node, self.node.address
+        return self._hidden(await self._exchange(self._request(hidden, position), timeout))
+
+    async def pushed_step(
+        self,
+        hidden: torch.Tensor | None,
+        position: int,
+        timeout: float | None,
+        push_to: PushTarget | None = None,
+        push_token: bytes = b"",
+        push_from: bytes = b"",
+    ) -> PushedStep:
+        request = self._request(hidden, position)
+        if push_to is not None:
+            request.push_to.CopyFrom(pb.PushTarget(address=push_to.address, public_key=push_to.public_key, token=push_to.token))
+        request.push_token, request.push_from = push_token, push_from
+        reply = await self._exchange(request, timeout)
+        return PushedStep(self._hidden(reply), reply.push_error, reply.input_digest)
+
+    def _request(self, hidden: torch.Tensor | None, position: int) -> pb.Step:
+        s = self.spec
         request = pb.Step(
-            session_id=s.session_id, step=self.next_step, position=position,
-            wire_dtype=tensor_codec.dtype_name(s.wire_dtype), hidden=tensor_codec.encode(hidden, s.wire_dtype),
-        )  # fmt: skip
+            session_id=s.session_id, step=self.next_step, position=position, wire_dtype=tensor_codec.dtype_name(s.wire_dtype)
+        )
+        if hidden is not None:
+            request.hidden.CopyFrom(tensor_codec.encode(hidden, s.wire_dtype))
         if self.next_step == 0:
             request.max_length, request.batch_size = s.max_length, s.batch_size
             request.start_block, request.end_block = s.start, s.end
             request.adapter = s.adapter
         self.next_step += 1
+        return request
+
+    async def _exchange(self, request: pb.Step, timeout: float | None) -> pb.StepResult:
+        """Sends one signed step and reads its reply, checked to be the node's answer to it."""
+        node, address = self.node, self.node.address
         try:
             if self.call is None:
                 stub = await node.stub(timeout)
@@ -250,10 +310,13 @@ class GrpcNodeSession(NodeSession):
         if not reply.HasField("hidden"):
             raise NodeError(address, f"reply to step {request.step} carries no hidden states")
         self.last_exchange = (request.SerializeToString(), reply.SerializeToString())  # signed: a fraud proof's parts
+        return reply
+
+    def _hidden(self, reply: pb.StepResult) -> torch.Tensor:
         try:
             return tensor_codec.decode(reply.hidden)
         except tensor_codec.TensorFormatError as e:
-            raise NodeError(address, f"malformed hidden states in reply: {e}") from None
+            raise NodeError(self.node.address, f"malformed hidden states in reply: {e}") from None
 
     async def _ended(self) -> str:
         return f"stream ended: {await self.call.code()} {await self.call.details() or ''}".strip()

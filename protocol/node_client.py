@@ -7,6 +7,7 @@ same); tests put an in-memory node behind the same interface.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -60,12 +61,51 @@ class SessionSpec:
     adapter: str = ""  # a LoRA adapter the node serves, applied to this session (empty: the base model)
 
 
+@dataclass(frozen=True)
+class PushTarget:
+    """Node-to-node push: where a node sends its step's output next, and the token that node waits for."""
+
+    address: str
+    public_key: bytes
+    token: bytes  # 16 random bytes the client picks for this step and hop
+
+
+@dataclass(frozen=True)
+class PushedStep:
+    """The reply to a step of a pushed chain: the node's output (the client's copy) and how the push went."""
+
+    hidden: torch.Tensor
+    push_error: str = ""  # the output could not be pushed on: the client must send it to the next node itself
+    input_digest: bytes = b""  # tensor_digest of the input the node received by push (b"": not pushed)
+
+
+def tensor_digest(tensor: torch.Tensor) -> bytes:
+    """sha256 of a tensor's dtype, shape and bytes: a node that got its input by push names what it got, so
+    the client can check that the previous node pushed what it returned to the client."""
+    h = hashlib.sha256(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+    h.update(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
 class NodeSession(ABC):
     """One inference session on one node; steps run in order, the node keeps the KV cache."""
 
     @abstractmethod
     async def step(self, hidden: torch.Tensor, position: int, timeout: float | None) -> torch.Tensor:
         """Runs hidden states (B, T, H) of tokens at `position` (<= cached length; less rewinds)."""
+
+    async def pushed_step(
+        self,
+        hidden: torch.Tensor | None,
+        position: int,
+        timeout: float | None,
+        push_to: PushTarget | None = None,
+        push_token: bytes = b"",
+        push_from: bytes = b"",
+    ) -> PushedStep:
+        """A step of a pushed chain: its input is `hidden`, or (hidden None) arrives by a Push carrying
+        `push_token` from the node with key `push_from` or from this client; the output also goes to `push_to`."""
+        raise NotImplementedError(f"{type(self).__name__} does not push")
 
     @abstractmethod
     def abort(self) -> None:
@@ -89,6 +129,14 @@ class NodeClient(ABC):
 
     @abstractmethod
     async def close(self) -> None: ...
+
+    async def audience(self, timeout: float | None) -> bytes:
+        """The node's public key (what requests are addressed to, and push targets name)."""
+        raise NotImplementedError(f"{type(self).__name__} does not push")
+
+    async def push(self, token: bytes, hidden: torch.Tensor, timeout: float | None) -> None:
+        """Sends a pushed step's input (B, T, H) to this node: it waits for it under `token`."""
+        raise NotImplementedError(f"{type(self).__name__} does not push")
 
     async def train_forward(
         self, hidden: torch.Tensor, start: int, end: int, lora: dict[str, torch.Tensor], scale: float, timeout: float | None

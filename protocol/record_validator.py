@@ -1,5 +1,6 @@
-"""The record validators of torchnode's DHT: only signed server records under block keys, and signed model
-entries under the model index key, get in (`SwarmValidator` dispatches between the two).
+"""The record validators of torchnode's DHT: only signed server records under block keys, signed model
+entries under the model index key, signed relay entries under the relay directory key and signed fraud
+reports under the report key of the node they name get in (`SwarmValidator` dispatches between them).
 
 How hivemind 1.1.12 hands records to a validator (dht/node.py, dht/protocol.py):
   - `DHTRecord.key` is NOT the key string: it is `DHTID.generate(source=key).to_bytes()`, the SHA-1 of
@@ -27,6 +28,7 @@ from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 from .dht_records import EXPIRATION_TOLERANCE, RecordError, ServerRecord, block_key, decode_record, open_signed
 from .model_index import INDEX_KEY, ModelEntry, decode_entry
 from .relay_records import RELAY_KEY, RelayEntry, decode_relay
+from .fraud_reports import MAX_REPORT_LIFETIME, FraudReport, decode_report, report_key
 
 logger = get_logger(__name__)
 
@@ -116,20 +118,44 @@ class RelayDirectoryValidator(_SignedInValue):
         return entry
 
 
-class SwarmValidator(_SignedInValue):
-    """The DHT's one validator: records under the model index key go to `ModelIndexValidator`, all others
-    to `ServerRecordValidator`. (hivemind applies separate validators to every record, all of which must
-    accept it, so two kinds of keys need one validator that dispatches.)"""
+class FraudReportValidator(_SignedInValue):
+    """Only signed fraud reports (protocol/fraud_reports.py) under the report key of the node they name,
+    each under its reporter's id; they may live up to MAX_REPORT_LIFETIME (server records: much less)."""
 
-    def __init__(self, max_lifetime: float = DEFAULT_MAX_LIFETIME):
+    what = "fraud report"
+
+    def __init__(self, max_lifetime: float = MAX_REPORT_LIFETIME):
+        super().__init__(max_lifetime)
+
+    def check(self, record: DHTRecord, now: DHTExpiration | None = None) -> FraudReport:
+        report = decode_report(_unpack_value(record))
+        if record.key != key_id(report_key(report.node_peer_id)):
+            raise RecordError(f"a fraud report must be stored under the report key of node {report.node_peer_id}")
+        if record.subkey != MSGPackSerializer.dumps(report.peer_id):
+            raise RecordError(f"subkey is not the peer id {report.peer_id} of the report's signer")
+        _check_expiration(record, report.expiration, self.max_lifetime, now)
+        return report
+
+
+class SwarmValidator(_SignedInValue):
+    """The DHT's one validator: records under the model index key go to `ModelIndexValidator`, under the
+    relay directory key to `RelayDirectoryValidator`, fraud reports (their signed fields name a node: the
+    key is a hash, so the value says which kind it claims to be, and that validator checks the key) to
+    `FraudReportValidator`, all others to `ServerRecordValidator`. (hivemind applies separate validators
+    to every record, all of which must accept it, so several kinds of keys need one that dispatches.)"""
+
+    def __init__(self, max_lifetime: float = DEFAULT_MAX_LIFETIME, report_lifetime: float = MAX_REPORT_LIFETIME):
         self.servers = ServerRecordValidator(max_lifetime)
         self.index = ModelIndexValidator(max_lifetime)
         self.relays = RelayDirectoryValidator(max_lifetime)
+        self.reports = FraudReportValidator(report_lifetime)
 
     def validate(self, record: DHTRecord) -> bool:
         if record.key == RELAY_KEY_ID:
             return self.relays.validate(record)
-        return (self.index if record.key == INDEX_KEY_ID else self.servers).validate(record)
+        if record.key == INDEX_KEY_ID:
+            return self.index.validate(record)
+        return (self.reports if _claims_report(record) else self.servers).validate(record)
 
     def merge_with(self, other: RecordValidatorBase) -> bool:
         if isinstance(other, SwarmValidator):
@@ -137,6 +163,7 @@ class SwarmValidator(_SignedInValue):
                 self.servers.merge_with(other.servers)
                 and self.index.merge_with(other.index)
                 and self.relays.merge_with(other.relays)
+                and self.reports.merge_with(other.reports)
             )
         return self.servers.merge_with(other) or self.index.merge_with(other)
 
@@ -187,6 +214,15 @@ def _unpack_value(record: DHTRecord) -> bytes:
     if not isinstance(value, bytes):
         raise RecordError(f"DHT value must be encoded record bytes, got {type(value).__name__}")
     return value
+
+
+def _claims_report(record: DHTRecord) -> bool:
+    """Whether a record's signed fields say it is a fraud report (its validator then checks everything)."""
+    try:
+        body_fields, _, _ = open_signed(_unpack_value(record))
+    except RecordError:
+        return False  # the server record validator refuses it with its reason
+    return "node_peer_id" in body_fields
 
 
 def _check_expiration(record: DHTRecord, signed: float, max_lifetime: float, now: DHTExpiration | None) -> None:

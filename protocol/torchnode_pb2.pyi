@@ -141,7 +141,7 @@ class ForwardResponse(_message.Message):
     def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("session_id", "step", "max_length", "start_block", "end_block", "batch_size", "hidden", "position", "wire_dtype", "adapter", "auth")
+    __slots__ = ("session_id", "step", "max_length", "start_block", "end_block", "batch_size", "hidden", "position", "wire_dtype", "adapter", "push_to", "push_token", "push_from", "auth")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,9 @@ class Step(_message.Message):
     POSITION_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TO_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PUSH_FROM_FIELD_NUMBER: _ClassVar[int]
     AUTH_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
@@ -163,19 +166,54 @@ class Step(_message.Message):
     position: int
     wire_dtype: str
     adapter: str
+    push_to: PushTarget
+    push_token: bytes
+    push_from: bytes
     auth: Auth
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., max_length: _Optional[int] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., adapter: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., max_length: _Optional[int] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., adapter: _Optional[str] = ..., push_to: _Optional[_Union[PushTarget, _Mapping]] = ..., push_token: _Optional[bytes] = ..., push_from: _Optional[bytes] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+
+class PushTarget(_message.Message):
+    __slots__ = ("address", "public_key", "token")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    public_key: bytes
+    token: bytes
+    def __init__(self, address: _Optional[str] = ..., public_key: _Optional[bytes] = ..., token: _Optional[bytes] = ...) -> None: ...
+
+class Pushed(_message.Message):
+    __slots__ = ("token", "hidden", "auth")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    token: bytes
+    hidden: Tensor
+    auth: Auth
+    def __init__(self, token: _Optional[bytes] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+
+class PushAck(_message.Message):
+    __slots__ = ("token", "auth")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    token: bytes
+    auth: Auth
+    def __init__(self, token: _Optional[bytes] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("session_id", "step", "hidden", "cached_length", "auth")
+    __slots__ = ("session_id", "step", "hidden", "cached_length", "push_error", "input_digest", "auth")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     CACHED_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ERROR_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
     AUTH_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
     hidden: Tensor
     cached_length: int
+    push_error: str
+    input_digest: bytes
     auth: Auth
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cached_length: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cached_length: _Optional[int] = ..., push_error: _Optional[str] = ..., input_digest: _Optional[bytes] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...

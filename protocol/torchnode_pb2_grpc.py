@@ -54,6 +54,11 @@ class NodeStub:
                 request_serializer=torchnode__pb2.BackwardRequest.SerializeToString,
                 response_deserializer=torchnode__pb2.BackwardResponse.FromString,
                 _registered_method=True)
+        self.Push = channel.stream_stream(
+                '/torchnode.Node/Push',
+                request_serializer=torchnode__pb2.Pushed.SerializeToString,
+                response_deserializer=torchnode__pb2.PushAck.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -83,6 +88,12 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Push(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Backward,
                     request_deserializer=torchnode__pb2.BackwardRequest.FromString,
                     response_serializer=torchnode__pb2.BackwardResponse.SerializeToString,
+            ),
+            'Push': grpc.stream_stream_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=torchnode__pb2.Pushed.FromString,
+                    response_serializer=torchnode__pb2.PushAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class Node:
             '/torchnode.Node/Backward',
             torchnode__pb2.BackwardRequest.SerializeToString,
             torchnode__pb2.BackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/torchnode.Node/Push',
+            torchnode__pb2.Pushed.SerializeToString,
+            torchnode__pb2.PushAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,5 @@
-"""Decoding over distance: tokens/s of plain, ngram and draft-model speculative decoding, on loopback and
+"""Decoding over distance: tokens/s of plain (client-driven hops), node-to-node push, and push with ngram or
+draft-model speculative decoding (--modes), on loopback and
 through a delay proxy in front of every node, and the first-token latency of a long prompt with and
 without pipelined prefill.
 
@@ -99,15 +100,16 @@ def bench_hops(args, hops: int, long_ids: torch.Tensor) -> dict:
                     model.async_model.drafter(args.draft_model)  # load it once, outside the timings
                 for name, text in PROMPTS.items():
                     ids = model.async_model.encode(text, chat=True)
-                    for mode in ("plain", "ngram", "draft-model"):
-                        draft = {"plain": None, "ngram": "ngram", "draft-model": args.draft_model}[mode]
-                        if mode == "draft-model" and not args.draft_model:
+                    for mode in args.modes:
+                        draft = {"ngram": "ngram", "draft-model": args.draft_model}.get(mode.removeprefix("push+"))
+                        if mode.endswith("draft-model") and not args.draft_model:
                             continue
+                        model.async_model.push = mode.startswith("push")  # plain, ngram, draft-model: hop by hop
                         runs = [timed(model, ids, args.tokens, draft) for _ in range(args.repeats)]
                         rate = statistics.median(r[2] for r in runs)
                         results[link, name, mode] = rate
                         outputs.setdefault(name, []).extend(r[0] for r in runs)
-                        print(f"  {hops} hops {link:>9} {name:>8} {mode:>12}: {rate:6.2f} tokens/s", flush=True)
+                        print(f"  {hops} hops {link:>9} {name:>8} {mode:>17}: {rate:6.2f} tokens/s", flush=True)
                 for chunk in (0, args.prefill_chunk):
                     latency = first_token_latency(model, long_ids, chunk, args.runs)
                     results[link, "prefill", chunk] = latency
@@ -123,16 +125,17 @@ def bench_hops(args, hops: int, long_ids: torch.Tensor) -> dict:
 
 def report(args, hops: int, r: dict) -> None:
     d, delayed = args.delay_ms / 1000, f"+{args.delay_ms:g}ms"
-    compute = 1 / r["loopback", "free", "plain"]
+    compute = 1 / r["loopback", "free", args.modes[0]]
     print(f"\n## {hops} hops, {args.delay_ms:g} ms each way, {args.tokens} greedy tokens (tokens/s)")
-    print("| prompt | mode | loopback | delayed | vs plain (delayed) |")
-    print("|---|---|---|---|---|")
+    print(f"| prompt | mode | loopback | delayed | vs {args.modes[0]} (delayed) | links add (ms/token) |")
+    print("|---|---|---|---|---|---|")
     for name in PROMPTS:
-        plain = r[delayed, name, "plain"]
-        for mode in ("plain", "ngram", "draft-model"):
+        plain = r[delayed, name, args.modes[0]]
+        for mode in args.modes:
             if (delayed, name, mode) in r:
                 loop, wan = r["loopback", name, mode], r[delayed, name, mode]
-                print(f"| {name} | {mode} | {loop:.2f} | {wan:.2f} | {wan / plain:.2f}x |")
+                added = (1 / wan - 1 / loop) * 1000
+                print(f"| {name} | {mode} | {loop:.2f} | {wan:.2f} | {wan / plain:.2f}x | {added:.0f} |")
     print(f"bound, client-driven ({2 * hops} legs): {1 / (2 * hops * d + compute):.2f} tokens/s; "
           f"with push ({hops + 1} legs): {1 / ((hops + 1) * d + compute):.2f} tokens/s "
           f"(compute {compute * 1000:.0f} ms/token from loopback plain)")  # fmt: skip
@@ -149,6 +152,9 @@ def main() -> None:
     parser.add_argument("--hops", default="2", help="comma-separated chain lengths to measure (2)")
     parser.add_argument("--delay-ms", type=float, default=25.0, help="proxy delay each way (25)")
     parser.add_argument("--tokens", type=int, default=96, help="greedy tokens per run (96)")
+    parser.add_argument("--modes", default="plain,push,push+ngram,push+draft-model",
+                        help="modes to measure, the first the reference (plain,push,push+ngram,push+draft-model); "
+                        "plain, ngram, draft-model: the client drives every hop; push+...: node-to-node push")
     parser.add_argument("--draft-model", default="default", help="draft model; '' skips it (default: the target)")
     parser.add_argument("--long-tokens", type=int, default=1000, help="prompt length for first-token latency (1000)")
     parser.add_argument("--prefill-chunk", type=int, default=128, help="chunk of the pipelined prefill (128)")
@@ -158,7 +164,7 @@ def main() -> None:
                         "on a small shared machine, more threads per process spin against each other")
     parser.add_argument("--node-args", default="", help="extra `torchnode join` arguments")
     args = parser.parse_args()
-    args.node_args = args.node_args.split()
+    args.node_args, args.modes = args.node_args.split(), args.modes.split(",")
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 

@@ -18,12 +18,17 @@ from torchnode.models.lora import AdapterBank, find_adapter
 from torchnode.node import lora_training
 from torchnode.node.errors import RequestError
 from torchnode.node.limits import Limits
+from torchnode.node.push import PushBox, step_input
 from torchnode.node.span_backend import SpanBackend, SpanInfo
 from torchnode.protocol.identity import Identity
-from torchnode.protocol.node_client import NodeClient, NodeError, NodeInfo, NodeSession, SessionSpec
+from torchnode.protocol.node_client import NodeClient, NodeError, NodeInfo, NodeSession, PushedStep, PushTarget, SessionSpec
+
+CLIENT_KEY = b"client"  # who pushes when the client sends a step's input to a node itself
 
 
 class MemoryNode(NodeClient):
+    network: dict[str, "MemoryNode"] = {}  # address -> node, for node-to-node push between memory nodes
+
     def __init__(
         self, ckpt: Checkpoint, start: int, end: int, address: str, throughput: float = 100.0, adapters: Sequence[str] = ()
     ):
@@ -37,6 +42,10 @@ class MemoryNode(NodeClient):
         self.steps_left: int | None = None  # dies after this many more steps (None: never)
         self.steps_served = 0
         self.sessions: list[MemorySession] = []
+        self.pushes = PushBox()  # node-to-node push: inputs waiting for their steps (node/push.py)
+        self.unreachable: set[str] = set()  # addresses this node cannot push to
+        self.pushed = 0  # outputs pushed to the next node
+        MemoryNode.network[address] = self
 
     def fail_after(self, steps: int) -> None:
         self.steps_left = steps
@@ -58,6 +67,25 @@ class MemoryNode(NodeClient):
 
     async def close(self) -> None:
         pass
+
+    async def audience(self, timeout: float | None) -> bytes:
+        self._check_up()
+        return self.identity.public_key
+
+    async def push(self, token: bytes, hidden: torch.Tensor, timeout: float | None) -> None:
+        self._check_up()
+        self.pushes.deliver(token, CLIENT_KEY, hidden)
+
+    def push_to(self, target: PushTarget, out: torch.Tensor) -> str:
+        """Node-to-node push as node/push.py's Pusher does it, minus the network: "" or why not."""
+        node = MemoryNode.network.get(target.address)
+        if target.address in self.unreachable or node is None or node.down:
+            return f"cannot push to {target.address}: connection refused"
+        if node.identity.public_key != target.public_key:
+            return f"cannot push to {target.address}: another key"
+        node.pushes.deliver(target.token, self.identity.public_key, out)
+        self.pushed += 1
+        return ""
 
     async def train_forward(self, hidden, start, end, lora, scale, timeout):
         self._check_up()
@@ -85,9 +113,22 @@ class MemorySession(NodeSession):
         self.positions: list[int] = []  # the position of every step received, for assertions
 
     async def step(self, hidden: torch.Tensor, position: int, timeout: float | None) -> torch.Tensor:
+        return (await self.pushed_step(hidden, position, timeout)).hidden
+
+    async def pushed_step(
+        self,
+        hidden: torch.Tensor | None,
+        position: int,
+        timeout: float | None,
+        push_to: PushTarget | None = None,
+        push_token: bytes = b"",
+        push_from: bytes = b"",
+    ) -> PushedStep:
         node, s = self.node, self.spec
         node._check_up()
         try:
+            hidden, digest = await step_input(node.pushes, hidden, push_token, push_from, CLIENT_KEY, timeout or 30.0)
+            node._check_up()  # it may have died while waiting
             if self.session is None:
                 self.session = node.backend.open_session(
                     s.session_id, s.start, s.end, s.batch_size, s.max_length, s.adapter
@@ -100,7 +141,8 @@ class MemorySession(NodeSession):
         node.steps_served += 1
         if node.steps_left is not None:
             node.steps_left -= 1
-        return out.to(s.wire_dtype)
+        out = out.to(s.wire_dtype)
+        return PushedStep(out, node.push_to(push_to, out) if push_to is not None else "", digest)
 
     def abort(self) -> None:
         self._free()

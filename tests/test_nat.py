@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,8 +34,10 @@ PROMPT = [[1, 5, 9, 14, 3, 27]]
 CLIENT = """
 import json, sys, torch
 from torchnode import DistributedModel
+from torchnode.client.session import RetryPolicy
 model_path, maddrs, first_n, rest_n = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
-with DistributedModel.from_pretrained(model_path, initial_peers=maddrs) as model:
+patient = RetryPolicy(max_attempts=12, max_seconds=90)  # the moved node's new record may take a while to be seen
+with DistributedModel.from_pretrained(model_path, initial_peers=maddrs, retry=patient) as model:
     with model.session(max_length=64) as s:
         first = s.generate(torch.tensor(%s), max_new_tokens=first_n)
         print("PAUSED", flush=True)
@@ -204,3 +207,71 @@ def test_record_names_its_relay_and_refuses_a_malformed_one():
     assert decode_record(encode_record(me, replace(record, relay=""))).relay == ""
     with pytest.raises(RecordError, match="relay"):
         encode_record(me, replace(record, relay="not a peer id!"))
+
+
+async def test_relay_limits_nodes_streams_and_bytes_per_second():
+    """The relay's three limits on 127.0.0.1, no namespaces: a node beyond --relay-max-nodes is refused,
+    a stream beyond --relay-max-streams is closed, and a node's bytes (both directions together) flow at
+    --relay-bytes-per-second. Behind the relay: a plain TCP echo server standing in for the node's port."""
+    from torchnode.node.relay import RelayLimits
+    from torchnode.protocol.relay_link import RelayError
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    rate = 8 << 10  # bytes per second per node
+    backend = await asyncio.start_server(echo, "127.0.0.1", 0)
+    local = f"127.0.0.1:{backend.sockets[0].getsockname()[1]}"
+    relay = RelayServer(Identity.generate(), "127.0.0.1", 0, None, RelayLimits(max_nodes=1, max_streams=1, bytes_per_second=rate))
+    await relay.start()
+    first = RelayLink(None, Identity.generate(), local, on_change=None)
+    tasks, writers = [], []
+    try:
+        registration = await first._register(relay.entry(expiration=0.0))
+        tasks.append(asyncio.create_task(first.serve(registration)))
+        with pytest.raises(RelayError, match="relay full: 1 nodes"):
+            await RelayLink(None, Identity.generate(), local, on_change=None)._register(relay.entry(expiration=0.0))
+
+        host, port = registration.address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writers.append(writer)
+        writer.write(b"x" * 1024)
+        assert await asyncio.wait_for(reader.readexactly(1024), 10) == b"x" * 1024  # the stream is spliced
+        assert relay.streams == 1
+
+        extra_reader, extra_writer = await asyncio.open_connection(host, int(port))  # one stream too many
+        writers.append(extra_writer)
+        assert await asyncio.wait_for(extra_reader.read(), 10) == b""  # closed without reaching the node
+        assert relay.streams == 1
+
+        size = 2 * rate  # crosses the relay twice (there and back): 4 s of budget, less the first second's burst
+        started = time.monotonic()
+        writer.write(b"z" * size)
+        assert await asyncio.wait_for(reader.readexactly(size), 30) == b"z" * size
+        elapsed = time.monotonic() - started
+        assert 0.9 * (2 * size - rate) / rate <= elapsed <= 2 * size / rate + 6, elapsed  # unthrottled: milliseconds
+    finally:
+        for w in writers:
+            w.close()
+        for task in tasks:
+            task.cancel()
+        await relay.close()
+        backend.close()
+
+
+def test_the_dashboard_state_names_a_relayed_nodes_relay():
+    """A record that names its relay shows as `relay` in the monitor's node state (the dashboard's "via"
+    column, `torchnode swarm`'s `via`); a direct node's is empty."""
+    from test_dashboard import info_of, record_of
+
+    from torchnode.coordinator.health_monitor import HealthMonitor, Probe
+
+    monitor, relay = HealthMonitor(dht=None, models=["m"]), Identity.generate()
+    relayed, direct = record_of(Identity.generate(), relay=relay.peer_id), record_of(Identity.generate())
+    states = [monitor._node_state(r, Probe(info_of(r, 4), 0.001, None), time.time(), 0.0) for r in (relayed, direct)]
+    assert [s.relay for s in states] == [relay.peer_id, ""]
+    page = (Path(__file__).parents[1] / "coordinator" / "static" / "dashboard.html").read_text()
+    assert '{key: "relay", label: "Via"' in page

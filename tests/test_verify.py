@@ -192,3 +192,81 @@ async def test_logits_are_verified_too(ckpt, nodes, tiny_llama):
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     logits = await model_over(ckpt, nodes).logits(PROMPT)
     torch.testing.assert_close(logits, hf(PROMPT).logits, atol=1e-4, rtol=1e-4)
+
+
+# ---- fraud reports in the DHT (protocol/fraud_reports.py, record_validator.FraudReportValidator)
+
+
+def report_entry(reporter, node_peer_id: str, lifetime: float = 3600.0, **changes):
+    """(report, hivemind DHTRecord as DHTNode.store builds it) for a report signed by `reporter`."""
+    from dataclasses import replace
+
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.utils import MSGPackSerializer
+    from hivemind.utils.timed_storage import get_dht_time
+
+    from torchnode.protocol.fraud_reports import FraudReport, encode_report, report_key
+    from torchnode.protocol.record_validator import key_id
+
+    report = FraudReport(
+        reporter.peer_id, reporter.public_key, node_peer_id, "127.0.0.1:31330", "m", 0, 2, "ab" * 32,
+        get_dht_time() + lifetime,
+    )  # fmt: skip
+    report = replace(report, **changes)
+    record = DHTRecord(
+        key=key_id(report_key(node_peer_id)), subkey=MSGPackSerializer.dumps(reporter.peer_id),
+        value=MSGPackSerializer.dumps(encode_report(reporter, report)), expiration_time=report.expiration,
+    )  # fmt: skip
+    return report, record
+
+
+def test_a_fraud_report_round_trips_and_passes_the_swarm_validator():
+    from torchnode.protocol.fraud_reports import decode_report, encode_report, parse_report
+    from torchnode.protocol.identity import Identity
+    from torchnode.protocol.record_validator import SwarmValidator
+
+    reporter, node = Identity.generate(), Identity.generate()
+    report, record = report_entry(reporter, node.peer_id)
+    assert decode_report(encode_report(reporter, report)) == report
+    assert SwarmValidator().validate(record)
+    assert parse_report(reporter.peer_id, encode_report(reporter, report), node.peer_id) == report
+    assert parse_report(reporter.peer_id, encode_report(reporter, report), reporter.peer_id) is None  # another node's key
+
+
+def test_forged_or_misplaced_fraud_reports_are_refused():
+    from dataclasses import replace
+
+    import msgpack
+    from hivemind.utils import MSGPackSerializer
+
+    from torchnode.protocol.dht_records import RecordError, sign_fields
+    from torchnode.protocol.fraud_reports import decode_report, encode_report
+    from torchnode.protocol.identity import Identity
+    from torchnode.protocol.record_validator import FraudReportValidator, SwarmValidator, key_id
+
+    reporter, node, other = Identity.generate(), Identity.generate(), Identity.generate()
+    report, record = report_entry(reporter, node.peer_id)
+    envelope = msgpack.unpackb(encode_report(reporter, report))
+    body = msgpack.unpackb(envelope["record"])
+    forged = sign_fields(other, body)  # the reporter's name, someone else's signature
+    tampered = msgpack.packb({"record": msgpack.packb(body | {"evidence_sha256": "cd" * 32}), "signature": envelope["signature"]})
+    refused = {
+        "bad signature": replace(record, value=MSGPackSerializer.dumps(forged)),
+        "bad signature ": replace(record, value=MSGPackSerializer.dumps(tampered)),
+        "report key": replace(record, key=key_id(f"_torchnode.reports:{other.peer_id}")),  # filed under another node
+        "subkey": replace(record, subkey=MSGPackSerializer.dumps(other.peer_id)),
+        "expiration": replace(record, expiration_time=record.expiration_time + 60),  # replayed, extended
+        "max is": report_entry(reporter, node.peer_id, lifetime=30 * 24 * 3600.0)[1],  # lives too long
+    }
+    for reason, bad in refused.items():
+        assert not SwarmValidator().validate(bad), reason
+        with pytest.raises(RecordError, match=reason.strip()):
+            FraudReportValidator().check(bad)
+    with pytest.raises(RecordError, match="evidence_sha256"):
+        encode_report(reporter, replace(report, evidence_sha256="not a hash"))
+    with pytest.raises(RecordError, match="own reporter"):
+        encode_report(reporter, replace(report, node_peer_id=reporter.peer_id))
+    with pytest.raises(RecordError, match="belong to the signing identity"):
+        encode_report(other, report)
+    with pytest.raises(RecordError, match="bad signature"):
+        decode_report(forged)

@@ -1,0 +1,109 @@
+"""The client's LM head merged across concurrent sessions (client/head_batcher.py): every session's
+greedy tokens equal the ones it gets alone, while the head runs far fewer, wider passes; a bad request
+fails by itself. In-memory nodes (the real span backend) and the tiny Llama."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from memory_node import MemoryNode, MemoryPeers
+
+from torchnode.client.head_batcher import HeadBatcher
+from torchnode.client.model import AsyncDistributedModel
+from torchnode.client.sampling import SamplingParams
+from torchnode.models.checkpoint import resolve
+from torchnode.models.families import load_head
+
+TOKENS = 10
+
+
+def prompt(tokens: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 259, (1, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+def count_head_rows(head) -> list[int]:
+    """Records the rows (B * T) of every real LM-head call; the head itself still computes."""
+    rows: list[int] = []
+    real = head.logits
+
+    def counting(hidden: torch.Tensor) -> torch.Tensor:
+        rows.append(hidden.reshape(-1, hidden.shape[-1]).shape[0])
+        return real(hidden)
+
+    head.logits = counting
+    return rows
+
+
+async def tokens_of(model: AsyncDistributedModel, ids: torch.Tensor, draft: str | None = None) -> list[int]:
+    params = SamplingParams(max_new_tokens=TOKENS, ignore_eos=True)
+    return [int(new[0]) async for new in model.generate_ids(ids, params, draft=draft)]
+
+
+@pytest.fixture
+def model(tiny_llama):
+    ckpt = resolve(str(tiny_llama))
+    nodes = [MemoryNode(ckpt, 0, 2, "a:1"), MemoryNode(ckpt, 2, 4, "b:1")]
+    yield AsyncDistributedModel(ckpt, MemoryPeers(nodes), step_timeout=10.0)
+    for node in nodes:
+        node.shutdown()
+
+
+async def test_concurrent_sessions_share_head_passes_and_equal_each_alone(model):
+    prompts = [prompt(n, seed) for seed, n in enumerate((3, 7, 12, 5, 20, 9))]
+    rows = count_head_rows(model.head)
+    alone = [await tokens_of(model, ids) for ids in prompts]
+    alone_calls = len(rows)
+    assert alone_calls == len(prompts) * TOKENS  # one head call per session per token
+
+    rows.clear()
+    together = await asyncio.gather(*(tokens_of(model, ids) for ids in prompts))
+    assert together == alone
+    assert max(rows) == len(prompts), rows  # all six sessions' last positions in one matrix product
+    assert len(rows) <= alone_calls // 2, rows  # the head matrix is read far fewer times
+    assert sum(rows) == alone_calls  # every session's row computed exactly once
+
+
+async def test_speculative_and_plain_sessions_merge_too(model):
+    repetitive = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]])  # the n-gram drafter proposes from this
+    plain = [prompt(6, 11), prompt(14, 12)]
+    alone = [await tokens_of(model, repetitive, draft="ngram")] + [await tokens_of(model, ids) for ids in plain]
+    alone_plain = [await tokens_of(model, repetitive)]
+    rows = count_head_rows(model.head)
+    speculative = tokens_of(model, repetitive, draft="ngram")
+    together = await asyncio.gather(speculative, *(tokens_of(model, ids) for ids in plain))
+    assert together == alone
+    assert together[0] == alone_plain[0]  # speculative greedy = plain greedy, merged or not
+    assert max(rows) > 2, rows  # a multi-row speculative request shared a pass with the plain ones
+
+
+async def test_scoring_logits_go_through_the_batcher_and_match_transformers(model, tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    ids = prompt(9, 3)
+    rows = count_head_rows(model.head)
+    got = await model.logits(ids)  # (1, 9, V)
+    with torch.inference_mode():
+        expected = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()(ids).logits
+    assert rows == [9]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+async def test_a_bad_request_fails_alone(tiny_llama):
+    head = load_head(resolve(str(tiny_llama)))
+    batcher = HeadBatcher(head)
+    hidden = torch.randn(2, 3, head.norm.weight.shape[0])  # (B, T, H)
+    good, bad = await asyncio.gather(
+        batcher.logits(hidden), batcher.logits(torch.randn(1, 1, 7)), return_exceptions=True
+    )
+    assert isinstance(bad, RuntimeError)
+    assert torch.equal(good, head.logits(hidden))
+    assert batcher.passes == 2  # the merged pass failed, then each ran alone
+
+
+async def test_a_lone_caller_gets_exactly_the_heads_result(tiny_llama):
+    head = load_head(resolve(str(tiny_llama)))
+    hidden = torch.randn(1, 4, head.norm.weight.shape[0])
+    for off_loop in (True, False):
+        assert torch.equal(await HeadBatcher(head, off_loop=off_loop).logits(hidden), head.logits(hidden))

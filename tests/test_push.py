@@ -1,0 +1,120 @@
+"""Node-to-node push (node/push.py, InferenceSession._pushed): each node sends its output straight to the
+next one; the client keeps every hop's copy. Unit tier with in-memory nodes (fallbacks: a node that cannot
+reach the next, nodes that die, a node that pushes something else than it returns), then real `torchnode`
+processes: the CLI with --push, and a node killed mid-generation."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+from memory_node import MemoryNode, MemoryPeers
+from swarm import run_cli, start_nodes, stop_all
+from test_inference_e2e import chat_ids, hf_greedy
+from test_session import FAST_RETRY, NEW, PROMPT, ckpt, expected  # noqa: F401 (fixtures)
+
+from torchnode.client.model import AsyncDistributedModel, DistributedModel
+from torchnode.client.sampling import SamplingParams
+
+class LyingPusher(MemoryNode):
+    """Returns its true output to the client but pushes a perturbed one to the next node."""
+
+    def push_to(self, target, out):
+        return super().push_to(target, out + 1.0)
+
+
+async def run(ckpt, nodes, push: bool = True) -> tuple[list[int], object]:
+    model = AsyncDistributedModel(ckpt, MemoryPeers(nodes), step_timeout=5.0, retry=FAST_RETRY, push=push)
+    session = await model.open_session(PROMPT.shape[1] + NEW)
+    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    tokens = [int(new[0]) async for new in model.generate_ids(PROMPT, params, session)]
+    await session.close()
+    for node in nodes:
+        node.shutdown()
+    return tokens, session
+
+
+def chain(ckpt, *spans: tuple[int, int], cls=MemoryNode) -> list[MemoryNode]:
+    return [(cls if i == 0 else MemoryNode)(ckpt, a, b, f"push-{i}:1") for i, (a, b) in enumerate(spans)]
+
+
+async def test_push_equals_transformers_and_nodes_push(ckpt, expected):
+    nodes = chain(ckpt, (0, 1), (1, 3), (3, 4))
+    tokens, session = await run(ckpt, nodes)
+    assert tokens == expected
+    assert nodes[0].pushed == nodes[1].pushed == NEW  # one step per token after the prompt's
+    assert session.node_pushes == 2 * NEW
+    assert [h for h in session.hops[1].history] and len(session.hops[1].history) == NEW  # the client kept copies
+
+
+async def test_without_push_the_client_drives_every_hop(ckpt, expected):
+    nodes = chain(ckpt, (0, 2), (2, 4))
+    tokens, session = await run(ckpt, nodes, push=False)
+    assert tokens == expected and nodes[0].pushed == 0 and session.node_pushes == 0
+
+
+async def test_node_that_cannot_reach_the_next_gets_its_output_sent_on_by_the_client(ckpt, expected):
+    nodes = chain(ckpt, (0, 1), (1, 3), (3, 4))
+    nodes[1].unreachable.add(nodes[2].address)
+    tokens, session = await run(ckpt, nodes)
+    assert tokens == expected
+    assert nodes[1].pushed == 0 and nodes[2].steps_served == NEW and session.node_pushes == NEW  # only 0 -> 1 pushed
+
+
+@pytest.mark.parametrize("dies", [0, 1])
+async def test_a_node_dying_mid_generation_with_push_fails_over(ckpt, expected, dies):
+    nodes = chain(ckpt, (0, 2), (2, 4)) + [MemoryNode(ckpt, *((0, 2) if dies == 0 else (2, 4)), "push-spare:1")]
+    nodes[dies].fail_after(6)
+    tokens, session = await run(ckpt, nodes)
+    assert tokens == expected
+    assert nodes[2].steps_served > 0  # the spare took over
+    assert session.node_pushes > 0
+
+
+async def test_pushed_input_that_differs_from_the_copy_stops_push(ckpt, expected):
+    nodes = chain(ckpt, (0, 2), (2, 4), cls=LyingPusher)
+    tokens, session = await run(ckpt, nodes)
+    assert tokens == expected  # the second hop was replayed from the client's copies
+    assert session.push is False
+
+
+# ---- real node processes
+
+
+@pytest.fixture(scope="module")
+def smol_nodes():
+    nodes = start_nodes("default", ["0:15", "15:30", "15:30"])
+    yield nodes
+    stop_all(nodes)
+
+
+def test_cli_generate_with_push_equals_transformers(smol_nodes, default_reference):
+    hf, tokenizer = default_reference
+    prompt = "Name three colours."
+    ids = chat_ids(tokenizer, prompt)
+    expected = tokenizer.decode(hf_greedy(hf, ids, 24)[0, ids.shape[1] :], skip_special_tokens=True)
+    peers = ",".join(n.address for n in smol_nodes[:2])
+    result = run_cli("generate", "default", "--peers", peers, "--max-new-tokens", "24", "--greedy", "--chat", "--push", prompt)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected.strip()
+
+
+def test_node_killed_mid_generation_with_push_gives_exact_output(smol_nodes, default_reference):
+    hf, tokenizer = default_reference
+    ids, tokens_wanted = chat_ids(tokenizer, "Tell me about the sea."), 32
+    expected = hf_greedy(hf, ids, tokens_wanted)[0, ids.shape[1] :].tolist()
+    with DistributedModel.from_pretrained("default", [n.address for n in smol_nodes], step_timeout=5.0, push=True) as model:
+        core = model.async_model
+        session = model.run(core.open_session(ids.shape[1] + tokens_wanted))
+        second = session.hops[-1].node.address
+        victim = next(n for n in smol_nodes if n.address == second)
+        tokens = []
+        params = SamplingParams(max_new_tokens=tokens_wanted, ignore_eos=True)
+        for new in model.iterate(core.generate_ids(ids, params, session)):
+            tokens.append(int(new[0]))
+            if len(tokens) == 10:
+                victim.proc.send_signal(signal.SIGKILL)
+        model.run(session.close())
+    assert tokens == expected
+    assert session.node_pushes > 0 and session.hops[-1].node.address != second
