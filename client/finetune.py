@@ -25,7 +25,7 @@ from ..models.checkpoint import write_safetensors
 from ..models.families import config_of
 from ..models.lora import CONFIG_FILE, TARGETS, WEIGHTS_FILE
 from ..protocol.node_client import NodeError
-from .model import DistributedModel
+from .sync_model import DistributedModel
 from .session import Hop
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

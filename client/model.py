@@ -1,7 +1,7 @@
 """The SDK: a model whose blocks run on the swarm while tokenizer, embeddings and LM head run here.
 
-`AsyncDistributedModel` is the asyncio core; `DistributedModel` offers the same calls to synchronous
-code, run on a private event loop thread (hivemind's DHT does the same).
+`AsyncDistributedModel` is the asyncio core; `DistributedModel` (client/sync_model.py) offers the same
+calls to synchronous code.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 from transformers import AutoTokenizer
@@ -27,7 +27,6 @@ from .ban_list import BanList
 from .discovery import DhtPeers, PeerSource, StaticPeers
 from .generation import generate_ids
 from .head_batcher import HeadBatcher
-from .loop_thread import LoopThread
 from .routing import NoRouteError, find_route
 from .sampling import SamplingParams
 from .session import DEFAULT_PREFILL_CHUNK, DEFAULT_PUSH, DEFAULT_STEP_TIMEOUT, Hop, InferenceSession, RetryPolicy
@@ -397,94 +396,3 @@ class AsyncChatSession:
     ) -> AsyncIterator[str]:
         new_ids, model = self.generate_ids(prompt, chat, draft, draft_tokens, **sampling), self.model
         return _texts(text_pieces(model.tokenizer, new_ids, SamplingParams(**sampling), model.eos_ids))
-
-
-class DistributedModel:
-    """Synchronous front end with the same calls as AsyncDistributedModel."""
-
-    def __init__(self, core: AsyncDistributedModel, loop: LoopThread):
-        self._core, self._loop = core, loop
-
-    @property
-    def async_model(self) -> AsyncDistributedModel:
-        """The asyncio core, for calls that need it (open a session, step it); run them with `run`."""
-        return self._core
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Runs a coroutine of `async_model` on this model's event loop thread and returns its result."""
-        return self._loop.run(coro)
-
-    def iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
-        """Drives an async iterator of `async_model` (e.g. `generate_ids`) from synchronous code."""
-        return self._loop.iterate(agen)
-
-    @classmethod
-    def from_pretrained(
-        cls, model: str, peers: Sequence[str] = (), initial_peers: Sequence[str] = (), **kwargs
-    ) -> DistributedModel:
-        """See AsyncDistributedModel.from_pretrained (grpc.aio channels bind to the loop they are made on)."""
-        loop = LoopThread()
-        try:
-            return cls(loop.run(AsyncDistributedModel.from_pretrained(model, peers, initial_peers, **kwargs)), loop)
-        except BaseException:
-            loop.stop()
-            raise
-
-    @property
-    def tokenizer(self):
-        return self._core.tokenizer
-
-    def generate(self, prompt: Prompt | list[str], chat: bool = False, **sampling) -> torch.Tensor | list[torch.Tensor]:
-        return self._loop.run(self._core.generate(prompt, chat, **sampling))
-
-    def stream(self, prompt: Prompt, chat: bool = False, **sampling) -> Iterator[str]:
-        return self._loop.iterate(self._core.stream(prompt, chat, **sampling))
-
-    def logits(self, input_ids: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
-        return self._loop.run(self._core.logits(input_ids, adapter))
-
-    def session(
-        self,
-        max_length: int = DEFAULT_MAX_LENGTH,
-        draft: str | None = None,
-        draft_tokens: int | None = None,
-        adapter: str | None = None,
-    ) -> ChatSession:
-        return ChatSession(self._core.session(max_length, draft, draft_tokens, adapter), self._loop)
-
-    def close(self) -> None:
-        try:
-            self._loop.run(self._core.close())
-        finally:
-            self._loop.stop()
-
-    def __enter__(self) -> DistributedModel:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class ChatSession:
-    """Synchronous twin of AsyncChatSession."""
-
-    def __init__(self, core: AsyncChatSession, loop: LoopThread):
-        self._core, self._loop = core, loop
-
-    @property
-    def cached_tokens(self) -> int:
-        """Tokens of the conversation whose keys and values the nodes hold."""
-        return len(self._core.cached)
-
-    def __enter__(self) -> ChatSession:
-        self._loop.run(self._core.__aenter__())
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._loop.run(self._core.__aexit__(*exc))
-
-    def generate(self, prompt: Prompt, chat: bool = False, **sampling) -> torch.Tensor:
-        return self._loop.run(self._core.generate(prompt, chat, **sampling))
-
-    def stream(self, prompt: Prompt, chat: bool = False, **sampling) -> Iterator[str]:
-        return self._loop.iterate(self._core.stream(prompt, chat, **sampling))

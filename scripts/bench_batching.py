@@ -127,7 +127,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from torchnode.client.model import DistributedModel
+    from torchnode.client.sync_model import DistributedModel
     from torchnode.models.checkpoint import resolve
 
     if args.reference_threads:

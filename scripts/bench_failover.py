@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--prefix", type=int, default=128)
     args = parser.parse_args()
 
-    from torchnode.client.model import DistributedModel
+    from torchnode.client.sync_model import DistributedModel
     from torchnode.client.sampling import SamplingParams
 
     nodes = start_nodes("default", ["0:15", "0:15", "15:30", "15:30"])

@@ -64,7 +64,7 @@ SPANS = ["0:15", "15:30"]
 
 def measure(links: str, ids: torch.Tensor, hf, args) -> tuple[list, list]:
     """Paired (swarm, local) runs, each a (first-token s, tokens/s), over nodes started with `links`."""
-    from torchnode.client.model import DistributedModel
+    from torchnode.client.sync_model import DistributedModel
 
     insecure = links == "insecure"
     nodes = start_nodes("default", SPANS, "--threads", str(args.node_threads), *(["--insecure"] if insecure else []))

@@ -59,7 +59,7 @@ def prefill_vs_decode(window: int) -> float:
 
 
 def throughput(runs: int, tokens: int, window: int) -> tuple[float, float]:
-    from torchnode.client.model import DistributedModel
+    from torchnode.client.sync_model import DistributedModel
 
     nodes = start_nodes("default", ["0:15", "0:15", "15:30", "15:30"], "--threads", "1")
     try:

@@ -87,7 +87,7 @@ def first_token_latency(model, ids: torch.Tensor, chunk: int, runs: int) -> floa
 
 
 def bench_hops(args, hops: int, long_ids: torch.Tensor) -> dict:
-    from torchnode.client.model import DistributedModel
+    from torchnode.client.sync_model import DistributedModel
 
     nodes = start_nodes(args.model, spans(args.blocks, hops), "--threads", str(args.threads), *args.node_args)
     proxy, proxied = start_proxy([n.address for n in nodes], args.delay_ms)

@@ -59,7 +59,7 @@ def main() -> int:
             for node in nodes:
                 console.log(wait_ready(node).split("node ", 1)[-1])
             bar.update(task, description="loading the client's embeddings, LM head and tokenizer")
-            from torchnode.client.model import DistributedModel
+            from torchnode.client.sync_model import DistributedModel
 
             model = DistributedModel.from_pretrained("default", [f"127.0.0.1:{p}" for p in ports])
             bar.update(task, description="ready", completed=True)

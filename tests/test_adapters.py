@@ -18,7 +18,8 @@ from memory_node import MemoryNode, MemoryPeers
 from swarm import run_cli, start_nodes, stop_all
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from torchnode.client.model import AsyncDistributedModel, DistributedModel
+from torchnode.client.model import AsyncDistributedModel
+from torchnode.client.sync_model import DistributedModel
 from torchnode.client.routing import NoRouteError
 from torchnode.models.checkpoint import resolve
 from torchnode.models.families import load_span

@@ -12,7 +12,7 @@ from swarm import start_nodes, stop_all
 from tiny_models import FAMILIES_UNDER_TEST, SLIDING_WINDOW, save_tiny_model
 from transformers import AutoModelForCausalLM
 
-from torchnode.client.model import DistributedModel
+from torchnode.client.sync_model import DistributedModel
 
 NEW_TOKENS = 32
 TOLERANCE = 1e-4

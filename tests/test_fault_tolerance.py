@@ -11,7 +11,7 @@ import torch
 from swarm import start_coordinator, start_node, start_nodes, stop_all
 from test_inference_e2e import STORY, chat_ids
 
-from torchnode.client.model import DistributedModel
+from torchnode.client.sync_model import DistributedModel
 from torchnode.client.routing import NoRouteError
 from torchnode.client.sampling import SamplingParams
 from torchnode.client.session import RetryPolicy

@@ -19,7 +19,7 @@ from swarm import start_nodes, stop_all
 from tiny_models import save_tiny_model
 from transformers import AutoModelForCausalLM
 
-from torchnode.client.model import DistributedModel
+from torchnode.client.sync_model import DistributedModel
 from torchnode.models.checkpoint import resolve
 
 REPO_ID = "tiny-org/tiny-qwen2"

@@ -7,7 +7,7 @@ import torch
 from swarm import run_cli, start_nodes, stop_all
 from transformers import AutoModelForCausalLM
 
-from torchnode.client.model import DistributedModel
+from torchnode.client.sync_model import DistributedModel
 
 STORY = "Write a long story about a dragon who learns to paint."
 

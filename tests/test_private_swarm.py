@@ -11,7 +11,7 @@ import asyncio
 import pytest
 from swarm import start_coordinator, start_node, stop_all, wait_ready
 
-from torchnode.client.model import DistributedModel
+from torchnode.client.sync_model import DistributedModel
 from torchnode.protocol.allow_keys import load_allow_keys
 from torchnode.protocol.grpc_node import GrpcNodeClient
 from torchnode.protocol.identity import Identity

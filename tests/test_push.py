@@ -14,7 +14,8 @@ from swarm import run_cli, start_nodes, stop_all
 from test_inference_e2e import chat_ids, hf_greedy
 from test_session import FAST_RETRY, NEW, PROMPT, ckpt, expected  # noqa: F401 (fixtures)
 
-from torchnode.client.model import AsyncDistributedModel, DistributedModel
+from torchnode.client.model import AsyncDistributedModel
+from torchnode.client.sync_model import DistributedModel
 from torchnode.client.sampling import SamplingParams
 
 class LyingPusher(MemoryNode):

@@ -13,7 +13,7 @@ from swarm import start_node, stop_all
 from tiny_models import save_tiny_model
 from torch import nn
 
-from torchnode.client.model import DistributedModel
+from torchnode.client.sync_model import DistributedModel
 from torchnode.models.checkpoint import resolve
 from torchnode.models.families import LAYER_PREFIX, load_head, load_span
 from torchnode.models.quantization import Int8Linear, quantize_span, weight_bytes

@@ -18,7 +18,8 @@ from swarm import run_cli, start_nodes, stop_all
 from tiny_models import EOS_ID, save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from torchnode.client.model import AsyncDistributedModel, DistributedModel
+from torchnode.client.model import AsyncDistributedModel
+from torchnode.client.sync_model import DistributedModel
 from torchnode.client.sampling import SamplingParams
 from torchnode.client.speculative import (
     Draft,

@@ -12,7 +12,7 @@ from swarm import run_cli, start_coordinator, start_node, stop_all
 from test_inference_e2e import STORY, chat_ids, hf_greedy
 from transformers import AutoModelForCausalLM
 
-from torchnode.client.model import DistributedModel
+from torchnode.client.sync_model import DistributedModel
 from torchnode.client.sampling import SamplingParams
 from torchnode.protocol.dht_network import find_servers, start_dht
 

@@ -3,15 +3,19 @@
 The SDK's public names are imported lazily, so `torchnode --help` and node start-up stay fast.
 """
 
-__version__ = "0.1.0"
+from .protocol.version import __version__
 __all__ = ["AsyncDistributedModel", "DistributedModel", "SamplingParams", "__version__"]
 
 
 def __getattr__(name: str):
-    if name in ("AsyncDistributedModel", "DistributedModel"):
-        from .client import model
+    if name == "AsyncDistributedModel":
+        from .client.model import AsyncDistributedModel
 
-        return getattr(model, name)
+        return AsyncDistributedModel
+    if name == "DistributedModel":
+        from .client.sync_model import DistributedModel
+
+        return DistributedModel
     if name == "SamplingParams":
         from .client.sampling import SamplingParams
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -153,7 +154,7 @@ def connect(model: str, peers: str, initial_peers: str, identity: Path | None, *
         raise typer.BadParameter(
             "give --initial-peers MULTIADDR (a swarm) or --peers HOST:PORT,... (fixed nodes)", param_hint="--initial-peers"
         )
-    from torchnode.client.model import DistributedModel
+    from torchnode.client.sync_model import DistributedModel
 
     with err.status("loading the model's head and tokenizer, finding nodes"):
         return DistributedModel.from_pretrained(model, peer_list, dht_peers, identity_path=identity, **kwargs)
@@ -175,3 +176,16 @@ def _relay_limits(max_nodes: int, max_streams: int, bytes_per_second: str):
     if rate < 1:
         raise typer.BadParameter("must be at least 1 byte", param_hint="--relay-bytes-per-second")
     return RelayLimits(max_nodes=max_nodes, max_streams=max_streams, bytes_per_second=rate)
+
+
+# Options several commands share, declared once (typer reads the Annotated metadata).
+StepTimeout = Annotated[float, typer.Option(min=0.1, help="seconds a node may take per step before failover")]
+HeadDevice = Annotated[str, typer.Option(help=DEVICE_HELP + " for the head (embeddings, LM head)")]
+Insecure = Annotated[bool, typer.Option("--insecure", help=INSECURE_HELP)]
+AllowKeys = Annotated[Path | None, typer.Option(help=ALLOW_KEYS_HELP)]
+Draft = Annotated[str | None, typer.Option(help=DRAFT_HELP)]
+DraftTokens = Annotated[int, typer.Option(min=1, help=DRAFT_TOKENS_HELP)]
+Verify = Annotated[bool, typer.Option("--verify", help=VERIFY_HELP)]
+VerifyWindow = Annotated[int, typer.Option(min=1, help=VERIFY_WINDOW_HELP)]
+Adapter = Annotated[str | None, typer.Option(help=ADAPTER_HELP)]
+Push = Annotated[bool, typer.Option("--push/--no-push", help=PUSH_HELP)]

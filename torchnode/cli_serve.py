@@ -13,11 +13,11 @@ import typer
 
 from .cli_options import (
     ADAPTERS_HELP,
-    ALLOW_KEYS_HELP,
     DEVICE_HELP,
-    INSECURE_HELP,
     QUANT_CHOICES,
     REACHABLE_HELP,
+    AllowKeys,
+    Insecure,
     _adapters,
     _bytes,
     _device,
@@ -63,8 +63,8 @@ def join(
     rebalance_threshold: Annotated[float, typer.Option(min=0.0, help="move if the weakest block gains more than this fraction")] = 0.25,
     shutdown_grace: Annotated[float, typer.Option(min=0.0, help="seconds sessions in flight get on SIGTERM")] = 10.0,
     threads: Annotated[int, typer.Option(min=0, help="torch threads (0: torch's default)")] = 0,
-    insecure: Annotated[bool, typer.Option("--insecure", help=INSECURE_HELP)] = False,
-    allow_keys: Annotated[Path | None, typer.Option(help=ALLOW_KEYS_HELP)] = None,
+    insecure: Insecure = False,
+    allow_keys: AllowKeys = None,
     adapters: Annotated[str, typer.Option(help=ADAPTERS_HELP)] = "",
     reachable: Annotated[str, typer.Option(help=REACHABLE_HELP)] = "auto",
     relay: Annotated[bool, typer.Option("--relay", help="also relay for nodes that cannot be dialled (behind a NAT)")] = False,
@@ -145,8 +145,8 @@ def coordinator(
     http_port: Annotated[int, typer.Option(help="dashboard HTTP port")] = 8080,
     model: Annotated[list[str] | None, typer.Option(help="show only this model (repeatable) [default: every model in the swarm's index]")] = None,
     refresh: Annotated[float, typer.Option(min=0.1, help="seconds between health scans")] = 5.0,
-    insecure: Annotated[bool, typer.Option("--insecure", help=INSECURE_HELP)] = False,
-    allow_keys: Annotated[Path | None, typer.Option(help=ALLOW_KEYS_HELP)] = None,
+    insecure: Insecure = False,
+    allow_keys: AllowKeys = None,
     relay: Annotated[bool, typer.Option("--relay", help="also relay for nodes that cannot be dialled (behind a NAT)")] = False,
     relay_port: Annotated[int, typer.Option(help="the relay's control port (with --relay); 0 picks a free one")] = 0,
     relay_max_nodes: Annotated[int, typer.Option(min=1, help="nodes relayed at once (with --relay)")] = 32,
@@ -181,8 +181,8 @@ def dashboard_command(
     http_port: Annotated[int, typer.Option(help="dashboard HTTP port")] = 8080,
     model: Annotated[list[str] | None, typer.Option(help="show only this model (repeatable) [default: every model in the swarm's index]")] = None,
     refresh: Annotated[float, typer.Option(min=0.1, help="seconds between health scans")] = 5.0,
-    insecure: Annotated[bool, typer.Option("--insecure", help=INSECURE_HELP)] = False,
-    allow_keys: Annotated[Path | None, typer.Option(help=ALLOW_KEYS_HELP)] = None,
+    insecure: Insecure = False,
+    allow_keys: AllowKeys = None,
 ) -> None:
     """Run the health monitor and web dashboard (/, /api/v1/state, /metrics) on its own DHT client."""
     warn_if_insecure(insecure)

@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 
 from .cli_options import (
-    ALLOW_KEYS_HELP,
-    INSECURE_HELP,
+    AllowKeys,
+    Insecure,
     _peers,
     allow_keys_of,
     err,
@@ -23,8 +23,8 @@ from .cli_options import (
 def swarm(
     model: Annotated[str, typer.Argument(help="the model to look up ('default', a path, or a hub id)")],
     initial_peers: Annotated[str, typer.Option(help="multiaddrs of swarm peers")] = "",
-    insecure: Annotated[bool, typer.Option("--insecure", help=INSECURE_HELP)] = False,
-    allow_keys: Annotated[Path | None, typer.Option(help=ALLOW_KEYS_HELP)] = None,
+    insecure: Insecure = False,
+    allow_keys: AllowKeys = None,
 ) -> None:
     """Show which node serves which blocks, its state, throughput, RTT and link, and whether all blocks are covered."""
     warn_if_insecure(insecure)
@@ -64,8 +64,8 @@ def swarm(
 
 def models_command(
     initial_peers: Annotated[str, typer.Option(help="multiaddrs of swarm peers")] = "",
-    insecure: Annotated[bool, typer.Option("--insecure", help=INSECURE_HELP)] = False,
-    allow_keys: Annotated[Path | None, typer.Option(help=ALLOW_KEYS_HELP)] = None,
+    insecure: Insecure = False,
+    allow_keys: AllowKeys = None,
 ) -> None:
     """List every model the swarm serves (from the DHT model index): coverage, nodes, ready or not."""
     warn_if_insecure(insecure)

@@ -14,8 +14,6 @@ declares that geometry as `num_kv_heads = 1`, `head_dim = (r + d_rope) / 2`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,8 +21,6 @@ from torch import nn
 from ..block import RMSNorm, Segment, attention_mask
 from ..kv_cache import KVCache
 
-if TYPE_CHECKING:
-    from .config import DeepseekV3Config
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm: transformers builds them with its default eps
 
@@ -43,7 +39,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class LatentAttention(nn.Module):
-    def __init__(self, c: DeepseekV3Config):
+    def __init__(self, c: DeepseekV3Config):  # noqa: F821 (config.py builds this class: no import back)
         super().__init__()
         self.c = c
         H, qk = c.num_heads, c.qk_nope_head_dim + c.qk_rope_head_dim
