@@ -193,9 +193,9 @@ class InferenceSession:
             target = PushTarget(hops[i + 1].node.address, keys[i + 1], links[i]) if i + 1 < n else None
             upstream = (links[i - 1], keys[i - 1]) if i else (b"", b"")
             first = hidden if i == 0 else None
-            pending.append(
-                asyncio.ensure_future(hop.stream.pushed_step(first, position, timeout, target, *upstream))
-            )
+            task = asyncio.ensure_future(hop.stream.pushed_step(first, position, timeout, target, *upstream))
+            task.add_done_callback(_retrieved)  # a hop's error is handled where it is awaited, or when it is next used
+            pending.append(task)
         x, supply = hidden, False  # supply: the client sends hop i its input (its predecessor did not push it)
         try:
             for i, hop in enumerate(hops):
@@ -305,6 +305,12 @@ class InferenceSession:
             if hop.stream is not None:
                 await hop.stream.close()
                 hop.stream = None
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    """Marks a pushed step's exception as seen: if the step was given up on, its hop fails over later."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _forget_from(hop: Hop, position: int) -> None:
