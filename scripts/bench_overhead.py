@@ -70,7 +70,8 @@ def measure(links: str, ids: torch.Tensor, hf, args) -> tuple[list, list]:
     nodes = start_nodes("default", SPANS, "--threads", str(args.node_threads), *(["--insecure"] if insecure else []))
     try:
         model = DistributedModel.from_pretrained(
-            "default", [n.address for n in nodes], wire_dtype=getattr(torch, args.wire_dtype), insecure=insecure
+            "default", [n.address for n in nodes], wire_dtype=getattr(torch, args.wire_dtype), insecure=insecure,
+            push=args.push,
         )
         time_swarm(model, ids, 4), time_local(hf, ids, 4)  # warm-up both
         swarm, local = [], []
@@ -103,6 +104,8 @@ def main() -> None:
     parser.add_argument("--node-threads", type=int, default=0, help="torch threads per node (0: torch's default)")
     parser.add_argument("--links", default="tls", choices=["tls", "insecure", "both"],
                         help="tls: encrypted (default); insecure: plaintext; both: one after the other")  # fmt: skip
+    parser.add_argument("--push", action=argparse.BooleanOptionalAction, default=True,
+                        help="node-to-node push (the default) or client-driven hops (--no-push)")  # fmt: skip
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
