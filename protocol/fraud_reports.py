@@ -38,6 +38,7 @@ from .dht_records import (
     record_model,
     signer_key,
 )
+from .dht_store import store_signed
 from .identity import Identity
 
 logger = get_logger(__name__)
@@ -130,11 +131,7 @@ def publish_report(dht: hivemind.DHT, identity: Identity, report: FraudReport, r
     if report.expiration <= get_dht_time():
         raise ValueError("report.expiration is in the past")
     value = encode_report(identity, report)
-    store = partial(
-        _store_report, key=report_key(report.node_peer_id), subkey=report.peer_id, value=value,
-        expiration=report.expiration,
-    )  # fmt: skip
-    return dht.run_coroutine(store, return_future=return_future)
+    return store_signed(dht, report_key(report.node_peer_id), report.peer_id, value, report.expiration, return_future)
 
 
 def find_reports(
@@ -148,10 +145,6 @@ def find_reports(
 
 
 # Coroutines below run inside the DHT process (they must be module-level to be picklable).
-
-
-async def _store_report(_dht: hivemind.DHT, node: DHTNode, key: str, subkey: str, value: bytes, expiration: float) -> bool:
-    return bool(await node.store(key, value, expiration, subkey=subkey))
 
 
 async def _find_reports(_dht: hivemind.DHT, node: DHTNode, peers: list[str]) -> dict[str, list[FraudReport]]:

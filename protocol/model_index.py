@@ -21,7 +21,6 @@ import math
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
-from functools import partial
 
 import hivemind
 from hivemind.dht.node import DHTNode
@@ -30,7 +29,6 @@ from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 
 from .dht_records import (
     EXPIRATION_TOLERANCE,
-    MAX_ADAPTERS,
     MAX_BLOCKS,
     MAX_SHORT_STR,
     RecordError,
@@ -42,6 +40,7 @@ from .dht_records import (
     encode_signed,
     validate_model_name,
 )
+from .dht_store import store_signed
 from .identity import PUBLIC_KEY_BYTES, Identity, peer_id_of
 
 logger = get_logger(__name__)
@@ -168,8 +167,7 @@ def announce_model(dht: hivemind.DHT, identity: Identity, entry: ModelEntry, ret
     if entry.expiration <= get_dht_time():
         raise ValueError("entry.expiration is in the past")
     value = encode_entry(identity, entry)
-    store = partial(_store_entry, peer_id=entry.peer_id, value=value, expiration=entry.expiration)
-    return dht.run_coroutine(store, return_future=return_future)
+    return store_signed(dht, INDEX_KEY, entry.peer_id, value, entry.expiration, return_future)
 
 
 def find_models(dht: hivemind.DHT, return_future: bool = False) -> list[ModelEntry]:
@@ -178,10 +176,6 @@ def find_models(dht: hivemind.DHT, return_future: bool = False) -> list[ModelEnt
 
 
 # Coroutines below run inside the DHT process (they must be module-level to be picklable).
-
-
-async def _store_entry(_dht: hivemind.DHT, node: DHTNode, peer_id: str, value: bytes, expiration: float) -> bool:
-    return bool(await node.store(INDEX_KEY, value, expiration, subkey=peer_id))
 
 
 async def _find_entries(_dht: hivemind.DHT, node: DHTNode) -> list[ModelEntry]:

@@ -26,13 +26,22 @@ from hivemind.utils import MSGPackSerializer, get_logger
 from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 
 from .dht_records import EXPIRATION_TOLERANCE, RecordError, ServerRecord, block_key, decode_record, open_signed
-from .model_index import INDEX_KEY, ModelEntry, decode_entry
-from .relay_records import RELAY_KEY, RelayEntry, decode_relay
+from .model_index import INDEX_KEY, decode_entry
+from .relay_records import RELAY_KEY, decode_relay
 from .fraud_reports import MAX_REPORT_LIFETIME, FraudReport, decode_report, report_key
 
 logger = get_logger(__name__)
 
 DEFAULT_MAX_LIFETIME = 120.0  # seconds: a record may not claim to live longer than this from now
+
+
+def key_id(key: str) -> bytes:
+    """The bytes hivemind puts in DHTRecord.key for the application key `key`."""
+    return DHTID.generate(source=key).to_bytes()
+
+
+INDEX_KEY_ID = key_id(INDEX_KEY)
+RELAY_KEY_ID = key_id(RELAY_KEY)
 
 
 class _SignedInValue(RecordValidatorBase):
@@ -87,35 +96,37 @@ class ServerRecordValidator(_SignedInValue):
         return server, block
 
 
-class ModelIndexValidator(_SignedInValue):
-    """Only signed model entries (protocol/model_index.py) under INDEX_KEY, each under its signer's id."""
+class _DirectoryValidator(_SignedInValue):
+    """Only signed entries under one fixed key (a directory: every node's entry side by side), each under
+    its signer's peer id. Subclasses name the key and the decoder of their entry type."""
 
-    what = "model index entry"
+    key_id: bytes
+    decode: staticmethod
+    misplaced: str  # the refusal of an entry stored under another key
 
-    def check(self, record: DHTRecord, now: DHTExpiration | None = None) -> ModelEntry:
+    def check(self, record: DHTRecord, now: DHTExpiration | None = None) -> object:
         """Returns the entry, or raises RecordError saying why it is refused."""
-        if record.key != INDEX_KEY_ID:
-            raise RecordError("a model entry must be stored under the model index key")
-        entry = decode_entry(_unpack_value(record))
+        if record.key != self.key_id:
+            raise RecordError(self.misplaced)
+        entry = self.decode(_unpack_value(record))
         if record.subkey != MSGPackSerializer.dumps(entry.peer_id):
             raise RecordError(f"subkey is not the peer id {entry.peer_id} of the entry's signer")
         _check_expiration(record, entry.expiration, self.max_lifetime, now)
         return entry
 
 
-class RelayDirectoryValidator(_SignedInValue):
-    """Only signed relay entries (protocol/relay_records.py) under RELAY_KEY, each under its signer's id."""
+class ModelIndexValidator(_DirectoryValidator):
+    """Model entries (protocol/model_index.py) under INDEX_KEY."""
 
-    what = "relay entry"
+    what, key_id, decode = "model index entry", INDEX_KEY_ID, staticmethod(decode_entry)
+    misplaced = "a model entry must be stored under the model index key"
 
-    def check(self, record: DHTRecord, now: DHTExpiration | None = None) -> RelayEntry:
-        if record.key != RELAY_KEY_ID:
-            raise RecordError("a relay entry must be stored under the relay directory key")
-        entry = decode_relay(_unpack_value(record))
-        if record.subkey != MSGPackSerializer.dumps(entry.peer_id):
-            raise RecordError(f"subkey is not the peer id {entry.peer_id} of the entry's signer")
-        _check_expiration(record, entry.expiration, self.max_lifetime, now)
-        return entry
+
+class RelayDirectoryValidator(_DirectoryValidator):
+    """Relay entries (protocol/relay_records.py) under RELAY_KEY."""
+
+    what, key_id, decode = "relay entry", RELAY_KEY_ID, staticmethod(decode_relay)
+    misplaced = "a relay entry must be stored under the relay directory key"
 
 
 class FraudReportValidator(_SignedInValue):
@@ -192,18 +203,11 @@ class AllowListValidator(_SignedInValue):
         return True
 
 
-def key_id(key: str) -> bytes:
-    """The bytes hivemind puts in DHTRecord.key for the application key `key`."""
-    return DHTID.generate(source=key).to_bytes()
-
-
 @functools.lru_cache(maxsize=128)  # <= 128 spans of <= MAX_BLOCKS ids: a few MiB at worst
 def _span_key_ids(model: str, start: int, end: int) -> dict[bytes, int]:
     return {key_id(block_key(model, block)): block for block in range(start, end)}
 
 
-INDEX_KEY_ID = key_id(INDEX_KEY)
-RELAY_KEY_ID = key_id(RELAY_KEY)
 
 
 def _unpack_value(record: DHTRecord) -> bytes:

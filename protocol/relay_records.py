@@ -10,7 +10,6 @@ else out of the key. Store and lookup run inside the DHT's own process, as in `d
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from functools import partial
 
 import hivemind
 from hivemind.dht.node import DHTNode
@@ -26,6 +25,7 @@ from .dht_records import (
     decode_signed,
     encode_signed,
 )
+from .dht_store import store_signed
 from .identity import PUBLIC_KEY_BYTES, Identity, peer_id_of
 
 logger = get_logger(__name__)
@@ -86,17 +86,12 @@ def check_relay_fields(raw: dict) -> RelayEntry:
 def announce_relay(dht: hivemind.DHT, identity: Identity, entry: RelayEntry, return_future: bool = False) -> bool:
     """Stores the signed `entry` under RELAY_KEY (subkey = peer id) until `entry.expiration`."""
     value = encode_relay(identity, entry)
-    store = partial(_store_entry, peer_id=entry.peer_id, value=value, expiration=entry.expiration)
-    return dht.run_coroutine(store, return_future=return_future)
+    return store_signed(dht, RELAY_KEY, entry.peer_id, value, entry.expiration, return_future)
 
 
 def find_relays(dht: hivemind.DHT, return_future: bool = False) -> list[RelayEntry]:
     """Every valid, unexpired relay entry, in one latest-value lookup."""
     return dht.run_coroutine(_find_entries, return_future=return_future)
-
-
-async def _store_entry(_dht: hivemind.DHT, node: DHTNode, peer_id: str, value: bytes, expiration: float) -> bool:
-    return bool(await node.store(RELAY_KEY, value, expiration, subkey=peer_id))
 
 
 async def _find_entries(_dht: hivemind.DHT, node: DHTNode) -> list[RelayEntry]:
