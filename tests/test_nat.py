@@ -66,6 +66,9 @@ def nat_swarm(tiny_llama):
                            "--relay", "--relay-port", "31401")  # fmt: skip
             procs.append(second)
             relays = {p.wait_for(RELAY_READY, 60)[1]: p for p in (first, second)}
+            # Both coordinators are bootstrap peers, as in any real swarm: the relay the test kills may be the
+            # first one, and a DHT peer whose only bootstrap peer died cannot find the survivors reliably.
+            maddr = ",".join([maddr, second.wait_for(r"ready: --initial-peers (\S+)", 60)[1]])
             node = in_ns(
                 lab, lab.home, "join", str(tiny_llama), "--initial-peers", maddr, "--host", HOME_IP, "--port", "31330",
                 "--expiration", str(EXPIRATION), "--blocks", "0:4", port=31330,
