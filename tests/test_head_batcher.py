@@ -60,8 +60,9 @@ async def test_concurrent_sessions_share_head_passes_and_equal_each_alone(model)
     rows.clear()
     together = await asyncio.gather(*(tokens_of(model, ids) for ids in prompts))
     assert together == alone
-    assert max(rows) == len(prompts), rows  # all six sessions' last positions in one matrix product
-    assert len(rows) <= alone_calls // 2, rows  # the head matrix is read far fewer times
+    # How the sessions line up depends on the machine's load (prefills differ in length); that they share
+    # passes does not: the head matrix is read at most half as often.
+    assert len(rows) <= alone_calls // 2, rows
     assert sum(rows) == alone_calls  # every session's row computed exactly once
 
 
@@ -88,6 +89,17 @@ async def test_scoring_logits_go_through_the_batcher_and_match_transformers(mode
         expected = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()(ids).logits
     assert rows == [9]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+async def test_requests_made_together_run_as_one_pass(tiny_llama):
+    head = load_head(resolve(str(tiny_llama)))
+    rows = count_head_rows(head)
+    batcher = HeadBatcher(head)
+    hiddens = [torch.randn(1, t, head.norm.weight.shape[0]) for t in (1, 1, 3, 1, 2, 1)]
+    results = await asyncio.gather(*(batcher.logits(h) for h in hiddens))
+    assert rows == [9] and batcher.passes == 1  # all six callers' rows in one matrix product
+    for hidden, got in zip(hiddens, results):
+        torch.testing.assert_close(got, head.logits(hidden), atol=1e-5, rtol=1e-5)
 
 
 async def test_a_bad_request_fails_alone(tiny_llama):
