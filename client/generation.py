@@ -45,33 +45,35 @@ async def generate_ids(
     out = await session.prefill(head.embed(input_ids[:, cached:]), position=cached)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     pending: list[tuple[torch.Tensor, tuple]] = []  # unreleased tokens (B,), each with the state before it
-    while ids.shape[1] - prompt < params.max_new_tokens:
-        # (B, V): only the last position needs the LM head, run in one pass with other sessions' (head_batcher.py)
-        logits = (await HeadBatcher.of(head).logits(out[:, -1:]))[:, -1]
-        before = (generator.get_state() if generator is not None else None, finished.clone())
-        new = next_tokens(logits, params, ids, generator)
-        if len(eos):
-            new = torch.where(finished, eos[0], new)
-            finished |= torch.isin(new, eos)
-        ids = torch.cat([ids, new[:, None]], dim=1)  # the token at index j came from the output at position j - 1
-        pending.append((new, before))
-        done = bool(finished.all()) or ids.shape[1] - prompt == params.max_new_tokens
-        rewind = await verifier.check(final=done) if verifier is not None else None
-        if rewind is not None:  # a node lied at `rewind`: tokens from outputs at >= rewind are void
-            keep = max(rewind + 1, prompt)
-            first_void = len(pending) - (ids.shape[1] - keep)
-            state, finished = pending[first_void][1]
-            if generator is not None:
-                generator.set_state(state)
-            del pending[first_void:]
-            ids = ids[:, :keep]
-            out = await session.step(head.embed(ids[:, rewind:]), position=rewind)
-            continue
-        unchecked = 0 if verifier is None else ids.shape[1] - 1 - verifier.verified  # tokens whose output is unchecked
-        released = max(len(pending) - unchecked, 0)
-        for token, _ in pending[:released]:
-            yield token
-        del pending[:released]
-        if done:
-            return
-        out = await session.step(head.embed(new[:, None]))
+    batcher = HeadBatcher.of(head)
+    with batcher.decoding() as member:  # passes wait for concurrent sessions: their steps leave together
+        while ids.shape[1] - prompt < params.max_new_tokens:
+            # (B, V): only the last position needs the LM head, run in one pass with other sessions' (head_batcher.py)
+            logits = (await batcher.logits(out[:, -1:], member))[:, -1]
+            before = (generator.get_state() if generator is not None else None, finished.clone())
+            new = next_tokens(logits, params, ids, generator)
+            if len(eos):
+                new = torch.where(finished, eos[0], new)
+                finished |= torch.isin(new, eos)
+            ids = torch.cat([ids, new[:, None]], dim=1)  # the token at index j came from the output at position j - 1
+            pending.append((new, before))
+            done = bool(finished.all()) or ids.shape[1] - prompt == params.max_new_tokens
+            rewind = await verifier.check(final=done) if verifier is not None else None
+            if rewind is not None:  # a node lied at `rewind`: tokens from outputs at >= rewind are void
+                keep = max(rewind + 1, prompt)
+                first_void = len(pending) - (ids.shape[1] - keep)
+                state, finished = pending[first_void][1]
+                if generator is not None:
+                    generator.set_state(state)
+                del pending[first_void:]
+                ids = ids[:, :keep]
+                out = await session.step(batcher.embed(ids[:, rewind:]), position=rewind)
+                continue
+            unchecked = 0 if verifier is None else ids.shape[1] - 1 - verifier.verified  # tokens whose output is unchecked
+            released = max(len(pending) - unchecked, 0)
+            for token, _ in pending[:released]:
+                yield token
+            del pending[:released]
+            if done:
+                return
+            out = await session.step(batcher.embed(new[:, None]))

@@ -11,31 +11,58 @@ queued when it starts; requests made while it runs (other sessions' node replies
 join the next pass, so the batch follows the load without a timer. The pass runs in a worker thread
 (`off_loop`) so the event loop keeps serving the other sessions' gRPC I/O during it; a lone session
 pays one thread hop (~0.1 ms against a ~10 ms head pass).
+
+Sessions in their decode loop join as `decoding()` members, and a pass waits (a bounded while) until every
+member has its request queued. Why: left alone, concurrent sessions split into groups that take turns -
+one at the head while the other is at the nodes - and each node sees a batch of a group, not of everyone
+(SmolLM2, 16 sessions: node batches of 3.5 instead of 9). With the wait, their steps leave the client
+together, so the nodes batch them all. The wait ends early when everyone is there, and at the latest
+after the members' usual time between two requests (one token's round trip), capped by `max_wait`: a
+member stuck in failover or a slow node slows the others by at most that per token.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import contextlib
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+
+MAX_WAIT_S = 0.25  # the longest a pass waits for members' requests
+
+
+@dataclass(eq=False)
+class Decoder:
+    """A session in its decode loop (`HeadBatcher.decoding`): passes wait for its next request."""
+
+    last: float | None = None  # time.monotonic() of its latest request
+    cycle: float | None = None  # the time between its latest two requests
 
 
 @dataclass
 class _Request:
     hidden: torch.Tensor  # (B, T, H)
     done: asyncio.Future
+    decoder: Decoder | None = None
+    queued: float = field(default_factory=time.monotonic)
 
 
 class HeadBatcher:
     """Wraps a client head (`models.block.Head`, or one placed on a device): `embed` as is, `logits`
     merged across the concurrent callers on one event loop."""
 
-    def __init__(self, head: Any, off_loop: bool = True):
-        self.head, self.off_loop = head, off_loop
+    def __init__(self, head: Any, off_loop: bool = True, max_wait: float = MAX_WAIT_S):
+        self.head, self.off_loop, self.max_wait = head, off_loop, max_wait
         self.passes = 0  # LM-head passes run (merged ones count once)
         self._queues: dict[asyncio.AbstractEventLoop, list[_Request]] = {}  # requests waiting for a pass
+        self._members: dict[asyncio.AbstractEventLoop, set[Decoder]] = {}  # sessions in their decode loop
+        self._arrived: dict[asyncio.AbstractEventLoop, asyncio.Event] = {}  # a request came or a member left
         self._runners: set[asyncio.Task] = set()  # strong references: a running task must not be collected
 
     @classmethod
@@ -47,11 +74,30 @@ class HeadBatcher:
         """(B, T) -> (B, T, hidden): a table lookup, cheap per session; nothing to gain by merging."""
         return self.head.embed(ids)
 
-    async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, T, hidden) -> (B, T, vocab) float32, the same as `head.logits(hidden)`, computed in one pass
-        with the other requests pending on this event loop."""
+    @contextlib.contextmanager
+    def decoding(self) -> Iterator[Decoder]:
+        """Membership for one session's decode loop; pass the member to `logits` so passes wait for it."""
         loop = asyncio.get_running_loop()
-        request = _Request(hidden, loop.create_future())
+        member = Decoder()
+        self._members.setdefault(loop, set()).add(member)
+        try:
+            yield member
+        finally:
+            members = self._members.get(loop, set())
+            members.discard(member)
+            if not members:
+                self._members.pop(loop, None)
+            self._signal(loop)
+
+    async def logits(self, hidden: torch.Tensor, member: Decoder | None = None) -> torch.Tensor:
+        """(B, T, hidden) -> (B, T, vocab) float32, the same as `head.logits(hidden)`, computed in one pass
+        with the other requests pending on this event loop (and, for a `member`, the other members')."""
+        loop = asyncio.get_running_loop()
+        request = _Request(hidden, loop.create_future(), member)
+        if member is not None:
+            if member.last is not None:
+                member.cycle = request.queued - member.last
+            member.last = request.queued
         queue = self._queues.get(loop)
         if queue is None:  # no pass running or queued on this loop: start the runner (it starts next turn)
             queue = self._queues[loop] = []
@@ -59,12 +105,37 @@ class HeadBatcher:
             self._runners.add(runner)
             runner.add_done_callback(self._runners.discard)
         queue.append(request)
+        self._signal(loop)
         return await request.done
+
+    def _signal(self, loop: asyncio.AbstractEventLoop) -> None:
+        event = self._arrived.get(loop)
+        if event is not None:
+            event.set()
+
+    async def _gather(self, loop: asyncio.AbstractEventLoop, queue: list[_Request]) -> None:
+        """Waits until every member's request is queued, or their usual time between requests has passed
+        since the oldest queued one (at most `max_wait`)."""
+        event = self._arrived.setdefault(loop, asyncio.Event())
+        while True:
+            members = self._members.get(loop, set())
+            if not queue or members <= {r.decoder for r in queue}:
+                return
+            cycles = [m.cycle for m in members if m.cycle is not None]
+            wait = min(self.max_wait, statistics.median(cycles)) if cycles else self.max_wait
+            left = queue[0].queued + wait - time.monotonic()
+            if left <= 0:
+                return
+            event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), left)
 
     async def _run(self, loop: asyncio.AbstractEventLoop, queue: list[_Request]) -> None:
         batch: list[_Request] = []
         try:
             while queue:
+                if self._members.get(loop):
+                    await self._gather(loop, queue)
                 batch = [r for r in queue if not r.done.cancelled()]
                 queue.clear()
                 if not batch:
@@ -81,6 +152,7 @@ class HeadBatcher:
                 batch = []
         finally:  # the loop is closing (runner cancelled): nobody waits forever
             del self._queues[loop]
+            self._arrived.pop(loop, None)
             for request in batch + queue:
                 request.done.cancel()
 

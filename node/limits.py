@@ -23,7 +23,7 @@ class Limits:
     max_message_bytes: int = 64 << 20  # gRPC send/receive message limit
     max_clock_skew: float = 30.0  # seconds a signature timestamp may differ from the node's clock
     max_batch_tokens: int = 256  # tokens of all sessions in one pass over the span; longer prefills run in chunks
-    batch_wait: float = 0.002  # seconds the runner may wait for more sessions' steps to fill a batch
+    batch_wait: float = 0.005  # seconds the runner may wait for more sessions' steps to fill a batch
     push_timeout: float = 5.0  # seconds to open a Push stream to the next node (TLS included) and write to it
     push_wait: float = 60.0  # seconds a pushed input waits for the client's step that names it
     max_pushed: int = 4096  # pushed inputs kept while their steps have not arrived

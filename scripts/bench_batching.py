@@ -2,16 +2,15 @@
 transformers running the same N prompts as one padded batch in this process (the reference).
 
 Two swarm figures per N:
-- `sdk`: what a user writes, `model.generate([N prompts])`: one session each, run concurrently; the nodes
-  batch their steps, but the client computes each session's LM head on its own (one 576 x 49152 matrix
-  read per session per token), which is most of its time at large N;
-- `lockstep`: the same N sessions stepped together by this script, with one LM-head pass for all N per
-  token: what the nodes' batching gives once the client's head is batched too.
+- `sdk`: what a user writes, `model.generate([N prompts])`: one session each, run concurrently; the
+  client's head batcher merges their LM-head passes and keeps them in step, and the nodes batch their steps;
+- `lockstep`: the same N sessions stepped together by this script (one head pass for all N per token,
+  all steps sent at once): the upper bound of keeping them in step.
 Every figure is N x new tokens / wall time, prefill included. While the swarm runs, the nodes' Info is
 polled for their batch sizes (what the nodes actually did).
 
     .venv/bin/python scripts/bench_batching.py [--sessions 1,2,4,8,16] [--tokens 32] [--node-threads 1]
-        [--max-batch-tokens 256] [--batch-wait-ms 2]
+        [--max-batch-tokens 256] [--batch-wait-ms 5]
 """
 
 from __future__ import annotations
@@ -121,7 +120,7 @@ def main() -> None:
     parser.add_argument("--node-threads", type=int, default=1, help="torch threads per node (2 nodes on one machine)")
     parser.add_argument("--reference-threads", type=int, default=0, help="torch threads of the reference (0: default)")
     parser.add_argument("--max-batch-tokens", type=int, default=256, help="the nodes' --max-batch-tokens")
-    parser.add_argument("--batch-wait-ms", type=float, default=2.0, help="the nodes' --batch-wait-ms")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="the nodes' --batch-wait-ms")
     args = parser.parse_args()
     counts = [int(n) for n in args.sessions.split(",")]
 

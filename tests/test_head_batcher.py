@@ -5,6 +5,7 @@ fails by itself. In-memory nodes (the real span backend) and the tiny Llama."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -119,3 +120,40 @@ async def test_a_lone_caller_gets_exactly_the_heads_result(tiny_llama):
     hidden = torch.randn(1, 4, head.norm.weight.shape[0])
     for off_loop in (True, False):
         assert torch.equal(await HeadBatcher(head, off_loop=off_loop).logits(hidden), head.logits(hidden))
+
+
+async def test_a_pass_waits_for_every_decoding_member_then_runs_once(tiny_llama):
+    head = load_head(resolve(str(tiny_llama)))
+    rows = count_head_rows(head)
+    batcher = HeadBatcher(head, max_wait=5.0)
+    hidden = torch.randn(1, 1, head.norm.weight.shape[0])
+
+    async def late(member, delay):
+        await asyncio.sleep(delay)  # this session's node round trip
+        return await batcher.logits(hidden, member)
+
+    with batcher.decoding() as a, batcher.decoding() as b, batcher.decoding() as c:
+        await asyncio.gather(batcher.logits(hidden, a), late(b, 0.05), late(c, 0.1))
+    assert rows == [3]  # not [1, 1, 1]: the first request waited for the two members still at their nodes
+
+
+async def test_a_missing_member_holds_a_pass_only_max_wait_and_one_that_leaves_not_at_all(tiny_llama):
+    head = load_head(resolve(str(tiny_llama)))
+    rows = count_head_rows(head)
+    hidden = torch.randn(1, 1, head.norm.weight.shape[0])
+    batcher = HeadBatcher(head, max_wait=0.2)
+    with batcher.decoding() as a, batcher.decoding():  # the second member never asks (stuck in failover)
+        started = time.monotonic()
+        await batcher.logits(hidden, a)
+        waited = time.monotonic() - started
+    assert rows == [1] and 0.2 <= waited < 2.0
+
+    patient = HeadBatcher(head, max_wait=30.0)
+    with patient.decoding() as a:
+        other = patient.decoding()
+        other.__enter__()
+        request = asyncio.ensure_future(patient.logits(hidden, a))
+        await asyncio.sleep(0.05)
+        assert not request.done()  # waiting for the other member
+        other.__exit__(None, None, None)  # it finished generating: the pass runs now
+        await asyncio.wait_for(request, 5.0)

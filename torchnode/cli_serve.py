@@ -54,7 +54,7 @@ def join(
     session_timeout: Annotated[float, typer.Option(min=0.001, help="seconds idle before a session closes")] = 300.0,
     max_message_size: Annotated[str, typer.Option(help="largest gRPC message accepted or sent")] = "64MiB",
     max_batch_tokens: Annotated[int, typer.Option(min=1, help="tokens of all sessions in one pass over the span; longer prefills run in chunks")] = 256,
-    batch_wait_ms: Annotated[float, typer.Option(min=0.0, max=1000.0, help="ms to wait for more sessions' steps to fill a batch")] = 2.0,
+    batch_wait_ms: Annotated[float, typer.Option(min=0.0, max=1000.0, help="ms to wait for more sessions' steps to fill a batch")] = 5.0,
     push_timeout: Annotated[float, typer.Option(min=0.001, help="seconds to reach the next node when pushing an output to it")] = 5.0,
     push_wait: Annotated[float, typer.Option(min=0.001, help="seconds a pushed input waits for the client's step")] = 60.0,
     max_pushed: Annotated[int, typer.Option(min=1, help="pushed inputs kept while their steps have not arrived")] = 4096,
