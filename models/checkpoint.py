@@ -153,12 +153,14 @@ class Checkpoint:
     def shards(self, wanted: Wanted | None = None) -> list[Path]:
         """Local paths of the shards holding tensors that satisfy `wanted` (all shards if None), downloading
         from the hub those not here yet: with an index, a node fetches only its span's shards."""
+        return [self._local(name) for name in self._shard_names(wanted)]
+
+    def _shard_names(self, wanted: Wanted | None = None) -> list[str]:
         if self.index is not None:
-            names = {shard for key, shard in self.index.items() if wanted is None or wanted(key)}
-            return [self._local(name) for name in sorted(names)]
-        shards = sorted(self.path.glob("*.safetensors"))
+            return sorted({shard for key, shard in self.index.items() if wanted is None or wanted(key)})
+        shards = sorted(p.name for p in self.path.glob("*.safetensors"))
         if not shards and self.repo_id is not None:
-            shards = [self._local(SINGLE_SHARD)]
+            shards = [SINGLE_SHARD]
         if not shards:
             raise FileNotFoundError(f"no .safetensors files in {self.path}")
         return shards
@@ -170,12 +172,30 @@ class Checkpoint:
         return Path(hub_file(self.repo_id, shard, self.commit))
 
     def parameter_count(self, wanted: Wanted) -> int:
-        """Elements in the tensors whose names satisfy `wanted`, from the file headers alone."""
+        """Elements in the tensors whose names satisfy `wanted`, from the file headers alone: a shard not
+        downloaded yet has its header read from the hub through a byte range (sizing a span must not
+        fetch a shard the span may not even hold)."""
         count = 0
-        for shard in self.shards(wanted):
-            header, _ = safetensors_header(shard)
+        for shard in self._shard_names(wanted):
+            path = self.path / shard
+            if path.exists() or self.repo_id is None:
+                header = safetensors_header(path)[0]
+            else:
+                header = self._remote_header(shard)
             count += sum(math.prod(e["shape"]) for key, e in header.items() if wanted(key))
         return count
+
+    def _remote_header(self, shard: str) -> dict:
+        """A hub shard's safetensors header ({name: {"shape": ...}}), read with a byte range; offline or on
+        any hub error, the shard itself (from the cache, or downloaded)."""
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+        try:
+            tensors = HfApi().parse_safetensors_file_metadata(self.repo_id, shard, revision=self.commit).tensors
+        except (HfHubHTTPError, OfflineModeIsEnabled, OSError):
+            return safetensors_header(self._local(shard))[0]
+        return {name: {"shape": list(info.shape)} for name, info in tensors.items()}
 
     def read_tensors(
         self, wanted: Wanted, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"

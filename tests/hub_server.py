@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -95,8 +96,20 @@ class HubServer:
                 if path is None:
                     self.send_error(404)
                     return
-                self._headers(path)
                 data = path.read_bytes()
+                wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+                if wanted:  # a byte range, as the hub serves one (safetensors headers are read this way)
+                    first = int(wanted[1])
+                    last = min(int(wanted[2] or len(data) - 1), len(data) - 1)
+                    data = data[first : last + 1]
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {first}-{last}/{path.stat().st_size}")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.send_header("ETag", f'"{hashlib.sha256(path.read_bytes()).hexdigest()}"')
+                    self.send_header("X-Repo-Commit", COMMIT)
+                    self.end_headers()
+                else:
+                    self._headers(path)
                 self.wfile.write(data)
                 with hub._lock:
                     hub.sent[path.name] += len(data)

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from torchnode.models.checkpoint import SAFETENSORS_INDEX, resolve
 from torchnode.models.families import load_head, load_span
+from torchnode.node.server import blocks_that_fit
 
 REPO_ID = "tiny-org/sharded-llama"
 BLOCKS = 8
@@ -96,6 +97,18 @@ def test_the_client_downloads_only_the_shards_of_its_head(hub, files):
     needed = shards_of(files, is_head)
     assert {n for n in hub.sent if n.endswith(".safetensors")} == needed
     assert hub.bytes_sent(".safetensors") == size(files, needed)
+
+
+def test_sizing_a_span_reads_only_shard_headers(hub, files):
+    """How many blocks fit (`join` without --blocks) comes from block 0's size: read from its shard's header
+    through a byte range, as the hub allows, not by downloading the shard."""
+    ckpt = resolve(REPO_ID)
+    budget = 3 * resolve(str(files)).parameter_count(in_blocks(0, 1)) * 4  # three float32 blocks' bytes
+    assert blocks_that_fit(ckpt, torch.float32, budget) == blocks_that_fit(resolve(str(files)), torch.float32, budget) == 3
+    block0 = shards_of(files, in_blocks(0, 1))
+    assert {n for n in hub.sent if n.endswith(".safetensors")} == block0
+    assert hub.bytes_sent(".safetensors") <= 100_001 * len(block0)  # huggingface_hub reads 100 kB for a header
+    assert not any((Path(huggingface_hub.constants.HF_HUB_CACHE)).rglob("*.safetensors"))  # nothing saved
 
 
 def test_missing_shard_offline_is_a_clear_error(hub, files):
