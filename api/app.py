@@ -51,11 +51,11 @@ def create_app(model: AsyncDistributedModel, served_name: str, context_length: i
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
-        return server.models()
+        return await server.models()
 
     @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
     async def retrieve_model(model_id: str) -> ModelCard:
-        return server.model_card(model_id)
+        return await server.model_card(model_id)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERRORS, **STREAMED})
     async def chat_completions(body: ChatCompletionRequest):
@@ -110,7 +110,7 @@ def event_stream(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
 
 def _openapi_describes_server(app: FastAPI, server: OpenAIServer) -> None:
     """The schema says what this server does: bad requests are 400 with an OpenAI body, never 422; `model`
-    is the one model served; token ids are below the vocabulary size and max_tokens within the context
+    is the model served or one of its adapters (as of the latest listing: the schema is built without probing); token ids are below the vocabulary size and max_tokens within the context
     (so clients and fuzzers generated from the schema send requests it can serve)."""
     build = app.openapi
 
@@ -124,7 +124,7 @@ def _openapi_describes_server(app: FastAPI, server: OpenAIServer) -> None:
             components.pop(name, None)
         for name in ("ChatCompletionRequest", "CompletionRequest"):
             fields = components[name]["properties"]
-            fields["model"] = {"type": "string", "enum": [server.served_name], "title": "Model"}
+            fields["model"] = {"type": "string", "enum": server.model_ids(), "title": "Model"}
             for limited in ("max_tokens", "max_completion_tokens"):
                 _set_on_integers(fields.get(limited), "maximum", server.context_length)
         _set_on_integers(components["CompletionRequest"]["properties"]["prompt"], "maximum", server.vocab_size - 1)

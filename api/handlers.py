@@ -6,16 +6,20 @@ swarm; streamed answers are iterators of chunks that app.py sends as server-sent
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import torch
 from jinja2 import TemplateError
 
 from ..client.model import DEFAULT_MAX_LENGTH, AsyncDistributedModel
 from ..client.sampling import MIN_TEMPERATURE, SamplingParams
+from ..protocol.coverage import coverage
 from .errors import ApiError, unsupported
 from .jobs import Job, Piece, first_and_rest, merge, run_job, usage_of
 from .schema import (
@@ -35,6 +39,53 @@ from .schema import (
     SamplingFields,
 )
 
+log = logging.getLogger(__name__)
+
+ADAPTERS_TTL = 5.0  # seconds a listing of the swarm's adapters is reused before the nodes are probed again
+
+
+@dataclass(frozen=True)
+class AdapterListing:
+    """The LoRA adapters of the swarm at one moment, as the Info of the nodes serving this checkpoint says."""
+
+    served: tuple[str, ...] = ()  # sorted; for each, nodes that serve it cover every block: a request can use it
+    named: frozenset[str] = frozenset()  # served by at least one live node (maybe not on every block)
+    nodes: int = 0  # live nodes found; 0: the swarm is unreachable, so no adapter can be said to be unknown
+
+
+class SwarmAdapters:
+    """The swarm's adapters, probed at most once per `ttl` seconds: /v1/models and every request naming an
+    adapter would otherwise send an Info to every node. A node that joins with an adapter shows up within ttl."""
+
+    def __init__(self, model: AsyncDistributedModel, ttl: float = ADAPTERS_TTL):
+        self.model, self.ttl = model, ttl
+        self.listing, self.expires = AdapterListing(), float("-inf")  # time.monotonic() seconds
+        self._lock = asyncio.Lock()  # concurrent callers share one probe
+
+    async def get(self) -> AdapterListing:
+        async with self._lock:
+            if time.monotonic() >= self.expires:
+                self.listing = await self._probe()
+                self.expires = time.monotonic() + self.ttl
+            return self.listing
+
+    async def _probe(self) -> AdapterListing:
+        """Candidates as routing sees them (same checkpoint, allowed keys, no banned or dishonest node)."""
+        m = self.model
+        try:
+            found = await m.source.candidates(
+                m.ckpt.name, m.ckpt.revision, m.total_blocks, exclude=m.bans.banned() | m.dishonest
+            )
+        except Exception as e:  # e.g. the DHT failed: list the base model alone, and let requests say why
+            log.warning("could not list the swarm's adapters: %r", e)
+            return AdapterListing()
+        named = {a for candidate, _ in found for a in candidate.adapters}
+        served = [
+            a for a in sorted(named)
+            if not coverage([(c.start, c.end, c.throughput) for c, _ in found if a in c.adapters], m.total_blocks).missing
+        ]  # fmt: skip
+        return AdapterListing(tuple(served), frozenset(named), len(found))
+
 
 class OpenAIServer:
     """The endpoints' logic, free of HTTP: requests in, response models (or chunk iterators) out."""
@@ -46,16 +97,25 @@ class OpenAIServer:
         self.context_length = context_length or min(positions, DEFAULT_MAX_LENGTH)
         self.vocab_size = config.vocab_size
         self.fingerprint = f"torchnode-{model.ckpt.revision}"
+        self.adapters = SwarmAdapters(model)
 
-    def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.served_name, created=self.created)])
+    async def models(self) -> ModelList:
+        """The base model, then one `BASE:ADAPTER` per adapter the swarm serves on every block."""
+        await self.adapters.get()
+        return ModelList(data=[ModelCard(id=i, created=self.created) for i in self.model_ids()])
 
-    def model_card(self, model_id: str) -> ModelCard:
-        self._check_model(model_id)
-        return ModelCard(id=self.served_name, created=self.created)
+    def model_ids(self) -> list[str]:
+        """BASE and BASE:ADAPTER ids of the latest adapter listing (none before the first)."""
+        return [self.served_name, *(f"{self.served_name}:{a}" for a in self.adapters.listing.served)]
+
+    async def model_card(self, model_id: str) -> ModelCard:
+        adapter = self._check_model(model_id)
+        if adapter is not None and adapter not in (await self.adapters.get()).served:
+            raise self._no_adapter(model_id, adapter)
+        return ModelCard(id=model_id, created=self.created)
 
     async def chat(self, body: ChatCompletionRequest) -> ChatCompletion | AsyncIterator[ChatCompletionChunk]:
-        self._check_common(body)
+        adapter = await self._check_common(body)
         if body.logprobs:
             raise unsupported("logprobs", "log probabilities are not supported")
         if body.tools:
@@ -64,49 +124,49 @@ class OpenAIServer:
             raise unsupported("response_format", "only {'type': 'text'} is supported")
         ids = self._chat_ids(body.messages)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        job = Job(0, ids, self._params(body, ids.shape[1], max_tokens, "messages"), adapter=self._check_model(body.model))
+        job = Job(0, ids, self._params(body, ids.shape[1], max_tokens, "messages"), adapter=adapter)
         events = run_job(self.model, job)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        header = self._header(f"chatcmpl-{uuid.uuid4().hex}", body.model)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._chat_chunks(rid, created, await first_and_rest(events), [job], include_usage)
+            return self._chat_chunks(header, await first_and_rest(events), [job], include_usage)
         texts, finish = await self._collect(events, 1)
         choice = ChatChoice(index=0, message=AssistantMessage(content=texts[0]), finish_reason=finish[0])
-        return ChatCompletion(**self._header(rid, created), choices=[choice], usage=usage_of([job]))
+        return ChatCompletion(**header, choices=[choice], usage=usage_of([job]))
 
     async def complete(self, body: CompletionRequest) -> Completion | AsyncIterator[Completion]:
-        self._check_common(body)
+        adapter = await self._check_common(body)
         if body.suffix:
             raise unsupported("suffix", "insertion (suffix) is not supported")
         if body.best_of is not None and body.best_of > 1:
             raise unsupported("best_of", "only best_of=1 is supported")
         if body.logprobs is not None:
             raise unsupported("logprobs", "log probabilities are not supported")
-        adapter = self._check_model(body.model)
         jobs = [
             Job(i, ids, self._params(body, ids.shape[1], body.max_tokens, "prompt"), echo if body.echo else "", adapter=adapter)
             for i, (ids, echo) in enumerate(self._prompts(body.prompt))
         ]
         events = merge([run_job(self.model, job) for job in jobs])
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        header = self._header(f"cmpl-{uuid.uuid4().hex}", body.model)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._completion_chunks(rid, created, await first_and_rest(events), jobs, include_usage)
+            return self._completion_chunks(header, await first_and_rest(events), jobs, include_usage)
         texts, finish = await self._collect(events, len(jobs))
         choices = [CompletionChoice(index=i, text=texts[i], finish_reason=finish[i]) for i in range(len(jobs))]
-        return Completion(**self._header(rid, created), choices=choices, usage=usage_of(jobs))
+        return Completion(**header, choices=choices, usage=usage_of(jobs))
 
     # ---- streams
-    def _header(self, rid: str, created: int) -> dict:
-        """What every completion object and chunk of one response carries besides its choices."""
-        return dict(id=rid, created=created, model=self.served_name, system_fingerprint=self.fingerprint)
+    def _header(self, rid: str, model: str) -> dict:
+        """What every completion object and chunk of one response carries besides its choices; `model` is the
+        request's (BASE, or BASE:ADAPTER: the answer says which adapter wrote it)."""
+        return dict(id=rid, created=int(time.time()), model=model, system_fingerprint=self.fingerprint)
 
     async def _chat_chunks(
-        self, rid: str, created: int, events: AsyncIterator[Piece], jobs: list[Job], include_usage: bool
+        self, header: dict, events: AsyncIterator[Piece], jobs: list[Job], include_usage: bool
     ) -> AsyncIterator[ChatCompletionChunk]:
         def chunk(delta: ChatDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
             choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason)
-            return ChatCompletionChunk(**self._header(rid, created), choices=[choice])
+            return ChatCompletionChunk(**header, choices=[choice])
 
         yield chunk(ChatDelta(role="assistant", content=""))
         async with contextlib.aclosing(events):
@@ -116,18 +176,18 @@ class OpenAIServer:
                 if piece.finish_reason:
                     yield chunk(ChatDelta(), piece.finish_reason)
         if include_usage:
-            yield ChatCompletionChunk(**self._header(rid, created), choices=[], usage=usage_of(jobs))
+            yield ChatCompletionChunk(**header, choices=[], usage=usage_of(jobs))
 
     async def _completion_chunks(
-        self, rid: str, created: int, events: AsyncIterator[Piece], jobs: list[Job], include_usage: bool
+        self, header: dict, events: AsyncIterator[Piece], jobs: list[Job], include_usage: bool
     ) -> AsyncIterator[Completion]:
         async with contextlib.aclosing(events):
             async for piece in events:
                 if piece.text or piece.finish_reason:
                     choice = CompletionChoice(index=piece.index, text=piece.text, finish_reason=piece.finish_reason)
-                    yield Completion(**self._header(rid, created), choices=[choice])
+                    yield Completion(**header, choices=[choice])
         if include_usage:
-            yield Completion(**self._header(rid, created), choices=[], usage=usage_of(jobs))
+            yield Completion(**header, choices=[], usage=usage_of(jobs))
 
     async def _collect(self, events: AsyncIterator[Piece], n: int) -> tuple[list[str], list[str]]:
         texts: list[list[str]] = [[] for _ in range(n)]
@@ -149,8 +209,18 @@ class OpenAIServer:
             )  # fmt: skip
         return adapter or None
 
-    def _check_common(self, body: SamplingFields) -> None:
-        self._check_model(body.model)
+    def _no_adapter(self, model_id: str, adapter: str) -> ApiError:
+        return ApiError(
+            404, f"The model {model_id!r} does not exist: no node of the swarm serves the adapter {adapter!r} "
+            "(GET /v1/models lists the adapters served).", param="model", code="model_not_found",
+        )  # fmt: skip
+
+    async def _check_common(self, body: SamplingFields) -> str | None:
+        """Refuses what this server cannot do; returns the request's adapter (see _check_model).
+
+        An adapter no live node serves is a 404 naming it. One that some node serves, but not on every block,
+        runs and fails like any request the swarm cannot route (503, naming the adapter and the blocks)."""
+        adapter = self._check_model(body.model)
         if body.n is not None and body.n > 1:
             raise unsupported("n", "only n=1 is supported (one choice per request); send n requests, other seeds")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -158,6 +228,11 @@ class OpenAIServer:
                 raise unsupported(name, "only 0 is supported; repetition_penalty (an extension) is available")
         if body.logit_bias:
             raise unsupported("logit_bias", "logit_bias is not supported")
+        if adapter is not None:  # last: the other checks are free, this one may probe the swarm
+            listing = await self.adapters.get()
+            if listing.nodes and adapter not in listing.named:
+                raise self._no_adapter(body.model, adapter)
+        return adapter
 
     def _params(
         self, body: SamplingFields, prompt_tokens: int, max_tokens: int | None, prompt_param: str

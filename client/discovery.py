@@ -58,7 +58,7 @@ class PeerSource:
                 log.warning("skipping node %s", p.error)
         return [
             (Candidate(node.address, p.info.start_block, p.info.end_block, p.info.throughput, p.rtt,
-                       relayed=node.address in self.relayed), node)
+                       relayed=node.address in self.relayed, adapters=tuple(p.info.adapters)), node)
             for node, p in zip(nodes, probes)
             if p.info is not None and p.info.revision == revision and p.info.model == model
             and (self.allow_keys is None or p.info.public_key in self.allow_keys)

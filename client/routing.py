@@ -40,6 +40,7 @@ class Candidate:
     throughput: float = 0.0  # tokens/s over its whole span
     rtt: float = 0.0  # seconds
     relayed: bool = False  # reached through a relay (the node is behind a NAT): one more leg per step
+    adapters: tuple[str, ...] = ()  # LoRA adapters it serves (its Info); routing ignores them, listings use them
 
 
 @dataclass(frozen=True)
