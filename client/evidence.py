@@ -9,7 +9,12 @@ output differs from the right one beyond the tolerance of the node's dtype.
 
 File: `$TORCHNODE_HOME/evidence/{peer id}-{UTC time}.evidence`, msgpack (no pickle):
     {"format": FORMAT, "model", "revision", "address", "public_key", "dtype", "start", "end", "position",
-     "reporter", "created", "exchanges": [[request bytes, reply bytes], ...]}
+     "reporter", "created", "exchanges": [[request bytes, reply bytes], ...], "adapter", "adapter_sha256"}
+
+A session with a LoRA adapter is replayed with it: the node's first signed request names the adapter (so
+the node cannot deny it was asked for it), and the file adds the sha256 of the adapter's weights file the
+reporter checked with ("" if its judges were other nodes), since a name alone does not pin the weights.
+Whoever checks the proof gives the adapter's files (`check-evidence --adapter`); other files are refused.
 
 A client that reads the DHT also publishes a signed report naming the node and the file's sha256
 (`fraud_report`, protocol/fraud_reports.py), which dashboards count: a claim whose proof is the file.
@@ -27,12 +32,14 @@ import torch
 
 from ..models.checkpoint import Checkpoint
 from ..models.families import load_span
+from ..models.lora import AdapterBank, AdapterSource, find_adapter
 from hivemind.utils.timed_storage import get_dht_time
 
 from ..protocol import signing, tensor_codec
 from ..protocol import torchnode_pb2 as pb
 from ..protocol.fraud_reports import DEFAULT_REPORT_LIFETIME, FraudReport
 from ..protocol.identity import Identity, peer_id_of, torchnode_home
+from .opinions import run_span
 from .verification import Finding, first_mismatch, tolerance
 
 FORMAT = "torchnode-evidence/1"
@@ -55,13 +62,23 @@ def write_evidence(finding: Finding, model: str, revision: str, reporter: bytes)
         "format": FORMAT, "model": model, "revision": revision, "address": finding.node.address,
         "public_key": finding.public_key, "dtype": finding.dtype, "start": finding.start, "end": finding.end,
         "position": finding.position, "reporter": reporter, "created": time.time(),
-        "exchanges": [list(e) for e in finding.exchanges],
+        "exchanges": [list(e) for e in finding.exchanges], "adapter": finding.adapter,
+        "adapter_sha256": adapter_digest(finding.adapter_files) if finding.adapter_files is not None else "",
     }  # fmt: skip
     folder = evidence_dir()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = folder / f"{finding.peer_id}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{finding.position}.evidence"
     path.write_bytes(msgpack.packb(record, use_bin_type=True))
     return path
+
+
+def adapter_digest(adapter: AdapterSource) -> str:
+    """sha256 of the adapter's weights file: what pins an adapter, whose name anyone may reuse."""
+    h = hashlib.sha256()
+    with open(adapter.weights, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def fraud_report(
@@ -120,22 +137,27 @@ def _exchanges(record: dict) -> list[tuple[pb.Step, pb.StepResult]]:
     return pairs
 
 
-def check_evidence(path: Path, ckpt: Checkpoint) -> Verdict:
-    """Verifies signatures, replays the session through the blocks locally and compares every reply."""
+def check_evidence(path: Path, ckpt: Checkpoint, adapter: str | None = None) -> Verdict:
+    """Verifies signatures, replays the session through the blocks locally and compares every reply.
+
+    adapter: the directory or hub id of the LoRA adapter the session named, needed (and only accepted) when
+    it named one; its weights must be those the reporter checked with, when the file records them."""
     record = read_evidence(path)
     if record["revision"] != ckpt.revision:
         raise EvidenceError(f"the evidence is about revision {record['revision']}, MODEL is {ckpt.revision}")
     pairs = _exchanges(record)
     opening = pairs[0][0]
     start, end = opening.start_block, opening.end_block
+    source = _session_adapter(record, opening.adapter, adapter)
     span = load_span(ckpt, start, end, torch.float32)
+    lora = AdapterBank(span, start, end, [source]).get(source.name) if source is not None else None
     caches = span.new_caches(start, end, opening.batch_size or 1, opening.max_length)
     peer = peer_id_of(record["public_key"])
     for request, reply in pairs:
         if not request.HasField("hidden"):
             continue
         x = tensor_codec.decode(request.hidden).float()  # (B, T, H)
-        right = span(x, request.position, start, end, caches)
+        right = run_span(span, lora, x, request.position, start, end, caches)
         claimed = tensor_codec.decode(reply.hidden)
         tol = tolerance(tensor_codec.dtype_from_name(record["dtype"]), claimed.dtype, x.dtype)
         wrong, error = first_mismatch(claimed, right, tol)
@@ -148,3 +170,26 @@ def check_evidence(path: Path, ckpt: Checkpoint) -> Verdict:
                 request.step, position,
             )  # fmt: skip
     return Verdict(False, f"NOT PROVEN: every output node {peer} signed is right within tolerance ({len(pairs)} steps)")
+
+
+def _session_adapter(record: dict, named: str, given: str | None) -> AdapterSource | None:
+    """The adapter files to replay with: those `given`, checked against what the signed session named and
+    the digest the reporter recorded."""
+    if not named:
+        if given:
+            raise EvidenceError("the evidence is about a session without an adapter: check it without --adapter")
+        return None
+    if not given:
+        raise EvidenceError(
+            f"the evidence is about a session with adapter {named!r}: give its files with --adapter (its directory or hub id)"
+        )
+    source = find_adapter(given)
+    if source.name != named:
+        raise EvidenceError(f"--adapter {given} is adapter {source.name!r}, the session named {named!r}")
+    recorded = record.get("adapter_sha256", "")
+    if recorded and adapter_digest(source) != recorded:
+        raise EvidenceError(
+            f"--adapter {given} holds other weights than the reporter's {named!r} (sha256 {recorded}): the proof "
+            "holds only for the reporter's adapter files"
+        )
+    return source

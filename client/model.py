@@ -33,7 +33,8 @@ from .session import DEFAULT_PREFILL_CHUNK, DEFAULT_PUSH, DEFAULT_STEP_TIMEOUT, 
 from .speculative import DEFAULT_DRAFT_TOKENS, Drafter, load_drafter
 from .text_stream import TextPiece, text_pieces
 from .evidence import fraud_report, write_evidence
-from .verification import DEFAULT_WINDOW, Finding, Verifier, holds_blocks
+from .opinions import adapter_files, holds_blocks
+from .verification import DEFAULT_WINDOW, Finding, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +143,11 @@ class AsyncDistributedModel:
     async def open_session(
         self, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 1, adapter: str | None = None
     ) -> InferenceSession:
-        """adapter: the name of a LoRA adapter the nodes serve (`join --adapters`); None: the model's default
-        (from_pretrained's `adapter`, else the base model); "": the base model."""
+        """adapter: the name of a LoRA adapter the nodes serve (`join --adapters`), or its directory (or hub id),
+        which --verify recomputes with; None: the model's default (from_pretrained's `adapter`); "": the base model."""
         adapter = self.adapter if adapter is None else adapter
-        if self.verify and adapter:
-            raise ValueError("verification (verify=True) does not cover adapters yet: use one or the other")
+        files = adapter_files(adapter, fetch=self.verify and self.verify_local) if adapter else None
+        adapter = files.name if files else adapter  # a directory: nodes know the adapter by its base name
         router = functools.partial(self.route, adapter=adapter)  # failover finds replacements serving it too
         session = InferenceSession(
             await router(), max_length, batch_size, self.wire_dtype, self.step_timeout,
@@ -155,7 +156,7 @@ class AsyncDistributedModel:
         )  # fmt: skip
         if self.verify:
             local = self.ckpt if self.verify_local and holds_blocks(self.ckpt) else None
-            session.verifier = Verifier(session, self.route, self.caught, self.verify_window, local)
+            session.verifier = Verifier(session, router, self.caught, self.verify_window, local, files)
         return session
 
     def caught(self, finding: Finding) -> None:

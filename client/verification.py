@@ -13,6 +13,11 @@ first wrong position so that generation rewinds there. Nothing is released befor
 
 A prefill of W tokens costs far less than W decode steps (on a GPU about one), so checking every
 token is affordable: see scripts/bench_verify.py.
+
+A session with a LoRA adapter is checked with the same adapter, or its check would compare two different
+models: remote opinions are sessions naming the adapter (so only nodes serving it are asked), and the
+client's own copy applies the adapter's LoRA to its blocks (models/lora.py), which it can do only when it
+has the adapter's files (`adapter_files`); without them it is no judge for that session.
 """
 
 from __future__ import annotations
@@ -25,11 +30,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.checkpoint import Checkpoint
-from ..models.families import LAYER_PREFIX, load_span
+from ..models.lora import AdapterSource
 from ..protocol import tensor_codec
 from ..protocol.identity import peer_id_of
 from ..protocol.node_client import NodeClient, NodeError, NodeInfo
 from .routing import NoRouteError
+from .opinions import LocalOpinion, Opinion, RemoteOpinion
 from .session import Hop, InferenceSession
 
 log = logging.getLogger(__name__)
@@ -59,84 +65,6 @@ def first_mismatch(claimed: torch.Tensor, reference: torch.Tensor, tol: float) -
     error = ((got - ref).abs() / scale.clamp_min(1e-30)).nan_to_num(float("inf")).amax(dim=(0, 2))  # (T,)
     bad = (~(error <= tol)).nonzero()
     return (int(bad[0, 0]) if len(bad) else None), float(error.max()) if error.numel() else 0.0
-
-
-def holds_blocks(ckpt: Checkpoint) -> bool:
-    """Whether the client's checkpoint has the blocks' weights on disk (then it can be its own judge)."""
-    try:
-        return ckpt.parameter_count(lambda key: key.startswith(LAYER_PREFIX)) > 0
-    except (OSError, ValueError):
-        return False
-
-
-# ---- opinions: who recomputes a span
-
-
-class Opinion:
-    """Someone else's run of blocks [start, end) over the same inputs. It keeps its KV cache between
-    checks, so each check sends only the new window, as one prefill."""
-
-    trusted = False  # the client's own computation decides alone
-    name = ""
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype, self.valid, self.lock = dtype, 0, asyncio.Lock()  # valid: positions it holds that still stand
-
-    async def outputs(self, inputs: torch.Tensor, start: int) -> torch.Tensor:
-        """Outputs (B, L - start, H) at positions [start, L) of inputs (B, L, H)."""
-        async with self.lock:
-            sent = min(self.valid, start)
-            out = await self._run(inputs[:, sent:], sent)
-            self.valid = inputs.shape[1]
-            return out[:, start - sent :]
-
-    def forget_from(self, position: int) -> None:
-        self.valid = min(self.valid, position)
-
-    async def _run(self, x: torch.Tensor, position: int) -> torch.Tensor:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        pass
-
-
-class RemoteOpinion(Opinion):
-    """An ordinary inference session on other nodes: to them, a client prefilling W tokens at a time."""
-
-    def __init__(self, session: InferenceSession, dtype: torch.dtype):
-        super().__init__(dtype)
-        self.session = session
-
-    @property
-    def nodes(self) -> list[NodeClient]:
-        return [hop.node for hop in self.session.hops]
-
-    @property
-    def name(self) -> str:
-        return ", ".join(node.address for node in self.nodes)
-
-    async def _run(self, x: torch.Tensor, position: int) -> torch.Tensor:
-        return await self.session.step(x, position)
-
-    async def close(self) -> None:
-        await self.session.close()
-
-
-class LocalOpinion(Opinion):
-    """The client's own copy of the blocks (read from its local checkpoint on first need), in float32."""
-
-    trusted = True
-    name = "this client"
-
-    def __init__(self, ckpt: Checkpoint, start: int, end: int, batch: int, max_length: int):
-        super().__init__(torch.float32)
-        self.span = load_span(ckpt, start, end, torch.float32)
-        self.start, self.end = start, end
-        self.caches = self.span.new_caches(start, end, batch, max_length)
-
-    async def _run(self, x: torch.Tensor, position: int) -> torch.Tensor:
-        x = x.to(torch.float32)
-        return await asyncio.to_thread(self.span, x, position, self.start, self.end, self.caches)
 
 
 # ---- what each hop answered
@@ -190,6 +118,8 @@ class Finding:
     public_key: bytes = b""
     dtype: str = "float32"  # what the node says it computes in (its Info)
     exchanges: tuple[tuple[bytes, bytes], ...] = ()  # its signed requests and replies, for a fraud proof
+    adapter: str = ""  # the session's LoRA adapter ("": the base model): the right outputs depend on it
+    adapter_files: AdapterSource | None = None  # the client's copy of it, if it had one (evidence: its digest)
 
 
 class Verifier:
@@ -202,11 +132,18 @@ class Verifier:
         on_dishonest: Callable[[Finding], None],
         window: int = DEFAULT_WINDOW,
         local: Checkpoint | None = None,
+        adapter: AdapterSource | None = None,
     ):
+        """route: finds hops for a span; for an adapter session, only nodes serving `session.adapter`.
+        adapter: the files of the session's adapter (`adapter_files`); without them `local` is not used for
+        an adapter session, since the base blocks alone would compute another model."""
         if window < 1:
             raise ValueError(f"verify_window must be >= 1 token, got {window}")
+        if adapter is not None and adapter.name != session.adapter:
+            raise ValueError(f"adapter files {adapter.name!r} are not the session's adapter {session.adapter!r}")
         self.session, self.route, self.on_dishonest = session, route, on_dishonest
-        self.window, self.local = window, local
+        self.adapter = adapter
+        self.window, self.local = window, local if adapter is not None or not session.adapter else None
         self.verified = 0  # outputs at positions < verified are checked, or were never used
         self.records: dict[int, Record] = {}  # id(hop) -> what it answered
         self.checkers: dict[tuple[int, int, str], Opinion] = {}  # (start, end, checked node) -> opinion
@@ -316,7 +253,7 @@ class Verifier:
         key = info.public_key if info is not None else getattr(node, "expected_key", None) or b""
         return Finding(
             node, peer_id_of(key) if key else "unknown", record.hop.start, record.hop.end, wrong, error, tol, judge,
-            key, info.dtype if info is not None else "float32", tuple(record.exchanges),
+            key, info.dtype if info is not None else "float32", tuple(record.exchanges), self.session.adapter, self.adapter,
         )  # fmt: skip
 
     async def _dtype(self, node: NodeClient) -> torch.dtype:
@@ -341,8 +278,8 @@ class Verifier:
         except VerificationError:
             raise VerificationError(
                 f"{hop.node.address} and {checker.name} disagree on blocks {hop.start}:{hop.end} and there is no "
-                "third opinion (no other node serves these blocks and the client holds no local weights); "
-                "refusing to return an unverified answer"
+                "third opinion (no other node serves these blocks and the client holds no local weights"
+                f"{self._with_adapter()}); refusing to return an unverified answer"
             ) from None
 
     async def _opinion(self, hop: Hop, avoid: set[str], prefer_local: bool) -> Opinion:
@@ -355,12 +292,12 @@ class Verifier:
                 return self._local(hop)
             raise VerificationError(
                 f"cannot verify blocks {hop.start}:{hop.end} served by {hop.node.address}: no other node serves them "
-                "and the client holds no local weights for them"
+                f"and the client holds no local weights for them{self._with_adapter()}"
             ) from None
         s = self.session
         session = InferenceSession(
             hops, s.max_length, s.batch_size, s.wire_dtype, s.step_timeout,
-            router=lambda a, b: self.route(a, b, avoid), on_failure=s.on_failure, retry=s.retry,
+            router=lambda a, b: self.route(a, b, avoid), on_failure=s.on_failure, retry=s.retry, adapter=s.adapter,
         )  # fmt: skip
         dtypes = [await self._dtype(h.node) for h in hops]
         return RemoteOpinion(session, max(dtypes, key=lambda d: torch.finfo(d).eps))
@@ -369,8 +306,15 @@ class Verifier:
         key = (hop.start, hop.end)
         if key not in self.locals:
             s = self.session
-            self.locals[key] = LocalOpinion(self.local, hop.start, hop.end, s.batch_size, s.max_length)
+            self.locals[key] = LocalOpinion(self.local, hop.start, hop.end, s.batch_size, s.max_length, self.adapter)
         return self.locals[key]
+
+    def _with_adapter(self) -> str:
+        """For error messages: an adapter session's opinions must serve, or hold, its adapter."""
+        if not self.session.adapter:
+            return ""
+        missing = "" if self.adapter else ", which it has no copy of (give --adapter as its directory or hub id)"
+        return f" with adapter {self.session.adapter!r}{missing}"
 
     async def _checker_lied(self, hop: Hop, checker: Opinion, judge: str) -> None:
         """The checker, not the checked node, was wrong: a lone checker node is named; a chain is dropped."""

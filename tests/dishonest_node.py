@@ -68,13 +68,13 @@ class DishonestBackend(SpanBackend):
         return out
 
 
-def dishonest_memory_node(ckpt, start: int, end: int, address: str, mode: str, seed: int = 1):
-    """tests/memory_node.py's in-memory node, lying with `mode`."""
+def dishonest_memory_node(ckpt, start: int, end: int, address: str, mode: str, seed: int = 1, adapters=()):
+    """tests/memory_node.py's in-memory node, lying with `mode` (also on sessions with one of its `adapters`)."""
     from memory_node import MemoryNode
 
-    node = MemoryNode(ckpt, start, end, address)
+    node = MemoryNode(ckpt, start, end, address, adapters=adapters)
     honest = node.backend
-    node.backend = DishonestBackend(honest.span, honest.info, honest.limits, mode=mode, seed=seed)
+    node.backend = DishonestBackend(honest.span, honest.info, honest.limits, honest.adapters, mode=mode, seed=seed)
     node.backend.throughput = honest.throughput
     honest.shutdown()
     return node

@@ -106,6 +106,7 @@ def identity(
 def check_evidence_command(
     file: Annotated[Path, typer.Argument(help="an evidence file (from $TORCHNODE_HOME/evidence/)")],
     model: Annotated[str, typer.Argument(help="the model it is about ('default', a path, or a hub id): its weights recompute the span")],
+    adapter: Annotated[str, typer.Option(help="the LoRA adapter (directory or hub id) the session used, if it used one")] = "",
 ) -> None:
     """Check a fraud proof: verify the node's signatures and recompute its span locally. Exit 0: the node
     signed a wrong output (proven); 2: every signed output is right; 1: not a valid evidence file."""
@@ -113,6 +114,6 @@ def check_evidence_command(
     from torchnode.models.checkpoint import resolve
 
     with user_errors():  # EvidenceError is a ValueError: one red line, exit 1
-        verdict = check_evidence(file, resolve(model))
+        verdict = check_evidence(file, resolve(model), adapter or None)
     print(verdict.message)
     raise typer.Exit(0 if verdict.proven else 2)
