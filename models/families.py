@@ -7,6 +7,8 @@ A new family is one entry here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -16,7 +18,8 @@ from .llama.config import LlamaConfig, rope_inverse_frequencies
 from .deepseek.config import DeepseekV3Config
 from .mixtral.config import MixtralConfig
 from .qwen3_moe.config import Qwen3MoeConfig
-from .quantization import check_mode, quantize_span
+from .gguf_q4 import read_gguf_q4_blocks
+from .quantization import KEEP_FLOAT, check_mode, quantize_span
 
 LAYER_PREFIX = "model.layers."
 
@@ -67,10 +70,13 @@ def load_span(
     dtype: torch.dtype = torch.float32,
     quant: str = "none",
     device: torch.device | str = "cpu",
+    on_status: Callable[[str], None] = lambda _: None,
 ) -> nn.Module:
     """Builds blocks [start, end) on `device` and reads only their weights, each converted to `dtype` and
     moved there as it is read, so the peak is the span plus one tensor; quant="int8"/"int4" stores linear
-    weights in 8 or 4 bits (quantized on `device`, one layer at a time)."""
+    weights in 8 or 4 bits (quantized on `device`, one layer at a time). With int4, a linear a GGUF file
+    holds in Q4_0/Q4_1 is served with the file's own codes (models/gguf_q4.py), and its float weights are
+    never read."""
     total = num_blocks(ckpt)
     if not 0 <= start < end <= total:
         raise ValueError(f"span {start}:{end} is outside the model's {total} blocks (0:{total})")
@@ -79,11 +85,38 @@ def load_span(
     inv_freq, scaling = rope_inverse_frequencies(ckpt.hf_config)
     with torch.device("meta"):
         span = Span(config, start, end, inv_freq, scaling)
-    tensors = ckpt.read_tensors(lambda key: _block_index(key) in range(start, end), dtype, device)
-    tensors = {"layers." + k.removeprefix(LAYER_PREFIX): v for k, v in tensors.items()}
+    blocks = _gguf_q4_blocks(ckpt, span, start, end, device) if quant == "int4" else {}
+    from_blocks = {name + ".weight" for name in blocks}
+    tensors = ckpt.read_tensors(
+        lambda key: _block_index(key) in range(start, end) and _in_span(key) not in from_blocks, dtype, device
+    )
+    tensors = {_in_span(k): v for k, v in tensors.items()}
+    for key in from_blocks:  # left on the meta device: the layer is built from its blocks, not from floats
+        tensors[key] = span.get_parameter(key)
     span = _load(span, tensors, dtype)
     span.inv_freq = inv_freq.to(device)  # buffers are not in the checkpoint
-    return quantize_span(span, quant)
+    return quantize_span(span, quant, blocks, on_status)
+
+
+def _in_span(key: str) -> str:
+    """The span's name of a checkpoint tensor: "model.layers.12.mlp.up.weight" -> "layers.12.mlp.up.weight"."""
+    return "layers." + key.removeprefix(LAYER_PREFIX)
+
+
+def _gguf_q4_blocks(
+    ckpt: Checkpoint, span: nn.Module, start: int, end: int, device: torch.device | str
+) -> dict[str, tuple[str, torch.Tensor]]:
+    """{linear's name in the span: (GGUF type, raw blocks)} for the span's quantizable linears whose weights
+    the checkpoint's GGUF file holds in Q4_0/Q4_1; empty for a checkpoint that is not from a GGUF file."""
+    linears = {
+        name for name, m in span.named_modules() if isinstance(m, nn.Linear) and name.split(".")[-1] not in KEEP_FLOAT
+    }
+
+    def wanted(key: str) -> bool:
+        return _block_index(key) in range(start, end) and _in_span(key).removesuffix(".weight") in linears
+
+    blocks = read_gguf_q4_blocks(ckpt.path, wanted, device)
+    return {_in_span(key).removesuffix(".weight"): raw for key, raw in blocks.items()}
 
 
 def load_head(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:

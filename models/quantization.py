@@ -23,22 +23,33 @@ levels), the layout of torch's int4 kernels; on the CPU the matmul is `aten._wei
 on bf16 activations over weights packed by `aten._convert_weight_to_int4pack_for_cpu` (its fast path,
 as for int8); on other devices the same codes are kept two to a byte and dequantized per call. Weights take
 about 0.16x of fp32 (4 bits plus 2 x 16 bits per 32). SmolLM2 over all 30 blocks (scripts/bench_quant.py):
-63 MiB instead of 405, decode 39.8 tokens/s instead of 15.8, perplexity 18.40 instead of 18.45, next token
-as fp32's at 98.4 % of positions. (Its weights come from a Q4_1 GGUF, whose groups of 32 this grid nearly
-reproduces; on random Gaussian weights int4 moves each linear's output by ~7.7 %, the rounding of 16 levels.)
+63 MiB instead of 405, decode 39.8 tokens/s instead of 15.8 (re-quantized; the GGUF's own codes, below, run
+the same kernel), perplexity 18.47 from the GGUF's codes / 18.40 re-quantized instead of 18.45, next token
+as fp32's at 98.4 % of positions either way. (On random Gaussian weights int4 moves each linear's output by
+~7.7 %, the rounding of 16 levels; SmolLM2's came from a Q4_1 GGUF, whose groups of 32 this grid nearly
+reproduces.)
 
 nf4 (`nf4_linear`): bitsandbytes' 4-bit NormalFloat on CUDA only (bitsandbytes is not a dependency:
 `pip install bitsandbytes` on the GPU machine).
 
 A GGUF checkpoint that is already 4-bit (Q4_0: w = d (q - 8); Q4_1: w = d q + m, blocks of 32) maps onto
 the int4 layout with the same codes: scale d, zero m + 8d (Q4_0: 0), no requantization (`Int4Linear.from_gguf`).
-That is exact to GGUF's dequantized weights only where the kernel's scales and zeros are float32: the
-CPU kernel's fast path wants them in bf16, where d and m (float16 in the file) lose 3 mantissa bits, so
-served weights differ from the dequantized ones by up to 2^-9 of a group's scale times its code; in float32
-they match within one float32 rounding (tests/test_int4.py measures both).
+`--quant int4` serves it that way: the GGUF conversion keeps each Q4_0/Q4_1 weight's raw blocks beside the
+float cache (models/gguf_q4.py), and `quantize_span` builds those linears from them, without reading their
+floats; weights of other types (Q8_0, Q6_K, ...) and checkpoints without blocks are re-quantized
+(`from_linear`). Is that exact to GGUF's dequantized weights? The codes always are (the file's nibbles);
+the weights only with float32 scales and zeros, where (q - 8) d + (m + 8d) rounds nowhere (d, m are float16):
+bit-identical on all 210 of SmolLM2's linears. The CPU kernel's fast path wants them in bf16, which keeps 8
+of float16's 11 significant bits, so a served weight is off by at most 2^-8 (|q - 8| d + |m + 8d|), plus one
+bf16 rounding of itself where it is read back in bf16 (`dequantized()`): measured at most 0.63 % of a
+tensor's largest weight (tests/test_gguf_int4.py checks both bounds). Still closer than
+re-quantizing the floats, whose bf16 grid does not reproduce GGUF's: 10 blocks of SmolLM2 move the hidden
+states by 0.7 % from the file's codes, 1.6 % re-quantized.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -124,10 +135,13 @@ class Int4Linear(nn.Module):
         return cls(codes, torch.stack([scale.t(), zero.t()], dim=-1).contiguous(), bias)
 
     @classmethod
-    def from_gguf(cls, kind: str, blocks: torch.Tensor, dtype: torch.dtype = KERNEL_DTYPE) -> Int4Linear:
+    def from_gguf(
+        cls, kind: str, blocks: torch.Tensor, dtype: torch.dtype = KERNEL_DTYPE, bias: torch.Tensor | None = None
+    ) -> Int4Linear:
         """Serves a GGUF Q4_0 / Q4_1 weight (out rows of raw blocks, uint8 (out, in/32 x 18 or 20 bytes)) with
         its own codes: no dequantization to float, no requantization. Q4_0 block: d (f16), 16 bytes of codes;
-        Q4_1: d, m (f16), 16 bytes; code j of a block in the low nibble of byte j, code j + 16 in the high."""
+        Q4_1: d, m (f16), 16 bytes; code j of a block in the low nibble of byte j, code j + 16 in the high.
+        `bias` (the GGUF keeps biases as separate float tensors) is added as it is."""
         head = {"Q4_0": 2, "Q4_1": 4}[kind]
         out = blocks.shape[0]
         blocks = blocks.view(out, -1, head + GROUP_SIZE // 2)  # (out, in/G, bytes)
@@ -136,7 +150,7 @@ class Int4Linear(nn.Module):
         qs = blocks[..., head:]  # (out, in/G, 16)
         codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1).reshape(out, -1)  # (out, in)
         zero = m + 8 * d if m is not None else torch.zeros_like(d)  # Q4_1: d q + m = (q - 8) d + (m + 8 d)
-        return cls(codes, torch.stack([d.t(), zero.t()], dim=-1).to(dtype).contiguous(), None)
+        return cls(codes, torch.stack([d.t(), zero.t()], dim=-1).to(dtype).contiguous(), bias)
 
     def dequantized(self) -> torch.Tensor:
         """W (out, in) as the layer uses it, in the scales' dtype."""
@@ -200,17 +214,57 @@ def _quantized(linear: nn.Linear, mode: str) -> nn.Module:
     return nf4_linear(linear)
 
 
-def quantize_span(span: nn.Module, mode: str) -> nn.Module:
+def _from_gguf(linear: nn.Linear, kind: str, blocks: torch.Tensor) -> Int4Linear:
+    bias = None if linear.bias is None else linear.bias.detach()
+    served = Int4Linear.from_gguf(kind, blocks, bias=bias)
+    if (served.out_features, served.in_features) != (linear.out_features, linear.in_features):
+        raise ValueError(
+            f"GGUF {kind} blocks give a ({served.out_features}, {served.in_features}) weight for a layer of "
+            f"({linear.out_features}, {linear.in_features})"
+        )
+    return served
+
+
+def quantize_span(
+    span: nn.Module,
+    mode: str,
+    gguf_blocks: dict[str, tuple[str, torch.Tensor]] | None = None,
+    on_status: Callable[[str], None] = lambda _: None,
+) -> nn.Module:
     """Returns `span` with its linear layers in `mode` ("none": unchanged); modules are replaced in place,
     one at a time, so the float weights of a layer are freed as soon as its quantized copy exists.
-    int4 leaves float a linear whose input size is not a multiple of GROUP_SIZE (none in common models)."""
-    check_mode(mode, next(span.parameters()).device)
+    int4 leaves float a linear whose input size is not a multiple of GROUP_SIZE (none in common models).
+
+    `gguf_blocks` ({linear's name in the span: (GGUF type, raw Q4_0/Q4_1 block rows)}, int4 only) serves
+    those linears with the file's own codes (`Int4Linear.from_gguf`); their float weights need not have
+    been read (they may be on the meta device). Entries are dropped as they are used, so the raw blocks
+    of a layer are freed once it is built; `on_status` hears, once, how many linears came from which path."""
+    check_mode(mode, next(p.device for p in span.parameters() if not p.is_meta))
     if mode == "none":
         return span
-    for parent in list(span.modules()):
+    gguf_blocks = {} if gguf_blocks is None else gguf_blocks
+    if gguf_blocks and mode != "int4":
+        raise ValueError(f"GGUF Q4 blocks are served by int4 only, not {mode}")
+    linears, from_codes, kinds = 0, 0, set()
+    for prefix, parent in list(span.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and name not in KEEP_FLOAT:
-                setattr(parent, name, _quantized(child, mode))
+                linears += 1
+                raw = gguf_blocks.pop(f"{prefix}.{name}" if prefix else name, None)
+                if raw is not None:
+                    from_codes, kinds = from_codes + 1, kinds | {raw[0]}
+                    setattr(parent, name, _from_gguf(child, *raw))
+                elif child.weight.is_meta:
+                    raise ValueError(f"{prefix}.{name} has neither float weights nor GGUF Q4 blocks")
+                else:
+                    setattr(parent, name, _quantized(child, mode))
+    if mode == "int4":
+        rest = f"{linears - from_codes} re-quantized from float weights"
+        if not from_codes:
+            on_status(f"int4: {rest} (no GGUF Q4 blocks)")
+        else:
+            codes = f"int4: {from_codes} of {linears} linears served from the GGUF's own {'/'.join(sorted(kinds))} codes"
+            on_status(codes + (f", {rest}" if from_codes < linears else ""))
     return span
 
 

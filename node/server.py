@@ -147,7 +147,7 @@ class Node:
         self.on_status(
             f"loading blocks {start}:{end} of {self.ckpt.name} ({self.total} blocks) on {c.device} as {c.dtype}{weights}"
         )
-        span = place(load_span(self.ckpt, start, end, c.dtype, c.quant, c.device), c.device)  # KV caches go there too
+        span = place(load_span(self.ckpt, start, end, c.dtype, c.quant, c.device, self.on_status), c.device)  # KV caches too
         info = SpanInfo(self.ckpt.name, self.ckpt.revision, start, end, self.total, span.config.hidden_size, c.dtype)
         adapters = AdapterBank(span, start, end, self.adapters) if self.adapters else None  # their span's tensors only
         backend = SpanBackend(span, info, self.config.limits, adapters)

@@ -1,13 +1,19 @@
 """SmolLM2 served as fp32, bf16, int8 and int4 spans: weight memory, decode speed, perplexity, agreement.
 
+int4 twice: `int4` is what `--quant int4` serves for this GGUF checkpoint, the file's own Q4_1 codes
+(models/gguf_q4.py); `int4-rq` re-quantizes the dequantized floats instead (`Int4Linear.from_linear`, what a
+node does for a checkpoint without Q4 blocks).
+
 All 30 blocks in one span with the client's head (`load_head`, fp32), as one node serving the whole model:
 - weights: bytes of the span's weights as stored (`models.quantization.weight_bytes`), in MiB;
 - decode: tokens/s at batch 1, 64 greedy tokens with a KV cache after the prompt (median of --runs, the
   modes taking turns);
 - perplexity: of the fixed English TEXT below (~300 tokens), one forward pass without a cache;
-- agreement: fed the same TEXT, the share of positions where the mode's most likely next token is fp32's.
+- agreement: fed the same TEXT, the share of positions where the mode's most likely next token is fp32's;
+- KL: fed the same TEXT, KL(fp32 || mode) of the next-token distributions, mean over positions (nats): how
+  far from fp32 a mode is, where perplexity can move either way.
 
-    .venv/bin/python scripts/bench_quant.py [--runs 3] [--tokens 64]
+    .venv/bin/python scripts/bench_quant.py [--runs 3] [--tokens 64] [--modes fp32,int4,int4-rq]
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch.nn.functional as F
 
 from torchnode.models.checkpoint import resolve
 from torchnode.models.families import load_head, load_span
-from torchnode.models.quantization import weight_bytes
+from torchnode.models.quantization import quantize_span, weight_bytes
 
 PROMPT = "Write a long story about a dragon who learns to paint."
 TEXT = """\
@@ -42,8 +48,14 @@ remains one of the most efficient ways to travel, turning almost all of the ride
 """
 MODES = (
     ("fp32", torch.float32, "none"), ("bf16", torch.bfloat16, "none"), ("int8", torch.float32, "int8"),
-    ("int4", torch.float32, "int4"),
+    ("int4", torch.float32, "int4"), ("int4-rq", torch.float32, "int4-rq"),
 )  # fmt: skip
+
+
+def load(ckpt, total: int, dtype: torch.dtype, quant: str):
+    if quant == "int4-rq":  # the floats rounded again: the GGUF's Q4 blocks left unused
+        return quantize_span(load_span(ckpt, 0, total, dtype), "int4")
+    return load_span(ckpt, 0, total, dtype, quant)
 
 
 @torch.inference_mode()
@@ -68,11 +80,21 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return F.cross_entropy(logits[0, :-1], ids[0, 1:]).exp().item()
 
 
+def kl_from(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """KL(reference || logits) per position, averaged: (1, T, V) logits each."""
+    log_p, log_q = reference[0].log_softmax(-1), logits[0].log_softmax(-1)  # (T, V)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean").item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--modes", default=",".join(m[0] for m in MODES), help="comma-separated; fp32 always runs")
     args = parser.parse_args()
+    chosen = {"fp32", *args.modes.split(",")}
+    if chosen - {m[0] for m in MODES}:
+        parser.error(f"unknown modes {chosen - {m[0] for m in MODES}}; choose from {[m[0] for m in MODES]}")
 
     from transformers import AutoTokenizer
 
@@ -87,7 +109,7 @@ def main() -> None:
     text_ids = tokenizer(TEXT, return_tensors="pt").input_ids
     print(f"SmolLM2-135M-Instruct, blocks 0:{total} in one span, {torch.get_num_threads()} threads; "
           f"decode: batch 1, {args.tokens} tokens, median of {args.runs}; perplexity: {text_ids.shape[1]} tokens")  # fmt: skip
-    spans = {name: load_span(ckpt, 0, total, dtype, quant) for name, dtype, quant in MODES}
+    spans = {name: load(ckpt, total, dtype, quant) for name, dtype, quant in MODES if name in chosen}
     speeds: dict[str, list[float]] = {name: [] for name in spans}
     for _ in range(args.runs):  # round robin, so a busy machine slows every mode alike
         for name, span in spans.items():
@@ -97,18 +119,21 @@ def main() -> None:
     rows = [
         (
             name, weight_bytes(span) / 2**20, statistics.median(speeds[name]), perplexity(logits[name], text_ids),
-            (logits[name][0].argmax(-1) == fp32_next).float().mean().item(),
+            (logits[name][0].argmax(-1) == fp32_next).float().mean().item(), kl_from(logits["fp32"], logits[name]),
         )
         for name, span in spans.items()
     ]  # fmt: skip
     base = rows[0][1]
     print(
-        f"| {'span':<5} | {'weights MiB':>11} | {'vs fp32':>7} | {'decode tok/s':>12} | {'perplexity':>10} "
-        f"| {'agreement':>9} |"
+        f"| {'span':<7} | {'weights MiB':>11} | {'vs fp32':>7} | {'decode tok/s':>12} | {'perplexity':>10} "
+        f"| {'agreement':>9} | {'KL':>6} |"
     )
-    print(f"|{'-' * 7}|{'-' * 13}|{'-' * 9}|{'-' * 14}|{'-' * 12}|{'-' * 11}|")
-    for name, mib, speed, ppl, agree in rows:
-        print(f"| {name:<5} | {mib:>11.1f} | {mib / base:>6.2f}x | {speed:>12.1f} | {ppl:>10.3f} | {agree:>8.1%} |")
+    print(f"|{'-' * 9}|{'-' * 13}|{'-' * 9}|{'-' * 14}|{'-' * 12}|{'-' * 11}|{'-' * 8}|")
+    for name, mib, speed, ppl, agree, kl in rows:
+        print(
+            f"| {name:<7} | {mib:>11.1f} | {mib / base:>6.2f}x | {speed:>12.1f} | {ppl:>10.3f} | {agree:>8.1%} "
+            f"| {kl:>6.4f} |"
+        )
 
 
 if __name__ == "__main__":
