@@ -25,7 +25,7 @@ import torch
 
 from ..models.kv_cache import KVCache
 
-WAIT_CAP = 5  # the longest wait for a batch to fill, in units of batch_wait
+WAIT_CAP = 10  # the longest wait for a batch to fill, in units of batch_wait
 Deliver = Callable[[torch.Tensor | BaseException], None]  # gets the step's output (B, T, hidden) or its error
 
 
