@@ -2,7 +2,7 @@
 node serving `--quant int4` uses the file's own 4-bit codes (`Int4Linear.from_gguf`) instead of widening
 them to float and rounding them again.
 
-`checkpoint.gguf_to_safetensors` writes them once, after the float weights, into `GGUF_Q4_BLOCKS` in the
+`gguf_convert.gguf_to_safetensors` writes them once, after the float weights, into `GGUF_Q4_BLOCKS` in the
 same cache directory (a subfolder, so no reader of the float shards ever sees it): a safetensors file of
 uint8 tensors, one row of blocks per output row, keyed by the transformers name, each weight's GGUF type
 in the file's metadata. Weights of any other type (Q8_0 embeddings, Q6_K, F16) have no entry, and an int4
@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from .checkpoint import Wanted, gguf_names, read_safetensors, write_safetensors
+from .checkpoint import Wanted, read_safetensors, write_safetensors
+from .gguf_convert import gguf_names
 
 GGUF_Q4_BLOCKS = "gguf-q4/model.safetensors"  # in a subfolder: never taken for a shard of the float weights
 GGUF_Q4_TYPES = ("Q4_0", "Q4_1")

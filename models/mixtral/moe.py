@@ -3,7 +3,7 @@
 Parameter names are the checkpoint's (`block_sparse_moe.gate`, `block_sparse_moe.experts.{e}.w1`, ...), which
 is what Mixtral checkpoints on the hub hold and what transformers' `save_pretrained` writes. A state dict in
 transformers' in-memory layout (fused 3D `mlp.experts.gate_up_proj`, as a GGUF dequantized by
-`checkpoint.gguf_to_safetensors` holds) is split into those names when it is loaded (`split_fused_experts`).
+`gguf_convert.gguf_to_safetensors` holds) is split into those names when it is loaded (`split_fused_experts`).
 """
 
 from __future__ import annotations

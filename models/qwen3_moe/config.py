@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 from torch import nn
 from transformers import PretrainedConfig
 
 from ..feed_forward import MLP
-from ..llama.config import LlamaConfig
-from .moe import SoftmaxMoE
+from ..llama.config import LlamaConfig, LoadHook
+from .moe import SoftmaxMoE, split_fused_experts
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,8 @@ class Qwen3MoeConfig(LlamaConfig):
     experts_per_token: int = 0
     normalize_top_k: bool = False  # renormalize the chosen experts' probabilities to sum to 1
     dense_layers: frozenset[int] = frozenset()
+
+    load_hook: ClassVar[LoadHook | None] = staticmethod(split_fused_experts)  # fused 3D experts (GGUF)
 
     def feed_forward(self, layer: int) -> nn.Module:
         if layer in self.dense_layers:

@@ -1,6 +1,8 @@
 """Routed mixtures of SwiGLU experts as Qwen3-MoE and DeepSeek checkpoints name them: `mlp.gate` (the router)
 and `mlp.experts.{e}.gate_proj/up_proj/down_proj`. The router differs per family; sending tokens to their
 experts and summing the weighted outputs (`dispatch`) is the same, in transformers' order (ascending expert).
+transformers' in-memory layout of the experts (fused 3-D, as a dequantized GGUF holds them) is split into
+those names when a span loads (`split_fused_experts`).
 """
 
 from __future__ import annotations
@@ -40,3 +42,21 @@ class SoftmaxMoE(nn.Module):
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return dispatch(x, chosen, weights.to(logits.dtype), self.experts).view(shape)
+
+
+def split_fused_experts(block: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """Block load pre-hook: transformers' fused experts into the checkpoint names, in place (views, no copy).
+
+    `mlp.experts.gate_up_proj` (E, 2I, C) -> `mlp.experts.{e}.gate_proj` (gate rows first, as transformers'
+    GGUF loader fuses them) and `up_proj`; `mlp.experts.down_proj` (E, C, I) -> `mlp.experts.{e}.down_proj`.
+    """
+    experts = prefix + "mlp.experts."
+    if experts + "gate_up_proj" not in state_dict:
+        return
+    gate_up = state_dict.pop(experts + "gate_up_proj")  # (E, 2I, C)
+    down = state_dict.pop(experts + "down_proj")  # (E, C, I)
+    for e in range(gate_up.shape[0]):
+        gate, up = gate_up[e].chunk(2, dim=0)  # (I, C) each
+        state_dict[f"{experts}{e}.gate_proj.weight"] = gate
+        state_dict[f"{experts}{e}.up_proj.weight"] = up
+        state_dict[f"{experts}{e}.down_proj.weight"] = down[e]
