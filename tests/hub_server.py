@@ -110,8 +110,8 @@ class HubServer:
                     self.end_headers()
                 else:
                     self._headers(path)
-                self.wfile.write(data)
-                with hub._lock:
+                with hub._lock:  # counted before the bytes go out: the client may check as soon as it has them
                     hub.sent[path.name] += len(data)
+                self.wfile.write(data)
 
         return Handler
