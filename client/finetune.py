@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.checkpoint import write_safetensors
+from ..models.safetensors_files import write_safetensors
 from ..models.families import config_of
 from ..models.lora import CONFIG_FILE, TARGETS, WEIGHTS_FILE
 from ..protocol.node_client import NodeError

@@ -10,6 +10,7 @@ builds: fused 3-D experts for Mixtral and Qwen3-MoE, which those families split 
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +19,9 @@ import torch
 from filelock import FileLock
 from transformers import AutoConfig, PretrainedConfig
 
-from .checkpoint import SINGLE_SHARD, cache_root, write_safetensors
+from .gguf_q4 import GGUF_Q4_BLOCKS, write_gguf_q4_blocks
+from .gguf_read import gguf_names, read_gguf_data
+from .safetensors_files import SINGLE_SHARD, write_safetensors
 
 # Metadata that transformers' GGUF config reader skips, leaving the config class's default, by model type:
 # {GGUF key: config attribute}. Qwen3-MoE's expert width defaults to 768, Qwen3-30B-A3B's, and is wrong for
@@ -26,10 +29,14 @@ from .checkpoint import SINGLE_SHARD, cache_root, write_safetensors
 GGUF_CONFIG_GAPS = {"qwen3_moe": {"qwen3moe.expert_feed_forward_length": "moe_intermediate_size"}}
 
 
+def cache_root() -> Path:
+    """Where converted GGUF files are kept: $TORCHNODE_CACHE, default ~/.cache/torchnode."""
+    return Path(os.environ.get("TORCHNODE_CACHE", Path.home() / ".cache" / "torchnode"))
+
+
 def gguf_to_safetensors(gguf: Path, on_status: Callable[[str], None] = lambda _: None) -> Path:
     """Dequantizes `gguf` once into a cached safetensors directory (with its tokenizer) and returns it; the
     raw Q4 blocks go beside it (models/gguf_q4.py), added to a cache made before they were kept."""
-    from .gguf_q4 import GGUF_Q4_BLOCKS, write_gguf_q4_blocks  # it imports `gguf_names` from here
 
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -74,23 +81,6 @@ def gguf_config(gguf: Path) -> PretrainedConfig:
     return config
 
 
-def gguf_names(reader, config: PretrainedConfig):
-    """transformers' tensor processor for the file's architecture and its {GGUF name: transformers name}.
-    Drops the reader's metadata fields, which a conversion never needs (AutoConfig and AutoTokenizer read
-    their own): SmolLM2's vocabulary and merges are ~90 MiB of small arrays, a third of the peak."""
-    from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, read_field,
-    )  # fmt: skip
-
-    architecture = read_field(reader, "general.architecture")[0]
-    reader.fields.clear()
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config.to_dict())  # head counts
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    return processor, get_gguf_hf_weights_map(skeleton, processor)
-
-
 def gguf_tensors(gguf: Path, config: PretrainedConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(transformers name, float32 tensor) for each tensor of a GGUF file, dequantized one at a time.
 
@@ -102,7 +92,6 @@ def gguf_tensors(gguf: Path, config: PretrainedConfig) -> Iterator[tuple[str, to
     import numpy as np
     from gguf import GGUFReader
 
-    from .gguf_q4 import read_gguf_data
 
     reader = GGUFReader(gguf)
     processor, names = gguf_names(reader, config)

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from transformers import PretrainedConfig
 
-from .checkpoint import Wanted, read_safetensors, write_safetensors
-from .gguf_convert import gguf_names
+from .gguf_read import gguf_names, read_gguf_data
+from .safetensors_files import Wanted, read_safetensors, write_safetensors
 
 GGUF_Q4_BLOCKS = "gguf-q4/model.safetensors"  # in a subfolder: never taken for a shard of the float weights
 GGUF_Q4_TYPES = ("Q4_0", "Q4_1")
@@ -73,16 +73,3 @@ def read_gguf_q4_blocks(
         (size,) = struct.unpack("<Q", f.read(8))
         types = json.loads(f.read(size))["__metadata__"]
     return {name: (types[name], blocks.to(device)) for name, blocks in read_safetensors(file, wanted)}
-
-
-def read_gguf_data(file, tensor):
-    """`tensor.data` (gguf's ReaderTensor) read with one plain file read into a fresh array, not through the
-    reader's memory map: each page of the map that a conversion touches stays in the process's resident
-    memory until the map is gone, so reading the weights through it adds the whole file to the peak."""
-    import numpy as np
-
-    out = np.empty(tensor.data.shape, dtype=tensor.data.dtype)
-    file.seek(tensor.data_offset)
-    if file.readinto(memoryview(out).cast("B")) != out.nbytes:
-        raise ValueError(f"{file.name} is truncated: tensor {tensor.name} ends past the end of the file")
-    return out

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import hub_file, read_safetensors, safetensors_header
+from .checkpoint import hub_file
+from .safetensors_files import read_safetensors, safetensors_header
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

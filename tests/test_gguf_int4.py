@@ -16,7 +16,8 @@ import torch
 from test_quantization import PROMPTS, chat_ids, span_greedy
 from transformers import AutoTokenizer
 
-from torchnode.models.checkpoint import SINGLE_SHARD, default_gguf
+from torchnode.models.checkpoint import default_gguf
+from torchnode.models.safetensors_files import SINGLE_SHARD
 from torchnode.models.families import LAYER_PREFIX, load_head, load_span
 from torchnode.models.gguf_convert import gguf_to_safetensors
 from torchnode.models.gguf_q4 import GGUF_Q4_BLOCKS, read_gguf_q4_blocks

@@ -138,7 +138,8 @@ def test_gguf_converted_tensor_by_tensor_equals_transformers_loader(tmp_path, mo
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    from torchnode.models.checkpoint import default_gguf, read_safetensors
+    from torchnode.models.checkpoint import default_gguf
+    from torchnode.models.safetensors_files import read_safetensors
 
     monkeypatch.setenv("TORCHNODE_CACHE", str(tmp_path))  # convert now, not reuse an earlier conversion
     converted = resolve("default")

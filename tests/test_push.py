@@ -8,7 +8,6 @@ from __future__ import annotations
 import signal
 
 import pytest
-import torch
 from memory_node import MemoryNode, MemoryPeers
 from swarm import run_cli, start_nodes, stop_all
 from test_inference_e2e import chat_ids, hf_greedy
