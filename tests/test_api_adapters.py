@@ -11,7 +11,7 @@ import pytest
 import torch
 from swarm import start_nodes, stop_all
 from test_adapters import adapters, local_greedy, references  # noqa: F401 (fixtures: PEFT LoRAs and local models)
-from test_openai_api import NAME, Api
+from test_openai_api import NAME, Api, api, client  # noqa: F401 (fixtures: the API server over this module's nodes, its client)
 from transformers import AutoTokenizer
 
 MESSAGES = [{"role": "user", "content": "Write one line about the sea."}]
@@ -22,19 +22,6 @@ def nodes(tiny_llama, adapters):  # noqa: F811
     nodes = start_nodes(str(tiny_llama), ["0:2", "2:4"], "--adapters", ",".join(str(p) for p in adapters.values()))
     yield nodes
     stop_all(nodes)
-
-
-@pytest.fixture(scope="module")
-def api(tiny_llama, nodes):
-    api = Api(tiny_llama, nodes)
-    yield api
-    api.close()
-
-
-@pytest.fixture(scope="module")
-def client(api):
-    with openai.OpenAI(base_url=f"{api.url}/v1", api_key="none", max_retries=0, timeout=60) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")
