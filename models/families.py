@@ -18,7 +18,7 @@ from .llama.config import LlamaConfig, rope_inverse_frequencies
 from .deepseek.config import DeepseekV3Config
 from .mixtral.config import MixtralConfig
 from .qwen3_moe.config import Qwen3MoeConfig
-from .gguf_q4 import read_gguf_q4_blocks
+from .gguf_q4 import read_gguf_q4_blocks, replaced_by_q4_blocks
 from .quantization import KEEP_FLOAT, check_mode, quantize_span
 
 LAYER_PREFIX = "model.layers."
@@ -76,7 +76,7 @@ def load_span(
     moved there as it is read, so the peak is the span plus one tensor; quant="int8"/"int4" stores linear
     weights in 8 or 4 bits (quantized on `device`, one layer at a time). With int4, a linear a GGUF file
     holds in Q4_0/Q4_1 is served with the file's own codes (models/gguf_q4.py), and its float weights are
-    never read."""
+    never read (MoE experts too: their fused float tensors are skipped where the blocks hold every expert)."""
     total = num_blocks(ckpt)
     if not 0 <= start < end <= total:
         raise ValueError(f"span {start}:{end} is outside the model's {total} blocks (0:{total})")
@@ -87,9 +87,12 @@ def load_span(
         span = Span(config, start, end, inv_freq, scaling)
     blocks = _gguf_q4_blocks(ckpt, span, start, end, device) if quant == "int4" else {}
     from_blocks = {name + ".weight" for name in blocks}
-    tensors = ckpt.read_tensors(
-        lambda key: _block_index(key) in range(start, end) and _in_span(key) not in from_blocks, dtype, device
-    )
+    replaced = replaced_by_q4_blocks(ckpt.path) if blocks else frozenset()  # fused experts, all in blocks
+
+    def wanted(key: str) -> bool:
+        return _block_index(key) in range(start, end) and _in_span(key) not in from_blocks and key not in replaced
+
+    tensors = ckpt.read_tensors(wanted, dtype, device)
     tensors = {_in_span(k): v for k, v in tensors.items()}
     for key in from_blocks:  # left on the meta device: the layer is built from its blocks, not from floats
         tensors[key] = span.get_parameter(key)

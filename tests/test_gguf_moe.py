@@ -3,8 +3,9 @@ in torchnode exactly as in transformers' own GGUF loader.
 
 The file is written here with gguf's writer from the tiny random Qwen3-MoE, with llama.cpp's tensor names and
 metadata (`qwen3moe.*`, a byte-level BPE tokenizer), its weights in F32 (the file must give back the original
-model) or Q8_0 (quantized 3-D experts). transformers' GGUF config reader skips `expert_feed_forward_length`
-and would build 768-wide experts, so its reference model is given the width the file states.
+model), Q8_0 (quantized 3-D experts) or Q4_0 (served by `--quant int4` from the file's own codes, experts
+included). transformers' GGUF config reader skips `expert_feed_forward_length` and would build 768-wide
+experts, so its reference model is given the width the file states.
 """
 
 from __future__ import annotations
@@ -16,16 +17,21 @@ import numpy as np
 import pytest
 import torch
 from swarm import start_nodes, stop_all
+from test_quantization import span_greedy
 from tiny_models import SEED, tiny_config, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from torchnode.client.sync_model import DistributedModel
-from torchnode.models.checkpoint import resolve
-from torchnode.models.families import load_head, load_span
+from torchnode.models.checkpoint import Checkpoint, resolve
+from torchnode.models.families import LAYER_PREFIX, load_head, load_span
+from torchnode.models.gguf_q4 import read_gguf_q4_blocks
+from torchnode.models.quantization import Int4Linear
 
 TOLERANCE = 1e-4
 NEW_TOKENS = 16
 GGUF_NAME = "tiny-qwen3-moe.gguf"
+INT4_AGREEMENT = 56  # of 4 x 16 next tokens, int4 from Q4_0 codes vs floats; measured 59 (41, experts re-quantized)
+NEAR_TIE = 0.15  # where they differ, the floats' top two logits are at most this far apart (measured <= 0.113)
 
 
 def tiny_moe() -> torch.nn.Module:
@@ -170,3 +176,88 @@ def test_a_node_serves_a_qwen3_moe_gguf(original, tmp_path, monkeypatch):
     finally:
         stop_all(nodes)
     assert got.tolist() == expected.tolist()
+
+
+
+@pytest.fixture(scope="module")
+def q4_0(original, tmp_path_factory) -> tuple[Path, Checkpoint]:
+    """The tiny Qwen3-MoE as a Q4_0 GGUF (rows of 64 or 32 inputs: whole blocks) and its converted checkpoint."""
+    tmp = tmp_path_factory.mktemp("q4_0")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCHNODE_CACHE", str(tmp / "cache"))
+        path = write_gguf(original, tmp / GGUF_NAME, "Q4_0")
+        return path, resolve(str(path))
+
+
+def test_q4_0_experts_are_kept_as_their_own_blocks(q4_0, original):
+    """Each expert's blocks, served with float32 scales, are gguf's own dequantization of that expert's slice of
+    `ffn_{gate,up,down}_exps` bit for bit, and transformers' GGUF loader's weights of that expert (gate rows
+    first in its fused gate_up_proj; down_proj (C, I), rows = outputs, as the file's)."""
+    from gguf import GGUFReader, dequantize
+
+    path, ckpt = q4_0
+    c, i = original.config, original.config.moe_intermediate_size
+    exps = {t.name: t for t in GGUFReader(path).tensors if "_exps" in t.name}
+    loaded = transformers_gguf(path, original).state_dict()
+    blocks = read_gguf_q4_blocks(ckpt.path, lambda key: ".experts." in key)
+    assert len(blocks) == c.num_hidden_layers * c.num_experts * 3
+    for key, (kind, raw) in blocks.items():
+        layer, _, _, expert, proj, _ = key.removeprefix(LAYER_PREFIX).split(".")  # N mlp experts E gate_proj weight
+        layer, expert, proj = int(layer), int(expert), proj.removesuffix("_proj")
+        served = Int4Linear.from_gguf(kind, raw, torch.float32).dequantized()
+        stack = exps[f"blk.{layer}.ffn_{proj}_exps.weight"]
+        assert kind == stack.tensor_type.name == "Q4_0"
+        assert torch.equal(served, torch.from_numpy(dequantize(stack.data[expert], stack.tensor_type))), key
+        fused = f"{LAYER_PREFIX}{layer}.mlp.experts."
+        theirs = {
+            "gate": loaded[fused + "gate_up_proj"][expert, :i], "up": loaded[fused + "gate_up_proj"][expert, i:],
+            "down": loaded[fused + "down_proj"][expert],
+        }[proj]  # fmt: skip
+        assert torch.equal(served, theirs), f"{key} is not transformers' {proj} weights of expert {expert}"
+
+
+def test_an_int4_span_serves_the_q4_0_experts_without_reading_their_floats(q4_0, original, monkeypatch):
+    """Every linear, experts included, is built from the file's codes, and the fused float experts are not read."""
+    _, ckpt = q4_0
+    read: list[str] = []
+    real = Checkpoint.read_tensors
+
+    def recording(self, wanted, *args, **kwargs):  # the real read, keeping note of what it was asked for
+        tensors = real(self, wanted, *args, **kwargs)
+        read.extend(tensors)
+        return tensors
+
+    monkeypatch.setattr(Checkpoint, "read_tensors", recording)
+    messages: list[str] = []
+    c = original.config
+    span = load_span(ckpt, 0, c.num_hidden_layers, quant="int4", on_status=messages.append)
+    linears = c.num_hidden_layers * (4 + 3 * c.num_experts)  # q, k, v, o and each expert's three
+    assert messages == [f"int4: {linears} of {linears} linears served from the GGUF's own Q4_0 codes"]
+    assert isinstance(span.get_submodule("layers.3.mlp.experts.7.down_proj"), Int4Linear)
+    assert read and not [key for key in read if ".experts." in key or key.endswith("_proj.weight")]
+
+
+def test_int4_from_the_q4_0_codes_answers_as_the_dequantized_floats(q4_0, original):
+    """Fed the float span's greedy answers to 4 prompts, the int4 span (bf16 scales, as the CPU kernel takes
+    them) picks the same next token at INT4_AGREEMENT of 64 positions or more, and only near-ties differ: a
+    random tiny model's logits are close together (median top-2 gap 0.1-0.5), and a routing flip moves them."""
+    _, ckpt = q4_0
+    head, blocks = load_head(ckpt), original.config.num_hidden_layers
+    floats, int4 = load_span(ckpt, 0, blocks), load_span(ckpt, 0, blocks, quant="int4")
+
+    def logits(span, ids: torch.Tensor) -> torch.Tensor:
+        caches = span.new_caches(0, blocks, 1, ids.shape[1])
+        return head.logits(span(head.embed(ids), 0, 0, blocks, caches))[0]  # (T, V)
+
+    agree, gaps = 0, []
+    with torch.inference_mode():
+        for seed in range(4):
+            ids = torch.randint(3, 259, (1, 10), generator=torch.Generator().manual_seed(seed))
+            answer = torch.cat([ids, torch.tensor([span_greedy(head, floats, ids, NEW_TOKENS)])], dim=1)
+            expected, got = logits(floats, answer)[9:-1], logits(int4, answer)[9:-1]  # (16, V): next tokens
+            same = expected.argmax(-1) == got.argmax(-1)
+            agree += int(same.sum())
+            top2 = expected.topk(2).values
+            gaps += (top2[:, 0] - top2[:, 1])[~same].tolist()
+    assert agree >= INT4_AGREEMENT, f"{agree} of 64"
+    assert all(gap < NEAR_TIE for gap in gaps), gaps
