@@ -8,7 +8,8 @@ proxy (scripts/delay_proxy.py) adds --delay-ms to every chunk each way. Prompts:
 ("repeat this text") and free writing; --tokens greedy tokens each. Every greedy output is compared
 with every other of the same prompt (plain, speculative, loopback, delayed): they must be identical.
 The bound printed for plain decoding is 1 / (legs x D + compute), compute = 1 / loopback plain tokens/s,
-legs = 2 x hops (the client drives every hop, as now) or hops + 1 (node-to-node push).
+legs = 2 x hops (the client drives every hop) or hops + 1 (node-to-node push); the last column gives each
+mode's delayed tokens/s as a multiple of the push bound (above 1: more than one token per pass).
 
     .venv/bin/python scripts/bench_wan.py [--hops 2,4] [--delay-ms 25] [--tokens 96] [--draft-model default] [--threads 1]
 
@@ -127,17 +128,18 @@ def report(args, hops: int, r: dict) -> None:
     d, delayed = args.delay_ms / 1000, f"+{args.delay_ms:g}ms"
     compute = 1 / r["loopback", "free", args.modes[0]]
     print(f"\n## {hops} hops, {args.delay_ms:g} ms each way, {args.tokens} greedy tokens (tokens/s)")
-    print(f"| prompt | mode | loopback | delayed | vs {args.modes[0]} (delayed) | links add (ms/token) |")
-    print("|---|---|---|---|---|---|")
+    bound = 1 / ((hops + 1) * d + compute)  # push: hops + 1 one-way legs per pass
+    print(f"| prompt | mode | loopback | delayed | vs {args.modes[0]} (delayed) | links add (ms/token) | delayed / push bound |")
+    print("|---|---|---|---|---|---|---|")
     for name in PROMPTS:
         plain = r[delayed, name, args.modes[0]]
         for mode in args.modes:
             if (delayed, name, mode) in r:
                 loop, wan = r["loopback", name, mode], r[delayed, name, mode]
                 added = (1 / wan - 1 / loop) * 1000
-                print(f"| {name} | {mode} | {loop:.2f} | {wan:.2f} | {wan / plain:.2f}x | {added:.0f} |")
+                print(f"| {name} | {mode} | {loop:.2f} | {wan:.2f} | {wan / plain:.2f}x | {added:.0f} | {wan / bound:.2f} |")
     print(f"bound, client-driven ({2 * hops} legs): {1 / (2 * hops * d + compute):.2f} tokens/s; "
-          f"with push ({hops + 1} legs): {1 / ((hops + 1) * d + compute):.2f} tokens/s "
+          f"with push ({hops + 1} legs): {bound:.2f} tokens/s "
           f"(compute {compute * 1000:.0f} ms/token from loopback plain)")  # fmt: skip
     for link in ("loopback", delayed):
         one, piped = r[link, "prefill", 0], r[link, "prefill", args.prefill_chunk]
