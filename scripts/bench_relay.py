@@ -25,7 +25,6 @@ import argparse
 import itertools
 import re
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -36,6 +35,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from swarm import free_port, start_coordinator, start_node, stop_all  # noqa: E402
+
+from delay_proxy import spawn as spawn_proxy  # noqa: E402  (scripts/ is on the path when run as a script)
 
 from torchnode import DistributedModel  # noqa: E402
 
@@ -62,19 +63,6 @@ def decode(model: DistributedModel, tokens: int) -> Decode:
     return Decode(len(stamps) / (stamps[-1] - started), statistics.median(gaps) * 1000, (stamps[0] - started) * 1000)
 
 
-def start_proxy(maps: list[tuple[str, str]], delay_ms: float) -> subprocess.Popen:
-    """scripts/delay_proxy.py with LISTEN=TARGET `maps`; returns once it listens on all of them."""
-    args = [arg for listen, target in maps for arg in ("--map", f"{listen}={target}")]
-    cmd = [sys.executable, str(ROOT / "scripts" / "delay_proxy.py"), "--delay-ms", str(delay_ms), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    for _ in maps:
-        line = proc.stdout.readline()
-        if not line.startswith("ready:"):
-            proc.kill()
-            raise RuntimeError(f"delay proxy failed to start: {line!r}")
-    return proc
-
-
 def median_of(runs: list[Decode]) -> Decode:
     return Decode(*(statistics.median(getattr(r, f) for r in runs) for f in ("tokens_per_s", "gap_ms", "first_ms")))
 
@@ -96,7 +84,7 @@ def main() -> None:
         coordinator.wait_for(r"relay ready", 30)
         if delay:  # the node dials the relay's announced control port: through the proxy
             maddr = maddr.replace(f"/ip4/{FAR_HOST}/", "/ip4/127.0.0.1/")  # the DHT itself is not delayed
-            proxies.append(start_proxy([(f"{FAR_HOST}:{relay_port}", f"127.0.0.1:{relay_port}")], args.delay_ms))
+            proxies.append(spawn_proxy([(f"{FAR_HOST}:{relay_port}", f"127.0.0.1:{relay_port}")], args.delay_ms))
         started = time.perf_counter()
         node = start_node(args.model, "--initial-peers", maddr, "--reachable", "no", "--rebalance-period", "0")
         join_s = time.perf_counter() - started
@@ -106,7 +94,7 @@ def main() -> None:
         if delay:
             direct = f"127.0.0.1:{free_port()}"
             port = relayed.rsplit(":", 1)[1]
-            proxies.append(start_proxy([(direct, node.address), (relayed, f"127.0.0.1:{port}")], args.delay_ms))
+            proxies.append(spawn_proxy([(direct, node.address), (relayed, f"127.0.0.1:{port}")], args.delay_ms))
         relay_proc = psutil.Process(coordinator.proc.pid)
         results: dict[str, list[Decode]] = {"direct": [], "relayed": []}
         relay_cpu, relayed_tokens = 0.0, 0

@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from swarm import free_port, start_nodes, stop_all  # noqa: E402
 
+from delay_proxy import spawn as spawn_proxy  # noqa: E402  (scripts/ is on the path when run as a script)
+
 COPY_TEXT = (
     "The committee met on Tuesday to review the budget for the new library. After a long discussion, the "
     "members agreed to spend more on children's books, to open the reading room on Sunday afternoons, and "
@@ -56,15 +58,7 @@ def spans(total: int, hops: int) -> list[str]:
 
 def start_proxy(targets: list[str], delay_ms: float) -> tuple[subprocess.Popen, list[str]]:
     listens = [f"127.0.0.1:{free_port()}" for _ in targets]
-    maps = [arg for listen, target in zip(listens, targets) for arg in ("--map", f"{listen}={target}")]
-    cmd = [sys.executable, str(ROOT / "scripts" / "delay_proxy.py"), "--delay-ms", str(delay_ms), *maps]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    for _ in targets:
-        line = proc.stdout.readline()
-        if not line.startswith("ready:"):
-            proc.kill()
-            raise RuntimeError(f"delay proxy failed to start: {line!r}")
-    return proc, listens
+    return spawn_proxy(list(zip(listens, targets)), delay_ms), listens
 
 
 def timed(model, ids: torch.Tensor, tokens: int, draft: str | None, ignore_eos: bool = True) -> tuple[list[int], float, float]:

@@ -14,6 +14,8 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import subprocess
+import sys
 
 CHUNK = 1 << 16
 
@@ -59,6 +61,19 @@ async def _serve_connection(client_r, client_w, target: tuple[str, int], delay: 
     finally:
         for w in (client_w, node_w):
             w.close()
+
+
+def spawn(maps: list[tuple[str, str]], delay_ms: float) -> subprocess.Popen:
+    """This proxy in a process of its own (for benchmarks), with LISTEN=TARGET `maps` ("host:port" each);
+    returns once it listens on all of them."""
+    args = [arg for listen, target in maps for arg in ("--map", f"{listen}={target}")]
+    proc = subprocess.Popen([sys.executable, __file__, "--delay-ms", str(delay_ms), *args], stdout=subprocess.PIPE, text=True)
+    for _ in maps:
+        line = proc.stdout.readline()
+        if not line.startswith("ready:"):
+            proc.kill()
+            raise RuntimeError(f"delay proxy failed to start: {line!r}")
+    return proc
 
 
 def _address(text: str) -> tuple[str, int]:
