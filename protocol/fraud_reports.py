@@ -24,11 +24,9 @@ from functools import partial
 
 import hivemind
 from hivemind.dht.node import DHTNode
-from hivemind.utils import get_logger
 from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 
 from .dht_records import (
-    EXPIRATION_TOLERANCE,
     RecordError,
     _non_negative_float,
     check_span,
@@ -38,10 +36,9 @@ from .dht_records import (
     record_model,
     signer_key,
 )
-from .dht_store import store_signed
+from .dht_store import read_signed, store_signed
 from .identity import Identity
 
-logger = get_logger(__name__)
 
 REPORT_PREFIX = "_torchnode.reports:"  # never a block key (those end in ".{digits}"), nor another fixed key
 DEFAULT_REPORT_LIFETIME = 24 * 3600.0  # seconds a client's report lives in the DHT
@@ -113,17 +110,8 @@ def parse_report(
 ) -> FraudReport | None:  # fmt: skip
     """One entry under `report_key(node_peer_id)` read back safely: the report if it is signed, stored under
     its reporter's id, names that node, is unexpired; None otherwise."""
-    try:
-        report = decode_report(value)
-    except RecordError as e:
-        logger.debug(f"ignored fraud report under subkey {subkey!r}: {e}")
-        return None
-    now = get_dht_time() if now is None else now
-    if subkey != report.peer_id or report.node_peer_id != node_peer_id or report.expiration <= now:
-        return None
-    if expiration_time is not None and abs(expiration_time - report.expiration) > EXPIRATION_TOLERANCE:
-        return None
-    return report
+    report = read_signed(subkey, value, decode_report, "fraud report", expiration_time, now)
+    return report if report is not None and report.node_peer_id == node_peer_id else None
 
 
 def publish_report(dht: hivemind.DHT, identity: Identity, report: FraudReport, return_future: bool = False) -> bool:

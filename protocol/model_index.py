@@ -17,18 +17,15 @@ their own peer id.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
 
 import hivemind
 from hivemind.dht.node import DHTNode
-from hivemind.utils import get_logger
 from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 
 from .dht_records import (
-    EXPIRATION_TOLERANCE,
     MAX_BLOCKS,
     MAX_SHORT_STR,
     RecordError,
@@ -40,10 +37,9 @@ from .dht_records import (
     encode_signed,
     validate_model_name,
 )
-from .dht_store import store_signed
+from .dht_store import latest_signed, read_signed, store_signed
 from .identity import PUBLIC_KEY_BYTES, Identity, peer_id_of
 
-logger = get_logger(__name__)
 
 INDEX_KEY = "_torchnode.models"  # never a block key: a block key ends in ".{digits}"
 _FAMILY = re.compile(r"[a-z0-9_-]{1,64}")  # transformers model_type: "llama", "qwen2", "mixtral", ...
@@ -113,19 +109,7 @@ def parse_index_entry(
 ) -> ModelEntry | None:
     """One entry of `dht.get(INDEX_KEY)` read back safely: the entry if it is signed, announced under its
     own peer id, unexpired and (where given) matches the DHT expiration; None otherwise."""
-    try:
-        entry = decode_entry(value)
-    except RecordError as e:
-        logger.debug(f"ignored model index entry under subkey {subkey!r}: {e}")
-        return None
-    now = get_dht_time() if now is None else now
-    if subkey != entry.peer_id or entry.expiration <= now:
-        return None
-    if expiration_time is not None and not math.isclose(
-        expiration_time, entry.expiration, rel_tol=0, abs_tol=EXPIRATION_TOLERANCE
-    ):
-        return None
-    return entry
+    return read_signed(subkey, value, decode_entry, "model index entry", expiration_time, now)
 
 
 @dataclass(frozen=True)
@@ -179,9 +163,5 @@ def find_models(dht: hivemind.DHT, return_future: bool = False) -> list[ModelEnt
 
 
 async def _find_entries(_dht: hivemind.DHT, node: DHTNode) -> list[ModelEntry]:
-    found = await node.get(INDEX_KEY, latest=True)
-    if found is None or not isinstance(found.value, dict):  # a plain value under the index key is junk
-        return []
-    now = get_dht_time()
-    entries = (parse_index_entry(subkey, e.value, e.expiration_time, now) for subkey, e in found.value.items())
-    return sorted((e for e in entries if e is not None), key=lambda e: (e.model, e.peer_id))
+    entries = await latest_signed(node, INDEX_KEY, parse_index_entry)
+    return sorted(entries, key=lambda e: (e.model, e.peer_id))

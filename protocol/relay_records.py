@@ -13,8 +13,6 @@ from dataclasses import asdict, dataclass, fields
 
 import hivemind
 from hivemind.dht.node import DHTNode
-from hivemind.utils import get_logger
-from hivemind.utils.timed_storage import get_dht_time
 
 from .dht_records import (
     MAX_ADDRESS_CHARS,
@@ -25,10 +23,9 @@ from .dht_records import (
     decode_signed,
     encode_signed,
 )
-from .dht_store import store_signed
+from .dht_store import latest_signed, read_signed, store_signed
 from .identity import PUBLIC_KEY_BYTES, Identity, peer_id_of
 
-logger = get_logger(__name__)
 
 RELAY_KEY = "_torchnode.relays"  # never a block key: a block key ends in ".{digits}"
 MAX_RELAY_NODES = 1 << 20
@@ -95,16 +92,9 @@ def find_relays(dht: hivemind.DHT, return_future: bool = False) -> list[RelayEnt
 
 
 async def _find_entries(_dht: hivemind.DHT, node: DHTNode) -> list[RelayEntry]:
-    found = await node.get(RELAY_KEY, latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return []
-    now, entries = get_dht_time(), []
-    for subkey, item in found.value.items():
-        try:
-            entry = decode_relay(item.value)
-        except RecordError as e:
-            logger.debug(f"ignored relay entry under subkey {subkey!r}: {e}")
-            continue
-        if subkey == entry.peer_id and entry.expiration > now:
-            entries.append(entry)
+    entries = await latest_signed(node, RELAY_KEY, _parse_relay)
     return sorted(entries, key=lambda e: e.peer_id)
+
+
+def _parse_relay(subkey: object, value: object, _expiration_time: float, now: float) -> RelayEntry | None:
+    return read_signed(subkey, value, decode_relay, "relay entry", None, now)
