@@ -76,6 +76,14 @@ def _peers(text: str) -> list[str]:
     return [p.strip() for p in text.replace(" ", ",").split(",") if p.strip()]
 
 
+def swarm_peers(initial_peers: str) -> list[str]:
+    """--initial-peers of a command that only reads the swarm (swarm, models, dashboard): at least one."""
+    peers = _peers(initial_peers)
+    if not peers:
+        raise typer.BadParameter("give the multiaddr of any swarm peer", param_hint="--initial-peers")
+    return peers
+
+
 INSECURE_HELP = "plaintext gRPC instead of TLS, for debugging on loopback; nodes and clients must agree"
 
 
@@ -189,3 +197,10 @@ Verify = Annotated[bool, typer.Option("--verify", help=VERIFY_HELP)]
 VerifyWindow = Annotated[int, typer.Option(min=1, help=VERIFY_WINDOW_HELP)]
 Adapter = Annotated[str | None, typer.Option(help=ADAPTER_HELP)]
 Push = Annotated[bool, typer.Option("--push/--no-push", help=PUSH_HELP)]
+# the dashboard's, on `coordinator --dashboard` and on `dashboard`
+HttpHost = Annotated[str, typer.Option(help="dashboard listen address")]
+HttpPort = Annotated[int, typer.Option(help="dashboard HTTP port")]
+ShownModels = Annotated[
+    list[str] | None, typer.Option(help="show only this model (repeatable) [default: every model in the swarm's index]")
+]
+Refresh = Annotated[float, typer.Option(min=0.1, help="seconds between health scans")]

@@ -17,7 +17,11 @@ from .cli_options import (
     QUANT_CHOICES,
     REACHABLE_HELP,
     AllowKeys,
+    HttpHost,
+    HttpPort,
     Insecure,
+    Refresh,
+    ShownModels,
     _adapters,
     _bytes,
     _device,
@@ -29,6 +33,7 @@ from .cli_options import (
     err,
     parse_blocks,
     user_errors,
+    swarm_peers,
     warn_if_insecure,
 )
 
@@ -141,10 +146,10 @@ def coordinator(
     announce_host: Annotated[str | None, typer.Option(help="address others dial [default: --host]")] = None,
     initial_peers: Annotated[str, typer.Option(help="other peers to connect to (another coordinator, a node)")] = "",
     dashboard: Annotated[bool, typer.Option("--dashboard", help="also run the health monitor and web dashboard")] = False,
-    http_host: Annotated[str, typer.Option(help="dashboard listen address")] = "127.0.0.1",
-    http_port: Annotated[int, typer.Option(help="dashboard HTTP port")] = 8080,
-    model: Annotated[list[str] | None, typer.Option(help="show only this model (repeatable) [default: every model in the swarm's index]")] = None,
-    refresh: Annotated[float, typer.Option(min=0.1, help="seconds between health scans")] = 5.0,
+    http_host: HttpHost = "127.0.0.1",
+    http_port: HttpPort = 8080,
+    model: ShownModels = None,
+    refresh: Refresh = 5.0,
     insecure: Insecure = False,
     allow_keys: AllowKeys = None,
     relay: Annotated[bool, typer.Option("--relay", help="also relay for nodes that cannot be dialled (behind a NAT)")] = False,
@@ -177,18 +182,16 @@ def coordinator(
 
 def dashboard_command(
     initial_peers: Annotated[str, typer.Option(help="multiaddrs of swarm peers")] = "",
-    http_host: Annotated[str, typer.Option(help="dashboard listen address")] = "127.0.0.1",
-    http_port: Annotated[int, typer.Option(help="dashboard HTTP port")] = 8080,
-    model: Annotated[list[str] | None, typer.Option(help="show only this model (repeatable) [default: every model in the swarm's index]")] = None,
-    refresh: Annotated[float, typer.Option(min=0.1, help="seconds between health scans")] = 5.0,
+    http_host: HttpHost = "127.0.0.1",
+    http_port: HttpPort = 8080,
+    model: ShownModels = None,
+    refresh: Refresh = 5.0,
     insecure: Insecure = False,
     allow_keys: AllowKeys = None,
 ) -> None:
     """Run the health monitor and web dashboard (/, /api/v1/state, /metrics) on its own DHT client."""
     warn_if_insecure(insecure)
-    peers = _peers(initial_peers)
-    if not peers:
-        raise typer.BadParameter("give the multiaddr of any swarm peer", param_hint="--initial-peers")
+    peers = swarm_peers(initial_peers)
     from torchnode.coordinator.dashboard import run_dashboard
 
     status = lambda m: err.print(f"[bold magenta]dashboard[/] {m}", soft_wrap=True)  # noqa: E731

@@ -12,9 +12,9 @@ from rich.console import Console
 from .cli_options import (
     AllowKeys,
     Insecure,
-    _peers,
     allow_keys_of,
     err,
+    swarm_peers,
     user_errors,
     warn_if_insecure,
 )
@@ -28,9 +28,7 @@ def swarm(
 ) -> None:
     """Show which node serves which blocks, its state, throughput, RTT and link, and whether all blocks are covered."""
     warn_if_insecure(insecure)
-    peers = _peers(initial_peers)
-    if not peers:
-        raise typer.BadParameter("give the multiaddr of any swarm peer", param_hint="--initial-peers")
+    peers = swarm_peers(initial_peers)
     from rich.table import Table
 
     from torchnode.coordinator.health_monitor import scan_once
@@ -69,9 +67,7 @@ def models_command(
 ) -> None:
     """List every model the swarm serves (from the DHT model index): coverage, nodes, ready or not."""
     warn_if_insecure(insecure)
-    peers = _peers(initial_peers)
-    if not peers:
-        raise typer.BadParameter("give the multiaddr of any swarm peer", param_hint="--initial-peers")
+    peers = swarm_peers(initial_peers)
     from rich.table import Table
 
     from torchnode.coordinator.health_monitor import scan_once
