@@ -17,7 +17,6 @@ read them at all.
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from transformers import PretrainedConfig
 
 from .gguf_read import gguf_names, read_gguf_data
 from .qwen3_moe.moe import split_fused_experts as split_qwen3_moe_experts
-from .safetensors_files import Wanted, read_safetensors, write_safetensors
+from .safetensors_files import Wanted, read_safetensors, safetensors_metadata, write_safetensors
 
 GGUF_Q4_BLOCKS = "gguf-q4/model.safetensors"  # in a subfolder: never taken for a shard of the float weights
 GGUF_Q4_TYPES = ("Q4_0", "Q4_1")
@@ -139,7 +138,7 @@ def read_gguf_q4_blocks(
     file = path / GGUF_Q4_BLOCKS
     if not file.exists():
         return {}
-    types = _metadata(file)
+    types = safetensors_metadata(file)
     return {name: (types[name], blocks.to(device)) for name, blocks in read_safetensors(file, wanted)}
 
 
@@ -147,10 +146,4 @@ def replaced_by_q4_blocks(path: Path) -> frozenset[str]:
     """The float tensors (fused experts) of the checkpoint directory `path` whose every row its Q4 blocks
     hold under the split names: an int4 span need not read them. Empty without blocks."""
     file = path / GGUF_Q4_BLOCKS
-    return frozenset(json.loads(_metadata(file).get(REPLACED, "[]"))) if file.exists() else frozenset()
-
-
-def _metadata(file: Path) -> dict[str, str]:
-    with open(file, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(size))["__metadata__"]
+    return frozenset(json.loads(safetensors_metadata(file).get(REPLACED, "[]"))) if file.exists() else frozenset()

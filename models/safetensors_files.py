@@ -27,11 +27,20 @@ Wanted = Callable[[str], bool]
 
 def safetensors_header(path: Path) -> tuple[dict[str, dict], int]:
     """({name: {dtype, shape, data_offsets}}, where the data starts) from the file's JSON header alone."""
+    header, start = _header(path)
+    header.pop("__metadata__", None)
+    return header, start
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The file's own string map (`__metadata__`), from its header alone."""
+    return _header(path)[0].get("__metadata__", {})
+
+
+def _header(path: Path) -> tuple[dict, int]:
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header, 8 + size
+        return json.loads(f.read(size)), 8 + size
 
 
 def read_safetensors(path: Path, wanted: Wanted) -> Iterator[tuple[str, torch.Tensor]]:
