@@ -11,12 +11,13 @@ import pytest
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
+from test_dht_records import swarm  # noqa: F401 (fixture: two DHT peers and a DHT client on 127.0.0.1)
 
 from torchnode.coordinator.health_monitor import _model_state
 from torchnode.coordinator.history import History
 from torchnode.coordinator.state_schema import NodeState
 from torchnode.node.announcer import Announcer
-from torchnode.protocol.dht_network import announce, start_dht, visible_maddrs
+from torchnode.protocol.dht_network import announce
 from torchnode.protocol.dht_records import RecordError, ServerRecord, block_key, encode_record
 from torchnode.protocol.identity import Identity
 from torchnode.protocol.model_index import (
@@ -153,19 +154,6 @@ def test_history_keeps_the_window_and_forgets_what_left():
 
 
 # --- a real DHT on 127.0.0.1 ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def swarm():
-    dhts = []
-    try:
-        dhts.append(start_dht([]))
-        dhts.append(start_dht(visible_maddrs(dhts[0])))
-        dhts.append(start_dht(visible_maddrs(dhts[1]), client_mode=True))
-        yield dhts
-    finally:
-        for dht in dhts:
-            dht.shutdown()
 
 
 def test_entries_are_stored_found_and_expire(swarm):
