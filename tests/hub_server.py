@@ -59,11 +59,14 @@ class HubServer:
                 path = hub.folder / name
                 return path if path.is_file() and path.parent == hub.folder else None
 
-            def _headers(self, path: Path) -> None:
-                data_hash = hashlib.sha256(path.read_bytes()).hexdigest()
-                self.send_response(200)
-                self.send_header("Content-Length", str(path.stat().st_size))
-                self.send_header("ETag", f'"{data_hash}"')
+            def _headers(self, path: Path, part: tuple[int, int] | None = None) -> None:
+                """The hub's headers for `path`, or for bytes part = (first, last) of it (a 206)."""
+                size = path.stat().st_size
+                self.send_response(200 if part is None else 206)
+                if part is not None:
+                    self.send_header("Content-Range", f"bytes {part[0]}-{part[1]}/{size}")
+                self.send_header("Content-Length", str(size if part is None else part[1] - part[0] + 1))
+                self.send_header("ETag", f'"{hashlib.sha256(path.read_bytes()).hexdigest()}"')
                 self.send_header("X-Repo-Commit", COMMIT)
                 self.end_headers()
 
@@ -96,20 +99,12 @@ class HubServer:
                 if path is None:
                     self.send_error(404)
                     return
-                data = path.read_bytes()
+                data, part = path.read_bytes(), None
                 wanted = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
                 if wanted:  # a byte range, as the hub serves one (safetensors headers are read this way)
-                    first = int(wanted[1])
-                    last = min(int(wanted[2] or len(data) - 1), len(data) - 1)
-                    data = data[first : last + 1]
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {first}-{last}/{path.stat().st_size}")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.send_header("ETag", f'"{hashlib.sha256(path.read_bytes()).hexdigest()}"')
-                    self.send_header("X-Repo-Commit", COMMIT)
-                    self.end_headers()
-                else:
-                    self._headers(path)
+                    part = int(wanted[1]), min(int(wanted[2] or len(data) - 1), len(data) - 1)
+                    data = data[part[0] : part[1] + 1]
+                self._headers(path, part)
                 with hub._lock:  # counted before the bytes go out: the client may check as soon as it has them
                     hub.sent[path.name] += len(data)
                 self.wfile.write(data)
