@@ -26,6 +26,7 @@ from hivemind.utils import MSGPackSerializer, get_logger
 from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 
 from .dht_records import EXPIRATION_TOLERANCE, RecordError, ServerRecord, block_key, decode_record, open_signed
+from .dht_store import read_signed
 from .model_index import INDEX_KEY, decode_entry
 from .relay_records import RELAY_KEY, decode_relay
 from .fraud_reports import MAX_REPORT_LIFETIME, FraudReport, decode_report, report_key
@@ -252,21 +253,7 @@ def parse_entry(
     """Reads one entry of `dht.get(block_key(...))` back safely: the record if it is signed, announced
     under its own peer id, not expired, and (where given) matches the entry's expiration, model and
     block; None otherwise. For clients and dashboards that read the DHT themselves."""
-    try:
-        server = decode_record(value)
-    except RecordError as e:
-        logger.debug(f"ignored DHT entry under subkey {subkey!r}: {e}")
-        return None
-    now = get_dht_time() if now is None else now
-    if (
-        subkey != server.peer_id
-        or server.expiration <= now
-        or (
-            expiration_time is not None
-            and not math.isclose(expiration_time, server.expiration, rel_tol=0, abs_tol=EXPIRATION_TOLERANCE)
-        )
-        or (model is not None and server.model != model)
-        or (block is not None and block not in server.blocks)
-    ):
+    server = read_signed(subkey, value, decode_record, "DHT entry", expiration_time, now)
+    if server is None or (model is not None and server.model != model) or (block is not None and block not in server.blocks):
         return None
     return server
