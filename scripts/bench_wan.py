@@ -10,6 +10,9 @@ with every other of the same prompt (plain, speculative, loopback, delayed): the
 The bound printed for plain decoding is 1 / (legs x D + compute), compute = 1 / loopback plain tokens/s,
 legs = 2 x hops (the client drives every hop) or hops + 1 (node-to-node push); the last column gives each
 mode's delayed tokens/s as a multiple of the push bound (above 1: more than one token per pass).
+"Links add" is delayed minus loopback time per token, from the request to the last token and, beside
+it, after the first token (decoding alone). Each loopback run is followed at once by the same run
+delayed, so that the machine's drift falls on both alike.
 
     .venv/bin/python scripts/bench_wan.py [--hops 2,4] [--delay-ms 25] [--tokens 96] [--draft-model default] [--threads 1]
 
@@ -61,8 +64,9 @@ def start_proxy(targets: list[str], delay_ms: float) -> tuple[subprocess.Popen, 
     return spawn_proxy(list(zip(listens, targets)), delay_ms), listens
 
 
-def timed(model, ids: torch.Tensor, tokens: int, draft: str | None, ignore_eos: bool = True) -> tuple[list[int], float, float]:
-    """(new tokens, first-token latency s, tokens/s from the request to the last token)."""
+def timed(model, ids: torch.Tensor, tokens: int, draft: str | None, ignore_eos: bool = True) -> tuple[list[int], float, float, float]:
+    """(new tokens, first-token latency s, tokens/s from the request to the last token, s per token after
+    the first: the decoding alone, without the prefill)."""
     from torchnode.client.sampling import SamplingParams
 
     core, params = model.async_model, SamplingParams(max_new_tokens=tokens, ignore_eos=ignore_eos)
@@ -70,7 +74,8 @@ def timed(model, ids: torch.Tensor, tokens: int, draft: str | None, ignore_eos: 
     for new in model.iterate(core.generate_ids(ids, params, draft=draft)):
         out.append(int(new[0]))
         stamps.append(time.perf_counter())
-    return out, stamps[0] - started, len(out) / (stamps[-1] - started)
+    per_token = (stamps[-1] - stamps[0]) / max(1, len(out) - 1)
+    return out, stamps[0] - started, len(out) / (stamps[-1] - started), per_token
 
 
 def first_token_latency(model, ids: torch.Tensor, chunk: int, runs: int) -> float:
@@ -82,35 +87,46 @@ def first_token_latency(model, ids: torch.Tensor, chunk: int, runs: int) -> floa
 
 
 def bench_hops(args, hops: int, long_ids: torch.Tensor) -> dict:
+    """Every run on loopback is followed at once by the same run through the proxy (interleaved, so that the
+    machine's drift over the minutes of a benchmark falls on both alike); medians of --repeats."""
     from torchnode.client.sync_model import DistributedModel
 
     nodes = start_nodes(args.model, spans(args.blocks, hops), "--threads", str(args.threads), *args.node_args)
     proxy, proxied = start_proxy([n.address for n in nodes], args.delay_ms)
-    results, outputs = {}, {}
+    links = {"loopback": [n.address for n in nodes], f"+{args.delay_ms:g}ms": proxied}
+    results, outputs, models = {}, {}, {}
     try:
-        for link, peers in (("loopback", [n.address for n in nodes]), (f"+{args.delay_ms:g}ms", proxied)):
-            with DistributedModel.from_pretrained(args.model, peers) as model:
-                timed(model, model.async_model.encode("Hi"), 4, None)  # warm-up: channels, caches
-                if args.draft_model:
-                    model.async_model.drafter(args.draft_model)  # load it once, outside the timings
-                for name, text in PROMPTS.items():
-                    ids = model.async_model.encode(text, chat=True)
-                    for mode in args.modes:
-                        draft = {"ngram": "ngram", "draft-model": args.draft_model}.get(mode.removeprefix("push+"))
-                        if mode.endswith("draft-model") and not args.draft_model:
-                            continue
+        for link, peers in links.items():
+            models[link] = model = DistributedModel.from_pretrained(args.model, peers)
+            timed(model, model.async_model.encode("Hi"), 4, None)  # warm-up: channels, caches
+            if args.draft_model:
+                model.async_model.drafter(args.draft_model)  # load it once, outside the timings
+        for name, text in PROMPTS.items():
+            for mode in args.modes:
+                draft = {"ngram": "ngram", "draft-model": args.draft_model}.get(mode.removeprefix("push+"))
+                if mode.endswith("draft-model") and not args.draft_model:
+                    continue
+                runs = {link: [] for link in links}
+                for _ in range(args.repeats):
+                    for link, model in models.items():
                         model.async_model.push = mode.startswith("push")  # plain, ngram, draft-model: hop by hop
-                        runs = [timed(model, ids, args.tokens, draft) for _ in range(args.repeats)]
-                        rate = statistics.median(r[2] for r in runs)
-                        results[link, name, mode] = rate
-                        outputs.setdefault(name, []).extend(r[0] for r in runs)
-                        print(f"  {hops} hops {link:>9} {name:>8} {mode:>17}: {rate:6.2f} tokens/s", flush=True)
-                for chunk in (0, args.prefill_chunk):
-                    latency = first_token_latency(model, long_ids, chunk, args.runs)
-                    results[link, "prefill", chunk] = latency
-                    print(f"  {hops} hops {link:>9} first token of {long_ids.shape[1]} tokens, chunk {chunk}: "
-                          f"{latency * 1000:7.0f} ms", flush=True)  # fmt: skip
+                        ids = model.async_model.encode(text, chat=True)
+                        runs[link].append(timed(model, ids, args.tokens, draft))
+                for link, done in runs.items():
+                    rate, per_token = (statistics.median(r[i] for r in done) for i in (2, 3))
+                    results[link, name, mode] = rate, per_token
+                    outputs.setdefault(name, []).extend(r[0] for r in done)
+                    print(f"  {hops} hops {link:>9} {name:>8} {mode:>17}: {rate:6.2f} tokens/s, "
+                          f"{per_token * 1000:6.1f} ms/token after the first", flush=True)  # fmt: skip
+        for link, model in models.items():
+            for chunk in (0, args.prefill_chunk):
+                latency = first_token_latency(model, long_ids, chunk, args.runs)
+                results[link, "prefill", chunk] = latency
+                print(f"  {hops} hops {link:>9} first token of {long_ids.shape[1]} tokens, chunk {chunk}: "
+                      f"{latency * 1000:7.0f} ms", flush=True)  # fmt: skip
     finally:
+        for model in models.values():
+            model.close()
         proxy.terminate()
         proxy.wait()
         stop_all(nodes)
@@ -118,20 +134,48 @@ def bench_hops(args, hops: int, long_ids: torch.Tensor) -> dict:
     return results
 
 
+def idle_slowdown(idles: tuple[float, ...] = (0.0, 0.03, 0.12), runs: int = 40) -> dict[float, float]:
+    """Median seconds of the same CPU-bound work (about a node's share of a token here) right after idling
+    0, 30 and 120 ms. Delayed links make every node idle ~(hops + 1) x D between its steps, loopback far
+    less; on this VM a core computes slower after idling, so part of what "links add" holds is compute."""
+    weights = [torch.randn(576, 1536) for _ in range(40)], [torch.randn(1536, 576) for _ in range(40)]
+    x = torch.randn(1, 576)
+
+    def work() -> None:
+        y = x
+        for up, down in zip(*weights):
+            y = torch.nn.functional.normalize((y @ up) @ down, dim=-1)
+
+    for _ in range(10):
+        work()
+    took = {}
+    for idle in idles:
+        times = []
+        for _ in range(runs):
+            time.sleep(idle)
+            started = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - started)
+        took[idle] = statistics.median(times)
+    return took
+
+
 def report(args, hops: int, r: dict) -> None:
     d, delayed = args.delay_ms / 1000, f"+{args.delay_ms:g}ms"
-    compute = 1 / r["loopback", "free", args.modes[0]]
+    compute = 1 / r["loopback", "free", args.modes[0]][0]
     print(f"\n## {hops} hops, {args.delay_ms:g} ms each way, {args.tokens} greedy tokens (tokens/s)")
     bound = 1 / ((hops + 1) * d + compute)  # push: hops + 1 one-way legs per pass
-    print(f"| prompt | mode | loopback | delayed | vs {args.modes[0]} (delayed) | links add (ms/token) | delayed / push bound |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| prompt | mode | loopback | delayed | vs {args.modes[0]} (delayed) | links add (ms/token) "
+          f"| links add after the first token (ms/token) | delayed / push bound |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for name in PROMPTS:
-        plain = r[delayed, name, args.modes[0]]
+        plain = r[delayed, name, args.modes[0]][0]
         for mode in args.modes:
             if (delayed, name, mode) in r:
-                loop, wan = r["loopback", name, mode], r[delayed, name, mode]
-                added = (1 / wan - 1 / loop) * 1000
-                print(f"| {name} | {mode} | {loop:.2f} | {wan:.2f} | {wan / plain:.2f}x | {added:.0f} | {wan / bound:.2f} |")
+                (loop, loop_each), (wan, wan_each) = r["loopback", name, mode], r[delayed, name, mode]
+                added, added_each = (1 / wan - 1 / loop) * 1000, (wan_each - loop_each) * 1000
+                print(f"| {name} | {mode} | {loop:.2f} | {wan:.2f} | {wan / plain:.2f}x | {added:.0f} | {added_each:.0f} "
+                      f"| {wan / bound:.2f} |")  # fmt: skip
     print(f"bound, client-driven ({2 * hops} legs): {1 / (2 * hops * d + compute):.2f} tokens/s; "
           f"with push ({hops + 1} legs): {bound:.2f} tokens/s "
           f"(compute {compute * 1000:.0f} ms/token from loopback plain)")  # fmt: skip
@@ -172,6 +216,9 @@ def main() -> None:
     long_ids = tokenizer(LONG_TEXT * 60, return_tensors="pt").input_ids[:, : args.long_tokens]
     for hops in (int(h) for h in args.hops.split(",")):
         report(args, hops, bench_hops(args, hops, long_ids))
+    took = idle_slowdown()
+    print(f"\nthis machine: the same compute right after idling {' / '.join(f'{i * 1000:.0f}' for i in took)} ms "
+          f"takes {' / '.join(f'{t * 1000:.1f}' for t in took.values())} ms")  # fmt: skip
 
 
 if __name__ == "__main__":
