@@ -89,12 +89,12 @@ def _address(text: str) -> tuple[str, int]:
 def serve(mappings: list[tuple[tuple[str, int], tuple[str, int]]], delay_ms: float) -> None:
     """Listens on each LISTEN address and relays to its TARGET with the delay, until SIGINT/SIGTERM."""
     delay, stop = delay_ms / 1000, threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before "ready": a caller may stop it as soon as it reads that
+        signal.signal(sig, lambda *_: stop.set())
     for listen, target in mappings:
         server = socket.create_server(listen)
         threading.Thread(target=_accept, args=(server, target, delay), daemon=True).start()
         print(f"ready: {listen[0]}:{listen[1]} -> {target[0]}:{target[1]} (+{delay_ms:g} ms each way)", flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(1.0):  # the main thread must wake now and then for Python to run the signal handler
         pass
 
