@@ -73,9 +73,7 @@ class SwarmAdapters:
         """Candidates as routing sees them (same checkpoint, allowed keys, no banned or dishonest node)."""
         m = self.model
         try:
-            found = await m.source.candidates(
-                m.ckpt.name, m.ckpt.revision, m.total_blocks, exclude=m.bans.banned() | m.dishonest
-            )
+            found = await m.candidates()
         except Exception as e:  # e.g. the DHT failed: list the base model alone, and let requests say why
             log.warning("could not list the swarm's adapters: %r", e)
             return AdapterListing()

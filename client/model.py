@@ -23,11 +23,12 @@ from ..models.families import load_head, num_blocks
 from ..protocol.dht_network import start_dht
 from ..protocol.allow_keys import load_allow_keys
 from ..protocol.identity import Identity
+from ..protocol.node_client import NodeClient
 from .ban_list import BanList
 from .discovery import DhtPeers, PeerSource, StaticPeers
 from .generation import generate_ids
 from .head_batcher import HeadBatcher
-from .routing import NoRouteError, find_route
+from .routing import Candidate, NoRouteError, find_route
 from .sampling import SamplingParams
 from .session import DEFAULT_PREFILL_CHUNK, DEFAULT_PUSH, DEFAULT_STEP_TIMEOUT, Hop, InferenceSession, RetryPolicy
 from .speculative import DEFAULT_DRAFT_TOKENS, Drafter, load_drafter
@@ -121,15 +122,18 @@ class AsyncDistributedModel:
         return cls(await asyncio.to_thread(resolve, model), source, **kwargs)
 
     # ---- routing and sessions
+    async def candidates(self, exclude: set[str] = frozenset(), adapter: str | None = None) -> list[tuple[Candidate, NodeClient]]:
+        """The live nodes of this checkpoint routing may use: allowed keys, none that failed recently or lied,
+        nor in `exclude`; with `adapter`, only those serving it."""
+        exclude = self.bans.banned() | self.dishonest | exclude
+        return await self.source.candidates(self.ckpt.name, self.ckpt.revision, self.total_blocks, exclude=exclude, adapter=adapter)
+
     async def route(
         self, start: int = 0, end: int | None = None, exclude: set[str] = frozenset(), adapter: str | None = None
     ) -> list[Hop]:
         """Fresh hops covering blocks [start, end), avoiding nodes that failed recently or lied, and `exclude`;
         with `adapter`, only nodes that serve that LoRA adapter."""
-        found = await self.source.candidates(
-            self.ckpt.name, self.ckpt.revision, self.total_blocks, exclude=self.bans.banned() | self.dishonest | exclude,
-            adapter=adapter,
-        )
+        found = await self.candidates(exclude, adapter)
         nodes = {candidate.key: node for candidate, node in found}
         end = self.total_blocks if end is None else end
         try:
