@@ -199,7 +199,6 @@ def swarm_name(model: str) -> str:
 
 def resolve(model: str, on_status: Callable[[str], None] = lambda _: None) -> Checkpoint:
     """Turns a MODEL argument into a Checkpoint; the name is what the swarm calls the model."""
-
     name = swarm_name(model)
     if model == DEFAULT_MODEL:
         return Checkpoint(name=name, path=gguf_to_safetensors(default_gguf(), on_status))

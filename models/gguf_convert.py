@@ -37,7 +37,6 @@ def cache_root() -> Path:
 def gguf_to_safetensors(gguf: Path, on_status: Callable[[str], None] = lambda _: None) -> Path:
     """Dequantizes `gguf` once into a cached safetensors directory (with its tokenizer) and returns it; the
     raw Q4 blocks go beside it (models/gguf_q4.py), added to a cache made before they were kept."""
-
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
@@ -91,7 +90,6 @@ def gguf_tensors(gguf: Path, config: PretrainedConfig) -> Iterator[tuple[str, to
     """
     import numpy as np
     from gguf import GGUFReader
-
 
     reader = GGUFReader(gguf)
     processor, names = gguf_names(reader, config)
