@@ -22,7 +22,6 @@ opens for the relay, and the client's connection to the relayed port, all cross 
 from __future__ import annotations
 
 import argparse
-import itertools
 import re
 import statistics
 import sys
@@ -36,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from swarm import free_port, start_coordinator, start_node, stop_all  # noqa: E402
 
-from delay_proxy import spawn as spawn_proxy  # noqa: E402  (scripts/ is on the path when run as a script)
+from decode_timing import timed_decode  # noqa: E402  (scripts/ is on the path when run as a script)
+from delay_proxy import spawn as spawn_proxy  # noqa: E402
 
 from torchnode import DistributedModel  # noqa: E402
 
@@ -52,15 +52,8 @@ class Decode:
 
 
 def decode(model: DistributedModel, tokens: int) -> Decode:
-    from torchnode.client.sampling import SamplingParams
-
-    core = model.async_model
-    ids, params = core.encode(PROMPT), SamplingParams(max_new_tokens=tokens, ignore_eos=True)
-    stamps, started = [], time.perf_counter()
-    for _ in model.iterate(core.generate_ids(ids, params)):
-        stamps.append(time.perf_counter())
-    gaps = [b - a for a, b in itertools.pairwise(stamps)]
-    return Decode(len(stamps) / (stamps[-1] - started), statistics.median(gaps) * 1000, (stamps[0] - started) * 1000)
+    timed = timed_decode(model, model.async_model.encode(PROMPT), tokens)
+    return Decode(timed.tokens_per_s, timed.median_gap_s * 1000, timed.first_token_s * 1000)
 
 
 def median_of(runs: list[Decode]) -> Decode:

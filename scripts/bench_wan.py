@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from swarm import free_port, start_nodes, stop_all  # noqa: E402
 
-from delay_proxy import spawn as spawn_proxy  # noqa: E402  (scripts/ is on the path when run as a script)
+from decode_timing import timed_decode  # noqa: E402  (scripts/ is on the path when run as a script)
+from delay_proxy import spawn as spawn_proxy  # noqa: E402
 
 COPY_TEXT = (
     "The committee met on Tuesday to review the budget for the new library. After a long discussion, the "
@@ -64,24 +65,10 @@ def start_proxy(targets: list[str], delay_ms: float) -> tuple[subprocess.Popen, 
     return spawn_proxy(list(zip(listens, targets)), delay_ms), listens
 
 
-def timed(model, ids: torch.Tensor, tokens: int, draft: str | None, ignore_eos: bool = True) -> tuple[list[int], float, float, float]:
-    """(new tokens, first-token latency s, tokens/s from the request to the last token, s per token after
-    the first: the decoding alone, without the prefill)."""
-    from torchnode.client.sampling import SamplingParams
-
-    core, params = model.async_model, SamplingParams(max_new_tokens=tokens, ignore_eos=ignore_eos)
-    out, stamps, started = [], [], time.perf_counter()
-    for new in model.iterate(core.generate_ids(ids, params, draft=draft)):
-        out.append(int(new[0]))
-        stamps.append(time.perf_counter())
-    per_token = (stamps[-1] - stamps[0]) / max(1, len(out) - 1)
-    return out, stamps[0] - started, len(out) / (stamps[-1] - started), per_token
-
-
 def first_token_latency(model, ids: torch.Tensor, chunk: int, runs: int) -> float:
     kept, model.async_model.prefill_chunk = model.async_model.prefill_chunk, chunk
     try:
-        return statistics.median(timed(model, ids, 1, None)[1] for _ in range(runs))
+        return statistics.median(timed_decode(model, ids, 1).first_token_s for _ in range(runs))
     finally:
         model.async_model.prefill_chunk = kept
 
@@ -98,7 +85,7 @@ def bench_hops(args, hops: int, long_ids: torch.Tensor) -> dict:
     try:
         for link, peers in links.items():
             models[link] = model = DistributedModel.from_pretrained(args.model, peers)
-            timed(model, model.async_model.encode("Hi"), 4, None)  # warm-up: channels, caches
+            timed_decode(model, model.async_model.encode("Hi"), 4)  # warm-up: channels, caches
             if args.draft_model:
                 model.async_model.drafter(args.draft_model)  # load it once, outside the timings
         for name, text in PROMPTS.items():
@@ -111,11 +98,11 @@ def bench_hops(args, hops: int, long_ids: torch.Tensor) -> dict:
                     for link, model in models.items():
                         model.async_model.push = mode.startswith("push")  # plain, ngram, draft-model: hop by hop
                         ids = model.async_model.encode(text, chat=True)
-                        runs[link].append(timed(model, ids, args.tokens, draft))
+                        runs[link].append(timed_decode(model, ids, args.tokens, draft))
                 for link, done in runs.items():
-                    rate, per_token = (statistics.median(r[i] for r in done) for i in (2, 3))
+                    rate, per_token = (statistics.median(getattr(r, f) for r in done) for f in ("tokens_per_s", "per_token_s"))
                     results[link, name, mode] = rate, per_token
-                    outputs.setdefault(name, []).extend(r[0] for r in done)
+                    outputs.setdefault(name, []).extend(r.tokens for r in done)
                     print(f"  {hops} hops {link:>9} {name:>8} {mode:>17}: {rate:6.2f} tokens/s, "
                           f"{per_token * 1000:6.1f} ms/token after the first", flush=True)  # fmt: skip
         for link, model in models.items():
