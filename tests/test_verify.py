@@ -44,14 +44,16 @@ def nodes():
         node.shutdown()
 
 
-def honest(nodes, ckpt, start, end, address, throughput=100.0):
-    nodes.append(MemoryNode(ckpt, start, end, address, throughput))
+def honest(nodes, ckpt, start, end, address, throughput=100.0, adapters=()):
+    """An in-memory node; `adapters`: LoRA adapter directories it serves."""
+    nodes.append(MemoryNode(ckpt, start, end, address, throughput, adapters=[str(p) for p in adapters]))
     return nodes[-1]
 
 
-def liar(nodes, ckpt, start, end, address, mode, throughput=10_000.0):
-    """A liar that routing prefers (fast), so it sits in the main chain unless told otherwise."""
-    nodes.append(dishonest_memory_node(ckpt, start, end, address, mode))
+def liar(nodes, ckpt, start, end, address, mode, throughput=10_000.0, adapters=()):
+    """A liar that routing prefers (fast), so it sits in the main chain unless told otherwise; it lies on
+    sessions with one of its `adapters` too."""
+    nodes.append(dishonest_memory_node(ckpt, start, end, address, mode, adapters=[str(p) for p in adapters]))
     nodes[-1].backend.throughput = throughput
     return nodes[-1]
 

@@ -13,10 +13,8 @@ import types
 
 import pytest
 import torch
-from dishonest_node import dishonest_memory_node
-from memory_node import MemoryNode
 from test_adapters import adapters, local_greedy, references  # noqa: F401 (fixtures: PEFT LoRAs and local models)
-from test_verify import ckpt, model_over, named, nodes  # noqa: F401 (fixtures and helpers of verification tests)
+from test_verify import ckpt, honest, liar, model_over, named, nodes  # noqa: F401 (fixtures and helpers of verification tests)
 
 from torchnode.client.evidence import EvidenceError, check_evidence, write_evidence
 from torchnode.client.verification import Finding, VerificationError
@@ -27,17 +25,6 @@ from torchnode.protocol.identity import Identity
 
 PROMPT = torch.tensor([[5, 80, 17, 300, 42, 9, 121]])
 NEW = 16
-
-
-def serving(nodes, ckpt, start, end, address, adapters, throughput=100.0, liar=None):
-    """An in-memory node serving `adapters` (paths); `liar`: a dishonest mode (tests/dishonest_node.py)."""
-    served = [str(p) for p in adapters]
-    if liar is None:
-        nodes.append(MemoryNode(ckpt, start, end, address, throughput, adapters=served))
-    else:
-        nodes.append(dishonest_memory_node(ckpt, start, end, address, liar, adapters=served))
-        nodes[-1].backend.throughput = throughput
-    return nodes[-1]
 
 
 async def generate(model, adapter: str) -> list[int]:
@@ -51,9 +38,9 @@ def adapter_sessions(node) -> set[str]:
 async def test_honest_adapter_swarm_verified_locally_equals_peft(ckpt, nodes, adapters, references):
     """The only replicas of each span serve no adapter: they may not check, so the client checks itself,
     with the adapter's LoRA (were it left out, the honest nodes would be accused)."""
-    a = serving(nodes, ckpt, 0, 2, "a:1", adapters.values())
-    b = serving(nodes, ckpt, 2, 4, "b:1", adapters.values())
-    bases = [serving(nodes, ckpt, 0, 2, "c:1", []), serving(nodes, ckpt, 2, 4, "d:1", [])]
+    a = honest(nodes, ckpt, 0, 2, "a:1", adapters=adapters.values())
+    b = honest(nodes, ckpt, 2, 4, "b:1", adapters=adapters.values())
+    bases = [honest(nodes, ckpt, 0, 2, "c:1"), honest(nodes, ckpt, 2, 4, "d:1")]
     model = model_over(ckpt, nodes)
     assert await generate(model, str(adapters["tone-a"])) == local_greedy(references["tone-a"], PROMPT, NEW)
     assert not model.dishonest
@@ -64,9 +51,9 @@ async def test_honest_adapter_swarm_verified_locally_equals_peft(ckpt, nodes, ad
 async def test_checker_nodes_run_the_session_adapter(ckpt, nodes, adapters, references):
     """No local copy of the adapter (named, not given as files): other nodes serving it check."""
     for i in (1, 2):
-        serving(nodes, ckpt, 0, 2, f"a:{i}", adapters.values())
-        serving(nodes, ckpt, 2, 4, f"b:{i}", adapters.values())
-    base = serving(nodes, ckpt, 2, 4, "c:1", [], throughput=10_000.0)  # the fastest: routing would prefer it
+        honest(nodes, ckpt, 0, 2, f"a:{i}", adapters=adapters.values())
+        honest(nodes, ckpt, 2, 4, f"b:{i}", adapters=adapters.values())
+    base = honest(nodes, ckpt, 2, 4, "c:1", throughput=10_000.0)  # the fastest: routing would prefer it
     model = model_over(ckpt, nodes)
     assert await generate(model, "tone-b") == local_greedy(references["tone-b"], PROMPT, NEW)
     assert not model.dishonest and not base.sessions
@@ -75,13 +62,13 @@ async def test_checker_nodes_run_the_session_adapter(ckpt, nodes, adapters, refe
 
 @pytest.mark.parametrize("judge", ["local", "third node"])
 async def test_a_liar_on_an_adapter_session_is_caught(ckpt, nodes, adapters, references, judge, caplog):
-    serving(nodes, ckpt, 0, 2, "a:1", adapters.values())
-    bad = serving(nodes, ckpt, 2, 4, "b:1", adapters.values(), throughput=10_000.0, liar="decode")
-    serving(nodes, ckpt, 2, 4, "c:1", adapters.values())
-    base = serving(nodes, ckpt, 2, 4, "e:1", [])
+    honest(nodes, ckpt, 0, 2, "a:1", adapters=adapters.values())
+    bad = liar(nodes, ckpt, 2, 4, "b:1", "decode", adapters=adapters.values())
+    honest(nodes, ckpt, 2, 4, "c:1", adapters=adapters.values())
+    base = honest(nodes, ckpt, 2, 4, "e:1")
     if judge == "third node":  # no local copy of the adapter: a second replica of each span checks, a third judges
-        serving(nodes, ckpt, 0, 2, "a:2", adapters.values())
-        serving(nodes, ckpt, 2, 4, "d:1", adapters.values())
+        honest(nodes, ckpt, 0, 2, "a:2", adapters=adapters.values())
+        honest(nodes, ckpt, 2, 4, "d:1", adapters=adapters.values())
     adapter = str(adapters["tone-a"]) if judge == "local" else "tone-a"
     expected = local_greedy(references["tone-a"], PROMPT, NEW)
     assert await generate(model_over(ckpt, nodes, verify=False), adapter) != expected  # the lie matters
@@ -99,9 +86,9 @@ async def test_a_liar_on_an_adapter_session_is_caught(ckpt, nodes, adapters, ref
 
 async def test_no_opinion_with_the_adapter_is_a_clear_error(ckpt, nodes, adapters):
     """The client holds the base weights but not the adapter, and no other node serves it: no check."""
-    serving(nodes, ckpt, 0, 2, "a:1", adapters.values())
-    serving(nodes, ckpt, 2, 4, "b:1", adapters.values())
-    serving(nodes, ckpt, 0, 4, "c:1", [])
+    honest(nodes, ckpt, 0, 2, "a:1", adapters=adapters.values())
+    honest(nodes, ckpt, 2, 4, "b:1", adapters=adapters.values())
+    honest(nodes, ckpt, 0, 4, "c:1")
     with pytest.raises(VerificationError, match="adapter 'tone-a', which it has no copy of"):
         await generate(model_over(ckpt, nodes), "tone-a")
 
