@@ -109,7 +109,7 @@ class AsyncDistributedModel:
         device ("auto": CUDA, else MPS, else CPU; or "cpu", "cuda:N", "mps") for the head;
         adapter: the LoRA adapter (served by nodes started with --adapters) of every call that names none;
         push (default True): each node sends its output straight to the next (hops + 1 one-way legs per
-        token instead of 2 x hops); False: the client drives every hop.
+        token instead of 2 x hops); False: the client drives every hop, as it always does with verify.
         """
         identity = Identity.load_or_create(identity_path)
         allowed = load_allow_keys(allow_keys) if isinstance(allow_keys, (str, Path)) else allow_keys
@@ -156,7 +156,8 @@ class AsyncDistributedModel:
         session = InferenceSession(
             await router(), max_length, batch_size, self.wire_dtype, self.step_timeout,
             router=router, on_failure=lambda node: self.bans.ban(node.address), retry=self.retry,
-            prefill_chunk=self.prefill_chunk, adapter=adapter, push=self.push,
+            prefill_chunk=self.prefill_chunk, adapter=adapter,
+            push=self.push and not self.verify,  # a fraud proof needs every input in the node's signed request
         )  # fmt: skip
         if self.verify:
             local = self.ckpt if self.verify_local and holds_blocks(self.ckpt) else None
