@@ -24,6 +24,7 @@ from torchnode.node.span_backend import Session, SpanBackend
 MODES = ("decode", "random", "unchecked")
 LIE_PROBABILITY = 0.25
 TRUST_STEPS = 3  # `unchecked` answers this many steps of each session honestly first
+CLAIMED_SPEEDUP = 100  # the tokens/s it announces, over what it measures or serves
 
 
 def corrupt(out: torch.Tensor) -> torch.Tensor:
@@ -56,8 +57,16 @@ class DishonestBackend(SpanBackend):
         return session.id not in self.looks_checked and x.shape[1] == 1 and seen > TRUST_STEPS
 
     def measure_throughput(self, steps: int = 8) -> float:
-        """Claims to be 100x faster than it is, so that routing sends clients its way."""
-        return super().measure_throughput(steps) * 100
+        """Claims to be 100x faster than it is, so that routing sends clients its way (in what it announces:
+        `self.throughput`, not only in what it returns)."""
+        self.throughput = super().measure_throughput(steps) * CLAIMED_SPEEDUP
+        return self.throughput
+
+    def refresh_throughput(self) -> float:
+        """Keeps claiming it: the honest refresh would announce the speed it really serves at, after which
+        routing (rightly) prefers honest chains and a test waiting for the liar to be picked waits in vain."""
+        self.throughput = self.speed.current(self.throughput / CLAIMED_SPEEDUP) * CLAIMED_SPEEDUP
+        return self.throughput
 
     async def step(self, session: Session, step: int, x, position: int, reply_dtype=None):
         out = await super().step(session, step, x, position, reply_dtype)
