@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ..client.routing import NoRouteError
-from ..protocol.node_client import NodeError
+from ..protocol.wire.node_client import NodeError
 from .schema import ErrorDetail, ErrorResponse
 
 SWARM_ERRORS = (NodeError, NoRouteError)  # no route, or the nodes failed on retry

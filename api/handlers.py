@@ -19,7 +19,7 @@ from jinja2 import TemplateError
 
 from ..client.model import DEFAULT_MAX_LENGTH, AsyncDistributedModel
 from ..client.sampling import MIN_TEMPERATURE, SamplingParams
-from ..protocol.coverage import coverage
+from ..protocol.dht.coverage import coverage
 from .errors import ApiError, unsupported
 from .jobs import Job, Piece, first_and_rest, merge, run_job, usage_of
 from .schema import (

@@ -13,12 +13,12 @@ from collections.abc import Sequence
 
 import hivemind
 
-from ..protocol.dht_network import find_servers
-from ..protocol.dht_records import latest_per_peer
-from ..protocol.fraud_reports import FraudReport, publish_report
-from ..protocol.identity import Identity
-from ..protocol.grpc_node import GrpcNodeClient
-from ..protocol.node_client import NodeClient, probe
+from ..protocol.dht.network import find_servers
+from ..protocol.dht.records import latest_per_peer
+from ..protocol.dht.fraud_reports import FraudReport, publish_report
+from ..protocol.wire.identity import Identity
+from ..protocol.wire.grpc_node import GrpcNodeClient
+from ..protocol.wire.node_client import NodeClient, probe
 from .routing import Candidate
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from torch import nn
 from ..models.safetensors_files import write_safetensors
 from ..models.families import config_of
 from ..models.lora import CONFIG_FILE, TARGETS, WEIGHTS_FILE
-from ..protocol.node_client import NodeError
+from ..protocol.wire.node_client import NodeError
 from .sync_model import DistributedModel
 from .session import Hop
 

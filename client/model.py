@@ -20,10 +20,10 @@ from transformers import AutoTokenizer
 from ..models.checkpoint import Checkpoint, resolve
 from ..models.devices import place, resolve_device
 from ..models.families import load_head, num_blocks
-from ..protocol.dht_network import start_dht
-from ..protocol.allow_keys import load_allow_keys
-from ..protocol.identity import Identity
-from ..protocol.node_client import NodeClient
+from ..protocol.dht.network import start_dht
+from ..protocol.wire.allow_keys import load_allow_keys
+from ..protocol.wire.identity import Identity
+from ..protocol.wire.node_client import NodeClient
 from .ban_list import BanList
 from .discovery import DhtPeers, PeerSource, StaticPeers
 from .generation import generate_ids
@@ -33,9 +33,9 @@ from .sampling import SamplingParams
 from .session import DEFAULT_PREFILL_CHUNK, DEFAULT_PUSH, DEFAULT_STEP_TIMEOUT, Hop, InferenceSession, RetryPolicy
 from .speculative import DEFAULT_DRAFT_TOKENS, Drafter, load_drafter
 from .text_stream import TextPiece, text_pieces
-from .evidence import fraud_report, write_evidence
-from .opinions import adapter_files, holds_blocks
-from .verification import DEFAULT_WINDOW, Finding, Verifier
+from .verification.evidence import fraud_report, write_evidence
+from .verification.opinions import adapter_files, holds_blocks
+from .verification.verifier import DEFAULT_WINDOW, Finding, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class AsyncDistributedModel:
         self.retry, self.bans = retry, BanList()
         if verify_window < 1:
             raise ValueError(f"verify_window must be >= 1 token, got {verify_window}")
-        # verify: recompute every hop's outputs elsewhere before using them (client/verification.py);
+        # verify: recompute every hop's outputs elsewhere before using them (client/verification/verifier.py);
         # verify_local: the client may recompute blocks itself from its local checkpoint (third opinion)
         self.verify, self.verify_window, self.verify_local = verify, verify_window, verify_local
         self.dishonest: set[str] = set()  # addresses caught lying: never used again by this client

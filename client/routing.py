@@ -15,7 +15,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..protocol.coverage import block_ranges
+from ..protocol.dht.coverage import block_ranges
 
 PER_HOP_OVERHEAD_S = 0.001  # serialization + signing per hop, measured on loopback
 SPREAD = 0.1  # costs within ~10% count as equal: each route call draws a factor in [1, 1 + SPREAD) per node

@@ -16,12 +16,13 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
 from tenacity import wait_exponential_jitter
 
-from ..protocol.node_client import NodeClient, NodeError, NodeSession, PushedStep, PushTarget, SessionSpec, tensor_digest
+from ..protocol.wire.node_client import NodeClient, NodeError, NodeSession, PushedStep, PushTarget, SessionSpec, tensor_digest
 from .routing import NoRouteError
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,17 @@ class RetryPolicy:
 Router = Callable[[int, int], Awaitable[list[Hop]]]  # (start, end) -> fresh hops covering [start, end)
 
 
+class SessionVerifier(Protocol):
+    """What a session asks of `--verify` (client/verification/verifier.py implements it): the session reports
+    every hop output it uses; the caller asks for a check and gets the position to rewind to, if any."""
+
+    def observe(self, hop: Hop, position: int, out: torch.Tensor) -> None: ...
+
+    async def check(self, final: bool = False) -> int | None: ...
+
+    async def close(self) -> None: ...
+
+
 class InferenceSession:
     def __init__(
         self,
@@ -75,7 +87,7 @@ class InferenceSession:
         self.router, self.on_failure, self.retry = router, on_failure, retry
         self.id = uuid.uuid4().hex
         self.position = 0  # tokens processed so far
-        self.verifier = None  # a client.verification.Verifier when the client verifies nodes (--verify)
+        self.verifier: SessionVerifier | None = None  # set by open_session when the client verifies (--verify)
 
     async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Sends hidden states (B, T, H) of tokens at `position` (default: next) through every hop."""
@@ -242,7 +254,7 @@ class InferenceSession:
     async def _send(self, hop: Hop, hidden: torch.Tensor, position: int) -> torch.Tensor:
         self._open(hop)
         out = await hop.stream.step(hidden, position, self.step_timeout)
-        if self.verifier is not None:  # client/verification.py: checks every output before it is used
+        if self.verifier is not None:  # client/verification/verifier.py: checks every output before it is used
             self.verifier.observe(hop, position, out)
         return out
 

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from ..protocol.dht_network import start_dht, visible_maddrs
+from ..protocol.dht.network import start_dht, visible_maddrs
 from ..protocol.serving import bounded, until_signal
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import hivemind
 
-from ..protocol.dht_network import start_dht
+from ..protocol.dht.network import start_dht
 from ..protocol.serving import bind_tcp, bounded, serve_http, until_signal, url_of
 from .dashboard_app import create_app
 from .health_monitor import DEFAULT_PROBE_TIMEOUT, DEFAULT_REFRESH, HealthMonitor, model_name

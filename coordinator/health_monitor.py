@@ -1,6 +1,6 @@
 """The health monitor: every few seconds, read the DHT, probe every node, and compute the swarm's state.
 
-A scan first reads the DHT model index (protocol/model_index.py): every model some node serves, with
+A scan first reads the DHT model index (protocol/dht/model_index.py): every model some node serves, with
 its family and block count. It watches all of them (and, for an hour, models whose nodes all left, shown
 as not ready), or only those named by `models` (a filter). Then, for each watched model:
   1. looks up the DHT records of blocks 0..N-1 (N = the model's block count; while it is unknown, the
@@ -29,14 +29,14 @@ from collections.abc import Sequence
 import hivemind
 from hivemind.utils.timed_storage import get_dht_time
 
-from ..protocol.coverage import block_ranges, coverage
-from ..protocol.dht_network import find_blocks, start_dht
-from ..protocol.dht_records import MAX_BLOCKS, ServerRecord, latest_per_peer, validate_model_name
-from ..protocol.fraud_reports import FraudReport, find_reports
-from ..protocol.identity import Identity
-from ..protocol.grpc_node import GrpcNodeClient
-from ..protocol.model_index import IndexedModel, find_models, group_by_model
-from ..protocol.node_client import NodeClient, NodeInfo, Probe, probe
+from ..protocol.dht.coverage import block_ranges, coverage
+from ..protocol.dht.network import find_blocks, start_dht
+from ..protocol.dht.records import MAX_BLOCKS, ServerRecord, latest_per_peer, validate_model_name
+from ..protocol.dht.fraud_reports import FraudReport, find_reports
+from ..protocol.wire.identity import Identity
+from ..protocol.wire.grpc_node import GrpcNodeClient
+from ..protocol.dht.model_index import IndexedModel, find_models, group_by_model
+from ..protocol.wire.node_client import NodeClient, NodeInfo, Probe, probe
 from ..protocol.version import __version__
 from .history import DEFAULT_WINDOW, History
 from .state_schema import BlockState, ModelState, NodeState, SwarmState

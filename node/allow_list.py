@@ -10,7 +10,7 @@ from __future__ import annotations
 import grpc
 from grpc import aio
 
-from ..protocol.identity import peer_id_of
+from ..protocol.wire.identity import peer_id_of
 
 
 def allow_list(allowed: frozenset[bytes] | None) -> list[aio.ServerInterceptor]:

@@ -1,7 +1,7 @@
 """Keeps a node's signed records fresh in the DHT: joining -> online -> draining, with explicit expiry.
 
 Two records, stored together and with the same expiration: the server record under each block the node
-serves, and its model index entry (protocol/model_index.py), which lets dashboards and `torchnode models`
+serves, and its model index entry (protocol/dht/model_index.py), which lets dashboards and `torchnode models`
 find the model without being told its name. Records are re-stored every `period` seconds with an
 absolute expiration `expiration` seconds ahead, so a node that dies without a word vanishes from
 lookups, and its model from the index, by itself within `expiration`.
@@ -17,10 +17,10 @@ from dataclasses import replace
 import hivemind
 from hivemind.utils.timed_storage import get_dht_time
 
-from ..protocol.dht_network import announce
-from ..protocol.dht_records import ServerRecord
-from ..protocol.identity import Identity
-from ..protocol.model_index import ModelEntry, announce_model
+from ..protocol.dht.network import announce
+from ..protocol.dht.records import ServerRecord
+from ..protocol.wire.identity import Identity
+from ..protocol.dht.model_index import ModelEntry, announce_model
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc import aio
 
-from ..protocol import signing
-from ..protocol.identity import Identity
+from ..protocol.wire import signing
+from ..protocol.wire.identity import Identity
 
 
 class AuthInterceptor(aio.ServerInterceptor):

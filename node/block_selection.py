@@ -9,7 +9,7 @@ threshold: moving costs a reload, so small gains are not worth it.
 
 from __future__ import annotations
 
-from ..protocol.coverage import Coverage
+from ..protocol.dht.coverage import Coverage
 
 
 def choose_start(cov: Coverage, num_blocks: int) -> int:

@@ -15,7 +15,7 @@ replay and verification); only the *input* of a step on the next node comes by p
 
 `PushBox` is the receiving side (inputs waiting for their steps, or steps waiting for their inputs),
 `Pusher` the sending side (one Push stream per next node, shared by all sessions). Neither knows gRPC:
-the links are `GrpcNodeClient`s (protocol/grpc_node.py).
+the links are `GrpcNodeClient`s (protocol/wire/grpc_node.py).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..protocol.grpc_node import GrpcNodeClient
-from ..protocol.identity import Identity
-from ..protocol.node_client import NodeClient, NodeError, PushTarget, tensor_digest
+from ..protocol.wire.grpc_node import GrpcNodeClient
+from ..protocol.wire.identity import Identity
+from ..protocol.wire.node_client import NodeClient, NodeError, PushTarget, tensor_digest
 from .errors import RequestError
 
 DEFAULT_MAX_WAITING = 4096  # pushed inputs kept for steps that have not arrived yet

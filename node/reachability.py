@@ -6,7 +6,7 @@ connections come from sits behind a NAT), and to check that the certificate foun
 the node's key. Any success means reachable; failures from every relay asked mean not. With no relay
 to ask, the node assumes it is reachable and says so. `--reachable yes|no` skips the question.
 
-A node that is not reachable serves through a relay (protocol/relay_link.py): `establish` registers it
+A node that is not reachable serves through a relay (protocol/wire/relay_link.py): `establish` registers it
 with one and returns the link, whose address and relay the node then announces.
 """
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import hivemind
 
-from ..protocol.identity import Identity
-from ..protocol.relay_link import Registration, RelayError, RelayLink, dialback
-from ..protocol.relay_records import find_relays
+from ..protocol.wire.identity import Identity
+from ..protocol.wire.relay_link import Registration, RelayError, RelayLink, dialback
+from ..protocol.dht.relay_directory import find_relays
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """The relay: lets nodes that cannot be dialled (behind a home router) serve through this reachable peer.
 
 `torchnode coordinator --relay` and `torchnode join --relay` run one. It listens on a control port,
-announces itself in the DHT's relay directory (protocol/relay_records.py), and for each registered node
+announces itself in the DHT's relay directory (protocol/dht/relay_directory.py), and for each registered node
 opens a port of its own: a client dialling that port gets a stream spliced, byte for byte, to a fresh
-outbound connection from the node (protocol/relay_link.py describes the wire). TLS and signatures run
+outbound connection from the node (protocol/wire/relay_link.py describes the wire). TLS and signatures run
 end to end, so the relay sees only ciphertext and can delay or drop it, never alter it unnoticed.
 
 It also answers AutoNAT-style dial-backs (node/reachability.py): it dials the asking peer's port at the
@@ -27,9 +27,9 @@ import hivemind
 from aiolimiter import AsyncLimiter
 from hivemind.utils.timed_storage import get_dht_time
 
-from ..protocol import tls
-from ..protocol.identity import PUBLIC_KEY_BYTES, Identity, peer_id_of, verify
-from ..protocol.relay_link import (
+from ..protocol.wire import tls
+from ..protocol.wire.identity import PUBLIC_KEY_BYTES, Identity, peer_id_of, verify
+from ..protocol.wire.relay_link import (
     CHUNK_BYTES,
     MAX_LINE_BYTES,
     REGISTER_CONTEXT,
@@ -39,7 +39,7 @@ from ..protocol.relay_link import (
     splice,
     write_message,
 )
-from ..protocol.relay_records import RelayEntry, announce_relay
+from ..protocol.dht.relay_directory import RelayEntry, announce_relay
 
 log = logging.getLogger(__name__)
 

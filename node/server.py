@@ -22,20 +22,20 @@ from ..models.devices import default_dtype, free_memory, place, resolve_device
 from ..models.families import LAYER_PREFIX, load_span, num_blocks
 from ..models.lora import AdapterBank, AdapterError, find_adapter
 from ..models.quantization import GROUP_SIZE
-from ..protocol import tls
-from ..protocol import torchnode_pb2_grpc as pb_grpc
-from ..protocol.dht_network import find_servers, start_dht, visible_maddrs
-from ..protocol.dht_records import ServerRecord, latest_per_peer
-from ..protocol.identity import Identity, default_identity_path
+from ..protocol.wire import tls
+from ..protocol.wire import torchnode_pb2_grpc as pb_grpc
+from ..protocol.dht.network import find_servers, start_dht, visible_maddrs
+from ..protocol.dht.records import ServerRecord, latest_per_peer
+from ..protocol.wire.identity import Identity, default_identity_path
 from ..protocol.serving import bounded, until_signal
-from ..protocol.signing import ReplayGuard
+from ..protocol.wire.signing import ReplayGuard
 from ..protocol.version import __version__
 from .announcer import DEFAULT_EXPIRATION, Announcer
 from .reachability import establish
 from .relay import RelayLimits, serve_relay
 from .allow_list import allow_list
 from .auth_interceptor import AuthInterceptor
-from ..protocol.coverage import coverage
+from ..protocol.dht.coverage import coverage
 from .block_selection import better_start, choose_start
 from .limits import Limits
 from .push import Pusher

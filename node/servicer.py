@@ -11,11 +11,11 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc import aio
 
-from ..protocol import tensor_codec
-from ..protocol import torchnode_pb2 as pb
-from ..protocol import torchnode_pb2_grpc as pb_grpc
-from ..protocol.grpc_node import info_message
-from ..protocol.node_client import PushTarget
+from ..protocol.wire import tensor_codec
+from ..protocol.wire import torchnode_pb2 as pb
+from ..protocol.wire import torchnode_pb2_grpc as pb_grpc
+from ..protocol.wire.grpc_node import info_message
+from ..protocol.wire.node_client import PushTarget
 from . import lora_training, push
 from .errors import IdleTimeout, NotFound, RequestError
 from .span_backend import SpanBackend

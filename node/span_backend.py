@@ -18,8 +18,8 @@ import torch
 
 from ..models.kv_cache import KVCache, cache_bytes
 from ..models.lora import AdapterBank, Lora, UnknownAdapter, lora_pass
-from ..protocol import tensor_codec
-from ..protocol.node_client import NodeInfo
+from ..protocol.wire import tensor_codec
+from ..protocol.wire.node_client import NodeInfo
 from ..protocol.version import __version__
 from .errors import NotFound, OutOfRange, RequestError, ResourceExhausted
 from .limits import Limits

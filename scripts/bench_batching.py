@@ -47,8 +47,8 @@ class BatchWatch:
         self._thread = threading.Thread(target=lambda: asyncio.run(self._poll()), daemon=True)
 
     async def _poll(self) -> None:
-        from torchnode.protocol.grpc_node import GrpcNodeClient
-        from torchnode.protocol.identity import Identity
+        from torchnode.protocol.wire.grpc_node import GrpcNodeClient
+        from torchnode.protocol.wire.identity import Identity
 
         clients = [GrpcNodeClient(a, Identity.generate()) for a in self.addresses]
         while not self._stop.is_set():

@@ -21,7 +21,7 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 def main() -> None:
     from torchnode.client.model import AsyncDistributedModel
     from torchnode.models.checkpoint import resolve
-    from torchnode.protocol.dht_network import find_servers, start_dht
+    from torchnode.protocol.dht.network import find_servers, start_dht
 
     resolve("default")  # the one-time GGUF conversion is not part of joining
     coordinator, maddr = start_coordinator()

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from swarm import start_nodes, stop_all  # noqa: E402
 
 from torchnode.client.sampling import SamplingParams  # noqa: E402
-from torchnode.client.verification import Verifier  # noqa: E402
+from torchnode.client.verification.verifier import Verifier  # noqa: E402
 
 PROMPT = "Write a long story about a dragon who learns to paint."
 

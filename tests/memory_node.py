@@ -20,8 +20,8 @@ from torchnode.node.errors import RequestError
 from torchnode.node.limits import Limits
 from torchnode.node.push import PushBox, step_input
 from torchnode.node.span_backend import SpanBackend, SpanInfo
-from torchnode.protocol.identity import Identity
-from torchnode.protocol.node_client import NodeClient, NodeError, NodeInfo, NodeSession, PushedStep, PushTarget, SessionSpec
+from torchnode.protocol.wire.identity import Identity
+from torchnode.protocol.wire.node_client import NodeClient, NodeError, NodeInfo, NodeSession, PushedStep, PushTarget, SessionSpec
 
 CLIENT_KEY = b"client"  # who pushes when the client sends a step's input to a node itself
 

@@ -14,7 +14,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from torchnode.protocol.tls import NodeCertificate, split_address
+from torchnode.protocol.wire.tls import NodeCertificate, split_address
 
 
 class TcpProxy:

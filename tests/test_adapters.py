@@ -24,7 +24,7 @@ from torchnode.client.routing import NoRouteError
 from torchnode.models.checkpoint import resolve
 from torchnode.models.families import load_span
 from torchnode.models.lora import TARGETS, AdapterBank, AdapterError, find_adapter, lora_pass
-from torchnode.protocol.node_client import NodeError
+from torchnode.protocol.wire.node_client import NodeError
 
 peft = pytest.importorskip("peft")
 
@@ -129,7 +129,7 @@ def test_unknown_adapter_is_refused_with_its_name(memory_nodes):
 
 
 def _spec(adapter: str):
-    from torchnode.protocol.node_client import SessionSpec
+    from torchnode.protocol.wire.node_client import SessionSpec
 
     return SessionSpec("s-unknown", 0, 2, 8, adapter=adapter)
 
@@ -319,8 +319,8 @@ def test_join_refuses_a_bad_adapter_naming_the_flag(tiny_llama, tmp_path):
 
 
 def test_server_record_carries_adapters():
-    from torchnode.protocol.dht_records import RecordError, ServerRecord, decode_record, encode_record, sign_fields
-    from torchnode.protocol.identity import Identity
+    from torchnode.protocol.dht.records import RecordError, ServerRecord, decode_record, encode_record, sign_fields
+    from torchnode.protocol.wire.identity import Identity
 
     identity = Identity.generate()
     record = ServerRecord(

@@ -10,12 +10,12 @@ import torch
 from grpc import aio
 from swarm import start_node
 
-from torchnode.protocol.grpc_node import GrpcNodeClient as NodeClient
-from torchnode.protocol.node_client import NodeError
-from torchnode.protocol import signing, tensor_codec, tls
-from torchnode.protocol import torchnode_pb2 as pb
-from torchnode.protocol import torchnode_pb2_grpc as pb_grpc
-from torchnode.protocol.identity import Identity
+from torchnode.protocol.wire.grpc_node import GrpcNodeClient as NodeClient
+from torchnode.protocol.wire.node_client import NodeError
+from torchnode.protocol.wire import signing, tensor_codec, tls
+from torchnode.protocol.wire import torchnode_pb2 as pb
+from torchnode.protocol.wire import torchnode_pb2_grpc as pb_grpc
+from torchnode.protocol.wire.identity import Identity
 
 HIDDEN = 64  # tiny llama
 

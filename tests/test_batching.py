@@ -20,8 +20,8 @@ from torchnode.models.checkpoint import resolve
 from torchnode.node.limits import Limits
 from torchnode.node.scheduler import Batch, Scheduler, Work
 from torchnode.node.span_backend import SpanBackend
-from torchnode.protocol.grpc_node import GrpcNodeClient
-from torchnode.protocol.identity import Identity
+from torchnode.protocol.wire.grpc_node import GrpcNodeClient
+from torchnode.protocol.wire.identity import Identity
 
 HIDDEN = 4
 

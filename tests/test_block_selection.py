@@ -1,5 +1,5 @@
 from torchnode.node.block_selection import better_start, choose_start
-from torchnode.protocol.coverage import coverage
+from torchnode.protocol.dht.coverage import coverage
 
 
 def test_empty_swarm_starts_at_zero():

@@ -28,15 +28,15 @@ from hivemind.utils.timed_storage import get_dht_time
 from prometheus_client.parser import text_string_to_metric_families
 from swarm import free_port, run_cli, spawn, start_node, start_nodes, stop_all, wait_ready
 
-from torchnode.protocol.node_client import NodeInfo
+from torchnode.protocol.wire.node_client import NodeInfo
 from torchnode.coordinator.dashboard import DashboardConfig, bind_http
 from torchnode.coordinator.dashboard_app import create_app
 from torchnode.coordinator.history import History
 from torchnode.coordinator.health_monitor import DEFAULT_MODEL_NAME, HealthMonitor, Probe, _model_state
 from torchnode.coordinator.state_schema import NodeState, SwarmState
-from torchnode.protocol.dht_network import announce, start_dht
-from torchnode.protocol.dht_records import ServerRecord
-from torchnode.protocol.identity import Identity
+from torchnode.protocol.dht.network import announce, start_dht
+from torchnode.protocol.dht.records import ServerRecord
+from torchnode.protocol.wire.identity import Identity
 
 EXPIRATION = 6.0  # seconds a node's record lives without refresh
 REFRESH = 1.0  # seconds between the monitor's scans

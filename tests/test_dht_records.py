@@ -17,8 +17,8 @@ from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
-from torchnode.protocol.dht_network import announce, find_servers, start_dht, visible_maddrs
-from torchnode.protocol.dht_records import (
+from torchnode.protocol.dht.network import announce, find_servers, start_dht, visible_maddrs
+from torchnode.protocol.dht.records import (
     RecordError,
     ServerRecord,
     block_key,
@@ -27,8 +27,8 @@ from torchnode.protocol.dht_records import (
     parse_block_key,
     validate_model_name,
 )
-from torchnode.protocol.identity import Identity
-from torchnode.protocol.record_validator import ServerRecordValidator, key_id, parse_entry
+from torchnode.protocol.wire.identity import Identity
+from torchnode.protocol.dht.validator import ServerRecordValidator, key_id, parse_entry
 
 MODEL = "org/tiny-model"
 TOTAL_BLOCKS = 4

@@ -17,10 +17,10 @@ from torchnode.coordinator.health_monitor import _model_state
 from torchnode.coordinator.history import History
 from torchnode.coordinator.state_schema import NodeState
 from torchnode.node.announcer import Announcer
-from torchnode.protocol.dht_network import announce
-from torchnode.protocol.dht_records import RecordError, ServerRecord, block_key, encode_record
-from torchnode.protocol.identity import Identity
-from torchnode.protocol.model_index import (
+from torchnode.protocol.dht.network import announce
+from torchnode.protocol.dht.records import RecordError, ServerRecord, block_key, encode_record
+from torchnode.protocol.wire.identity import Identity
+from torchnode.protocol.dht.model_index import (
     INDEX_KEY,
     ModelEntry,
     announce_model,
@@ -29,7 +29,7 @@ from torchnode.protocol.model_index import (
     find_models,
     group_by_model,
 )
-from torchnode.protocol.record_validator import SwarmValidator, key_id
+from torchnode.protocol.dht.validator import SwarmValidator, key_id
 
 
 def make_entry(identity: Identity, model="org/tiny", total_blocks=4, lifetime=30.0, **kw) -> ModelEntry:

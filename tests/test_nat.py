@@ -20,10 +20,10 @@ from test_inference_e2e import hf_greedy
 from transformers import AutoModelForCausalLM
 
 from torchnode.node.relay import RelayServer
-from torchnode.protocol.grpc_node import GrpcNodeClient
-from torchnode.protocol.identity import Identity
-from torchnode.protocol.node_client import NodeError, SessionSpec
-from torchnode.protocol.relay_link import RelayLink
+from torchnode.protocol.wire.grpc_node import GrpcNodeClient
+from torchnode.protocol.wire.identity import Identity
+from torchnode.protocol.wire.node_client import NodeError, SessionSpec
+from torchnode.protocol.wire.relay_link import RelayLink
 
 EXPIRATION = 8.0
 RELAYED = r"relayed: reachable through relay (\w+) at ([\d.]+):(\d+)"
@@ -201,7 +201,7 @@ def test_routing_counts_a_relayed_nodes_extra_leg():
 def test_record_names_its_relay_and_refuses_a_malformed_one():
     from dataclasses import replace
 
-    from torchnode.protocol.dht_records import RecordError, ServerRecord, decode_record, encode_record
+    from torchnode.protocol.dht.records import RecordError, ServerRecord, decode_record, encode_record
 
     me, relay = Identity.generate(), Identity.generate()
     record = ServerRecord(me.peer_id, me.public_key, "198.18.0.1:40000", "m", "r", 0, 4, "online", 1.0, 0, "1", 1.0,
@@ -217,7 +217,7 @@ async def test_relay_limits_nodes_streams_and_bytes_per_second():
     a stream beyond --relay-max-streams is closed, and a node's bytes (both directions together) flow at
     --relay-bytes-per-second. Behind the relay: a plain TCP echo server standing in for the node's port."""
     from torchnode.node.relay import RelayLimits
-    from torchnode.protocol.relay_link import RelayError
+    from torchnode.protocol.wire.relay_link import RelayError
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):

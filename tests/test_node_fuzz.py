@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from swarm import start_node
 
-from torchnode.protocol import signing, tensor_codec, tls
-from torchnode.protocol import torchnode_pb2 as pb
-from torchnode.protocol import torchnode_pb2_grpc as pb_grpc
-from torchnode.protocol.identity import Identity
+from torchnode.protocol.wire import signing, tensor_codec, tls
+from torchnode.protocol.wire import torchnode_pb2 as pb
+from torchnode.protocol.wire import torchnode_pb2_grpc as pb_grpc
+from torchnode.protocol.wire.identity import Identity
 
 HIDDEN = 64
 TIMEOUT = 5.0

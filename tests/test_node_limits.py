@@ -9,9 +9,9 @@ import pytest
 import torch
 from swarm import start_node
 
-from torchnode.protocol.grpc_node import GrpcNodeClient as NodeClient
-from torchnode.protocol.node_client import NodeError, SessionSpec
-from torchnode.protocol.identity import Identity
+from torchnode.protocol.wire.grpc_node import GrpcNodeClient as NodeClient
+from torchnode.protocol.wire.node_client import NodeError, SessionSpec
+from torchnode.protocol.wire.identity import Identity
 
 TINY_HIDDEN = 64
 # tiny llama, blocks 0:2, fp32: 2 layers x (k, v) x 2 KV heads x 16 dims x 4 bytes = 512 bytes per token

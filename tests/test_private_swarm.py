@@ -12,10 +12,10 @@ import pytest
 from swarm import start_coordinator, start_node, stop_all, wait_ready
 
 from torchnode.client.sync_model import DistributedModel
-from torchnode.protocol.allow_keys import load_allow_keys
-from torchnode.protocol.grpc_node import GrpcNodeClient
-from torchnode.protocol.identity import Identity
-from torchnode.protocol.node_client import NodeError
+from torchnode.protocol.wire.allow_keys import load_allow_keys
+from torchnode.protocol.wire.grpc_node import GrpcNodeClient
+from torchnode.protocol.wire.identity import Identity
+from torchnode.protocol.wire.node_client import NodeError
 
 
 def write_allow_file(path, *keys: bytes) -> None:

@@ -7,9 +7,9 @@ import stat
 import pytest
 import torch
 
-from torchnode.protocol import signing, tensor_codec
-from torchnode.protocol import torchnode_pb2 as pb
-from torchnode.protocol.identity import Identity, peer_id_of
+from torchnode.protocol.wire import signing, tensor_codec
+from torchnode.protocol.wire import torchnode_pb2 as pb
+from torchnode.protocol.wire.identity import Identity, peer_id_of
 
 
 def test_identity_is_created_0600_and_reloaded(tmp_path):

@@ -27,12 +27,12 @@ from tcp_proxy import TcpProxy
 from transformers import AutoModelForCausalLM
 
 from torchnode import DistributedModel
-from torchnode.protocol import signing, tensor_codec, tls
-from torchnode.protocol import torchnode_pb2 as pb
-from torchnode.protocol import torchnode_pb2_grpc as pb_grpc
-from torchnode.protocol.grpc_node import GrpcNodeClient
-from torchnode.protocol.identity import Identity
-from torchnode.protocol.node_client import NodeError
+from torchnode.protocol.wire import signing, tensor_codec, tls
+from torchnode.protocol.wire import torchnode_pb2 as pb
+from torchnode.protocol.wire import torchnode_pb2_grpc as pb_grpc
+from torchnode.protocol.wire.grpc_node import GrpcNodeClient
+from torchnode.protocol.wire.identity import Identity
+from torchnode.protocol.wire.node_client import NodeError
 
 HIDDEN = 64  # tiny llama
 

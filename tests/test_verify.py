@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from torchnode.client.model import AsyncDistributedModel
 from torchnode.client.sampling import SamplingParams
 from torchnode.client.session import RetryPolicy
-from torchnode.client.verification import VerificationError, first_mismatch, tolerance
+from torchnode.client.verification.verifier import VerificationError, first_mismatch, tolerance
 from torchnode.models.checkpoint import resolve
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 300, 12]])
@@ -196,7 +196,7 @@ async def test_logits_are_verified_too(ckpt, nodes, tiny_llama):
     torch.testing.assert_close(logits, hf(PROMPT).logits, atol=1e-4, rtol=1e-4)
 
 
-# ---- fraud reports in the DHT (protocol/fraud_reports.py, record_validator.FraudReportValidator)
+# ---- fraud reports in the DHT (protocol/dht/fraud_reports.py, record_validator.FraudReportValidator)
 
 
 def report_entry(reporter, node_peer_id: str, lifetime: float = 3600.0, **changes):
@@ -207,8 +207,8 @@ def report_entry(reporter, node_peer_id: str, lifetime: float = 3600.0, **change
     from hivemind.utils import MSGPackSerializer
     from hivemind.utils.timed_storage import get_dht_time
 
-    from torchnode.protocol.fraud_reports import FraudReport, encode_report, report_key
-    from torchnode.protocol.record_validator import key_id
+    from torchnode.protocol.dht.fraud_reports import FraudReport, encode_report, report_key
+    from torchnode.protocol.dht.validator import key_id
 
     report = FraudReport(
         reporter.peer_id, reporter.public_key, node_peer_id, "127.0.0.1:31330", "m", 0, 2, "ab" * 32,
@@ -223,9 +223,9 @@ def report_entry(reporter, node_peer_id: str, lifetime: float = 3600.0, **change
 
 
 def test_a_fraud_report_round_trips_and_passes_the_swarm_validator():
-    from torchnode.protocol.fraud_reports import decode_report, encode_report, parse_report
-    from torchnode.protocol.identity import Identity
-    from torchnode.protocol.record_validator import SwarmValidator
+    from torchnode.protocol.dht.fraud_reports import decode_report, encode_report, parse_report
+    from torchnode.protocol.wire.identity import Identity
+    from torchnode.protocol.dht.validator import SwarmValidator
 
     reporter, node = Identity.generate(), Identity.generate()
     report, record = report_entry(reporter, node.peer_id)
@@ -241,10 +241,10 @@ def test_forged_or_misplaced_fraud_reports_are_refused():
     import msgpack
     from hivemind.utils import MSGPackSerializer
 
-    from torchnode.protocol.dht_records import RecordError, sign_fields
-    from torchnode.protocol.fraud_reports import decode_report, encode_report
-    from torchnode.protocol.identity import Identity
-    from torchnode.protocol.record_validator import FraudReportValidator, SwarmValidator, key_id
+    from torchnode.protocol.dht.records import RecordError, sign_fields
+    from torchnode.protocol.dht.fraud_reports import decode_report, encode_report
+    from torchnode.protocol.wire.identity import Identity
+    from torchnode.protocol.dht.validator import FraudReportValidator, SwarmValidator, key_id
 
     reporter, node, other = Identity.generate(), Identity.generate(), Identity.generate()
     report, record = report_entry(reporter, node.peer_id)

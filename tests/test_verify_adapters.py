@@ -1,4 +1,4 @@
-"""Unit tier: --verify on sessions with a LoRA adapter (client/verification.py, client/evidence.py).
+"""Unit tier: --verify on sessions with a LoRA adapter (client/verification/verifier.py, client/verification/evidence.py).
 
 Checks must run the same adapter as the checked node, else they compare two different models: checker
 nodes are sessions naming the adapter (only nodes serving it qualify), the client's own check applies the
@@ -16,12 +16,12 @@ import torch
 from test_adapters import adapters, local_greedy, references  # noqa: F401 (fixtures: PEFT LoRAs and local models)
 from test_verify import ckpt, honest, liar, model_over, named, nodes  # noqa: F401 (fixtures and helpers of verification tests)
 
-from torchnode.client.evidence import EvidenceError, check_evidence, write_evidence
-from torchnode.client.verification import Finding, VerificationError
+from torchnode.client.verification.evidence import EvidenceError, check_evidence, write_evidence
+from torchnode.client.verification.verifier import Finding, VerificationError
 from torchnode.models.lora import find_adapter
-from torchnode.protocol import signing, tensor_codec
-from torchnode.protocol import torchnode_pb2 as pb
-from torchnode.protocol.identity import Identity
+from torchnode.protocol.wire import signing, tensor_codec
+from torchnode.protocol.wire import torchnode_pb2 as pb
+from torchnode.protocol.wire.identity import Identity
 
 PROMPT = torch.tensor([[5, 80, 17, 300, 42, 9, 121]])
 NEW = 16

@@ -19,7 +19,7 @@ import torch
 from swarm import TORCHNODE, free_port, run_cli, spawn, start_nodes, stop_all, wait_ready
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from torchnode.client.evidence import EvidenceError, check_evidence
+from torchnode.client.verification.evidence import EvidenceError, check_evidence
 from torchnode.models.checkpoint import resolve
 
 PROMPT = "The quick brown fox"

@@ -101,8 +101,8 @@ def warn_if_insecure(insecure: bool) -> None:
 def user_errors() -> Iterator[None]:
     """Errors a user can fix (no route, a failing node, a bad path or value) end in one red line, exit 1."""
     from torchnode.client.routing import NoRouteError
-    from torchnode.client.verification import VerificationError
-    from torchnode.protocol.node_client import NodeError
+    from torchnode.client.verification.verifier import VerificationError
+    from torchnode.protocol.wire.node_client import NodeError
 
     try:
         yield
@@ -126,7 +126,7 @@ def allow_keys_of(path: Path | None) -> frozenset[bytes] | None:
     """The keys an --allow-keys file lists; a bad file is a usage error naming the flag."""
     if path is None:
         return None
-    from torchnode.protocol.allow_keys import load_allow_keys
+    from torchnode.protocol.wire.allow_keys import load_allow_keys
 
     try:
         return load_allow_keys(path)

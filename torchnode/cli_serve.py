@@ -95,7 +95,7 @@ def join(
         raise typer.BadParameter("--num-blocks applies only when the swarm chooses the span", param_hint="--num-blocks")
     from torchnode.node.limits import Limits
     from torchnode.node.server import NodeConfig, SwarmConfig, serve
-    from torchnode.protocol.identity import torchnode_home
+    from torchnode.protocol.wire.identity import torchnode_home
 
     if threads:
         import torch
@@ -173,7 +173,7 @@ def coordinator(
         relay_setup = None
         if relay:
             from torchnode.node.relay import RelaySetup
-            from torchnode.protocol.identity import torchnode_home
+            from torchnode.protocol.wire.identity import torchnode_home
 
             limits = _relay_limits(relay_max_nodes, relay_max_streams, relay_bytes_per_second)
             relay_setup = RelaySetup(identity or torchnode_home() / f"relay-{port}.key", relay_port, limits)

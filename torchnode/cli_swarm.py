@@ -93,7 +93,7 @@ def identity(
     identity: Annotated[Path | None, typer.Option(help="key file [default: ~/.torchnode/identity.key, the client's]")] = None,
 ) -> None:
     """Print this key's public key (64 hex digits, as --allow-keys files list them), creating the key if missing."""
-    from torchnode.protocol.identity import Identity
+    from torchnode.protocol.wire.identity import Identity
 
     with user_errors():
         print(Identity.load_or_create(identity).public_key.hex())
@@ -106,7 +106,7 @@ def check_evidence_command(
 ) -> None:
     """Check a fraud proof: verify the node's signatures and recompute its span locally. Exit 0: the node
     signed a wrong output (proven); 2: every signed output is right; 1: not a valid evidence file."""
-    from torchnode.client.evidence import check_evidence
+    from torchnode.client.verification.evidence import check_evidence
     from torchnode.models.checkpoint import resolve
 
     with user_errors():  # EvidenceError is a ValueError: one red line, exit 1

@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.checkpoint import Checkpoint
-from ..models.lora import AdapterSource
-from ..protocol import tensor_codec
-from ..protocol.identity import peer_id_of
-from ..protocol.node_client import NodeClient, NodeError, NodeInfo
-from .routing import NoRouteError
+from ...models.checkpoint import Checkpoint
+from ...models.lora import AdapterSource
+from ...protocol.wire import tensor_codec
+from ...protocol.wire.identity import peer_id_of
+from ...protocol.wire.node_client import NodeClient, NodeError, NodeInfo
+from ..routing import NoRouteError
 from .opinions import LocalOpinion, Opinion, RemoteOpinion
-from .session import Hop, InferenceSession
+from ..session import Hop, InferenceSession
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ reporter checked with ("" if its judges were other nodes), since a name alone do
 Whoever checks the proof gives the adapter's files (`check-evidence --adapter`); other files are refused.
 
 A client that reads the DHT also publishes a signed report naming the node and the file's sha256
-(`fraud_report`, protocol/fraud_reports.py), which dashboards count: a claim whose proof is the file.
+(`fraud_report`, protocol/dht/fraud_reports.py), which dashboards count: a claim whose proof is the file.
 """
 
 from __future__ import annotations
@@ -30,17 +30,17 @@ from pathlib import Path
 import msgpack
 import torch
 
-from ..models.checkpoint import Checkpoint
-from ..models.families import load_span
-from ..models.lora import AdapterBank, AdapterSource, find_adapter
+from ...models.checkpoint import Checkpoint
+from ...models.families import load_span
+from ...models.lora import AdapterBank, AdapterSource, find_adapter
 from hivemind.utils.timed_storage import get_dht_time
 
-from ..protocol import signing, tensor_codec
-from ..protocol import torchnode_pb2 as pb
-from ..protocol.fraud_reports import DEFAULT_REPORT_LIFETIME, FraudReport
-from ..protocol.identity import Identity, peer_id_of, torchnode_home
+from ...protocol.wire import signing, tensor_codec
+from ...protocol.wire import torchnode_pb2 as pb
+from ...protocol.dht.fraud_reports import DEFAULT_REPORT_LIFETIME, FraudReport
+from ...protocol.wire.identity import Identity, peer_id_of, torchnode_home
 from .opinions import run_span
-from .verification import Finding, first_mismatch, tolerance
+from .verifier import Finding, first_mismatch, tolerance
 
 FORMAT = "torchnode-evidence/1"
 MAX_EVIDENCE_BYTES = 1 << 30

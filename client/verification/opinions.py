@@ -1,4 +1,4 @@
-"""Who recomputes a span for the verifier (client/verification.py): another node's session over the same
+"""Who recomputes a span for the verifier (client/verification/verifier.py): another node's session over the same
 blocks (`RemoteOpinion`), or the client's own copy of them (`LocalOpinion`), each with the session's LoRA
 adapter applied when it has one, since a check against the base model would compare two different models.
 """
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ..models.checkpoint import Checkpoint
-from ..models.families import LAYER_PREFIX, load_span
-from ..models.lora import AdapterBank, AdapterError, AdapterSource, Lora, find_adapter, lora_pass
-from ..protocol.node_client import NodeClient
-from .session import InferenceSession
+from ...models.checkpoint import Checkpoint
+from ...models.families import LAYER_PREFIX, load_span
+from ...models.lora import AdapterBank, AdapterError, AdapterSource, Lora, find_adapter, lora_pass
+from ...protocol.wire.node_client import NodeClient
+from ..session import InferenceSession
 
 log = logging.getLogger(__name__)
 

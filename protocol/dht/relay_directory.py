@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, fields
 import hivemind
 from hivemind.dht.node import DHTNode
 
-from .dht_records import (
+from .records import (
     MAX_ADDRESS_CHARS,
     RecordError,
     _is_int,
@@ -23,8 +23,8 @@ from .dht_records import (
     decode_signed,
     encode_signed,
 )
-from .dht_store import latest_signed, read_signed, store_signed
-from .identity import PUBLIC_KEY_BYTES, Identity, peer_id_of
+from .store import latest_signed, read_signed, store_signed
+from ..wire.identity import PUBLIC_KEY_BYTES, Identity, peer_id_of
 
 
 RELAY_KEY = "_torchnode.relays"  # never a block key: a block key ends in ".{digits}"

@@ -1,7 +1,7 @@
 """`NodeClient` over signed gRPC on TLS: the client end of proto/torchnode.proto.
 
 The channel is TLS, pinned to a certificate bound to the key the client expects for the node (from the
-DHT record, or learned from the certificate on first use for --peers): see protocol/tls.py. Everything a
+DHT record, or learned from the certificate on first use for --peers): see protocol/wire/tls.py. Everything a
 node sends back is also signed by that key and names the request it answers, and every request names
 the node it is for, so a man in the middle, a node swapped behind an address, or a message replayed
 from elsewhere is caught on the first message. `insecure=True` (--insecure, debugging on loopback)

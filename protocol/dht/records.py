@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 
 import msgpack
 
-from .identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, peer_id_of, verify
+from ..wire.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, peer_id_of, verify
 
 STATES = ("joining", "online", "draining")
 T = TypeVar("T")

@@ -17,7 +17,7 @@ from hivemind.dht.node import DHTNode
 from hivemind.utils import get_logger
 from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 
-from .dht_records import EXPIRATION_TOLERANCE, RecordError
+from .records import EXPIRATION_TOLERANCE, RecordError
 
 logger = get_logger(__name__)
 

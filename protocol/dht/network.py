@@ -21,9 +21,9 @@ import hivemind
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import get_dht_time
 
-from .dht_records import ServerRecord, block_key, encode_record
-from .identity import Identity
-from .record_validator import AllowListValidator, SwarmValidator, parse_entry
+from .records import ServerRecord, block_key, encode_record
+from ..wire.identity import Identity
+from .validator import AllowListValidator, SwarmValidator, parse_entry
 
 
 def start_dht(

@@ -1,7 +1,7 @@
 """Fraud reports: a client that caught a node lying says so in the DHT, signed, for dashboards to count.
 
 A report is only a claim: anyone can generate a key and sign one. What makes it worth reading is the
-evidence file it names by hash (client/evidence.py): its holder can hand it over, and anyone with the
+evidence file it names by hash (client/verification/evidence.py): its holder can hand it over, and anyone with the
 weights re-checks it with `torchnode check-evidence FILE MODEL`. The dashboard shows the count and the
 hashes, nothing more.
 
@@ -26,7 +26,7 @@ import hivemind
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 
-from .dht_records import (
+from .records import (
     RecordError,
     _non_negative_float,
     check_span,
@@ -36,8 +36,8 @@ from .dht_records import (
     record_model,
     signer_key,
 )
-from .dht_store import read_signed, store_signed
-from .identity import Identity
+from .store import read_signed, store_signed
+from ..wire.identity import Identity
 
 
 REPORT_PREFIX = "_torchnode.reports:"  # never a block key (those end in ".{digits}"), nor another fixed key
@@ -56,7 +56,7 @@ class FraudReport:
     model: str
     start: int  # blocks [start, end) it lied about
     end: int
-    evidence_sha256: str  # hex sha256 of the evidence file (client/evidence.py) that proves it
+    evidence_sha256: str  # hex sha256 of the evidence file (client/verification/evidence.py) that proves it
     expiration: float  # absolute DHT time, equal to the DHT entry's expiration_time
 
 

@@ -25,10 +25,10 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_logger
 from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 
-from .dht_records import EXPIRATION_TOLERANCE, RecordError, ServerRecord, block_key, decode_record, open_signed
-from .dht_store import read_signed
+from .records import EXPIRATION_TOLERANCE, RecordError, ServerRecord, block_key, decode_record, open_signed
+from .store import read_signed
 from .model_index import INDEX_KEY, decode_entry
-from .relay_records import RELAY_KEY, decode_relay
+from .relay_directory import RELAY_KEY, decode_relay
 from .fraud_reports import MAX_REPORT_LIFETIME, FraudReport, decode_report, report_key
 
 logger = get_logger(__name__)
@@ -117,21 +117,21 @@ class _DirectoryValidator(_SignedInValue):
 
 
 class ModelIndexValidator(_DirectoryValidator):
-    """Model entries (protocol/model_index.py) under INDEX_KEY."""
+    """Model entries (protocol/dht/model_index.py) under INDEX_KEY."""
 
     what, key_id, decode = "model index entry", INDEX_KEY_ID, staticmethod(decode_entry)
     misplaced = "a model entry must be stored under the model index key"
 
 
 class RelayDirectoryValidator(_DirectoryValidator):
-    """Relay entries (protocol/relay_records.py) under RELAY_KEY."""
+    """Relay entries (protocol/dht/relay_directory.py) under RELAY_KEY."""
 
     what, key_id, decode = "relay entry", RELAY_KEY_ID, staticmethod(decode_relay)
     misplaced = "a relay entry must be stored under the relay directory key"
 
 
 class FraudReportValidator(_SignedInValue):
-    """Only signed fraud reports (protocol/fraud_reports.py) under the report key of the node they name,
+    """Only signed fraud reports (protocol/dht/fraud_reports.py) under the report key of the node they name,
     each under its reporter's id; they may live up to MAX_REPORT_LIFETIME (server records: much less)."""
 
     what = "fraud report"

@@ -3,7 +3,7 @@
 The relay (node/relay.py) gives each registered node a port of its own. A client (or a pushing node)
 dials that port exactly as it would dial the node: the relay asks the node, over its control
 connection, to open a fresh outbound connection for the new stream, and then splices the two TCP
-connections byte for byte. So the gRPC stream - its TLS, bound to the node's identity (protocol/tls.py),
+connections byte for byte. So the gRPC stream - its TLS, bound to the node's identity (protocol/wire/tls.py),
 and every signed message in it - runs end to end between client and node: a relay can delay or drop
 bytes, never read, forge or alter them unnoticed. Clients need no relay-specific code at all.
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import hivemind
 
 from .identity import Identity
-from .relay_records import RelayEntry, find_relays
+from ..dht.relay_directory import RelayEntry, find_relays
 from .tls import split_address
 
 log = logging.getLogger(__name__)

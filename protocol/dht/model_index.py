@@ -25,7 +25,7 @@ import hivemind
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 
-from .dht_records import (
+from .records import (
     MAX_BLOCKS,
     MAX_SHORT_STR,
     RecordError,
@@ -37,8 +37,8 @@ from .dht_records import (
     encode_signed,
     validate_model_name,
 )
-from .dht_store import latest_signed, read_signed, store_signed
-from .identity import PUBLIC_KEY_BYTES, Identity, peer_id_of
+from .store import latest_signed, read_signed, store_signed
+from ..wire.identity import PUBLIC_KEY_BYTES, Identity, peer_id_of
 
 
 INDEX_KEY = "_torchnode.models"  # never a block key: a block key ends in ".{digits}"
