@@ -9,7 +9,8 @@ from typing import Any, TypeVar
 import torch
 
 from .loop_thread import LoopThread
-from .model import DEFAULT_MAX_LENGTH, AsyncChatSession, AsyncDistributedModel, Prompt
+from .chat_session import AsyncChatSession
+from .model import DEFAULT_MAX_LENGTH, AsyncDistributedModel, Prompt
 
 T = TypeVar("T")
 

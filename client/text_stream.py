@@ -112,3 +112,11 @@ def _partial_suffix(text: str, stop: str) -> int:
         if text.endswith(stop[:n]):
             return n
     return 0
+
+
+async def text_only(pieces: AsyncIterator[TextPiece]) -> AsyncIterator[str]:
+    """The pieces' text, empty ones left out (the stream() contract), closing `pieces` when closed."""
+    async with contextlib.aclosing(pieces):
+        async for piece in pieces:
+            if piece.text:
+                yield piece.text

@@ -1,0 +1,88 @@
+"""A multi-turn conversation over one inference session: only the tokens the nodes have not seen are sent.
+
+`AsyncDistributedModel.session()` opens one; the KV cache stays on the nodes between turns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from .sampling import SamplingParams
+from .session import InferenceSession
+from .text_stream import text_only, text_pieces
+
+if TYPE_CHECKING:
+    from .model import AsyncDistributedModel, Prompt
+
+
+class AsyncChatSession:
+    """Turns of one conversation over one inference session.
+
+    Each call passes the whole conversation (messages, text or ids); only the tokens the nodes have not
+    seen yet are sent. If the new conversation is not an extension of the cached one (an edited turn),
+    the session rewinds to the common prefix instead of starting over.
+    """
+
+    def __init__(
+        self,
+        model: AsyncDistributedModel,
+        max_length: int,
+        draft: str | None = None,
+        draft_tokens: int | None = None,
+        adapter: str | None = None,
+    ):
+        self.model, self.max_length, self.adapter = model, max_length, adapter
+        self.draft, self.draft_tokens = draft, draft_tokens  # this conversation's defaults (None: the model's)
+        self.session: InferenceSession | None = None
+        self.cached: list[int] = []  # token ids whose keys/values are on the nodes
+        self.history: list[int] = []  # the conversation so far, generated tokens included
+
+    async def __aenter__(self) -> AsyncChatSession:
+        self.session = await self.model.open_session(self.max_length, adapter=self.adapter)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.session.close()
+
+    def _ids(self, prompt: Prompt, chat: bool) -> torch.Tensor:
+        if isinstance(prompt, str) and not chat and self.history:  # plain text continues the conversation
+            more = self.model.tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+            return torch.cat([torch.tensor([self.history]), more], dim=1)
+        return self.model.encode(prompt, chat)
+
+    async def generate_ids(
+        self, prompt: Prompt, chat: bool = False, draft: str | None = None, draft_tokens: int | None = None, **sampling
+    ) -> AsyncIterator[torch.Tensor]:
+        ids = self._ids(prompt, chat)
+        if ids.shape[0] != 1:
+            raise ValueError("a chat session holds one conversation (batch size 1)")
+        flat = ids[0].tolist()
+        common = 0
+        while common < min(len(flat), len(self.cached)) and flat[common] == self.cached[common]:
+            common += 1
+        common = min(common, len(flat) - 1)  # at least one token must go through the nodes
+        params = SamplingParams(**sampling)
+        if len(flat) + params.max_new_tokens > self.max_length:
+            raise ValueError(f"the conversation would exceed the session's max_length {self.max_length}")
+        self.cached, self.history = flat, list(flat)
+        draft = self.draft if draft is None else draft
+        draft_tokens = self.draft_tokens if draft_tokens is None else draft_tokens
+        async for new in self.model.generate_ids(ids, params, self.session, common, draft, draft_tokens):
+            token = int(new[0])
+            self.cached, self.history = list(self.history), self.history + [token]  # all but the newest are cached
+            yield new
+
+    async def generate(self, prompt: Prompt, chat: bool = False, **sampling) -> torch.Tensor:
+        """sampling: as AsyncDistributedModel.generate, draft and draft_tokens included."""
+        ids = self._ids(prompt, chat)
+        new = [n async for n in self.generate_ids(ids, **sampling)]
+        return torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids
+
+    def stream(
+        self, prompt: Prompt, chat: bool = False, draft: str | None = None, draft_tokens: int | None = None, **sampling
+    ) -> AsyncIterator[str]:
+        new_ids, model = self.generate_ids(prompt, chat, draft, draft_tokens, **sampling), self.model
+        return text_only(text_pieces(model.tokenizer, new_ids, SamplingParams(**sampling), model.eos_ids))
