@@ -44,9 +44,10 @@ def create_app(model: AsyncDistributedModel, served_name: str, context_length: i
     """
     server = OpenAIServer(model, served_name, context_length)
     app = FastAPI(
-        title="torchnode OpenAI-compatible API", version=__version__,
+        title="torchnode OpenAI-compatible API",
+        version=__version__,
         description=f"Serves {served_name!r} from a torchnode swarm. Errors have OpenAI's shape.",
-    )  # fmt: skip
+    )
     app.state.server = server
 
     @app.get("/v1/models", response_model=ModelList)

@@ -22,9 +22,13 @@ class ApiError(Exception):
     """A failure the client receives as an OpenAI error body with an HTTP status."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None,
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
         type: str = "invalid_request_error",
-    ):  # fmt: skip
+    ):
         super().__init__(message)
         self.status, self.detail = status, ErrorDetail(message=message, type=type, param=param, code=code)
 

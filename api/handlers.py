@@ -79,9 +79,12 @@ class SwarmAdapters:
             return AdapterListing()
         named = {a for candidate, _ in found for a in candidate.adapters}
         served = [
-            a for a in sorted(named)
-            if not coverage([(c.start, c.end, c.throughput) for c, _ in found if a in c.adapters], m.total_blocks).missing
-        ]  # fmt: skip
+            a
+            for a in sorted(named)
+            if not coverage(
+                [(c.start, c.end, c.throughput) for c, _ in found if a in c.adapters], m.total_blocks
+            ).missing
+        ]
         return AdapterListing(tuple(served), frozenset(named), len(found))
 
 
@@ -141,7 +144,13 @@ class OpenAIServer:
         if body.logprobs is not None:
             raise unsupported("logprobs", "log probabilities are not supported")
         jobs = [
-            Job(i, ids, self._params(body, ids.shape[1], body.max_tokens, "prompt"), echo if body.echo else "", adapter=adapter)
+            Job(
+                i,
+                ids,
+                self._params(body, ids.shape[1], body.max_tokens, "prompt"),
+                echo if body.echo else "",
+                adapter=adapter,
+            )
             for i, (ids, echo) in enumerate(self._prompts(body.prompt))
         ]
         events = merge([run_job(self.model, job) for job in jobs])
@@ -202,16 +211,21 @@ class OpenAIServer:
         base, colon, adapter = name.partition(":")
         if base != self.served_name or (colon and not adapter):
             raise ApiError(
-                404, f"The model {name!r} does not exist: this server serves {self.served_name!r}.",
-                param="model", code="model_not_found",
-            )  # fmt: skip
+                404,
+                f"The model {name!r} does not exist: this server serves {self.served_name!r}.",
+                param="model",
+                code="model_not_found",
+            )
         return adapter or None
 
     def _no_adapter(self, model_id: str, adapter: str) -> ApiError:
         return ApiError(
-            404, f"The model {model_id!r} does not exist: no node of the swarm serves the adapter {adapter!r} "
-            "(GET /v1/models lists the adapters served).", param="model", code="model_not_found",
-        )  # fmt: skip
+            404,
+            f"The model {model_id!r} does not exist: no node of the swarm serves the adapter {adapter!r} "
+            "(GET /v1/models lists the adapters served).",
+            param="model",
+            code="model_not_found",
+        )
 
     async def _check_common(self, body: SamplingFields) -> str | None:
         """Refuses what this server cannot do; returns the request's adapter (see _check_model).
@@ -240,29 +254,38 @@ class OpenAIServer:
             raise ApiError(400, "the prompt is empty: give at least one token", param=prompt_param)
         if prompt_tokens > limit or (max_tokens is None and prompt_tokens == limit):
             raise ApiError(
-                400, f"This model's maximum context length is {limit} tokens. However, your {prompt_param} "
+                400,
+                f"This model's maximum context length is {limit} tokens. However, your {prompt_param} "
                 f"resulted in {prompt_tokens} tokens. Please reduce the length of the {prompt_param}.",
-                param=prompt_param, code="context_length_exceeded",
-            )  # fmt: skip
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
         if max_tokens is None:
             max_tokens = limit - prompt_tokens
         elif prompt_tokens + max_tokens > limit:
             raise ApiError(
-                400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
                 f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {prompt_param}, {max_tokens} in the "
                 f"completion). Please reduce the length of the {prompt_param} or completion.",
-                param="max_tokens", code="context_length_exceeded",
-            )  # fmt: skip
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
         temperature = 1.0 if body.temperature is None else body.temperature
         top_p = 1.0 if body.top_p is None else body.top_p
         if temperature < MIN_TEMPERATURE or top_p < MIN_TEMPERATURE:  # either limit is the likeliest token
             temperature, top_p = 0.0, 1.0
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         return SamplingParams(
-            max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(body.top_k or 0, 0),
-            repetition_penalty=body.repetition_penalty or 1.0, seed=body.seed, stop=stop,
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=max(body.top_k or 0, 0),
+            repetition_penalty=body.repetition_penalty or 1.0,
+            seed=body.seed,
+            stop=stop,
             ignore_eos=bool(body.ignore_eos),
-        )  # fmt: skip
+        )
 
     def _chat_ids(self, messages: list[ChatMessage]) -> torch.Tensor:
         conversation = []

@@ -79,9 +79,7 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]
         | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=MAX_PROMPTS)]
-    ) = Field(
-        description="text, a list of texts (one choice each), token ids, or a list of token id lists"
-    )
+    ) = Field(description="text, a list of texts (one choice each), token ids, or a list of token id lists")
     max_tokens: int | None = Field(16, ge=0)
     echo: bool | None = False
     suffix: str | None = Field(None, description="not supported", json_schema_extra={"maxLength": 0})

@@ -13,11 +13,11 @@ from collections.abc import Sequence
 
 import hivemind
 
+from ..protocol.dht.fraud_reports import FraudReport, publish_report
 from ..protocol.dht.network import find_servers
 from ..protocol.dht.records import latest_per_peer
-from ..protocol.dht.fraud_reports import FraudReport, publish_report
-from ..protocol.wire.identity import Identity
 from ..protocol.wire.grpc_node import GrpcNodeClient
+from ..protocol.wire.identity import Identity
 from ..protocol.wire.node_client import NodeClient, probe
 from .routing import Candidate
 
@@ -57,10 +57,22 @@ class PeerSource:
                 self.reported[p.error.address] = str(p.error)
                 log.warning("skipping node %s", p.error)
         return [
-            (Candidate(node.address, p.info.start_block, p.info.end_block, p.info.throughput, p.rtt,
-                       relayed=node.address in self.relayed, adapters=tuple(p.info.adapters)), node)
+            (
+                Candidate(
+                    node.address,
+                    p.info.start_block,
+                    p.info.end_block,
+                    p.info.throughput,
+                    p.rtt,
+                    relayed=node.address in self.relayed,
+                    adapters=tuple(p.info.adapters),
+                ),
+                node,
+            )
             for node, p in zip(nodes, probes)
-            if p.info is not None and p.info.revision == revision and p.info.model == model
+            if p.info is not None
+            and p.info.revision == revision
+            and p.info.model == model
             and (self.allow_keys is None or p.info.public_key in self.allow_keys)
             and (not adapter or adapter in p.info.adapters)
         ]
@@ -109,9 +121,11 @@ class DhtPeers(PeerSource):
             try:
                 pending = asyncio.gather(*self.reports, return_exceptions=True)
                 results = await asyncio.wait_for(pending, REPORT_STORE_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 results = [f"no answer in {REPORT_STORE_TIMEOUT:.0f} s"]
             failed = [r for r in results if r is not True]
             if failed:
-                log.warning("fraud reports not stored in the DHT (%d of %d): %s", len(failed), len(self.reports), failed)
+                log.warning(
+                    "fraud reports not stored in the DHT (%d of %d): %s", len(failed), len(self.reports), failed
+                )
         await asyncio.to_thread(self.dht.shutdown)

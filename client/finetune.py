@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.safetensors_files import write_safetensors
 from ..models.families import config_of
 from ..models.lora import CONFIG_FILE, TARGETS, WEIGHTS_FILE
+from ..models.safetensors_files import write_safetensors
 from ..protocol.wire.node_client import NodeError
-from .sync_model import DistributedModel
 from .session import Hop
+from .sync_model import DistributedModel
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 IGNORE_INDEX = -100  # labels that do not count in the loss (transformers' convention)
@@ -37,21 +37,29 @@ MAX_ATTEMPTS = 4  # routes tried for one failed call
 class LoraParameters(nn.Module):
     """LoRA matrices for every block of a model: A (r, in) Kaiming-uniform, B (out, r) zeros, as PEFT starts."""
 
-    def __init__(self, config, total_blocks: int, r: int = 8, alpha: float = 16, target_modules: Sequence[str] = TARGETS):
+    def __init__(
+        self, config, total_blocks: int, r: int = 8, alpha: float = 16, target_modules: Sequence[str] = TARGETS
+    ):
         super().__init__()
         if r < 1 or alpha <= 0:
             raise ValueError(f"LoRA needs r >= 1 and alpha > 0, got r={r}, alpha={alpha}")
         unknown = set(target_modules) - set(TARGETS)
         if unknown:
-            raise ValueError(f"target_modules {sorted(unknown)} are not LoRA targets here; choose from {', '.join(TARGETS)}")
+            raise ValueError(
+                f"target_modules {sorted(unknown)} are not LoRA targets here; choose from {', '.join(TARGETS)}"
+            )
         self.r, self.alpha, self.targets, self.total_blocks = r, alpha, tuple(target_modules), total_blocks
         c = config
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         sizes = {  # (in, out)
-            "q_proj": (c.hidden_size, q), "k_proj": (c.hidden_size, kv), "v_proj": (c.hidden_size, kv),
-            "o_proj": (q, c.hidden_size), "gate_proj": (c.hidden_size, c.intermediate_size),
-            "up_proj": (c.hidden_size, c.intermediate_size), "down_proj": (c.intermediate_size, c.hidden_size),
-        }  # fmt: skip
+            "q_proj": (c.hidden_size, q),
+            "k_proj": (c.hidden_size, kv),
+            "v_proj": (c.hidden_size, kv),
+            "o_proj": (q, c.hidden_size),
+            "gate_proj": (c.hidden_size, c.intermediate_size),
+            "up_proj": (c.hidden_size, c.intermediate_size),
+            "down_proj": (c.intermediate_size, c.hidden_size),
+        }
         self.names: dict[str, str] = {}  # wire name "layers.3.self_attn.q_proj.lora_A" -> parameter key
         self.weights = nn.ParameterDict()
         for block in range(total_blocks):
@@ -78,12 +86,23 @@ class LoraParameters(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": self.r,
-            "lora_alpha": self.alpha, "lora_dropout": 0.0, "target_modules": list(self.targets), "bias": "none",
-            "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,
-        }  # fmt: skip
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base_model,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": 0.0,
+            "target_modules": list(self.targets),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "use_rslora": False,
+            "use_dora": False,
+        }
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        tensors = ((f"base_model.model.model.{n}.weight", self.weights[k].detach().contiguous()) for n, k in self.names.items())
+        tensors = (
+            (f"base_model.model.model.{n}.weight", self.weights[k].detach().contiguous()) for n, k in self.names.items()
+        )
         write_safetensors(directory / WEIGHTS_FILE, tensors, {"format": "pt"})
         return directory
 
@@ -110,11 +129,17 @@ class SpanCalls:
         async def run(hops: list[Hop]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             inputs = [hidden]  # a re-routed span may span several nodes: their inputs first
             for hop in hops[:-1]:
-                inputs.append(await hop.node.train_forward(inputs[-1], hop.start, hop.end, _detached(lora, hop), lora.scale, self.timeout))
+                inputs.append(
+                    await hop.node.train_forward(
+                        inputs[-1], hop.start, hop.end, _detached(lora, hop), lora.scale, self.timeout
+                    )
+                )
             grads: dict[str, torch.Tensor] = {}
             g = grad
             for hop, x in zip(reversed(hops), reversed(inputs)):
-                g, more = await hop.node.backward(x, g, hop.start, hop.end, _detached(lora, hop), lora.scale, self.timeout)
+                g, more = await hop.node.backward(
+                    x, g, hop.start, hop.end, _detached(lora, hop), lora.scale, self.timeout
+                )
                 grads |= more
             return g, grads
 
@@ -126,7 +151,12 @@ class SpanCalls:
             try:
                 return await run(hops)
             except NodeError as e:
-                if attempt == MAX_ATTEMPTS - 1 or e.status not in (None, "UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"):
+                if attempt == MAX_ATTEMPTS - 1 or e.status not in (
+                    None,
+                    "UNAVAILABLE",
+                    "DEADLINE_EXCEEDED",
+                    "CANCELLED",
+                ):
                     raise
                 for hop in hops:
                     if hop.node.address in str(e):
@@ -171,7 +201,9 @@ class DistributedLoraModel(nn.Module):
         self.lora = LoraParameters(config_of(self.core.ckpt), self.core.total_blocks, r, alpha, target_modules)
         self.calls = SpanCalls(model, timeout)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(loss or None, logits (B, T, vocab)); loss is transformers' causal LM loss (labels shifted by one,
         IGNORE_INDEX positions left out, mean over the rest)."""
         head = self.core.head

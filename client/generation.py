@@ -69,7 +69,9 @@ async def generate_ids(
                 ids = ids[:, :keep]
                 out = await session.step(batcher.embed(ids[:, rewind:]), position=rewind)
                 continue
-            unchecked = 0 if verifier is None else ids.shape[1] - 1 - verifier.verified  # tokens whose output is unchecked
+            unchecked = (
+                0 if verifier is None else ids.shape[1] - 1 - verifier.verified
+            )  # tokens whose output is unchecked
             released = max(len(pending) - unchecked, 0)
             for token, _ in pending[:released]:
                 yield token

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 
-
 MAX_WAIT_S = 0.25  # the longest a pass waits for members' requests
 
 

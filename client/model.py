@@ -25,6 +25,7 @@ from ..protocol.wire.allow_keys import load_allow_keys
 from ..protocol.wire.identity import Identity
 from ..protocol.wire.node_client import NodeClient
 from .ban_list import BanList
+from .chat_session import AsyncChatSession
 from .discovery import DhtPeers, PeerSource, StaticPeers
 from .generation import generate_ids
 from .head_batcher import HeadBatcher
@@ -32,7 +33,6 @@ from .routing import Candidate, NoRouteError, find_route
 from .sampling import SamplingParams
 from .session import DEFAULT_PREFILL_CHUNK, DEFAULT_PUSH, DEFAULT_STEP_TIMEOUT, Hop, InferenceSession, RetryPolicy
 from .speculative import DEFAULT_DRAFT_TOKENS, Drafter, load_drafter
-from .chat_session import AsyncChatSession
 from .text_stream import TextPiece, text_only, text_pieces
 from .verification.evidence import fraud_report, write_evidence
 from .verification.opinions import adapter_files, holds_blocks
@@ -123,11 +123,15 @@ class AsyncDistributedModel:
         return cls(await asyncio.to_thread(resolve, model), source, **kwargs)
 
     # ---- routing and sessions
-    async def candidates(self, exclude: set[str] = frozenset(), adapter: str | None = None) -> list[tuple[Candidate, NodeClient]]:
+    async def candidates(
+        self, exclude: set[str] = frozenset(), adapter: str | None = None
+    ) -> list[tuple[Candidate, NodeClient]]:
         """The live nodes of this checkpoint routing may use: allowed keys, none that failed recently or lied,
         nor in `exclude`; with `adapter`, only those serving it."""
         exclude = self.bans.banned() | self.dishonest | exclude
-        return await self.source.candidates(self.ckpt.name, self.ckpt.revision, self.total_blocks, exclude=exclude, adapter=adapter)
+        return await self.source.candidates(
+            self.ckpt.name, self.ckpt.revision, self.total_blocks, exclude=exclude, adapter=adapter
+        )
 
     async def route(
         self, start: int = 0, end: int | None = None, exclude: set[str] = frozenset(), adapter: str | None = None
@@ -155,11 +159,18 @@ class AsyncDistributedModel:
         adapter = files.name if files else adapter  # a directory: nodes know the adapter by its base name
         router = functools.partial(self.route, adapter=adapter)  # failover finds replacements serving it too
         session = InferenceSession(
-            await router(), max_length, batch_size, self.wire_dtype, self.step_timeout,
-            router=router, on_failure=lambda node: self.bans.ban(node.address), retry=self.retry,
-            prefill_chunk=self.prefill_chunk, adapter=adapter,
+            await router(),
+            max_length,
+            batch_size,
+            self.wire_dtype,
+            self.step_timeout,
+            router=router,
+            on_failure=lambda node: self.bans.ban(node.address),
+            retry=self.retry,
+            prefill_chunk=self.prefill_chunk,
+            adapter=adapter,
             push=self.push and not self.verify,  # a fraud proof needs every input in the node's signed request
-        )  # fmt: skip
+        )
         if self.verify:
             local = self.ckpt if self.verify_local and holds_blocks(self.ckpt) else None
             session.verifier = Verifier(session, router, self.caught, self.verify_window, local, files)
@@ -171,12 +182,21 @@ class AsyncDistributedModel:
         where = f" at position {finding.position}" if finding.position >= 0 else " while checking another node"
         log.warning(
             "dishonest node %s (peer %s) returned wrong outputs for blocks %d:%d%s (error %.3g > tolerance %.3g, "
-            "judged by %s); banned, re-routing", finding.node.address, finding.peer_id, finding.start, finding.end,
-            where, finding.error, finding.tolerance, finding.judge,
-        )  # fmt: skip
+            "judged by %s); banned, re-routing",
+            finding.node.address,
+            finding.peer_id,
+            finding.start,
+            finding.end,
+            where,
+            finding.error,
+            finding.tolerance,
+            finding.judge,
+        )
         path = write_evidence(finding, self.ckpt.name, self.ckpt.revision, self.source.identity.public_key)
         if path is not None:
-            log.warning("evidence against peer %s written to %s (torchnode check-evidence FILE MODEL)", finding.peer_id, path)
+            log.warning(
+                "evidence against peer %s written to %s (torchnode check-evidence FILE MODEL)", finding.peer_id, path
+            )
             self.source.publish(fraud_report(finding, self.ckpt.name, path, self.source.identity))  # DHT only
 
     def drafter(self, draft: str | None = None, draft_tokens: int | None = None) -> tuple[Drafter | None, int]:
@@ -312,7 +332,9 @@ class AsyncDistributedModel:
         try:
             out = await session.step(self.head.embed(input_ids))
             while session.verifier is not None and (rewind := await session.verifier.check(final=True)) is not None:
-                out = torch.cat([out[:, :rewind], await session.step(self.head.embed(input_ids[:, rewind:]), rewind)], 1)
+                out = torch.cat(
+                    [out[:, :rewind], await session.step(self.head.embed(input_ids[:, rewind:]), rewind)], 1
+                )
             return await self.heads.logits(out)
         finally:
             await session.close()

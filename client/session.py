@@ -19,10 +19,23 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
-from tenacity import wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
-from ..protocol.wire.node_client import NodeClient, NodeError, NodeSession, PushedStep, PushTarget, SessionSpec, tensor_digest
+from ..protocol.wire.node_client import (
+    NodeClient,
+    NodeError,
+    NodeSession,
+    PushedStep,
+    PushTarget,
+    SessionSpec,
+    tensor_digest,
+)
 from .routing import NoRouteError
 
 log = logging.getLogger(__name__)
@@ -122,7 +135,9 @@ class InferenceSession:
                 hidden = out[:, -tokens:]
         return hidden
 
-    async def prefill(self, hidden: torch.Tensor, chunk: int | None = None, position: int | None = None) -> torch.Tensor:
+    async def prefill(
+        self, hidden: torch.Tensor, chunk: int | None = None, position: int | None = None
+    ) -> torch.Tensor:
         """Like `step`, but a long input (B, T, H) flows through the chain in chunks of `chunk` tokens (default:
         the session's `prefill_chunk`), as a pipeline: the first hop works on chunk 2 while the second works
         on chunk 1. Each chunk is an ordinary step of each hop (kept in its history). If a hop fails midway,
@@ -228,7 +243,9 @@ class InferenceSession:
                         self.node_pushes += bool(i) and not supply
                         out, supply = reply.hidden, bool(reply.push_error) and i + 1 < n
                         if supply:
-                            log.info("%s could not push (%s); sending its output on", hop.node.address, reply.push_error)
+                            log.info(
+                                "%s could not push (%s); sending its output on", hop.node.address, reply.push_error
+                            )
                         if self.verifier is not None:
                             self.verifier.observe(hop, position, out)
                 except NodeError as error:
@@ -248,7 +265,9 @@ class InferenceSession:
 
     def _open(self, hop: Hop) -> None:
         if hop.stream is None:
-            spec = SessionSpec(self.id, hop.start, hop.end, self.max_length, self.batch_size, self.wire_dtype, self.adapter)
+            spec = SessionSpec(
+                self.id, hop.start, hop.end, self.max_length, self.batch_size, self.wire_dtype, self.adapter
+            )
             hop.stream = hop.node.open_session(spec)
 
     async def _send(self, hop: Hop, hidden: torch.Tensor, position: int) -> torch.Tensor:
@@ -260,7 +279,9 @@ class InferenceSession:
 
     async def _recover(self, failed: Hop, error: NodeError) -> tuple[list[Hop], torch.Tensor]:
         """New hops for the failed hop's blocks, with its history replayed; returns them and their output."""
-        log.warning("node %s failed on blocks %d:%d (%s); re-routing", failed.node.address, failed.start, failed.end, error)
+        log.warning(
+            "node %s failed on blocks %d:%d (%s); re-routing", failed.node.address, failed.start, failed.end, error
+        )
         self.on_failure(failed.node)
         self._abandon(failed)
         if self.router is None:
@@ -276,7 +297,9 @@ class InferenceSession:
             with attempt:
                 hops = await self.router(failed.start, failed.end)
                 out = await self._replay(hops, inputs)
-                log.warning("blocks %d:%d recovered on %s", failed.start, failed.end, ", ".join(h.node.address for h in hops))
+                log.warning(
+                    "blocks %d:%d recovered on %s", failed.start, failed.end, ", ".join(h.node.address for h in hops)
+                )
                 return hops, out
         raise AssertionError("unreachable: tenacity reraises the last error")
 

@@ -273,7 +273,11 @@ async def speculative_ids(
         logits = (await HeadBatcher.of(head).logits(out[:, -len(draft.tokens) - 1 :]))[0]
         new = accept(logits, draft, params, ids, generator)
         length.update(len(draft.tokens), len(new) - 1)
-        stats.passes, stats.drafted, stats.accepted = stats.passes + 1, stats.drafted + len(draft.tokens), stats.accepted + len(new) - 1
+        stats.passes, stats.drafted, stats.accepted = (
+            stats.passes + 1,
+            stats.drafted + len(draft.tokens),
+            stats.accepted + len(new) - 1,
+        )
         stats.lengths.append(k)
         position, pending = position + len(pending) + len(new) - 1, new[-1:]
         for token in new:

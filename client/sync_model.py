@@ -8,8 +8,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from .loop_thread import LoopThread
 from .chat_session import AsyncChatSession
+from .loop_thread import LoopThread
 from .model import DEFAULT_MAX_LENGTH, AsyncDistributedModel, Prompt
 
 T = TypeVar("T")

@@ -120,10 +120,16 @@ class StateCollector(Collector):
         rtt = GaugeMetricFamily("torchnode_node_rtt_seconds", "Round trip of a signed Info call", labels=node_labels)
         cache = GaugeMetricFamily("torchnode_node_cache_bytes_free", "KV cache memory left", labels=node_labels)
         uptime = GaugeMetricFamily("torchnode_node_uptime_seconds", "Seconds since first seen", labels=node_labels)
-        batch = GaugeMetricFamily("torchnode_node_batch_size", "Sequences in the node's latest batch", labels=node_labels)
-        queue = GaugeMetricFamily("torchnode_node_queue_length", "Steps waiting for the node's next batch", labels=node_labels)
+        batch = GaugeMetricFamily(
+            "torchnode_node_batch_size", "Sequences in the node's latest batch", labels=node_labels
+        )
+        queue = GaugeMetricFamily(
+            "torchnode_node_queue_length", "Steps waiting for the node's next batch", labels=node_labels
+        )
         reports = GaugeMetricFamily(
-            "torchnode_node_fraud_reports", "Signed fraud reports in the DHT naming the node (claims)", labels=node_labels
+            "torchnode_node_fraud_reports",
+            "Signed fraud reports in the DHT naming the node (claims)",
+            labels=node_labels,
         )
         for m in s.models:
             counts = Counter((n.state, n.health) for n in m.nodes)

@@ -30,14 +30,14 @@ import hivemind
 from hivemind.utils.timed_storage import get_dht_time
 
 from ..protocol.dht.coverage import block_ranges, coverage
+from ..protocol.dht.fraud_reports import FraudReport, find_reports
+from ..protocol.dht.model_index import IndexedModel, find_models, group_by_model
 from ..protocol.dht.network import find_blocks, start_dht
 from ..protocol.dht.records import MAX_BLOCKS, ServerRecord, latest_per_peer, validate_model_name
-from ..protocol.dht.fraud_reports import FraudReport, find_reports
-from ..protocol.wire.identity import Identity
-from ..protocol.wire.grpc_node import GrpcNodeClient
-from ..protocol.dht.model_index import IndexedModel, find_models, group_by_model
-from ..protocol.wire.node_client import NodeClient, NodeInfo, Probe, probe
 from ..protocol.version import __version__
+from ..protocol.wire.grpc_node import GrpcNodeClient
+from ..protocol.wire.identity import Identity
+from ..protocol.wire.node_client import NodeClient, NodeInfo, Probe, probe
 from .history import DEFAULT_WINDOW, History
 from .state_schema import BlockState, ModelState, NodeState, SwarmState
 
@@ -84,9 +84,13 @@ class HealthMonitor:
         self.first_seen: dict[tuple[str, str], float] = {}  # (model, peer id) -> unix time
         self.clients: dict[tuple[str, bytes], NodeClient] = {}  # (address, expected key) -> channel
         self.state = SwarmState(
-            generated_at=0.0, refresh_s=refresh, scan_duration_s=0.0, monitor_version=__version__,
-            dht_maddrs=list(dht_maddrs), models=[_model_state(m, 0, False, []) for m in self.models],
-        )  # fmt: skip
+            generated_at=0.0,
+            refresh_s=refresh,
+            scan_duration_s=0.0,
+            monitor_version=__version__,
+            dht_maddrs=list(dht_maddrs),
+            models=[_model_state(m, 0, False, []) for m in self.models],
+        )
         self.scans = 0
 
     async def run_forever(self) -> None:
@@ -115,9 +119,13 @@ class HealthMonitor:
         self.models = names
         self.history.record(models)
         self.state = SwarmState(
-            generated_at=time.time(), refresh_s=self.refresh, scan_duration_s=time.monotonic() - started,
-            monitor_version=__version__, dht_maddrs=self.state.dht_maddrs, models=models,
-        )  # fmt: skip
+            generated_at=time.time(),
+            refresh_s=self.refresh,
+            scan_duration_s=time.monotonic() - started,
+            monitor_version=__version__,
+            dht_maddrs=self.state.dht_maddrs,
+            models=models,
+        )
         return self.state
 
     async def close(self) -> None:
@@ -174,9 +182,7 @@ class HealthMonitor:
             self.clients[key] = GrpcNodeClient(record.address, self.identity, record.public_key, insecure=self.insecure)
         return await probe(self.clients[key], self.probe_timeout)
 
-    def _learn_total(
-        self, model: str, records: dict[str, ServerRecord], probes: dict[str, Probe]
-    ) -> tuple[int, bool]:
+    def _learn_total(self, model: str, records: dict[str, ServerRecord], probes: dict[str, Probe]) -> tuple[int, bool]:
         """(block count, whether a healthy node said it). Votes of healthy nodes only; the most common
         value wins (ties: the larger). With no healthy node this scan, the last count learned stays."""
         votes = Counter()
@@ -198,20 +204,34 @@ class HealthMonitor:
         health, problem = _health(record, probe)
         live = info if health == "healthy" else None  # an unhealthy node's Info is not to be believed
         return NodeState(
-            peer_id=record.peer_id, short_id=record.peer_id[:12], public_key=record.public_key.hex(),
-            address=record.address, relay=record.relay, model=record.model, revision=record.revision,
-            start=record.start, end=record.end, state=record.state, health=health, problem=problem,
+            peer_id=record.peer_id,
+            short_id=record.peer_id[:12],
+            public_key=record.public_key.hex(),
+            address=record.address,
+            relay=record.relay,
+            model=record.model,
+            revision=record.revision,
+            start=record.start,
+            end=record.end,
+            state=record.state,
+            health=health,
+            problem=problem,
             encrypted=getattr(self.clients.get((record.address, record.public_key)), "encrypted", None),
             throughput=live.throughput if live else record.throughput,
             rtt_ms=probe.rtt * 1000 if probe.rtt is not None else None,
             cache_bytes_free=live.cache_bytes_free if live else record.cache_bytes_free,
-            sessions_free=live.sessions_free if live else None, dtype=live.dtype if live else None,
-            batch_size=live.batch_size if live else None, queue_length=live.queue_length if live else None,
-            version=record.version, total_blocks=record.total_blocks or (live.total_blocks if live else 0),
-            first_seen=first_seen, uptime_s=max(0.0, now - first_seen),
+            sessions_free=live.sessions_free if live else None,
+            dtype=live.dtype if live else None,
+            batch_size=live.batch_size if live else None,
+            queue_length=live.queue_length if live else None,
+            version=record.version,
+            total_blocks=record.total_blocks or (live.total_blocks if live else 0),
+            first_seen=first_seen,
+            uptime_s=max(0.0, now - first_seen),
             expires_in_s=max(0.0, record.expiration - dht_now),
-            reports=len(reports), report_evidence=sorted({r.evidence_sha256 for r in reports}),
-        )  # fmt: skip
+            reports=len(reports),
+            report_evidence=sorted({r.evidence_sha256 for r in reports}),
+        )
 
 
 async def scan_once(
@@ -251,9 +271,7 @@ def _problems(record: ServerRecord, info: NodeInfo) -> list[str]:
     if info.revision != record.revision:
         problems.append(f"Info says revision {info.revision[:12]!r}, its record {record.revision[:12]!r}")
     if (info.start_block, info.end_block) != (record.start, record.end):
-        problems.append(
-            f"Info says blocks {info.start_block}:{info.end_block}, its record {record.start}:{record.end}"
-        )
+        problems.append(f"Info says blocks {info.start_block}:{info.end_block}, its record {record.start}:{record.end}")
     if not info.end_block <= info.total_blocks <= MAX_BLOCKS:
         problems.append(f"Info says total_blocks {info.total_blocks}, below its span's end or too large")
     elif record.total_blocks and info.total_blocks != record.total_blocks:
@@ -267,8 +285,9 @@ def _model_state(
     serving = [n for n in nodes if n.health == "healthy" and n.state == "online"]
     cov = coverage([(n.start, n.end, n.throughput) for n in serving], total)
     blocks = [
-        BlockState(block=b, servers=n, throughput=tps,
-                   coverage="uncovered" if not n else "single" if n == 1 else "replicated")  # fmt: skip
+        BlockState(
+            block=b, servers=n, throughput=tps, coverage="uncovered" if not n else "single" if n == 1 else "replicated"
+        )
         for b, (n, tps) in enumerate(zip(cov.servers, cov.throughput))
     ]
     missing = cov.missing
@@ -283,11 +302,21 @@ def _model_state(
     index_fields = {}
     if indexed is not None:
         index_fields = dict(
-            family=", ".join(indexed.families), revisions=indexed.revisions, indexed_nodes=len(indexed.entries),
+            family=", ".join(indexed.families),
+            revisions=indexed.revisions,
+            indexed_nodes=len(indexed.entries),
             adapters=sorted({a for e in indexed.entries for a in e.adapters}),
-        )  # fmt: skip
+        )
     return ModelState(
-        **index_fields, name=model, total_blocks=total, total_blocks_known=known, ready=ready_revision is not None,
-        ready_revision=ready_revision, missing=missing, missing_ranges=block_ranges(missing),
-        bottleneck_throughput=min((b.throughput for b in blocks), default=0.0), blocks=blocks, nodes=nodes,
-    )  # fmt: skip
+        **index_fields,
+        name=model,
+        total_blocks=total,
+        total_blocks_known=known,
+        ready=ready_revision is not None,
+        ready_revision=ready_revision,
+        missing=missing,
+        missing_ranges=block_ranges(missing),
+        bottleneck_throughput=min((b.throughput for b in blocks), default=0.0),
+        blocks=blocks,
+        nodes=nodes,
+    )

@@ -62,7 +62,13 @@ def model_sample(m: ModelState, now: float) -> HistorySample:
     }
     sessions = [n.sessions_free for n in serving if n.sessions_free is not None]
     return HistorySample(
-        t=now, nodes=len(m.nodes), nodes_online=len(serving), blocks_covered=sum(b.servers > 0 for b in m.blocks),
-        total_blocks=m.total_blocks, tokens_per_s=m.bottleneck_throughput, ready=m.ready,
-        sessions_free=sum(sessions) if sessions else None, **load,
-    )  # fmt: skip
+        t=now,
+        nodes=len(m.nodes),
+        nodes_online=len(serving),
+        blocks_covered=sum(b.servers > 0 for b in m.blocks),
+        total_blocks=m.total_blocks,
+        tokens_per_s=m.bottleneck_throughput,
+        ready=m.ready,
+        sessions_free=sum(sessions) if sessions else None,
+        **load,
+    )

@@ -22,8 +22,9 @@ class NodeState(BaseModel):
     public_key: str = Field(description="the node's Ed25519 public key from its record, hex")
     address: str = Field(description="host:port of the node's gRPC server, from its record")
     relay: str = Field(
-        "", description="peer id of the relay `address` belongs to (the node is behind a NAT and reached through "
-        "it); empty: dialled directly"
+        "",
+        description="peer id of the relay `address` belongs to (the node is behind a NAT and reached through "
+        "it); empty: dialled directly",
     )
     model: str
     revision: str = Field(description="fingerprint of the checkpoint the node serves")
@@ -39,8 +40,9 @@ class NodeState(BaseModel):
     throughput: float = Field(description="tokens/s: from Info when healthy, else as announced")
     rtt_ms: float | None = Field(None, description="round trip of the signed Info call; null when it failed")
     encrypted: bool | None = Field(
-        None, description="whether the node's gRPC channel is TLS bound to its key (false: plaintext, --insecure); "
-        "null until the monitor has reached it"
+        None,
+        description="whether the node's gRPC channel is TLS bound to its key (false: plaintext, --insecure); "
+        "null until the monitor has reached it",
     )
     cache_bytes_free: int = Field(description="KV cache memory left: from Info when healthy, else as announced")
     sessions_free: int | None = Field(None, description="inference sessions the node still accepts (from Info)")
@@ -53,8 +55,9 @@ class NodeState(BaseModel):
     uptime_s: float = Field(description="seconds since first_seen")
     expires_in_s: float = Field(description="seconds until the node's record expires unless refreshed")
     reports: int = Field(
-        0, description="signed fraud reports in the DHT that name this node (one per reporter key): claims, not "
-        "proof; the evidence file with one of `report_evidence` proves it (torchnode check-evidence FILE MODEL)"
+        0,
+        description="signed fraud reports in the DHT that name this node (one per reporter key): claims, not "
+        "proof; the evidence file with one of `report_evidence` proves it (torchnode check-evidence FILE MODEL)",
     )
     report_evidence: list[str] = Field([], description="sha256 (hex) of the evidence file each report names")
 

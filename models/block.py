@@ -208,7 +208,10 @@ class Span(nn.Module):
         flat = [x.reshape(-1, x.shape[-1]).to(dtype) for x in xs]  # (B_i * T_i, hidden) each
         h = (flat[0] if len(flat) == 1 else torch.cat(flat))[None]  # (1, N, hidden)
         token_positions = torch.cat(
-            [torch.arange(s.position, s.position + s.tokens, device=self.inv_freq.device).repeat(s.rows) for s in segments]
+            [
+                torch.arange(s.position, s.position + s.tokens, device=self.inv_freq.device).repeat(s.rows)
+                for s in segments
+            ]
         )  # (N,)
         cos, sin = self.rotary(token_positions, dtype)  # (N, D)
         for offset, i in enumerate(range(start, end)):

@@ -14,12 +14,12 @@ from torch import nn
 
 from .block import Head, Span
 from .checkpoint import Checkpoint
-from .llama.config import LlamaConfig, rope_inverse_frequencies
 from .deepseek.config import DeepseekV3Config
-from .mixtral.config import MixtralConfig
-from .qwen3_moe.config import Qwen3MoeConfig
 from .gguf_q4 import read_gguf_q4_blocks, replaced_by_q4_blocks
+from .llama.config import LlamaConfig, rope_inverse_frequencies
+from .mixtral.config import MixtralConfig
 from .quantization import KEEP_FLOAT, check_mode, quantize_span
+from .qwen3_moe.config import Qwen3MoeConfig
 
 LAYER_PREFIX = "model.layers."
 

@@ -101,9 +101,11 @@ def gguf_tensors(gguf: Path, config: PretrainedConfig) -> Iterator[tuple[str, to
     with open(gguf, "rb", buffering=0) as file:  # weights by plain reads (`read_gguf_data`)
         for tensor in reader.tensors:
             result = processor.process(
-                weights=dequantize_rows(read_gguf_data(file, tensor), tensor.tensor_type), name=tensor.name,
-                tensor_key_mapping=names, parsed_parameters=pending,
-            )  # fmt: skip
+                weights=dequantize_rows(read_gguf_data(file, tensor), tensor.tensor_type),
+                name=tensor.name,
+                tensor_key_mapping=names,
+                parsed_parameters=pending,
+            )
             if result.name is None:  # a part of fused experts, gone into `pending` under its transformers name
                 hf_name = names[tensor.name.removesuffix(".weight")]
                 filled[hf_name] = filled.get(hf_name, 0) + 1

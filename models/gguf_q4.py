@@ -126,7 +126,7 @@ def _row_sources(probe, sources):
 
 
 def _layer(name: str) -> str:
-    """"model.layers.N." of a transformers name in block N."""
+    """ "model.layers.N." of a transformers name in block N."""
     return ".".join(name.split(".")[:3]) + "."
 
 

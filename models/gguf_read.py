@@ -13,8 +13,11 @@ def gguf_names(reader, config: PretrainedConfig):
     their own): SmolLM2's vocabulary and merges are ~90 MiB of small arrays, a third of the peak."""
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import (
-        TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, read_field,
-    )  # fmt: skip
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        read_field,
+    )
 
     architecture = read_field(reader, "general.architecture")[0]
     reader.fields.clear()

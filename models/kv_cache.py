@@ -24,9 +24,7 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
-def cache_bytes(
-    *, layers: int, batch: int, kv_heads: int, max_length: int, head_dim: int, dtype: torch.dtype
-) -> int:
+def cache_bytes(*, layers: int, batch: int, kv_heads: int, max_length: int, head_dim: int, dtype: torch.dtype) -> int:
     """What `layers` KVCaches of this shape will take, computed before allocating them."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     return 2 * layers * batch * kv_heads * max_length * head_dim * itemsize

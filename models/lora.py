@@ -97,9 +97,10 @@ def _check_config(name: str, config: object) -> None:
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         raise AdapterError(f"adapter {name!r}: only LoRA adapters are served (peft_type 'LORA')")
     unsupported = {
-        "use_dora": config.get("use_dora"), "bias": config.get("bias", "none") != "none",
+        "use_dora": config.get("use_dora"),
+        "bias": config.get("bias", "none") != "none",
         "modules_to_save": config.get("modules_to_save"),
-    }  # fmt: skip
+    }
     if bad := [k for k, v in unsupported.items() if v]:
         raise AdapterError(f"adapter {name!r}: {', '.join(bad)} is not supported (plain LoRA weights only)")
     if not isinstance(config.get("lora_alpha"), (int, float)):
@@ -134,7 +135,9 @@ def load_adapter(source: AdapterSource, span: nn.Module, start: int, end: int) -
     lora = {}
     for path, pair in found.items():
         w = fit_lora(name, span, path, pair, source.config)
-        lora[path] = LoraWeights(w.a.to(parameter.device, parameter.dtype), w.b.to(parameter.device, parameter.dtype), w.scale)
+        lora[path] = LoraWeights(
+            w.a.to(parameter.device, parameter.dtype), w.b.to(parameter.device, parameter.dtype), w.scale
+        )
     return lora
 
 
@@ -148,7 +151,13 @@ def fit_lora(name: str, span: nn.Module, path: str, pair: dict[str, torch.Tensor
         raise AdapterError(f"adapter {name!r}: {path} has lora_{'A' if 'A' not in pair else 'B'} missing")
     a, b = pair["A"], pair["B"]
     out_features, in_features = _features(module)
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape[0] != out_features or a.shape[0] != b.shape[1]:
+    if (
+        a.dim() != 2
+        or b.dim() != 2
+        or a.shape[1] != in_features
+        or b.shape[0] != out_features
+        or a.shape[0] != b.shape[1]
+    ):
         raise AdapterError(
             f"adapter {name!r}: shapes do not fit {path} ({in_features} -> {out_features}): "
             f"lora_A {list(a.shape)}, lora_B {list(b.shape)} (an adapter of another model?)"
@@ -164,6 +173,7 @@ def _features(module: nn.Module) -> tuple[int, int]:
 
 
 # ---- applying LoRA during a pass
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -198,7 +208,9 @@ def _apply(path: str, module: nn.Module, args: tuple, output: torch.Tensor) -> t
     if len(weights) == 1 or all(w is weights[0] for w in weights):  # one LoRA for every row: one matmul
         return output + _term(x, weights[0])
     parts = x.split(list(plan.sizes), dim=-2)  # (..., n_i, in) each
-    terms = [_term(p, w) if w is not None else p.new_zeros(*p.shape[:-1], output.shape[-1]) for p, w in zip(parts, weights)]
+    terms = [
+        _term(p, w) if w is not None else p.new_zeros(*p.shape[:-1], output.shape[-1]) for p, w in zip(parts, weights)
+    ]
     return output + torch.cat(terms, dim=-2)  # (..., N, out)
 
 

@@ -184,9 +184,13 @@ def nf4_linear(linear: nn.Linear) -> nn.Module:
 
     device = linear.weight.device
     layer = bnb.nn.Linear4bit(
-        linear.in_features, linear.out_features, bias=linear.bias is not None,
-        compute_dtype=linear.weight.dtype, quant_type="nf4", device="cpu",
-    )  # fmt: skip
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=linear.weight.dtype,
+        quant_type="nf4",
+        device="cpu",
+    )
     layer.weight = bnb.nn.Params4bit(linear.weight.detach().cpu(), requires_grad=False, quant_type="nf4")
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.detach().cpu(), requires_grad=False)
@@ -263,7 +267,9 @@ def quantize_span(
         if not from_codes:
             on_status(f"int4: {rest} (no GGUF Q4 blocks)")
         else:
-            codes = f"int4: {from_codes} of {linears} linears served from the GGUF's own {'/'.join(sorted(kinds))} codes"
+            codes = (
+                f"int4: {from_codes} of {linears} linears served from the GGUF's own {'/'.join(sorted(kinds))} codes"
+            )
             on_status(codes + (f", {rest}" if from_codes < linears else ""))
     return span
 

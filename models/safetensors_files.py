@@ -16,10 +16,19 @@ SINGLE_SHARD = "model.safetensors"
 
 # safetensors' dtype names (the format's header) and torch's
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 Wanted = Callable[[str], bool]
@@ -75,9 +84,10 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], m
             data.write(raw)
             size = tensor.numel() * tensor.element_size()
             header[name] = {
-                "dtype": TORCH_TO_SAFETENSORS[tensor.dtype], "shape": list(tensor.shape),
+                "dtype": TORCH_TO_SAFETENSORS[tensor.dtype],
+                "shape": list(tensor.shape),
                 "data_offsets": [offset, offset + size],
-            }  # fmt: skip
+            }
             offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8 bytes with spaces

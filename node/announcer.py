@@ -17,10 +17,10 @@ from dataclasses import replace
 import hivemind
 from hivemind.utils.timed_storage import get_dht_time
 
+from ..protocol.dht.model_index import ModelEntry, announce_model
 from ..protocol.dht.network import announce
 from ..protocol.dht.records import ServerRecord
 from ..protocol.wire.identity import Identity
-from ..protocol.dht.model_index import ModelEntry, announce_model
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,15 @@ class Announcer:
     def entry(self, record: ServerRecord) -> ModelEntry:
         """The model index entry that goes with `record` (same signer, same expiration)."""
         return ModelEntry(
-            peer_id=record.peer_id, public_key=record.public_key, model=record.model, revision=record.revision,
-            family=self.family, total_blocks=record.total_blocks, adapters=tuple(self.adapters()),
+            peer_id=record.peer_id,
+            public_key=record.public_key,
+            model=record.model,
+            revision=record.revision,
+            family=self.family,
+            total_blocks=record.total_blocks,
+            adapters=tuple(self.adapters()),
             expiration=record.expiration,
-        )  # fmt: skip
+        )
 
     async def run_forever(self) -> None:
         while True:

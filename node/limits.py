@@ -29,7 +29,14 @@ class Limits:
     max_pushed: int = 4096  # pushed inputs kept while their steps have not arrived
 
     def __post_init__(self) -> None:
-        for name in ("max_sessions", "cache_bytes", "max_session_tokens", "max_message_bytes", "max_batch_tokens", "max_pushed"):
+        for name in (
+            "max_sessions",
+            "cache_bytes",
+            "max_session_tokens",
+            "max_message_bytes",
+            "max_batch_tokens",
+            "max_pushed",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.session_idle_timeout <= 0 or self.max_clock_skew <= 0:

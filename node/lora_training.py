@@ -17,7 +17,9 @@ from .errors import OutOfRange, RequestError
 from .span_backend import SpanBackend
 
 
-def client_lora(backend: SpanBackend, tensors: dict[str, torch.Tensor], scale: float, start: int, end: int) -> dict[str, LoraWeights]:
+def client_lora(
+    backend: SpanBackend, tensors: dict[str, torch.Tensor], scale: float, start: int, end: int
+) -> dict[str, LoraWeights]:
     """The request's LoRA as {module path: weights} for blocks [start, end), checked against the span."""
     if not torch.isfinite(torch.tensor(scale)) or scale <= 0:
         raise RequestError(f"lora_scale must be a positive number, got {scale}")
@@ -31,7 +33,9 @@ def client_lora(backend: SpanBackend, tensors: dict[str, torch.Tensor], scale: f
             raise RequestError(f"LoRA tensor {name!r} is outside blocks {start}:{end} of this request")
         pairs.setdefault(path, {})[which] = tensor.to(backend.info.dtype)
     try:
-        lora = {path: fit_lora("client LoRA", backend.span, path, pair, {"lora_alpha": 1.0}) for path, pair in pairs.items()}
+        lora = {
+            path: fit_lora("client LoRA", backend.span, path, pair, {"lora_alpha": 1.0}) for path, pair in pairs.items()
+        }
     except AdapterError as e:
         raise RequestError(str(e)) from None
     return {path: LoraWeights(w.a, w.b, scale) for path, w in lora.items()}
@@ -46,7 +50,9 @@ def _check_size(backend: SpanBackend, x: torch.Tensor) -> None:
         )
 
 
-def _span_pass(backend: SpanBackend, x: torch.Tensor, start: int, end: int, lora: dict[str, LoraWeights]) -> torch.Tensor:
+def _span_pass(
+    backend: SpanBackend, x: torch.Tensor, start: int, end: int, lora: dict[str, LoraWeights]
+) -> torch.Tensor:
     """The span over x (B, T, hidden) from position 0 with `lora`, recorded by autograd where grads are on.
 
     `Span.forward_batch` runs in inference mode (no graph); its undecorated body is the same pass."""
@@ -93,7 +99,10 @@ async def backward(
     def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.enable_grad():
             leaf = x.to(backend.info.dtype).detach().requires_grad_(True)
-            trainable = {p: LoraWeights(w.a.detach().requires_grad_(True), w.b.detach().requires_grad_(True), w.scale) for p, w in lora.items()}
+            trainable = {
+                p: LoraWeights(w.a.detach().requires_grad_(True), w.b.detach().requires_grad_(True), w.scale)
+                for p, w in lora.items()
+            }
             out = _span_pass(backend, leaf, start, end, trainable)
             params = [t for w in trainable.values() for t in (w.a, w.b)]
             grads = torch.autograd.grad(out, [leaf, *params], grad_output.to(out.dtype), allow_unused=True)

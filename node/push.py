@@ -96,7 +96,9 @@ class Pusher:
 
     def link(self, address: str, key: bytes) -> NodeClient:
         if (address, key) not in self.links:
-            self.links[(address, key)] = GrpcNodeClient(address, self.identity, expected_key=key, insecure=self.insecure)
+            self.links[(address, key)] = GrpcNodeClient(
+                address, self.identity, expected_key=key, insecure=self.insecure
+            )
         return self.links[(address, key)]
 
     async def push(self, target: PushTarget, hidden: torch.Tensor) -> str:

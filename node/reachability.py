@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import hivemind
 
+from ..protocol.dht.relay_directory import find_relays
 from ..protocol.wire.identity import Identity
 from ..protocol.wire.relay_link import Registration, RelayError, RelayLink, dialback
-from ..protocol.dht.relay_directory import find_relays
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ import hivemind
 from aiolimiter import AsyncLimiter
 from hivemind.utils.timed_storage import get_dht_time
 
+from ..protocol.dht.relay_directory import RelayEntry, announce_relay
 from ..protocol.wire import tls
 from ..protocol.wire.identity import PUBLIC_KEY_BYTES, Identity, peer_id_of, verify
 from ..protocol.wire.relay_link import (
@@ -39,7 +40,6 @@ from ..protocol.wire.relay_link import (
     splice,
     write_message,
 )
-from ..protocol.dht.relay_directory import RelayEntry, announce_relay
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,9 @@ class Relayed:
 
 
 class RelayServer:
-    def __init__(self, identity: Identity, host: str, port: int, announce_host: str | None, limits: RelayLimits = RelayLimits()):
+    def __init__(
+        self, identity: Identity, host: str, port: int, announce_host: str | None, limits: RelayLimits = RelayLimits()
+    ):
         self.identity, self.host, self.port, self.limits = identity, host, port, limits
         self.announce_host = announce_host or host
         self.nodes: dict[str, Relayed] = {}
@@ -97,9 +99,13 @@ class RelayServer:
 
     def entry(self, expiration: float) -> RelayEntry:
         return RelayEntry(
-            peer_id=self.identity.peer_id, public_key=self.identity.public_key, address=self.address,
-            nodes=len(self.nodes), max_nodes=self.limits.max_nodes, expiration=expiration,
-        )  # fmt: skip
+            peer_id=self.identity.peer_id,
+            public_key=self.identity.public_key,
+            address=self.address,
+            nodes=len(self.nodes),
+            max_nodes=self.limits.max_nodes,
+            expiration=expiration,
+        )
 
     async def announce_forever(self, dht: hivemind.DHT, expiration: float = DEFAULT_EXPIRATION) -> None:
         """Keeps this relay's directory entry fresh (every third of `expiration`)."""
@@ -147,7 +153,9 @@ class RelayServer:
             write_message(writer, {"error": f"relay full: {self.limits.max_nodes} nodes (--relay-max-nodes)"})
             return
         node = Relayed(peer_id, writer, limiter=AsyncLimiter(self.limits.bytes_per_second, 1.0))
-        node.server = await asyncio.start_server(lambda r, w: self.client(node, r, w), self.host, 0, limit=MAX_LINE_BYTES)
+        node.server = await asyncio.start_server(
+            lambda r, w: self.client(node, r, w), self.host, 0, limit=MAX_LINE_BYTES
+        )
         node.address = f"{self.announce_host}:{node.server.sockets[0].getsockname()[1]}"
         self.nodes[peer_id] = node
         log.info("relaying node %s at %s", peer_id, node.address)
@@ -190,14 +198,16 @@ class RelayServer:
             else:  # a plaintext (--insecure) node: a TCP connection is all there is to check
                 _, w = await asyncio.wait_for(asyncio.open_connection(observed_host, port), DIALBACK_TIMEOUT)
                 w.close()
-        except (OSError, TimeoutError, asyncio.TimeoutError, ValueError, tls.BindingError) as e:
+        except (OSError, TimeoutError, ValueError, tls.BindingError) as e:
             return {"reachable": False, "reason": f"dialling {address} failed: {e!r}"}
         return {"reachable": True, "reason": f"dialled {address}"}
 
     # ---- a client's stream to a relayed node
     async def client(self, node: Relayed, reader, writer) -> None:
         if self.streams >= self.limits.max_streams:
-            log.warning("relay at its stream limit (%d, --relay-max-streams): refusing a stream", self.limits.max_streams)
+            log.warning(
+                "relay at its stream limit (%d, --relay-max-streams): refusing a stream", self.limits.max_streams
+            )
             writer.close()
             return
         token = secrets.token_hex(16)
@@ -211,7 +221,7 @@ class RelayServer:
             await node.control.drain()
             upstream = await asyncio.wait_for(future, ACCEPT_TIMEOUT)
             await splice((reader, writer), upstream, self.throttle(node))
-        except (TimeoutError, asyncio.TimeoutError, ConnectionError, OSError) as e:
+        except (TimeoutError, ConnectionError, OSError) as e:
             log.debug("stream to %s failed: %r", node.peer_id, e)
         finally:
             self.pending.pop(token, None)
@@ -232,9 +242,14 @@ class RelayServer:
 
 
 async def serve_relay(
-    dht: hivemind.DHT, identity: Identity, host: str, port: int, announce_host: str | None,
-    limits: RelayLimits, on_status: Callable[[str], None],
-) -> None:  # fmt: skip
+    dht: hivemind.DHT,
+    identity: Identity,
+    host: str,
+    port: int,
+    announce_host: str | None,
+    limits: RelayLimits,
+    on_status: Callable[[str], None],
+) -> None:
     """Runs a relay until cancelled: listens, announces itself in the DHT, and closes on the way out."""
     relay = RelayServer(identity, host, port, announce_host, limits)
     await relay.start()
@@ -254,5 +269,9 @@ class RelaySetup:
     port: int = 0
     limits: RelayLimits = RelayLimits()
 
-    async def run(self, dht: hivemind.DHT, host: str, announce_host: str | None, on_status: Callable[[str], None]) -> None:
-        await serve_relay(dht, Identity.load_or_create(self.identity_path), host, self.port, announce_host, self.limits, on_status)
+    async def run(
+        self, dht: hivemind.DHT, host: str, announce_host: str | None, on_status: Callable[[str], None]
+    ) -> None:
+        await serve_relay(
+            dht, Identity.load_or_create(self.identity_path), host, self.port, announce_host, self.limits, on_status
+        )

@@ -22,23 +22,23 @@ from ..models.devices import default_dtype, free_memory, place, resolve_device
 from ..models.families import LAYER_PREFIX, load_span, num_blocks
 from ..models.lora import AdapterBank, AdapterError, find_adapter
 from ..models.quantization import GROUP_SIZE
-from ..protocol.wire import tls
-from ..protocol.wire import torchnode_pb2_grpc as pb_grpc
+from ..protocol.dht.coverage import coverage
 from ..protocol.dht.network import find_servers, start_dht, visible_maddrs
 from ..protocol.dht.records import ServerRecord, latest_per_peer
-from ..protocol.wire.identity import Identity, default_identity_path
 from ..protocol.serving import bounded, until_signal
-from ..protocol.wire.signing import ReplayGuard
 from ..protocol.version import __version__
-from .announcer import DEFAULT_EXPIRATION, Announcer
-from .reachability import establish
-from .relay import RelayLimits, serve_relay
+from ..protocol.wire import tls
+from ..protocol.wire import torchnode_pb2_grpc as pb_grpc
+from ..protocol.wire.identity import Identity, default_identity_path
+from ..protocol.wire.signing import ReplayGuard
 from .allow_list import allow_list
+from .announcer import DEFAULT_EXPIRATION, Announcer
 from .auth_interceptor import AuthInterceptor
-from ..protocol.dht.coverage import coverage
 from .block_selection import better_start, choose_start
 from .limits import Limits
 from .push import Pusher
+from .reachability import establish
+from .relay import RelayLimits, serve_relay
 from .servicer import NodeServicer
 from .span_backend import SpanBackend, SpanInfo
 
@@ -97,7 +97,11 @@ def grpc_options(limits: Limits) -> list[tuple[str, int]]:
 
 
 def blocks_that_fit(
-    ckpt: Checkpoint, dtype: torch.dtype, max_memory: int | None, quant: str = "none", device: torch.device | str = "cpu"
+    ckpt: Checkpoint,
+    dtype: torch.dtype,
+    max_memory: int | None,
+    quant: str = "none",
+    device: torch.device | str = "cpu",
 ) -> int:
     """How many blocks' weights fit in `max_memory` bytes (default: the device's free memory now, or half the
     RAM on the CPU), at `quant`'s bytes per weight (norms, scales and zeros are a rounding error)."""
@@ -147,7 +151,9 @@ class Node:
         self.on_status(
             f"loading blocks {start}:{end} of {self.ckpt.name} ({self.total} blocks) on {c.device} as {c.dtype}{weights}"
         )
-        span = place(load_span(self.ckpt, start, end, c.dtype, c.quant, c.device, self.on_status), c.device)  # KV caches too
+        span = place(
+            load_span(self.ckpt, start, end, c.dtype, c.quant, c.device, self.on_status), c.device
+        )  # KV caches too
         info = SpanInfo(self.ckpt.name, self.ckpt.revision, start, end, self.total, span.config.hidden_size, c.dtype)
         adapters = AdapterBank(span, start, end, self.adapters) if self.adapters else None  # their span's tensors only
         backend = SpanBackend(span, info, self.config.limits, adapters)
@@ -159,16 +165,23 @@ class Node:
         host = swarm.announce_host or self.config.host
         start, end = (b.info.start, b.info.end) if b else self.planned
         return ServerRecord(
-            peer_id=self.identity.peer_id, public_key=self.identity.public_key,
+            peer_id=self.identity.peer_id,
+            public_key=self.identity.public_key,
             address=self.relayed.address if self.relayed else f"{host}:{self.port}",
             relay=self.relayed.relay.peer_id if self.relayed else "",
-            model=self.ckpt.name, revision=self.ckpt.revision, start=start, end=end, state="joining",
+            model=self.ckpt.name,
+            revision=self.ckpt.revision,
+            start=start,
+            end=end,
+            state="joining",
             total_blocks=self.total,
             throughput=b.throughput if b else 0.0,
             cache_bytes_free=b.cache_bytes_free if b else self.config.limits.cache_bytes,
-            version=__version__, expiration=0.0, dht_maddrs=self.dht_maddrs,
+            version=__version__,
+            expiration=0.0,
+            dht_maddrs=self.dht_maddrs,
             adapters=tuple(a.name for a in self.adapters),
-        )  # fmt: skip
+        )
 
     async def servers(self) -> dict[int, list[ServerRecord]]:
         return await find_servers(self.dht, self.ckpt.name, self.total, return_future=True)
@@ -188,8 +201,13 @@ class Node:
         c, swarm = self.config, self.config.swarm
         if swarm is not None:
             self.dht = await asyncio.to_thread(
-                start_dht, list(swarm.initial_peers), c.host, swarm.dht_port, swarm.announce_host,
-                client_mode=swarm.reachable == "no", allow_keys=c.allow_keys,  # no inbound: a DHT client only
+                start_dht,
+                list(swarm.initial_peers),
+                c.host,
+                swarm.dht_port,
+                swarm.announce_host,
+                client_mode=swarm.reachable == "no",
+                allow_keys=c.allow_keys,  # no inbound: a DHT client only
             )
             self.dht_maddrs = tuple(visible_maddrs(self.dht))
             self.on_status(f"joined the DHT as {' '.join(self.dht_maddrs)}")
@@ -197,16 +215,25 @@ class Node:
         if swarm is not None:
             family = self.ckpt.hf_config.model_type  # for the model index entry
             self.announcer = Announcer(
-                self.dht, self.identity, self.record, swarm.expiration, family=family,
+                self.dht,
+                self.identity,
+                self.record,
+                swarm.expiration,
+                family=family,
                 adapters=lambda: tuple(a.name for a in self.adapters),
-            )  # fmt: skip
+            )
             await self.announcer.announce("joining")
         self.backend = await asyncio.to_thread(self.load_backend, *self.planned)
         server = aio.server(
-            interceptors=[AuthInterceptor(self.identity, ReplayGuard(c.limits.max_clock_skew)), *allow_list(c.allow_keys)],
+            interceptors=[
+                AuthInterceptor(self.identity, ReplayGuard(c.limits.max_clock_skew)),
+                *allow_list(c.allow_keys),
+            ],
             options=grpc_options(c.limits),
         )
-        self.servicer = NodeServicer(self.backend, self.identity.public_key, Pusher(self.identity, c.insecure, c.limits.push_timeout))
+        self.servicer = NodeServicer(
+            self.backend, self.identity.public_key, Pusher(self.identity, c.insecure, c.limits.push_timeout)
+        )
         pb_grpc.add_NodeServicer_to_server(self.servicer, server)
         self.port = self.listen(server)
         if self.port == 0:
@@ -225,7 +252,9 @@ class Node:
             f"as peer {self.identity.peer_id} ({'plaintext, --insecure' if c.insecure else 'TLS'})"
         )
         await until_signal()
-        self.on_status(f"draining: finishing sessions in flight (up to {c.shutdown_grace:.0f}s); signal again to quit now")
+        self.on_status(
+            f"draining: finishing sessions in flight (up to {c.shutdown_grace:.0f}s); signal again to quit now"
+        )
         for task in tasks:
             task.cancel()
         # Leaving stays bounded when the DHT is gone: `draining` is announced while sessions in flight
@@ -261,7 +290,9 @@ class Node:
             self.relayed = link.current
             tasks.append(asyncio.create_task(link.run_forever()))
         if swarm.relay is not None:
-            relay = serve_relay(self.dht, self.identity, c.host, swarm.relay_port, swarm.announce_host, swarm.relay, self.on_status)
+            relay = serve_relay(
+                self.dht, self.identity, c.host, swarm.relay_port, swarm.announce_host, swarm.relay, self.on_status
+            )
             tasks.append(asyncio.create_task(relay))
         return tasks
 

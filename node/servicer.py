@@ -43,7 +43,9 @@ class NodeServicer(pb_grpc.NodeServicer):
             if request.lora:  # a client fine-tuning: its own LoRA weights for this pass (node/lora_training.py)
                 lora = _lora_tensors(request.lora)
                 backend.check_reply(x, reply_dtype)
-                out = await lora_training.forward(backend, x, request.start_block, request.end_block, lora, request.lora_scale)
+                out = await lora_training.forward(
+                    backend, x, request.start_block, request.end_block, lora, request.lora_scale
+                )
             else:
                 out = await backend.forward(x, request.start_block, request.end_block, reply_dtype)
         except (RequestError, tensor_codec.TensorFormatError) as e:
@@ -56,9 +58,14 @@ class NodeServicer(pb_grpc.NodeServicer):
             reply_dtype = _reply_dtype(request.wire_dtype, x.dtype)
             self.backend.check_reply(x, reply_dtype)
             grad_x, grads = await lora_training.backward(
-                self.backend, x, grad, request.start_block, request.end_block, _lora_tensors(request.lora),
+                self.backend,
+                x,
+                grad,
+                request.start_block,
+                request.end_block,
+                _lora_tensors(request.lora),
                 request.lora_scale,
-            )  # fmt: skip
+            )
         except (RequestError, tensor_codec.TensorFormatError) as e:
             await context.abort(_status(e), str(e))
         return pb.BackwardResponse(
@@ -74,9 +81,7 @@ class NodeServicer(pb_grpc.NodeServicer):
         try:
             while True:
                 try:
-                    step = await asyncio.wait_for(
-                        anext(request_iterator, None), backend.limits.session_idle_timeout
-                    )
+                    step = await asyncio.wait_for(anext(request_iterator, None), backend.limits.session_idle_timeout)
                 except TimeoutError:
                     raise IdleTimeout(
                         f"session idle for {backend.limits.session_idle_timeout:.0f}s (--session-timeout); closed"
@@ -87,18 +92,29 @@ class NodeServicer(pb_grpc.NodeServicer):
                     if step.step != 0:
                         raise NotFound(f"unknown session {step.session_id!r}: a stream must open it with step 0")
                     session = backend.open_session(
-                        step.session_id, step.start_block, step.end_block, step.batch_size or 1, step.max_length,
+                        step.session_id,
+                        step.start_block,
+                        step.end_block,
+                        step.batch_size or 1,
+                        step.max_length,
                         step.adapter,
                     )
                 elif step.session_id != session.id:
                     raise NotFound(f"unknown session {step.session_id!r}: this stream serves {session.id!r}")
                 x = tensor_codec.decode(step.hidden) if step.HasField("hidden") else None
                 x, digest = await push.step_input(
-                    self.pushes, x, step.push_token, step.push_from, step.auth.public_key, backend.limits.session_idle_timeout
+                    self.pushes,
+                    x,
+                    step.push_token,
+                    step.push_from,
+                    step.auth.public_key,
+                    backend.limits.session_idle_timeout,
                 )
                 reply_dtype = _reply_dtype(step.wire_dtype, x.dtype if x is not None else None)
                 out = await backend.step(session, step.step, x, step.position, reply_dtype)
-                result = pb.StepResult(session_id=session.id, step=step.step, cached_length=session.length, input_digest=digest)
+                result = pb.StepResult(
+                    session_id=session.id, step=step.step, cached_length=session.length, input_digest=digest
+                )
                 if out is not None:
                     result.hidden.CopyFrom(tensor_codec.encode(out, reply_dtype))
                     if step.HasField("push_to"):
@@ -110,13 +126,14 @@ class NodeServicer(pb_grpc.NodeServicer):
             if session is not None:
                 backend.close_session(session)
 
-
     async def _push(self, target: pb.PushTarget, out) -> str:
         if self.pusher is None:
             return "this node does not push"
         return await self.pusher.push(PushTarget(target.address, target.public_key, target.token), out)
 
-    async def Push(self, request_iterator: AsyncIterator[pb.Pushed], context: aio.ServicerContext) -> AsyncIterator[pb.PushAck]:
+    async def Push(
+        self, request_iterator: AsyncIterator[pb.Pushed], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.PushAck]:
         """Inputs pushed by the previous node of a chain (or a session's client) for steps that name them."""
         try:
             async for message in request_iterator:

@@ -18,9 +18,9 @@ import torch
 
 from ..models.kv_cache import KVCache, cache_bytes
 from ..models.lora import AdapterBank, Lora, UnknownAdapter, lora_pass
+from ..protocol.version import __version__
 from ..protocol.wire import tensor_codec
 from ..protocol.wire.node_client import NodeInfo
-from ..protocol.version import __version__
 from .errors import NotFound, OutOfRange, RequestError, ResourceExhausted
 from .limits import Limits
 from .scheduler import Batch, Scheduler, Work
@@ -122,13 +122,23 @@ class SpanBackend:
         """What `Info` answers: the span, its checkpoint and the node's current load."""
         i = self.info
         return NodeInfo(
-            model=i.model, revision=i.revision, start_block=i.start, end_block=i.end, total_blocks=i.total_blocks,
-            hidden_size=i.hidden_size, dtype=tensor_codec.dtype_name(i.dtype), throughput=self.throughput,
-            cache_bytes_free=self.cache_bytes_free, sessions_free=self.limits.max_sessions - len(self.sessions),
-            version=__version__, public_key=public_key, max_message_bytes=self.limits.max_message_bytes,
-            batch_size=self.speed.batch_size, queue_length=self.scheduler.queue_length,
+            model=i.model,
+            revision=i.revision,
+            start_block=i.start,
+            end_block=i.end,
+            total_blocks=i.total_blocks,
+            hidden_size=i.hidden_size,
+            dtype=tensor_codec.dtype_name(i.dtype),
+            throughput=self.throughput,
+            cache_bytes_free=self.cache_bytes_free,
+            sessions_free=self.limits.max_sessions - len(self.sessions),
+            version=__version__,
+            public_key=public_key,
+            max_message_bytes=self.limits.max_message_bytes,
+            batch_size=self.speed.batch_size,
+            queue_length=self.scheduler.queue_length,
             adapters=self.adapters.names if self.adapters else (),
-        )  # fmt: skip
+        )
 
     def refresh_throughput(self) -> float:
         """Sets the announced tokens/s from the steps served lately (unchanged while none were)."""
@@ -194,7 +204,11 @@ class SpanBackend:
             try:
                 with lora_pass([c.work.rows * c.tokens for c in chunks], loras):
                     outputs: list[torch.Tensor] | BaseException = self.span.forward_batch(
-                        [c.x for c in chunks], [c.position for c in chunks], batch.start, batch.end, [c.work.caches for c in chunks]
+                        [c.x for c in chunks],
+                        [c.position for c in chunks],
+                        batch.start,
+                        batch.end,
+                        [c.work.caches for c in chunks],
                     )
             except Exception as e:  # handed to every step of the batch; the runner carries on
                 outputs = e

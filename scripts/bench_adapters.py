@@ -33,7 +33,9 @@ def make_adapter(base: Path, directory: Path, r: int) -> Path:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGETS), init_lora_weights=False))
+    lora = peft.get_peft_model(
+        model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGETS), init_lora_weights=False)
+    )
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if "lora_B" in name:

@@ -29,8 +29,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from swarm import start_nodes, stop_all  # noqa: E402
 
 SPANS = ["0:15", "15:30"]
-SUBJECTS = ["dragons", "the sea", "a robot", "Paris", "winter", "a lost key", "music", "the moon", "trains",
-            "a garden", "chess", "rain", "a lighthouse", "bread", "mountains", "a clock"]  # fmt: skip
+SUBJECTS = [
+    "dragons",
+    "the sea",
+    "a robot",
+    "Paris",
+    "winter",
+    "a lost key",
+    "music",
+    "the moon",
+    "trains",
+    "a garden",
+    "chess",
+    "rain",
+    "a lighthouse",
+    "bread",
+    "mountains",
+    "a clock",
+]
 
 
 def prompts(n: int) -> list[str]:
@@ -134,8 +150,14 @@ def main() -> None:
     ckpt = resolve("default")
     hf = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(ckpt.path, padding_side="left")
-    node_flags = ["--threads", str(args.node_threads), "--max-batch-tokens", str(args.max_batch_tokens),
-                  "--batch-wait-ms", str(args.batch_wait_ms)]  # fmt: skip
+    node_flags = [
+        "--threads",
+        str(args.node_threads),
+        "--max-batch-tokens",
+        str(args.max_batch_tokens),
+        "--batch-wait-ms",
+        str(args.batch_wait_ms),
+    ]
     nodes = start_nodes("default", SPANS, *node_flags)
     rows = []
     try:
@@ -151,20 +173,29 @@ def main() -> None:
             reference = time_reference(hf, tokenizer, texts, args.tokens)
             batches = [_mean(watch.sizes), _mean(watch_lockstep.sizes)]
             rows.append((n, sdk, stepped, reference, batches))
-            print(f"N={n:>2}: sdk {sdk:6.1f} tokens/s (node batch {batches[0]:4.1f}), lockstep {stepped:6.1f} "
-                  f"(node batch {batches[1]:4.1f}), transformers batched {reference:6.1f}", flush=True)  # fmt: skip
+            print(
+                f"N={n:>2}: sdk {sdk:6.1f} tokens/s (node batch {batches[0]:4.1f}), lockstep {stepped:6.1f} "
+                f"(node batch {batches[1]:4.1f}), transformers batched {reference:6.1f}",
+                flush=True,
+            )
         model.close()
     finally:
         stop_all(nodes)
 
     base = {"sdk": rows[0][1], "lockstep": rows[0][2]} if rows and rows[0][0] == 1 else None
-    print(f"\n{len(SPANS)} nodes {', '.join(SPANS)}, {args.tokens} greedy tokens per session, node flags: {' '.join(node_flags)}")
-    print("|  N | sdk tokens/s | x N=1 | lockstep tokens/s | x N=1 | transformers batched | sdk / tf | lockstep / tf | node batch sdk / lockstep |")
+    print(
+        f"\n{len(SPANS)} nodes {', '.join(SPANS)}, {args.tokens} greedy tokens per session, node flags: {' '.join(node_flags)}"
+    )
+    print(
+        "|  N | sdk tokens/s | x N=1 | lockstep tokens/s | x N=1 | transformers batched | sdk / tf | lockstep / tf | node batch sdk / lockstep |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, sdk, stepped, reference, (batch_sdk, batch_lockstep) in rows:
         gains = [f"{v / base[k]:.2f}" if base else "-" for k, v in (("sdk", sdk), ("lockstep", stepped))]
-        print(f"| {n} | {sdk:.1f} | {gains[0]} | {stepped:.1f} | {gains[1]} | {reference:.1f} | {sdk / reference:.2f} "
-              f"| {stepped / reference:.2f} | {batch_sdk:.1f} / {batch_lockstep:.1f} |")
+        print(
+            f"| {n} | {sdk:.1f} | {gains[0]} | {stepped:.1f} | {gains[1]} | {reference:.1f} | {sdk / reference:.2f} "
+            f"| {stepped / reference:.2f} | {batch_sdk:.1f} / {batch_lockstep:.1f} |"
+        )
 
 
 def _mean(values: list[int]) -> float:

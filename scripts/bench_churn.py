@@ -73,14 +73,37 @@ def main() -> None:
         for i in range(args.coordinators):
             last = i == args.coordinators - 1
             extra = ["--dashboard", "--http-port", "0", "--refresh", "1"] if last else []
-            c = spawn([sys.executable, "-m", "torchnode", "coordinator", "--port", str(free_port()),
-                       "--initial-peers", ",".join(maddrs), *extra], 0, None)  # fmt: skip
+            c = spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "torchnode",
+                    "coordinator",
+                    "--port",
+                    str(free_port()),
+                    "--initial-peers",
+                    ",".join(maddrs),
+                    *extra,
+                ],
+                0,
+                None,
+            )
             maddrs.append(c.wait_for(r"ready: --initial-peers (\S+)", 90)[1])
             coordinators.append(c)
         url = coordinators[-1].wait_for(r"dashboard: (http://\S+)", 90)[1]
         peers = ",".join(maddrs)
-        node_args = ("--initial-peers", peers, "--num-blocks", str(args.num_blocks), "--expiration",
-                     str(args.expiration), "--threads", "1", "--rebalance-period", "0")  # fmt: skip
+        node_args = (
+            "--initial-peers",
+            peers,
+            "--num-blocks",
+            str(args.num_blocks),
+            "--expiration",
+            str(args.expiration),
+            "--threads",
+            "1",
+            "--rebalance-period",
+            "0",
+        )
         joins: list[tuple[NodeProcess, float]] = []
 
         def join() -> NodeProcess:
@@ -101,13 +124,12 @@ def main() -> None:
         stop = threading.Event()
         watcher = threading.Thread(target=watch_coverage, args=(url, model_dir.name, coverage, stop), daemon=True)
         watcher.start()
-        churn = threading.Thread(
-            target=churn_loop, args=(args, nodes, dead, coordinators, join, stop), daemon=True
-        )  # fmt: skip
+        churn = threading.Thread(target=churn_loop, args=(args, nodes, dead, coordinators, join, stop), daemon=True)
         started = time.monotonic()
         churn.start()
-        results = asyncio.run(run_clients(args, model_dir, maddrs[-1:] if args.coordinators > 1 else maddrs,
-                                          references, started))  # fmt: skip
+        results = asyncio.run(
+            run_clients(args, model_dir, maddrs[-1:] if args.coordinators > 1 else maddrs, references, started)
+        )
         stop.set()
         churn.join(30)
         report(args, results, failovers.count, joins, coverage, nodes + dead, time.monotonic() - started)
@@ -148,8 +170,10 @@ def reference_outputs(model_dir: Path, max_new_tokens: int) -> dict[str, list[in
 async def run_clients(args, model_dir: Path, maddrs: list[str], references: dict, started: float) -> dict:
     from torchnode.client.model import AsyncDistributedModel
 
-    models = [await AsyncDistributedModel.from_pretrained(str(model_dir), initial_peers=maddrs)
-              for _ in range(args.client_dhts)]  # fmt: skip
+    models = [
+        await AsyncDistributedModel.from_pretrained(str(model_dir), initial_peers=maddrs)
+        for _ in range(args.client_dhts)
+    ]
     results = {"done": 0, "wrong": 0, "failed": 0, "errors": [], "latency": [], "route_ms": []}
     deadline = started + args.duration
 
@@ -202,8 +226,11 @@ def churn_loop(args, nodes: list, dead: list, coordinators: list, join, stop: th
             coordinator_killed = True
         ready = [n for n in nodes if n.proc.poll() is None and n.start >= 0]
         joining = [n for n in nodes if n.proc.poll() is None and n.start < 0]
-        spare = [n for n in ready if all(any(o is not n and o.start <= b < o.end for o in ready)
-                                         for b in range(n.start, n.end))]  # fmt: skip
+        spare = [
+            n
+            for n in ready
+            if all(any(o is not n and o.start <= b < o.end for o in ready) for b in range(n.start, n.end))
+        ]
         if len(ready) >= args.nodes and spare:
             victim = random.choice(spare)
             sig = signal.SIGKILL if kills % 2 == 0 else signal.SIGTERM
@@ -263,25 +290,37 @@ def report(args, results, failovers, joins, coverage, all_nodes, elapsed) -> Non
             n.traffic, n.died = p2pd_bytes(n), time.monotonic()
     rates = [n.traffic / (n.died - n.spawned) for n in all_nodes if getattr(n, "traffic", None)]
     print("\n=== churn benchmark ===")
-    print(f"scale: {args.nodes} nodes x {elapsed:.0f}s, {args.clients} clients over {args.client_dhts} DHT clients, "
-          f"{args.coordinators} coordinator(s), a kill + a join every {args.churn_every:g}s")  # fmt: skip
-    print(f"generations: {results['done']} correct, {results['wrong']} wrong, {results['failed']} failed "
-          f"({args.max_new_tokens} tokens each; median {statistics.median(lat) if lat else float('nan'):.2f}s)")
+    print(
+        f"scale: {args.nodes} nodes x {elapsed:.0f}s, {args.clients} clients over {args.client_dhts} DHT clients, "
+        f"{args.coordinators} coordinator(s), a kill + a join every {args.churn_every:g}s"
+    )
+    print(
+        f"generations: {results['done']} correct, {results['wrong']} wrong, {results['failed']} failed "
+        f"({args.max_new_tokens} tokens each; median {statistics.median(lat) if lat else float('nan'):.2f}s)"
+    )
     print(f"failovers (client re-routes): {failovers}")
     if routes:
-        print(f"route time: median {statistics.median(routes):.0f} ms, max {max(routes):.0f} ms ({len(routes)} samples)")
+        print(
+            f"route time: median {statistics.median(routes):.0f} ms, max {max(routes):.0f} ms ({len(routes)} samples)"
+        )
     if join_s:
-        print(f"join-to-online (churn joins): median {statistics.median(join_s):.1f}s, max {max(join_s):.1f}s "
-              f"({len(join_s)} joins); initial {len(initial)} nodes started together")
+        print(
+            f"join-to-online (churn joins): median {statistics.median(join_s):.1f}s, max {max(join_s):.1f}s "
+            f"({len(join_s)} joins); initial {len(initial)} nodes started together"
+        )
     if coverage:
-        print(f"coverage: healthy online nodes min {min(c[1] for c in coverage)} / median "
-              f"{statistics.median(c[1] for c in coverage):.0f}; fewest replicas of a block: min "
-              f"{min(c[2] for c in coverage)}, median {statistics.median(c[2] for c in coverage):.0f}")
+        print(
+            f"coverage: healthy online nodes min {min(c[1] for c in coverage)} / median "
+            f"{statistics.median(c[1] for c in coverage):.0f}; fewest replicas of a block: min "
+            f"{min(c[2] for c in coverage)}, median {statistics.median(c[2] for c in coverage):.0f}"
+        )
         step = max(1, len(coverage) // 12)
         print("  t(s) online min-replicas: " + "  ".join(f"{t:.0f}:{o}/{r}" for t, o, r in coverage[::step]))
     if rates:
-        print(f"DHT traffic per node (p2pd bytes read+written): median {statistics.median(rates) / 1024:.1f} KiB/s, "
-              f"max {max(rates) / 1024:.1f} KiB/s over {len(rates)} nodes")
+        print(
+            f"DHT traffic per node (p2pd bytes read+written): median {statistics.median(rates) / 1024:.1f} KiB/s, "
+            f"max {max(rates) / 1024:.1f} KiB/s over {len(rates)} nodes"
+        )
     for e in results["errors"][:5]:
         print("error:", e)
 

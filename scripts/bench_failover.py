@@ -26,8 +26,8 @@ def main() -> None:
     parser.add_argument("--prefix", type=int, default=128)
     args = parser.parse_args()
 
-    from torchnode.client.sync_model import DistributedModel
     from torchnode.client.sampling import SamplingParams
+    from torchnode.client.sync_model import DistributedModel
 
     nodes = start_nodes("default", ["0:15", "0:15", "15:30", "15:30"])
     rng = random.Random(0)
@@ -54,13 +54,20 @@ def main() -> None:
                 extra = times[8] - normal
                 extras.append(extra)
                 normals.append(normal)
-                print(f"run {run + 1}: normal step {normal * 1000:.1f} ms, failover step {times[8] * 1000:.1f} ms "
-                      f"(+{extra * 1000:.1f} ms), killed {victim.address} [{victim.start}:{victim.end})", flush=True)
-                nodes[nodes.index(victim)] = start_node("default", "--blocks", f"{victim.start}:{victim.end}", port=victim.port)
+                print(
+                    f"run {run + 1}: normal step {normal * 1000:.1f} ms, failover step {times[8] * 1000:.1f} ms "
+                    f"(+{extra * 1000:.1f} ms), killed {victim.address} [{victim.start}:{victim.end})",
+                    flush=True,
+                )
+                nodes[nodes.index(victim)] = start_node(
+                    "default", "--blocks", f"{victim.start}:{victim.end}", port=victim.port
+                )
     finally:
         stop_all(nodes)
-    print(f"prefix {args.prefix} tokens: median normal step {statistics.median(normals) * 1000:.1f} ms; "
-          f"median extra latency of the failover step {statistics.median(extras) * 1000:.1f} ms over {args.runs} runs")
+    print(
+        f"prefix {args.prefix} tokens: median normal step {statistics.median(normals) * 1000:.1f} ms; "
+        f"median extra latency of the failover step {statistics.median(extras) * 1000:.1f} ms over {args.runs} runs"
+    )
 
 
 if __name__ == "__main__":

@@ -62,12 +62,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp)
         convert = child(cache, "convert")
-        print(f"conversion into an empty cache: peak +{convert['rise'] / MiB:.0f} MiB "
-              f"(largest tensor {convert['largest'] / MiB:.0f} MiB)")  # fmt: skip
+        print(
+            f"conversion into an empty cache: peak +{convert['rise'] / MiB:.0f} MiB "
+            f"(largest tensor {convert['largest'] / MiB:.0f} MiB)"
+        )
         converted = Path(convert["path"])
         codes = child(cache, "span", str(converted))
-        print(f"int4 span of all blocks from the GGUF's codes: peak +{codes['rise'] / MiB:.0f} MiB "
-              f"for {codes['weights'] / MiB:.0f} MiB of weights")  # fmt: skip
+        print(
+            f"int4 span of all blocks from the GGUF's codes: peak +{codes['rise'] / MiB:.0f} MiB "
+            f"for {codes['weights'] / MiB:.0f} MiB of weights"
+        )
         floats_only = cache / "floats-only"  # the same checkpoint without its Q4 blocks: re-quantized
         floats_only.mkdir()
         side = GGUF_Q4_BLOCKS.split("/")[0]
@@ -75,8 +79,10 @@ def main() -> None:
             if item.name != side:
                 (floats_only / item.name).symlink_to(item)
         requantized = child(cache, "span", str(floats_only))
-        print(f"int4 span of all blocks re-quantized from the floats: peak +{requantized['rise'] / MiB:.0f} MiB "
-              f"for {requantized['weights'] / MiB:.0f} MiB of weights")  # fmt: skip
+        print(
+            f"int4 span of all blocks re-quantized from the floats: peak +{requantized['rise'] / MiB:.0f} MiB "
+            f"for {requantized['weights'] / MiB:.0f} MiB of weights"
+        )
 
 
 if __name__ == "__main__":

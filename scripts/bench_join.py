@@ -58,7 +58,9 @@ def main() -> None:
         watcher.shutdown()
         stop_all(nodes)
         coordinator.stop()
-    print(f"join -> online in the DHT: median {statistics.median(joins):.2f}s (each: {', '.join(f'{j:.2f}' for j in joins)})")
+    print(
+        f"join -> online in the DHT: median {statistics.median(joins):.2f}s (each: {', '.join(f'{j:.2f}' for j in joins)})"
+    )
     print(f"client start (DHT bootstrap + head + tokenizer): {ready:.2f}s")
     print(f"full route (DHT lookup + Info probes + Dijkstra): median {statistics.median(routes) * 1000:.1f} ms")
 

@@ -45,15 +45,21 @@ async def client_loop(url: str, index: int, deadline: float, max_tokens: int, st
         turn = 0
         while time.monotonic() < deadline:
             topic = TOPICS[(index + turn) % len(TOPICS)]
-            messages = [{"role": "user", "content": f"Tell me something about {topic} (reader {index}, question {turn})."}]
+            messages = [
+                {"role": "user", "content": f"Tell me something about {topic} (reader {index}, question {turn})."}
+            ]
             turn += 1
             started = last = time.perf_counter()
             first = True
             try:
                 stream = await client.chat.completions.create(
-                    model="default", messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+                    model="default",
+                    messages=messages,
+                    max_tokens=max_tokens,
+                    temperature=0,
+                    stream=True,
                     stream_options={"include_usage": True},
-                )  # fmt: skip
+                )
                 async for chunk in stream:
                     now = time.perf_counter()
                     if chunk.choices and chunk.choices[0].delta.content:
@@ -121,7 +127,9 @@ def main() -> None:
             deadline = started + args.duration
 
             async def run_all() -> None:
-                await asyncio.gather(*(client_loop(url, i, deadline, args.max_tokens, stats) for i in range(args.clients)))
+                await asyncio.gather(
+                    *(client_loop(url, i, deadline, args.max_tokens, stats) for i in range(args.clients))
+                )
 
             asyncio.run(run_all())
             elapsed = time.monotonic() - started
@@ -132,18 +140,24 @@ def main() -> None:
         coordinator.stop()
 
     budget = parse_bytes(args.cache_memory)
-    print(f"{args.clients} streaming chat clients for {args.duration:.0f} s (ran {elapsed:.0f} s), max_tokens "
-          f"{args.max_tokens}, 2 nodes {', '.join(SPANS)} (--threads {args.node_threads}, --cache-memory {args.cache_memory})")  # fmt: skip
+    print(
+        f"{args.clients} streaming chat clients for {args.duration:.0f} s (ran {elapsed:.0f} s), max_tokens "
+        f"{args.max_tokens}, 2 nodes {', '.join(SPANS)} (--threads {args.node_threads}, --cache-memory {args.cache_memory})"
+    )
     print(f"requests completed: {stats.requests}, errors: {len(stats.errors)}")
     for line in stats.errors[:10]:
         print("  " + line)
     print(f"aggregate: {stats.tokens / elapsed:.1f} completion tokens/s ({stats.tokens} tokens)")
     ttft, gaps = stats.ttft, stats.gaps
     print(f"time to first token: p50 {percentile(ttft, 50) * 1000:.0f} ms, p99 {percentile(ttft, 99) * 1000:.0f} ms")
-    print(f"between streamed pieces: p50 {percentile(gaps, 50) * 1000:.0f} ms, p99 {percentile(gaps, 99) * 1000:.0f} ms")
+    print(
+        f"between streamed pieces: p50 {percentile(gaps, 50) * 1000:.0f} ms, p99 {percentile(gaps, 99) * 1000:.0f} ms"
+    )
     for span, before, peak in zip(SPANS, baseline, rss.peak):
-        print(f"node {span}: RSS {before / 2**20:.0f} MiB idle, peak {peak / 2**20:.0f} MiB "
-              f"(+{(peak - before) / 2**20:.0f} MiB) for a {budget / 2**20:.0f} MiB --cache-memory")  # fmt: skip
+        print(
+            f"node {span}: RSS {before / 2**20:.0f} MiB idle, peak {peak / 2**20:.0f} MiB "
+            f"(+{(peak - before) / 2**20:.0f} MiB) for a {budget / 2**20:.0f} MiB --cache-memory"
+        )
     sys.exit(1 if stats.errors else 0)
 
 

@@ -112,17 +112,31 @@ def main() -> None:
         with nat_lab() as lab:
             procs: list[NodeProcess] = []
             try:
-                coordinator = in_ns(lab, lab.public, "coordinator", "--host", PUBLIC_IP, "--port", "31337",
-                                    "--relay", "--relay-port", "31400", env=env)  # fmt: skip
+                coordinator = in_ns(
+                    lab,
+                    lab.public,
+                    "coordinator",
+                    "--host",
+                    PUBLIC_IP,
+                    "--port",
+                    "31337",
+                    "--relay",
+                    "--relay-port",
+                    "31400",
+                    env=env,
+                )
                 procs.append(coordinator)
                 maddr = coordinator.wait_for(r"ready: --initial-peers (\S+)", 60)[1]
                 coordinator.wait_for(r"relay ready", 60)
                 for rep in range(args.reps):
                     client = subprocess.Popen(
                         [*lab.exec(lab.public), TORCHNODE[0], "-c", CLIENT, model, maddr],
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        text=True,
                         env={**os.environ, **env},
-                    )  # fmt: skip
+                    )
                     try:
                         seen = []
                         for line in client.stdout:
@@ -133,8 +147,21 @@ def main() -> None:
                             raise RuntimeError("client ended before READY:\n" + "".join(seen))
                         time.sleep(1.0)  # let the client's DHT settle before the clock starts
                         started = time.time()
-                        node = in_ns(lab, lab.home, "join", model, "--initial-peers", maddr, "--host", HOME_IP,
-                                     "--port", str(31330 + rep), "--rebalance-period", "0", env=env)  # fmt: skip
+                        node = in_ns(
+                            lab,
+                            lab.home,
+                            "join",
+                            model,
+                            "--initial-peers",
+                            maddr,
+                            "--host",
+                            HOME_IP,
+                            "--port",
+                            str(31330 + rep),
+                            "--rebalance-period",
+                            "0",
+                            env=env,
+                        )
                         procs.append(node)
                         client.stdin.write("go\n")
                         client.stdin.flush()
@@ -152,14 +179,19 @@ def main() -> None:
                         client.kill()
                         client.wait()
                     row = {
-                        "verdict": verdict_at - started, "relayed": relayed_at - started, "ready": ready_at - started,
-                        "route": result["route"] - started, "token": result["token"] - started,
-                    }  # fmt: skip
+                        "verdict": verdict_at - started,
+                        "relayed": relayed_at - started,
+                        "ready": ready_at - started,
+                        "route": result["route"] - started,
+                        "token": result["token"] - started,
+                    }
                     rows.append(row)
-                    print(f"rep {rep + 1}: NAT found {row['verdict']:.2f} s, relayed {row['relayed']:.2f} s, "
-                          f"ready {row['ready']:.2f} s, route {row['route']:.2f} s, first token {row['token']:.2f} s (client polls {result['tries']}, "
-                          f"route {result['via']}; errors while waiting: {', '.join(result['errors']) or 'none'})",
-                          flush=True)  # fmt: skip
+                    print(
+                        f"rep {rep + 1}: NAT found {row['verdict']:.2f} s, relayed {row['relayed']:.2f} s, "
+                        f"ready {row['ready']:.2f} s, route {row['route']:.2f} s, first token {row['token']:.2f} s (client polls {result['tries']}, "
+                        f"route {result['via']}; errors while waiting: {', '.join(result['errors']) or 'none'})",
+                        flush=True,
+                    )
                     node.stop()
                     procs.remove(node)
             finally:

@@ -46,8 +46,14 @@ def time_local(hf, ids: torch.Tensor, tokens: int) -> tuple[float, float]:
             pass
 
     stamps, started = Stamps(), time.perf_counter()
-    hf.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=stamps,
-                attention_mask=torch.ones_like(ids))  # fmt: skip
+    hf.generate(
+        ids,
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+        streamer=stamps,
+        attention_mask=torch.ones_like(ids),
+    )
     t = stamps.t[1:]  # the streamer's first put is the prompt
     return t[0] - started, (len(t) - 1) / (t[-1] - t[0])
 
@@ -70,7 +76,10 @@ def measure(links: str, ids: torch.Tensor, hf, args) -> tuple[list, list]:
     nodes = start_nodes("default", SPANS, "--threads", str(args.node_threads), *(["--insecure"] if insecure else []))
     try:
         model = DistributedModel.from_pretrained(
-            "default", [n.address for n in nodes], wire_dtype=getattr(torch, args.wire_dtype), insecure=insecure,
+            "default",
+            [n.address for n in nodes],
+            wire_dtype=getattr(torch, args.wire_dtype),
+            insecure=insecure,
             push=args.push,
         )
         time_swarm(model, ids, 4), time_local(hf, ids, 4)  # warm-up both
@@ -92,7 +101,9 @@ def report(links: str, swarm: list, local: list) -> None:
     per_hop = sorted((1 / s[1] - 1 / l[1]) / HOPS * 1000 for s, l in zip(swarm, local))
     print(f"[{links}] local transformers : {l_rate:6.2f} tokens/s, first token {l_first * 1000:6.1f} ms")
     print(f"[{links}] swarm ({HOPS} nodes)    : {s_rate:6.2f} tokens/s, first token {s_first * 1000:6.1f} ms")
-    print(f"[{links}] ratio swarm/local  : {med(ratios):.3f} (median of paired runs; range {ratios[0]:.3f}-{ratios[-1]:.3f})")
+    print(
+        f"[{links}] ratio swarm/local  : {med(ratios):.3f} (median of paired runs; range {ratios[0]:.3f}-{ratios[-1]:.3f})"
+    )
     print(f"[{links}] overhead per hop   : {med(per_hop):.2f} ms per token (range {per_hop[0]:.2f}-{per_hop[-1]:.2f})")
 
 
@@ -102,10 +113,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--node-threads", type=int, default=0, help="torch threads per node (0: torch's default)")
-    parser.add_argument("--links", default="tls", choices=["tls", "insecure", "both"],
-                        help="tls: encrypted (default); insecure: plaintext; both: one after the other")  # fmt: skip
-    parser.add_argument("--push", action=argparse.BooleanOptionalAction, default=True,
-                        help="node-to-node push (the default) or client-driven hops (--no-push)")  # fmt: skip
+    parser.add_argument(
+        "--links",
+        default="tls",
+        choices=["tls", "insecure", "both"],
+        help="tls: encrypted (default); insecure: plaintext; both: one after the other",
+    )
+    parser.add_argument(
+        "--push",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="node-to-node push (the default) or client-driven hops (--no-push)",
+    )
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,21 +133,27 @@ def main() -> None:
 
     ckpt = resolve("default")
     tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False
+    )
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     hf = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
 
     modes = ["tls", "insecure"] if args.links == "both" else [args.links]
     results = {links: measure(links, ids, hf, args) for links in modes}
-    print(f"prompt {ids.shape[1]} tokens, {args.tokens} greedy tokens, median of {args.runs} runs, wire {args.wire_dtype}, "
-          f"node threads {args.node_threads or 'default'}")
+    print(
+        f"prompt {ids.shape[1]} tokens, {args.tokens} greedy tokens, median of {args.runs} runs, wire {args.wire_dtype}, "
+        f"node threads {args.node_threads or 'default'}"
+    )
     for links, (swarm, local) in results.items():
         report(links, swarm, local)
     if len(results) == 2:  # what encryption itself costs, without the local baseline's noise
         tls_rate = statistics.median(r[1] for r in results["tls"][0])
         plain_rate = statistics.median(r[1] for r in results["insecure"][0])
         extra = (1 / tls_rate - 1 / plain_rate) / HOPS * 1000
-        print(f"[tls vs insecure] swarm tokens/s ratio {tls_rate / plain_rate:.3f}; TLS adds {extra:+.2f} ms per hop per token")
+        print(
+            f"[tls vs insecure] swarm tokens/s ratio {tls_rate / plain_rate:.3f}; TLS adds {extra:+.2f} ms per hop per token"
+        )
 
 
 if __name__ == "__main__":

@@ -47,9 +47,12 @@ tours, and they campaigned for smoother roads, long before the first cars appear
 remains one of the most efficient ways to travel, turning almost all of the rider's effort into motion.
 """
 MODES = (
-    ("fp32", torch.float32, "none"), ("bf16", torch.bfloat16, "none"), ("int8", torch.float32, "int8"),
-    ("int4", torch.float32, "int4"), ("int4-rq", torch.float32, "int4-rq"),
-)  # fmt: skip
+    ("fp32", torch.float32, "none"),
+    ("bf16", torch.bfloat16, "none"),
+    ("int8", torch.float32, "int8"),
+    ("int4", torch.float32, "int4"),
+    ("int4-rq", torch.float32, "int4-rq"),
+)
 
 
 def load(ckpt, total: int, dtype: torch.dtype, quant: str):
@@ -107,8 +110,10 @@ def main() -> None:
     )
     prompt_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
     text_ids = tokenizer(TEXT, return_tensors="pt").input_ids
-    print(f"SmolLM2-135M-Instruct, blocks 0:{total} in one span, {torch.get_num_threads()} threads; "
-          f"decode: batch 1, {args.tokens} tokens, median of {args.runs}; perplexity: {text_ids.shape[1]} tokens")  # fmt: skip
+    print(
+        f"SmolLM2-135M-Instruct, blocks 0:{total} in one span, {torch.get_num_threads()} threads; "
+        f"decode: batch 1, {args.tokens} tokens, median of {args.runs}; perplexity: {text_ids.shape[1]} tokens"
+    )
     spans = {name: load(ckpt, total, dtype, quant) for name, dtype, quant in MODES if name in chosen}
     speeds: dict[str, list[float]] = {name: [] for name in spans}
     for _ in range(args.runs):  # round robin, so a busy machine slows every mode alike
@@ -118,11 +123,15 @@ def main() -> None:
     fp32_next = logits["fp32"][0].argmax(-1)  # (T,)
     rows = [
         (
-            name, weight_bytes(span) / 2**20, statistics.median(speeds[name]), perplexity(logits[name], text_ids),
-            (logits[name][0].argmax(-1) == fp32_next).float().mean().item(), kl_from(logits["fp32"], logits[name]),
+            name,
+            weight_bytes(span) / 2**20,
+            statistics.median(speeds[name]),
+            perplexity(logits[name], text_ids),
+            (logits[name][0].argmax(-1) == fp32_next).float().mean().item(),
+            kl_from(logits["fp32"], logits[name]),
         )
         for name, span in spans.items()
-    ]  # fmt: skip
+    ]
     base = rows[0][1]
     print(
         f"| {'span':<7} | {'weights MiB':>11} | {'vs fp32':>7} | {'decode tok/s':>12} | {'perplexity':>10} "

@@ -33,10 +33,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from swarm import free_port, start_coordinator, start_node, stop_all  # noqa: E402
-
 from decode_timing import timed_decode  # noqa: E402  (scripts/ is on the path when run as a script)
 from delay_proxy import spawn as spawn_proxy  # noqa: E402
+from swarm import free_port, start_coordinator, start_node, stop_all  # noqa: E402
 
 from torchnode import DistributedModel  # noqa: E402
 
@@ -91,8 +90,10 @@ def main() -> None:
         relay_proc = psutil.Process(coordinator.proc.pid)
         results: dict[str, list[Decode]] = {"direct": [], "relayed": []}
         relay_cpu, relayed_tokens = 0.0, 0
-        with DistributedModel.from_pretrained(args.model, peers=[direct]) as d, \
-                DistributedModel.from_pretrained(args.model, peers=[relayed]) as r:  # fmt: skip
+        with (
+            DistributedModel.from_pretrained(args.model, peers=[direct]) as d,
+            DistributedModel.from_pretrained(args.model, peers=[relayed]) as r,
+        ):
             d.generate(PROMPT, max_new_tokens=4, ignore_eos=True)  # warm: channel, TLS, caches
             cpu_before = sum(relay_proc.cpu_times()[:2])
             r.generate(PROMPT, max_new_tokens=4, ignore_eos=True)
@@ -110,15 +111,23 @@ def main() -> None:
         m = {k: median_of(v) for k, v in results.items()}
         for key, label in lines.items():
             each = " / ".join(f"{x.tokens_per_s:.1f}" for x in results[key])
-            print(f"{label} {m[key].tokens_per_s:6.2f} tokens/s  {m[key].gap_ms:6.1f} ms/token (median gap)  "
-                  f"first token {m[key].first_ms:6.0f} ms   (runs: {each} tokens/s)")  # fmt: skip
+            print(
+                f"{label} {m[key].tokens_per_s:6.2f} tokens/s  {m[key].gap_ms:6.1f} ms/token (median gap)  "
+                f"first token {m[key].first_ms:6.0f} ms   (runs: {each} tokens/s)"
+            )
         extra_ms = (1 / m["relayed"].tokens_per_s - 1 / m["direct"].tokens_per_s) * 1000
-        print(f"relay adds {m['relayed'].gap_ms - m['direct'].gap_ms:+.1f} ms per token (median gaps), "
-              f"{extra_ms:+.1f} ms per token (1/tokens/s)")  # fmt: skip
+        print(
+            f"relay adds {m['relayed'].gap_ms - m['direct'].gap_ms:+.1f} ms per token (median gaps), "
+            f"{extra_ms:+.1f} ms per token (1/tokens/s)"
+        )
         if delay:
-            print(f"expected from the links alone: +{2 * args.delay_ms:g} ms per token (relayed: 4 one-way legs, direct: 2)")
+            print(
+                f"expected from the links alone: +{2 * args.delay_ms:g} ms per token (relayed: 4 one-way legs, direct: 2)"
+            )
         print(f"relay CPU: {relay_cpu * 1000 / relayed_tokens:.2f} ms per relayed token (one stream; warm-up included)")
-        print(f"join (model load, relay registration{' over the delayed link' if delay else ''}) to ready: {join_s:.1f} s")
+        print(
+            f"join (model load, relay registration{' over the delayed link' if delay else ''}) to ready: {join_s:.1f} s"
+        )
     finally:
         for proxy in proxies:
             proxy.terminate()

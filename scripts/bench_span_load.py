@@ -51,9 +51,15 @@ def save_model(directory: Path) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
-        vocab_size=512, hidden_size=768, intermediate_size=2048, num_hidden_layers=24, num_attention_heads=12,
-        num_key_value_heads=12, tie_word_embeddings=False, max_position_embeddings=512,
-    )  # fmt: skip
+        vocab_size=512,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=24,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        tie_word_embeddings=False,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(directory, max_shard_size="100MB")
     tiny_tokenizer().save_pretrained(directory)

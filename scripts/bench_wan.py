@@ -33,10 +33,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from swarm import free_port, start_nodes, stop_all  # noqa: E402
-
 from decode_timing import timed_decode  # noqa: E402  (scripts/ is on the path when run as a script)
 from delay_proxy import spawn as spawn_proxy  # noqa: E402
+from swarm import free_port, start_nodes, stop_all  # noqa: E402
 
 COPY_TEXT = (
     "The committee met on Tuesday to review the budget for the new library. After a long discussion, the "
@@ -100,17 +99,25 @@ def bench_hops(args, hops: int, long_ids: torch.Tensor) -> dict:
                         ids = model.async_model.encode(text, chat=True)
                         runs[link].append(timed_decode(model, ids, args.tokens, draft))
                 for link, done in runs.items():
-                    rate, per_token = (statistics.median(getattr(r, f) for r in done) for f in ("tokens_per_s", "per_token_s"))
+                    rate, per_token = (
+                        statistics.median(getattr(r, f) for r in done) for f in ("tokens_per_s", "per_token_s")
+                    )
                     results[link, name, mode] = rate, per_token
                     outputs.setdefault(name, []).extend(r.tokens for r in done)
-                    print(f"  {hops} hops {link:>9} {name:>8} {mode:>17}: {rate:6.2f} tokens/s, "
-                          f"{per_token * 1000:6.1f} ms/token after the first", flush=True)  # fmt: skip
+                    print(
+                        f"  {hops} hops {link:>9} {name:>8} {mode:>17}: {rate:6.2f} tokens/s, "
+                        f"{per_token * 1000:6.1f} ms/token after the first",
+                        flush=True,
+                    )
         for link, model in models.items():
             for chunk in (0, args.prefill_chunk):
                 latency = first_token_latency(model, long_ids, chunk, args.runs)
                 results[link, "prefill", chunk] = latency
-                print(f"  {hops} hops {link:>9} first token of {long_ids.shape[1]} tokens, chunk {chunk}: "
-                      f"{latency * 1000:7.0f} ms", flush=True)  # fmt: skip
+                print(
+                    f"  {hops} hops {link:>9} first token of {long_ids.shape[1]} tokens, chunk {chunk}: "
+                    f"{latency * 1000:7.0f} ms",
+                    flush=True,
+                )
     finally:
         for model in models.values():
             model.close()
@@ -152,8 +159,10 @@ def report(args, hops: int, r: dict) -> None:
     compute = 1 / r["loopback", "free", args.modes[0]][0]
     print(f"\n## {hops} hops, {args.delay_ms:g} ms each way, {args.tokens} greedy tokens (tokens/s)")
     bound = 1 / ((hops + 1) * d + compute)  # push: hops + 1 one-way legs per pass
-    print(f"| prompt | mode | loopback | delayed | vs {args.modes[0]} (delayed) | links add (ms/token) "
-          f"| links add after the first token (ms/token) | delayed / push bound |")  # fmt: skip
+    print(
+        f"| prompt | mode | loopback | delayed | vs {args.modes[0]} (delayed) | links add (ms/token) "
+        f"| links add after the first token (ms/token) | delayed / push bound |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name in PROMPTS:
         plain = r[delayed, name, args.modes[0]][0]
@@ -161,15 +170,21 @@ def report(args, hops: int, r: dict) -> None:
             if (delayed, name, mode) in r:
                 (loop, loop_each), (wan, wan_each) = r["loopback", name, mode], r[delayed, name, mode]
                 added, added_each = (1 / wan - 1 / loop) * 1000, (wan_each - loop_each) * 1000
-                print(f"| {name} | {mode} | {loop:.2f} | {wan:.2f} | {wan / plain:.2f}x | {added:.0f} | {added_each:.0f} "
-                      f"| {wan / bound:.2f} |")  # fmt: skip
-    print(f"bound, client-driven ({2 * hops} legs): {1 / (2 * hops * d + compute):.2f} tokens/s; "
-          f"with push ({hops + 1} legs): {bound:.2f} tokens/s "
-          f"(compute {compute * 1000:.0f} ms/token from loopback plain)")  # fmt: skip
+                print(
+                    f"| {name} | {mode} | {loop:.2f} | {wan:.2f} | {wan / plain:.2f}x | {added:.0f} | {added_each:.0f} "
+                    f"| {wan / bound:.2f} |"
+                )
+    print(
+        f"bound, client-driven ({2 * hops} legs): {1 / (2 * hops * d + compute):.2f} tokens/s; "
+        f"with push ({hops + 1} legs): {bound:.2f} tokens/s "
+        f"(compute {compute * 1000:.0f} ms/token from loopback plain)"
+    )
     for link in ("loopback", delayed):
         one, piped = r[link, "prefill", 0], r[link, "prefill", args.prefill_chunk]
-        print(f"first token, {args.long_tokens}-token prompt, {link}: one step {one * 1000:.0f} ms, "
-              f"pipelined chunks of {args.prefill_chunk} {piped * 1000:.0f} ms ({one / piped:.2f}x)")  # fmt: skip
+        print(
+            f"first token, {args.long_tokens}-token prompt, {link}: one step {one * 1000:.0f} ms, "
+            f"pipelined chunks of {args.prefill_chunk} {piped * 1000:.0f} ms ({one / piped:.2f}x)"
+        )
     print(f"greedy outputs identical across modes and links: {'yes' if r['identical'] else 'NO'}")
 
 
@@ -179,16 +194,24 @@ def main() -> None:
     parser.add_argument("--hops", default="2", help="comma-separated chain lengths to measure (2)")
     parser.add_argument("--delay-ms", type=float, default=25.0, help="proxy delay each way (25)")
     parser.add_argument("--tokens", type=int, default=96, help="greedy tokens per run (96)")
-    parser.add_argument("--modes", default="plain,push,push+ngram,push+draft-model",
-                        help="modes to measure, the first the reference (plain,push,push+ngram,push+draft-model); "
-                        "plain, ngram, draft-model: the client drives every hop; push+...: node-to-node push")
+    parser.add_argument(
+        "--modes",
+        default="plain,push,push+ngram,push+draft-model",
+        help="modes to measure, the first the reference (plain,push,push+ngram,push+draft-model); "
+        "plain, ngram, draft-model: the client drives every hop; push+...: node-to-node push",
+    )
     parser.add_argument("--draft-model", default="default", help="draft model; '' skips it (default: the target)")
     parser.add_argument("--long-tokens", type=int, default=1000, help="prompt length for first-token latency (1000)")
     parser.add_argument("--prefill-chunk", type=int, default=128, help="chunk of the pipelined prefill (128)")
     parser.add_argument("--runs", type=int, default=3, help="first-token latency: median of this many (3)")
     parser.add_argument("--repeats", type=int, default=1, help="decoding: median tokens/s of this many runs (1)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of each node and of the client (1): "
-                        "on a small shared machine, more threads per process spin against each other")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of each node and of the client (1): "
+        "on a small shared machine, more threads per process spin against each other",
+    )
     parser.add_argument("--node-args", default="", help="extra `torchnode join` arguments")
     args = parser.parse_args()
     args.node_args, args.modes = args.node_args.split(), args.modes.split(",")
@@ -204,8 +227,10 @@ def main() -> None:
     for hops in (int(h) for h in args.hops.split(",")):
         report(args, hops, bench_hops(args, hops, long_ids))
     took = idle_slowdown()
-    print(f"\nthis machine: the same compute right after idling {' / '.join(f'{i * 1000:.0f}' for i in took)} ms "
-          f"takes {' / '.join(f'{t * 1000:.1f}' for t in took.values())} ms")  # fmt: skip
+    print(
+        f"\nthis machine: the same compute right after idling {' / '.join(f'{i * 1000:.0f}' for i in took)} ms "
+        f"takes {' / '.join(f'{t * 1000:.1f}' for t in took.values())} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -27,9 +27,14 @@ from swarm import free_port, spawn, start_nodes, stop_all  # noqa: E402
 MODEL_NAME = "SmolLM2-135M-Instruct"
 SPANS = ["0:12", "8:22", "18:30"]  # overlaps: some blocks replicated (green), the rest on one node (amber)
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def main() -> None:
@@ -46,9 +51,22 @@ def main() -> None:
 
     resolve("default")  # the one-time GGUF conversion, before the nodes start
     coordinator = spawn(
-        [sys.executable, "-m", "torchnode", "coordinator", "--port", str(free_port()), "--dashboard",
-         "--http-port", "0", "--refresh", "2"], 0, None,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torchnode",
+            "coordinator",
+            "--port",
+            str(free_port()),
+            "--dashboard",
+            "--http-port",
+            "0",
+            "--refresh",
+            "2",
+        ],
+        0,
+        None,
+    )
     nodes = []
     try:
         maddr = coordinator.wait_for(r"ready: --initial-peers (\S+)", 60)[1]

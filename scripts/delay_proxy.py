@@ -72,7 +72,9 @@ def spawn(maps: list[tuple[str, str]], delay_ms: float) -> subprocess.Popen:
     """This proxy in a process of its own (for benchmarks), with LISTEN=TARGET `maps` ("host:port" each);
     returns once it listens on all of them."""
     args = [arg for listen, target in maps for arg in ("--map", f"{listen}={target}")]
-    proc = subprocess.Popen([sys.executable, __file__, "--delay-ms", str(delay_ms), *args], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--delay-ms", str(delay_ms), *args], stdout=subprocess.PIPE, text=True
+    )
     for _ in maps:
         line = proc.stdout.readline()
         if not line.startswith("ready:"):

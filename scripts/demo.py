@@ -103,7 +103,9 @@ def reference_answer() -> str:
     path = resolve("default").path
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False
+    )
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
     out = model.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, attention_mask=torch.ones_like(ids))
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

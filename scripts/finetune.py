@@ -125,11 +125,17 @@ def serve_check(args, ckpt, spans: list[str]) -> None:
         with DistributedModel.from_pretrained(args.model, peers=[n.address for n in nodes]) as model:
             ids = model.tokenizer("Q: what is 21 plus 13? A:", return_tensors="pt").input_ids
             swarm = model.generate(ids, adapter=name, max_new_tokens=16)[0].tolist()
-        local = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32), args.out)
+        local = peft.PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32), args.out
+        )
         with torch.no_grad():
-            expected = local.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False)
-        print(f"served adapter {name!r}: swarm greedy output {'equals' if swarm == expected[0].tolist() else 'DIFFERS FROM'} "
-              "the local tuned model's")  # fmt: skip
+            expected = local.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False
+            )
+        print(
+            f"served adapter {name!r}: swarm greedy output {'equals' if swarm == expected[0].tolist() else 'DIFFERS FROM'} "
+            "the local tuned model's"
+        )
     finally:
         stop_all(nodes)
 

@@ -49,6 +49,8 @@ def pytest_collection_modifyitems(config, items) -> None:
     of a module that uses the node-process helpers of tests/swarm.py, and tests using DHT-peer fixtures."""
     for item in items:
         module = getattr(item, "module", None)
-        uses_processes = any(getattr(v, "__module__", None) == "swarm" for v in vars(module).values()) if module else False
+        uses_processes = (
+            any(getattr(v, "__module__", None) == "swarm" for v in vars(module).values()) if module else False
+        )
         if uses_processes or PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.swarm)

@@ -82,10 +82,14 @@ class HubServer:
                     files = sorted(p for p in hub.folder.iterdir() if p.is_file())
                     if self.path.startswith(f"/api/models/{hub.repo_id}/tree/"):
                         listing = [
-                            {"type": "file", "path": p.name, "size": p.stat().st_size,
-                             "oid": hashlib.sha1(p.read_bytes()).hexdigest()}
+                            {
+                                "type": "file",
+                                "path": p.name,
+                                "size": p.stat().st_size,
+                                "oid": hashlib.sha1(p.read_bytes()).hexdigest(),
+                            }
                             for p in files
-                        ]  # fmt: skip
+                        ]
                     else:
                         listing = {"id": hub.repo_id, "sha": COMMIT, "siblings": [{"rfilename": p.name} for p in files]}
                     body = json.dumps(listing).encode()

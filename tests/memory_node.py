@@ -21,20 +21,36 @@ from torchnode.node.limits import Limits
 from torchnode.node.push import PushBox, step_input
 from torchnode.node.span_backend import SpanBackend, SpanInfo
 from torchnode.protocol.wire.identity import Identity
-from torchnode.protocol.wire.node_client import NodeClient, NodeError, NodeInfo, NodeSession, PushedStep, PushTarget, SessionSpec
+from torchnode.protocol.wire.node_client import (
+    NodeClient,
+    NodeError,
+    NodeInfo,
+    NodeSession,
+    PushedStep,
+    PushTarget,
+    SessionSpec,
+)
 
 CLIENT_KEY = b"client"  # who pushes when the client sends a step's input to a node itself
 
 
 class MemoryNode(NodeClient):
-    network: dict[str, "MemoryNode"] = {}  # address -> node, for node-to-node push between memory nodes
+    network: dict[str, MemoryNode] = {}  # address -> node, for node-to-node push between memory nodes
 
     def __init__(
-        self, ckpt: Checkpoint, start: int, end: int, address: str, throughput: float = 100.0, adapters: Sequence[str] = ()
+        self,
+        ckpt: Checkpoint,
+        start: int,
+        end: int,
+        address: str,
+        throughput: float = 100.0,
+        adapters: Sequence[str] = (),
     ):
         span = load_span(ckpt, start, end, torch.float32)
         info = SpanInfo(ckpt.name, ckpt.revision, start, end, num_blocks(ckpt), span.config.hidden_size, torch.float32)
-        bank = AdapterBank(span, start, end, [find_adapter(a) for a in adapters]) if adapters else None  # LoRA (--adapters)
+        bank = (
+            AdapterBank(span, start, end, [find_adapter(a) for a in adapters]) if adapters else None
+        )  # LoRA (--adapters)
         self.backend = SpanBackend(span, info, Limits(), bank)
         self.backend.throughput = throughput
         self.address, self.identity = address, Identity.generate()

@@ -69,8 +69,24 @@ def nat_lab() -> Iterator[Lab]:
             _run("ip", "netns", "add", ns)
             _run("ip", "-n", ns, "link", "set", "lo", "up")
         # veth pairs are made inside the namespaces (never in the machine's own)
-        _run("ip", "-n", lab.public, "link", "add", f"tn{tag}p", "type", "veth", "peer", "name", "rp", "netns", lab.router)
-        _run("ip", "-n", lab.home, "link", "add", f"tn{tag}h", "type", "veth", "peer", "name", "rh", "netns", lab.router)
+        _run(
+            "ip",
+            "-n",
+            lab.public,
+            "link",
+            "add",
+            f"tn{tag}p",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "rp",
+            "netns",
+            lab.router,
+        )
+        _run(
+            "ip", "-n", lab.home, "link", "add", f"tn{tag}h", "type", "veth", "peer", "name", "rh", "netns", lab.router
+        )
         for ns, dev, addr in (
             (lab.public, f"tn{tag}p", f"{PUBLIC_IP}/24"),
             (lab.router, "rp", f"{ROUTER_PUBLIC_IP}/24"),
@@ -84,7 +100,22 @@ def nat_lab() -> Iterator[Lab]:
         router = [*lab.exec(lab.router)]
         _run(*router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
         _run(*router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "rp", "-j", "MASQUERADE")
-        _run(*router, "iptables", "-A", "FORWARD", "-i", "rp", "-o", "rh", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+        _run(
+            *router,
+            "iptables",
+            "-A",
+            "FORWARD",
+            "-i",
+            "rp",
+            "-o",
+            "rh",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "ESTABLISHED,RELATED",
+            "-j",
+            "ACCEPT",
+        )
         _run(*router, "iptables", "-A", "FORWARD", "-i", "rp", "-o", "rh", "-j", "DROP")
         yield lab
     finally:
@@ -95,7 +126,9 @@ def nat_lab() -> Iterator[Lab]:
 def free_port(lab: Lab, ns: str, host: str) -> int:
     """A port free on `host` inside `ns` (ports are per namespace)."""
     code = f"import socket; s=socket.socket(); s.bind(({host!r}, 0)); print(s.getsockname()[1])"
-    return int(subprocess.run([*lab.exec(ns), "python3", "-c", code], capture_output=True, text=True, check=True).stdout)
+    return int(
+        subprocess.run([*lab.exec(ns), "python3", "-c", code], capture_output=True, text=True, check=True).stdout
+    )
 
 
 def listen_forever_code(host: str, port: int) -> str:

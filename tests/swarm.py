@@ -66,7 +66,9 @@ class NodeProcess:
         return self.proc.returncode
 
 
-def start_node(model: str, *args: str, port: int | None = None, env: dict | None = None, wait: bool = True) -> NodeProcess:
+def start_node(
+    model: str, *args: str, port: int | None = None, env: dict | None = None, wait: bool = True
+) -> NodeProcess:
     """`torchnode join MODEL --port P ARGS...`; waits for its ready line unless wait=False."""
     port = port or free_port()
     node = spawn([*TORCHNODE, "join", model, "--port", str(port), *args], port, env)

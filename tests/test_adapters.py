@@ -19,8 +19,8 @@ from swarm import run_cli, start_nodes, stop_all
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from torchnode.client.model import AsyncDistributedModel
-from torchnode.client.sync_model import DistributedModel
 from torchnode.client.routing import NoRouteError
+from torchnode.client.sync_model import DistributedModel
 from torchnode.models.checkpoint import resolve
 from torchnode.models.families import load_span
 from torchnode.models.lora import TARGETS, AdapterBank, AdapterError, find_adapter, lora_pass
@@ -64,7 +64,9 @@ def adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def references(tiny_llama, adapters) -> dict[str | None, object]:
-    return {None: peft_model(tiny_llama, None)} | {name: peft_model(tiny_llama, path) for name, path in adapters.items()}
+    return {None: peft_model(tiny_llama, None)} | {
+        name: peft_model(tiny_llama, path) for name, path in adapters.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +151,9 @@ def test_bad_adapters_fail_with_clear_errors(tiny_llama, adapters, tmp_path):
         )
     )
     wide = tmp_path / "other-model"
-    peft.get_peft_model(other, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(wide)
+    peft.get_peft_model(
+        other, peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    ).save_pretrained(wide)
     with pytest.raises(AdapterError, match="'other-model': shapes do not fit layers.0.self_attn.q_proj"):
         AdapterBank(span, 0, 2, [find_adapter(str(wide))])
     dora = shutil.copytree(adapters["tone-a"], tmp_path / "dora")
@@ -220,7 +224,11 @@ def training_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_gradients_equal_local_peft_with_failover_mid_step(tiny_llama):
     ckpt = resolve(str(tiny_llama))
-    nodes = [MemoryNode(ckpt, 0, 2, "m0", throughput=200.0), MemoryNode(ckpt, 2, 4, "m1"), MemoryNode(ckpt, 0, 2, "m2", throughput=1.0)]
+    nodes = [
+        MemoryNode(ckpt, 0, 2, "m0", throughput=200.0),
+        MemoryNode(ckpt, 2, 4, "m1"),
+        MemoryNode(ckpt, 0, 2, "m2", throughput=1.0),
+    ]
     model = sync_model(ckpt, nodes)
     try:
         tuned = random_lora(model)
@@ -302,7 +310,9 @@ def test_swarm_sessions_with_different_adapters_at_once(tiny_llama, adapter_node
 
 def test_cli_generate_with_adapter_and_bad_adapter(tiny_llama, adapter_nodes, references):
     peers = ",".join(n.address for n in adapter_nodes)
-    good = run_cli("generate", str(tiny_llama), "Hello", "--peers", peers, "--adapter", "tone-a", "--max-new-tokens", "8")
+    good = run_cli(
+        "generate", str(tiny_llama), "Hello", "--peers", peers, "--adapter", "tone-a", "--max-new-tokens", "8"
+    )
     assert good.returncode == 0, good.stderr
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     ids = tokenizer("Hello", return_tensors="pt").input_ids
@@ -324,10 +334,20 @@ def test_server_record_carries_adapters():
 
     identity = Identity.generate()
     record = ServerRecord(
-        peer_id=identity.peer_id, public_key=identity.public_key, address="127.0.0.1:5000", model="m", revision="r",
-        start=0, end=2, state="online", throughput=1.0, cache_bytes_free=1, version="0", expiration=1.0,
+        peer_id=identity.peer_id,
+        public_key=identity.public_key,
+        address="127.0.0.1:5000",
+        model="m",
+        revision="r",
+        start=0,
+        end=2,
+        state="online",
+        throughput=1.0,
+        cache_bytes_free=1,
+        version="0",
+        expiration=1.0,
         adapters=("tone-a", "owner/tone-b"),
-    )  # fmt: skip
+    )
     assert decode_record(encode_record(identity, record)) == record
     fields = {k: v for k, v in record.__dict__.items() if k != "adapters"} | {"dht_maddrs": []}
     assert decode_record(sign_fields(identity, fields)).adapters == ()  # older nodes' records: no adapters

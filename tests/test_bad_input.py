@@ -10,12 +10,12 @@ import torch
 from grpc import aio
 from swarm import start_node
 
-from torchnode.protocol.wire.grpc_node import GrpcNodeClient as NodeClient
-from torchnode.protocol.wire.node_client import NodeError
 from torchnode.protocol.wire import signing, tensor_codec, tls
 from torchnode.protocol.wire import torchnode_pb2 as pb
 from torchnode.protocol.wire import torchnode_pb2_grpc as pb_grpc
+from torchnode.protocol.wire.grpc_node import GrpcNodeClient as NodeClient
 from torchnode.protocol.wire.identity import Identity
+from torchnode.protocol.wire.node_client import NodeError
 
 HIDDEN = 64  # tiny llama
 
@@ -117,13 +117,19 @@ def test_bad_tensor_is_rejected(node, case):
 
 def test_span_not_served(node):
     request = pb.ForwardRequest(hidden=tensor_codec.encode(torch.randn(1, 1, HIDDEN)), start_block=1, end_block=3)
-    expect_status(grpc.StatusCode.NOT_FOUND, "not served here", call_forward(node.address, sign(Identity.generate(), "Forward", request)))
+    expect_status(
+        grpc.StatusCode.NOT_FOUND,
+        "not served here",
+        call_forward(node.address, sign(Identity.generate(), "Forward", request)),
+    )
     assert_still_serving(node)
 
 
 def test_oversized_message(node):
     x = torch.randn(1, 40, 8192)  # 1.3 MB > --max-message-size 1MiB
-    request = sign(Identity.generate(), "Forward", pb.ForwardRequest(hidden=tensor_codec.encode(x), start_block=0, end_block=2))
+    request = sign(
+        Identity.generate(), "Forward", pb.ForwardRequest(hidden=tensor_codec.encode(x), start_block=0, end_block=2)
+    )
     expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max", call_forward(node.address, request))
     assert_still_serving(node)
 
@@ -175,18 +181,47 @@ def step(identity: Identity, index: int, x: torch.Tensor | None = None, session:
 def test_session_roundtrip_and_stepping_errors(node):
     me = Identity.generate()
     opened = dict(max_length=16, start_block=0, end_block=2, batch_size=1)
-    replies = run(call_inference(node.address, [step(me, 0, torch.randn(1, 4, HIDDEN), **opened), step(me, 1, torch.randn(1, 1, HIDDEN), position=4)]))
+    replies = run(
+        call_inference(
+            node.address,
+            [step(me, 0, torch.randn(1, 4, HIDDEN), **opened), step(me, 1, torch.randn(1, 1, HIDDEN), position=4)],
+        )
+    )
     assert [r.cached_length for r in replies] == [4, 5]
 
     cases = [
         ([step(me, 3, torch.randn(1, 1, HIDDEN), session="nope")], grpc.StatusCode.NOT_FOUND, "unknown session"),
-        ([step(me, 0, None, session="a", **opened), step(me, 1, torch.randn(1, 1, HIDDEN), session="b")], grpc.StatusCode.NOT_FOUND, "unknown session"),
-        ([step(me, 0, None, session="c", **opened), step(me, 2, torch.randn(1, 1, HIDDEN), session="c")], grpc.StatusCode.INVALID_ARGUMENT, "out of order"),
-        ([step(me, 0, torch.randn(1, 2, HIDDEN), session="d", position=5, **opened)], grpc.StatusCode.OUT_OF_RANGE, "past the"),
+        (
+            [step(me, 0, None, session="a", **opened), step(me, 1, torch.randn(1, 1, HIDDEN), session="b")],
+            grpc.StatusCode.NOT_FOUND,
+            "unknown session",
+        ),
+        (
+            [step(me, 0, None, session="c", **opened), step(me, 2, torch.randn(1, 1, HIDDEN), session="c")],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "out of order",
+        ),
+        (
+            [step(me, 0, torch.randn(1, 2, HIDDEN), session="d", position=5, **opened)],
+            grpc.StatusCode.OUT_OF_RANGE,
+            "past the",
+        ),
         ([step(me, 0, torch.randn(1, 17, HIDDEN), session="e", **opened)], grpc.StatusCode.OUT_OF_RANGE, "max_length"),
-        ([step(me, 0, None, session="f", max_length=100000, start_block=0, end_block=2)], grpc.StatusCode.OUT_OF_RANGE, "--max-session-tokens"),
-        ([step(me, 0, None, session="g", max_length=8, start_block=0, end_block=5)], grpc.StatusCode.NOT_FOUND, "not served"),
-        ([step(me, 0, torch.randn(2, 1, HIDDEN), session="h", **opened)], grpc.StatusCode.INVALID_ARGUMENT, "batch size"),
+        (
+            [step(me, 0, None, session="f", max_length=100000, start_block=0, end_block=2)],
+            grpc.StatusCode.OUT_OF_RANGE,
+            "--max-session-tokens",
+        ),
+        (
+            [step(me, 0, None, session="g", max_length=8, start_block=0, end_block=5)],
+            grpc.StatusCode.NOT_FOUND,
+            "not served",
+        ),
+        (
+            [step(me, 0, torch.randn(2, 1, HIDDEN), session="h", **opened)],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "batch size",
+        ),
     ]
     for steps, code, words in cases:
         expect_status(code, words, call_inference(node.address, steps))
@@ -216,4 +251,3 @@ def test_pinned_key_is_accepted(node):
             await client.close()
 
     assert run(info_twice()).start_block == 0
-

@@ -229,22 +229,48 @@ async def test_announced_throughput_follows_the_steps_served(tiny_llama):
 
 
 def test_metrics_show_each_nodes_batch_size_and_queue():
-    from prometheus_client.parser import text_string_to_metric_families
     from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
 
     from torchnode.coordinator.dashboard_app import create_app
     from torchnode.coordinator.history import History
     from torchnode.coordinator.state_schema import ModelState, NodeState, SwarmState
 
     node = NodeState(
-        peer_id="ab" * 16, short_id="ab" * 6, public_key="00" * 32, address="127.0.0.1:1", model="m", revision="r",
-        start=0, end=2, state="online", health="healthy", throughput=10.0, cache_bytes_free=1, version="0.1.0",
-        total_blocks=2, first_seen=0.0, uptime_s=1.0, expires_in_s=5.0, batch_size=7, queue_length=3,
-    )  # fmt: skip
-    model = ModelState(name="m", total_blocks=2, total_blocks_known=True, ready=True, missing=[], missing_ranges="",
-                       bottleneck_throughput=10.0, blocks=[], nodes=[node])  # fmt: skip
-    state = SwarmState(generated_at=1.0, refresh_s=1.0, scan_duration_s=0.1, monitor_version="0.1.0", dht_maddrs=[],
-                       models=[model])  # fmt: skip
+        peer_id="ab" * 16,
+        short_id="ab" * 6,
+        public_key="00" * 32,
+        address="127.0.0.1:1",
+        model="m",
+        revision="r",
+        start=0,
+        end=2,
+        state="online",
+        health="healthy",
+        throughput=10.0,
+        cache_bytes_free=1,
+        version="0.1.0",
+        total_blocks=2,
+        first_seen=0.0,
+        uptime_s=1.0,
+        expires_in_s=5.0,
+        batch_size=7,
+        queue_length=3,
+    )
+    model = ModelState(
+        name="m",
+        total_blocks=2,
+        total_blocks_known=True,
+        ready=True,
+        missing=[],
+        missing_ranges="",
+        bottleneck_throughput=10.0,
+        blocks=[],
+        nodes=[node],
+    )
+    state = SwarmState(
+        generated_at=1.0, refresh_s=1.0, scan_duration_s=0.1, monitor_version="0.1.0", dht_maddrs=[], models=[model]
+    )
     client = TestClient(create_app(SimpleNamespace(state=state, history=History())))
     values = {
         sample.name: sample.value
@@ -277,8 +303,16 @@ def test_generate_many_prompts_batches_on_real_nodes_and_equals_transformers(def
     from swarm import start_nodes, stop_all  # imported here: the rest of this module is the unit tier
 
     hf, tokenizer = default_reference
-    prompts = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "Water boils at",
-               "The largest planet is", "In 1492,", "A haiku about rain:", "Photosynthesis converts"]  # fmt: skip
+    prompts = [
+        "The capital of France is",
+        "Once upon a time",
+        "def fibonacci(n):",
+        "Water boils at",
+        "The largest planet is",
+        "In 1492,",
+        "A haiku about rain:",
+        "Photosynthesis converts",
+    ]
     new = 12
     expected = []
     threads = torch.get_num_threads()

@@ -27,9 +27,12 @@ def test_chat_two_turns_survive_node_change(tiny_llama):
         peers = ",".join([*(n.address for n in nodes), f"127.0.0.1:{spare_port}"])
         proc = subprocess.Popen(
             [sys.executable, "-m", "torchnode", "chat", str(tiny_llama), "--peers", peers, "--max-new-tokens", "12"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             env={**os.environ, "COLUMNS": "200", "TERM": "dumb"},
-        )  # fmt: skip
+        )
         read_until(proc, "you>")
         proc.stdin.write("Hello!\n")
         proc.stdin.flush()

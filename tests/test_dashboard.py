@@ -28,24 +28,29 @@ from hivemind.utils.timed_storage import get_dht_time
 from prometheus_client.parser import text_string_to_metric_families
 from swarm import free_port, run_cli, spawn, start_node, start_nodes, stop_all, wait_ready
 
-from torchnode.protocol.wire.node_client import NodeInfo
 from torchnode.coordinator.dashboard import DashboardConfig, bind_http
 from torchnode.coordinator.dashboard_app import create_app
-from torchnode.coordinator.history import History
 from torchnode.coordinator.health_monitor import DEFAULT_MODEL_NAME, HealthMonitor, Probe, _model_state
+from torchnode.coordinator.history import History
 from torchnode.coordinator.state_schema import NodeState, SwarmState
 from torchnode.protocol.dht.network import announce, start_dht
 from torchnode.protocol.dht.records import ServerRecord
 from torchnode.protocol.wire.identity import Identity
+from torchnode.protocol.wire.node_client import NodeInfo
 
 EXPIRATION = 6.0  # seconds a node's record lives without refresh
 REFRESH = 1.0  # seconds between the monitor's scans
 LEAVE_BOUND_S = 3.5  # "a couple of seconds" to leave, plus the interpreter's exit on a busy 2-core machine
 TORCHNODE = [sys.executable, "-m", "torchnode"]
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 # --- state logic, no processes ------------------------------------------------------------------------
@@ -53,10 +58,25 @@ CHROMIUM_ARGS = [
 
 def node_state(peer: str, start: int, end: int, health="healthy", state="online", revision="r1", tps=10.0) -> NodeState:
     return NodeState(
-        peer_id=peer * 16, short_id=peer * 6, public_key="00" * 32, address="127.0.0.1:1", model="m",
-        revision=revision, start=start, end=end, state=state, health=health, throughput=tps, rtt_ms=1.0,
-        cache_bytes_free=1 << 30, version="0.1.0", total_blocks=4, first_seen=0.0, uptime_s=1.0, expires_in_s=5.0,
-    )  # fmt: skip
+        peer_id=peer * 16,
+        short_id=peer * 6,
+        public_key="00" * 32,
+        address="127.0.0.1:1",
+        model="m",
+        revision=revision,
+        start=start,
+        end=end,
+        state=state,
+        health=health,
+        throughput=tps,
+        rtt_ms=1.0,
+        cache_bytes_free=1 << 30,
+        version="0.1.0",
+        total_blocks=4,
+        first_seen=0.0,
+        uptime_s=1.0,
+        expires_in_s=5.0,
+    )
 
 
 def test_coverage_counts_only_healthy_online_nodes():
@@ -88,19 +108,38 @@ def test_ready_needs_one_revision_and_a_known_block_count():
 
 def record_of(identity: Identity, start=0, end=2, total_blocks=0, **kw) -> ServerRecord:
     fields = dict(
-        peer_id=identity.peer_id, public_key=identity.public_key, address="127.0.0.1:9", model="m",
-        revision="r1", start=start, end=end, state="online", throughput=1.0, cache_bytes_free=0,
-        version="0.1.0", expiration=get_dht_time() + 30, total_blocks=total_blocks,
-    )  # fmt: skip
+        peer_id=identity.peer_id,
+        public_key=identity.public_key,
+        address="127.0.0.1:9",
+        model="m",
+        revision="r1",
+        start=start,
+        end=end,
+        state="online",
+        throughput=1.0,
+        cache_bytes_free=0,
+        version="0.1.0",
+        expiration=get_dht_time() + 30,
+        total_blocks=total_blocks,
+    )
     return ServerRecord(**(fields | kw))
 
 
 def info_of(record: ServerRecord, total_blocks: int, **kw) -> NodeInfo:
     fields = dict(
-        model=record.model, revision=record.revision, start_block=record.start,
-        end_block=record.end, total_blocks=total_blocks, hidden_size=64, dtype="float32", throughput=2.0,
-        cache_bytes_free=1, sessions_free=1, version="0.1.0", public_key=record.public_key,
-    )  # fmt: skip
+        model=record.model,
+        revision=record.revision,
+        start_block=record.start,
+        end_block=record.end,
+        total_blocks=total_blocks,
+        hidden_size=64,
+        dtype="float32",
+        throughput=2.0,
+        cache_bytes_free=1,
+        sessions_free=1,
+        version="0.1.0",
+        public_key=record.public_key,
+    )
     return NodeInfo(**(fields | kw))
 
 
@@ -146,8 +185,9 @@ def test_default_model_name_is_what_default_nodes_announce():
 
 def test_app_serves_page_json_schema_and_metrics():
     m = _model_state("m", 4, True, [node_state("aa", 0, 2), node_state("bb", 2, 4, health="unhealthy")])
-    state = SwarmState(generated_at=1.0, refresh_s=2.0, scan_duration_s=0.1, monitor_version="0.1.0",
-                       dht_maddrs=[], models=[m])  # fmt: skip
+    state = SwarmState(
+        generated_at=1.0, refresh_s=2.0, scan_duration_s=0.1, monitor_version="0.1.0", dht_maddrs=[], models=[m]
+    )
     history = History()
     history.record(state.models, now=1.0)
     client = TestClient(create_app(SimpleNamespace(state=state, history=history)))
@@ -173,8 +213,7 @@ def test_app_serves_page_json_schema_and_metrics():
 def test_dashboard_config_checks_its_values_and_busy_ports_fail_fast():
     assert DashboardConfig(models=("default", "org/m", "default")).models == (DEFAULT_MODEL_NAME, "org/m")
     assert DashboardConfig().models == ()  # no filter: every model in the index
-    for bad in [dict(models=("bad name",)), dict(http_port=70000), dict(refresh=0),
-                dict(host="localhost")]:  # fmt: skip
+    for bad in [dict(models=("bad name",)), dict(http_port=70000), dict(refresh=0), dict(host="localhost")]:
         with pytest.raises(ValueError):
             DashboardConfig(**bad)
     taken = bind_http("127.0.0.1", 0)
@@ -217,7 +256,9 @@ def wait_model(url: str, model: str, condition: Callable[[dict], bool], timeout:
 
 
 def all_healthy(count: int) -> Callable[[dict], bool]:
-    return lambda m: len(m["nodes"]) == count and all(n["health"] == "healthy" and n["state"] == "online" for n in m["nodes"])
+    return lambda m: (
+        len(m["nodes"]) == count and all(n["health"] == "healthy" and n["state"] == "online" for n in m["nodes"])
+    )
 
 
 @pytest.fixture(scope="module")
@@ -231,9 +272,20 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 def swarm(tiny_llama, tiny_qwen2):
     model = tiny_llama.name
     coordinator = spawn(
-        [*TORCHNODE, "coordinator", "--port", str(free_port()), "--dashboard", "--http-port", "0",
-         "--refresh", str(REFRESH)], 0, None,
-    )  # fmt: skip
+        [
+            *TORCHNODE,
+            "coordinator",
+            "--port",
+            str(free_port()),
+            "--dashboard",
+            "--http-port",
+            "0",
+            "--refresh",
+            str(REFRESH),
+        ],
+        0,
+        None,
+    )
     nodes, others = [], []
     try:
         maddr = coordinator.wait_for(r"ready: --initial-peers (\S+)", 60)[1]
@@ -244,8 +296,15 @@ def swarm(tiny_llama, tiny_qwen2):
         wait_ready(others[0])
         wait_model(url, model, all_healthy(3), 60, "three healthy nodes")
         wait_model(url, tiny_qwen2.name, all_healthy(1), 30, "the second model's node")
-        yield SimpleNamespace(model=model, other=tiny_qwen2.name, maddr=maddr, url=url, nodes=nodes,
-                              other_nodes=others, coordinator=coordinator)  # fmt: skip
+        yield SimpleNamespace(
+            model=model,
+            other=tiny_qwen2.name,
+            maddr=maddr,
+            url=url,
+            nodes=nodes,
+            other_nodes=others,
+            coordinator=coordinator,
+        )
     finally:
         stop_all(nodes + others)
         coordinator.stop()
@@ -292,8 +351,11 @@ def test_every_model_in_the_index_shows_without_a_model_flag(swarm):
 def test_models_command_lists_every_model(swarm):
     result = run_cli("models", "--initial-peers", swarm.maddr, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = {cells[0]: cells[1:] for line in result.stdout.splitlines()
-            if len(cells := [c.strip() for c in line.strip("│┃ ").split("│")]) == 6}  # fmt: skip
+    rows = {
+        cells[0]: cells[1:]
+        for line in result.stdout.splitlines()
+        if len(cells := [c.strip() for c in line.strip("│┃ ").split("│")]) == 6
+    }
     assert rows[swarm.model] == ["llama", "4/4", "3/3", rows[swarm.model][3], "ready"], result.stdout
     assert rows[swarm.other][:3] == ["qwen2", "4/4", "1/1"] and rows[swarm.other][4] == "ready"
     assert float(rows[swarm.model][3]) > 0
@@ -316,8 +378,12 @@ def test_history_and_node_detail(swarm):
     assert len(samples) >= 3 and [s["t"] for s in samples] == sorted({s["t"] for s in samples})
     last = samples[-1]
     assert (last["nodes"], last["nodes_online"], last["blocks_covered"], last["total_blocks"], last["ready"]) == (
-        3, 3, 4, 4, True
-    )  # fmt: skip
+        3,
+        3,
+        4,
+        4,
+        True,
+    )
     assert last["tokens_per_s"] > 0 and last["sessions_free"] > 0
     node = swarm.nodes[0]
     detail = get_json(swarm.url + "api/v1/nodes/" + node.peer_id)
@@ -351,8 +417,11 @@ def test_page_in_a_real_browser(swarm, tmp_path):
             blocks = card.locator(".block-bar .block")
             blocks.nth(3).wait_for(timeout=15_000)
             assert [blocks.nth(i).get_attribute("data-coverage") for i in range(4)] == [
-                "replicated", "replicated", "single", "single"
-            ]  # fmt: skip
+                "replicated",
+                "replicated",
+                "single",
+                "single",
+            ]
             assert card.locator('.badge[data-ready="true"]').inner_text() == "Ready to generate"
             rows = card.locator("tbody tr[data-peer-id]")
             assert sorted(rows.nth(i).get_attribute("data-peer-id") for i in range(rows.count())) == sorted(
@@ -399,8 +468,22 @@ def test_page_in_a_real_browser(swarm, tmp_path):
 
 
 def test_standalone_dashboard_sees_the_same_swarm_and_exits_on_sigterm(swarm):
-    dashboard = spawn([*TORCHNODE, "dashboard", "--initial-peers", swarm.maddr, "--http-port", "0", "--model", swarm.model,
-                       "--refresh", str(REFRESH)], 0, None)  # fmt: skip
+    dashboard = spawn(
+        [
+            *TORCHNODE,
+            "dashboard",
+            "--initial-peers",
+            swarm.maddr,
+            "--http-port",
+            "0",
+            "--model",
+            swarm.model,
+            "--refresh",
+            str(REFRESH),
+        ],
+        0,
+        None,
+    )
     try:
         url = dashboard.wait_for(r"dashboard: (http://127\.0\.0\.1:\d+/)", 60)[1]
         m = wait_model(url, swarm.model, all_healthy(3), 30, "standalone dashboard sees three healthy nodes")
@@ -419,17 +502,31 @@ def test_node_signing_with_another_key_than_its_record_is_unhealthy(swarm):
     real = next(n for n in m["nodes"] if n["start"] == 0)
     forger = Identity.generate()
     record = ServerRecord(
-        peer_id=forger.peer_id, public_key=forger.public_key, address=real["address"], model=swarm.model,
-        revision=real["revision"], start=0, end=2, state="online", throughput=1000.0, cache_bytes_free=1 << 40,
-        version="0.1.0", expiration=get_dht_time() + EXPIRATION,
-    )  # fmt: skip
+        peer_id=forger.peer_id,
+        public_key=forger.public_key,
+        address=real["address"],
+        model=swarm.model,
+        revision=real["revision"],
+        start=0,
+        end=2,
+        state="online",
+        throughput=1000.0,
+        cache_bytes_free=1 << 40,
+        version="0.1.0",
+        expiration=get_dht_time() + EXPIRATION,
+    )
     dht = start_dht([swarm.maddr], client_mode=True)
     try:
         assert all(announce(dht, forger, record).values())
     finally:
         dht.shutdown()
-    m = wait_model(swarm.url, swarm.model, lambda m: any(n["peer_id"] == forger.peer_id for n in m["nodes"]), 15,
-                   "the forged record shows")  # fmt: skip
+    m = wait_model(
+        swarm.url,
+        swarm.model,
+        lambda m: any(n["peer_id"] == forger.peer_id for n in m["nodes"]),
+        15,
+        "the forged record shows",
+    )
     forged = next(n for n in m["nodes"] if n["peer_id"] == forger.peer_id)
     assert forged["health"] == "unhealthy", forged  # the reply (or, over TLS, the channel) is not bound to its key
     assert re.search("rejected reply|not bound to the expected key", forged["problem"]), forged
@@ -448,8 +545,9 @@ def test_killed_node_leaves_a_gap_then_vanishes(swarm):
     assert [b["coverage"] for b in m["blocks"]] == ["replicated", "replicated", "uncovered", "uncovered"]
     dead = [n for n in m["nodes"] if n["peer_id"] == victim.peer_id]
     assert not dead or dead[0]["health"] == "unhealthy"  # until its record expires, it shows as unhealthy
-    m = wait_model(swarm.url, swarm.model, lambda m: len(m["nodes"]) == 2, EXPIRATION + 3 * REFRESH + 5,
-                   "the killed node vanishes")  # fmt: skip
+    m = wait_model(
+        swarm.url, swarm.model, lambda m: len(m["nodes"]) == 2, EXPIRATION + 3 * REFRESH + 5, "the killed node vanishes"
+    )
     vanished_after = time.monotonic() - killed
     assert victim.peer_id not in {n["peer_id"] for n in m["nodes"]}
     assert m["total_blocks"] == 4 and not m["ready"]  # the block count is remembered: the bar stays red

@@ -13,7 +13,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from delay_proxy import spawn  # noqa: E402
-
 from swarm import free_port  # noqa: E402
 
 pytestmark = pytest.mark.swarm  # starts the proxy's process

@@ -42,7 +42,9 @@ def test_auto_picks_cuda_then_mps_then_cpu():
     assert resolve_device("CPU") == torch.device("cpu")
 
 
-@pytest.mark.parametrize("name, message", [("meta", "unsupported device"), ("gpu", "unknown device"), ("cuda:x", "unknown")])
+@pytest.mark.parametrize(
+    "name, message", [("meta", "unsupported device"), ("gpu", "unknown device"), ("cuda:x", "unknown")]
+)
 def test_unknown_devices_are_refused(name, message):
     with pytest.raises(ValueError, match=message):
         resolve_device(name)

@@ -27,8 +27,8 @@ from torchnode.protocol.dht.records import (
     parse_block_key,
     validate_model_name,
 )
-from torchnode.protocol.wire.identity import Identity
 from torchnode.protocol.dht.validator import ServerRecordValidator, key_id, parse_entry
+from torchnode.protocol.wire.identity import Identity
 
 MODEL = "org/tiny-model"
 TOTAL_BLOCKS = 4

@@ -15,7 +15,7 @@ from tiny_models import FAMILIES_UNDER_TEST, SLIDING_WINDOW, save_tiny_model
 from transformers import AutoModelForCausalLM
 
 from torchnode.models.checkpoint import Checkpoint, resolve
-from torchnode.models.families import LAYER_PREFIX, FAMILIES, load_head, load_span
+from torchnode.models.families import FAMILIES, LAYER_PREFIX, load_head, load_span
 from torchnode.models.llama.config import rope_inverse_frequencies
 
 TOLERANCE = 1e-4
@@ -189,4 +189,3 @@ def test_mixtral_loads_transformers_fused_experts(tmp_path):
     span.load_state_dict(fused, strict=True)
     x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(2))
     assert torch.equal(span(x, 0, 0, 4), load_span(ckpt, 0, 4)(x, 0, 0, 4))
-

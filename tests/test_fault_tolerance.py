@@ -11,10 +11,10 @@ import torch
 from swarm import start_coordinator, start_node, start_nodes, stop_all
 from test_inference_e2e import STORY, chat_ids
 
-from torchnode.client.sync_model import DistributedModel
 from torchnode.client.routing import NoRouteError
 from torchnode.client.sampling import SamplingParams
 from torchnode.client.session import RetryPolicy
+from torchnode.client.sync_model import DistributedModel
 
 STEP_TIMEOUT = 4.0
 TOKENS = 64
@@ -88,7 +88,9 @@ def test_missing_span_raises_clear_error_then_recovers(tiny_llama):
     nodes = [start_node(str(tiny_llama), "--initial-peers", maddr, "--blocks", span) for span in ("0:2", "2:4")]
     try:
         retry = RetryPolicy(max_attempts=3, max_seconds=5.0)
-        with DistributedModel.from_pretrained(str(tiny_llama), initial_peers=[maddr], retry=retry, step_timeout=STEP_TIMEOUT) as model:
+        with DistributedModel.from_pretrained(
+            str(tiny_llama), initial_peers=[maddr], retry=retry, step_timeout=STEP_TIMEOUT
+        ) as model:
             ids = torch.tensor([[1, 5, 9, 14]])
             expected = model.generate(ids, max_new_tokens=8)
             started = time.monotonic()

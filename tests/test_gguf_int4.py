@@ -17,14 +17,21 @@ from test_quantization import PROMPTS, chat_ids, span_greedy
 from transformers import AutoTokenizer
 
 from torchnode.models.checkpoint import default_gguf
-from torchnode.models.safetensors_files import SINGLE_SHARD
 from torchnode.models.families import LAYER_PREFIX, load_head, load_span
 from torchnode.models.gguf_convert import gguf_to_safetensors
 from torchnode.models.gguf_q4 import GGUF_Q4_BLOCKS, read_gguf_q4_blocks
 from torchnode.models.quantization import GROUP_SIZE, Int4Linear
+from torchnode.models.safetensors_files import SINGLE_SHARD
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 GREEDY_TOKENS = 16  # measured: the first 32 tokens of PROMPTS[0] are fp32's
 
 
@@ -82,7 +89,9 @@ def test_a_served_int4_span_holds_the_gguf_codes_within_bf16_rounding(default_ch
         assert (error <= bound).all(), f"{key}: {(error / bound).max():.2f} x the bf16 bound"
 
 
-def test_a_cache_made_before_the_q4_blocks_gets_them_without_converting_again(default_checkpoint, tmp_path, monkeypatch):
+def test_a_cache_made_before_the_q4_blocks_gets_them_without_converting_again(
+    default_checkpoint, tmp_path, monkeypatch
+):
     """An old cache directory (config and floats, no gguf-q4/) is completed in place: the blocks written are
     the same bytes as a fresh conversion's, and the float weights are not dequantized again."""
     monkeypatch.setenv("TORCHNODE_CACHE", str(tmp_path))

@@ -115,9 +115,11 @@ def original() -> torch.nn.Module:
 def transformers_gguf(path: Path, original: torch.nn.Module) -> torch.nn.Module:
     """transformers' GGUF loader on the file; it reads no expert width, so it is given the file's."""
     return AutoModelForCausalLM.from_pretrained(
-        path.parent, gguf_file=path.name, dtype=torch.float32,
+        path.parent,
+        gguf_file=path.name,
+        dtype=torch.float32,
         moe_intermediate_size=original.config.moe_intermediate_size,
-    ).eval()  # fmt: skip
+    ).eval()
 
 
 @pytest.mark.parametrize("qtype", ["F32", "Q8_0"])
@@ -128,9 +130,12 @@ def test_qwen3_moe_gguf_spans_equal_transformers_gguf_loader(qtype, original, tm
     ids = torch.randint(3, 259, (1, 10), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = reference.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
             min_new_tokens=NEW_TOKENS,
-        )  # fmt: skip
+        )
         expected_logits = reference(expected).logits  # (1, T + N, V)
         if qtype == "F32":  # the file itself is right: F32 gives back the model it was written from
             assert (original(expected).logits - expected_logits).abs().max().item() <= TOLERANCE
@@ -178,7 +183,6 @@ def test_a_node_serves_a_qwen3_moe_gguf(original, tmp_path, monkeypatch):
     assert got.tolist() == expected.tolist()
 
 
-
 @pytest.fixture(scope="module")
 def q4_0(original, tmp_path_factory) -> tuple[Path, Checkpoint]:
     """The tiny Qwen3-MoE as a Q4_0 GGUF (rows of 64 or 32 inputs: whole blocks) and its converted checkpoint."""
@@ -210,9 +214,10 @@ def test_q4_0_experts_are_kept_as_their_own_blocks(q4_0, original):
         assert torch.equal(served, torch.from_numpy(dequantize(stack.data[expert], stack.tensor_type))), key
         fused = f"{LAYER_PREFIX}{layer}.mlp.experts."
         theirs = {
-            "gate": loaded[fused + "gate_up_proj"][expert, :i], "up": loaded[fused + "gate_up_proj"][expert, i:],
+            "gate": loaded[fused + "gate_up_proj"][expert, :i],
+            "up": loaded[fused + "gate_up_proj"][expert, i:],
             "down": loaded[fused + "down_proj"][expert],
-        }[proj]  # fmt: skip
+        }[proj]
         assert torch.equal(served, theirs), f"{key} is not transformers' {proj} weights of expert {expert}"
 
 

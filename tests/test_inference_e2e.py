@@ -17,7 +17,9 @@ def hf_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
 
 

@@ -17,9 +17,6 @@ from torchnode.coordinator.health_monitor import _model_state
 from torchnode.coordinator.history import History
 from torchnode.coordinator.state_schema import NodeState
 from torchnode.node.announcer import Announcer
-from torchnode.protocol.dht.network import announce
-from torchnode.protocol.dht.records import RecordError, ServerRecord, block_key, encode_record
-from torchnode.protocol.wire.identity import Identity
 from torchnode.protocol.dht.model_index import (
     INDEX_KEY,
     ModelEntry,
@@ -29,14 +26,23 @@ from torchnode.protocol.dht.model_index import (
     find_models,
     group_by_model,
 )
+from torchnode.protocol.dht.network import announce
+from torchnode.protocol.dht.records import RecordError, ServerRecord, block_key, encode_record
 from torchnode.protocol.dht.validator import SwarmValidator, key_id
+from torchnode.protocol.wire.identity import Identity
 
 
 def make_entry(identity: Identity, model="org/tiny", total_blocks=4, lifetime=30.0, **kw) -> ModelEntry:
     fields = dict(
-        peer_id=identity.peer_id, public_key=identity.public_key, model=model, revision="abc123",
-        family="llama", total_blocks=total_blocks, adapters=(), expiration=get_dht_time() + lifetime,
-    )  # fmt: skip
+        peer_id=identity.peer_id,
+        public_key=identity.public_key,
+        model=model,
+        revision="abc123",
+        family="llama",
+        total_blocks=total_blocks,
+        adapters=(),
+        expiration=get_dht_time() + lifetime,
+    )
     return ModelEntry(**(fields | kw))
 
 
@@ -94,10 +100,19 @@ def test_validator_takes_only_signed_entries_under_the_index_key():
     far = make_entry(me, lifetime=1000)
     assert not validator.validate(dht_record(encode_entry(me, far), me.peer_id, far.expiration))  # too long-lived
     server = ServerRecord(
-        peer_id=me.peer_id, public_key=me.public_key, address="127.0.0.1:1", model="org/tiny", revision="r",
-        start=0, end=1, state="online", throughput=1.0, cache_bytes_free=0, version="0.1.0",
+        peer_id=me.peer_id,
+        public_key=me.public_key,
+        address="127.0.0.1:1",
+        model="org/tiny",
+        revision="r",
+        start=0,
+        end=1,
+        state="online",
+        throughput=1.0,
+        cache_bytes_free=0,
+        version="0.1.0",
         expiration=entry.expiration,
-    )  # fmt: skip
+    )
     server_value = encode_record(me, server)
     assert not validator.validate(dht_record(server_value, me.peer_id, entry.expiration))  # a server record here
     assert validator.validate(dht_record(server_value, me.peer_id, entry.expiration, key=block_key("org/tiny", 0)))
@@ -105,8 +120,12 @@ def test_validator_takes_only_signed_entries_under_the_index_key():
 
 def test_group_by_model_votes_the_block_count():
     a, b, c = (Identity.generate() for _ in range(3))
-    entries = [make_entry(a, total_blocks=30), make_entry(b, total_blocks=30), make_entry(c, total_blocks=999),
-               make_entry(a, model="other", family="qwen2", total_blocks=8)]  # fmt: skip
+    entries = [
+        make_entry(a, total_blocks=30),
+        make_entry(b, total_blocks=30),
+        make_entry(c, total_blocks=999),
+        make_entry(a, model="other", family="qwen2", total_blocks=8),
+    ]
     index = group_by_model(entries)
     assert list(index) == ["org/tiny", "other"]
     assert index["org/tiny"].total_blocks == 30 and index["other"].families == ["qwen2"]
@@ -116,22 +135,53 @@ def test_group_by_model_votes_the_block_count():
 def test_announcer_entry_matches_its_record():
     me = Identity.generate()
     record = ServerRecord(
-        peer_id=me.peer_id, public_key=me.public_key, address="127.0.0.1:1", model="org/tiny", revision="r1",
-        start=0, end=2, state="online", throughput=1.0, cache_bytes_free=0, version="0.1.0", expiration=123.0,
+        peer_id=me.peer_id,
+        public_key=me.public_key,
+        address="127.0.0.1:1",
+        model="org/tiny",
+        revision="r1",
+        start=0,
+        end=2,
+        state="online",
+        throughput=1.0,
+        cache_bytes_free=0,
+        version="0.1.0",
+        expiration=123.0,
         total_blocks=4,
-    )  # fmt: skip
+    )
     entry = Announcer(None, me, lambda: record, family="llama").entry(record)
     assert (entry.model, entry.revision, entry.family, entry.total_blocks, entry.adapters, entry.expiration) == (
-        "org/tiny", "r1", "llama", 4, (), 123.0
+        "org/tiny",
+        "r1",
+        "llama",
+        4,
+        (),
+        123.0,
     )
 
 
 def node_state(peer: str, health="healthy", tps=10.0) -> NodeState:
     return NodeState(
-        peer_id=peer, short_id=peer[:12], public_key="00" * 32, address="127.0.0.1:1", model="m", revision="r1",
-        start=0, end=4, state="online", health=health, throughput=tps, rtt_ms=1.0, cache_bytes_free=1,
-        sessions_free=3, version="0.1.0", total_blocks=4, first_seen=0.0, uptime_s=1.0, expires_in_s=5.0,
-    )  # fmt: skip
+        peer_id=peer,
+        short_id=peer[:12],
+        public_key="00" * 32,
+        address="127.0.0.1:1",
+        model="m",
+        revision="r1",
+        start=0,
+        end=4,
+        state="online",
+        health=health,
+        throughput=tps,
+        rtt_ms=1.0,
+        cache_bytes_free=1,
+        sessions_free=3,
+        version="0.1.0",
+        total_blocks=4,
+        first_seen=0.0,
+        uptime_s=1.0,
+        expires_in_s=5.0,
+    )
 
 
 def test_history_keeps_the_window_and_forgets_what_left():
@@ -142,8 +192,9 @@ def test_history_keeps_the_window_and_forgets_what_left():
     history.record([one], now=1030.0)
     samples = history.model("m")
     assert [(s.nodes, s.nodes_online, s.blocks_covered, s.tokens_per_s, s.sessions_free) for s in samples] == [
-        (2, 2, 4, 12.0, 6), (2, 1, 4, 5.0, 3)
-    ]  # fmt: skip
+        (2, 2, 4, 12.0, 6),
+        (2, 1, 4, 5.0, 3),
+    ]
     assert [s.health for s in history.node("b" * 32)] == ["healthy", "unhealthy"]
     history.record([_model_state("m", 4, True, [node_state("a" * 32)])], now=1070.0)
     assert [s.t for s in history.model("m")] == [1030.0, 1070.0]  # older than the window: dropped
@@ -162,18 +213,29 @@ def test_entries_are_stored_found_and_expire(swarm):
     assert announce_model(swarm[1], b, make_entry(b, model="org/other", family="qwen2", lifetime=3))
     found = {e.peer_id: e for e in find_models(swarm[2])}
     assert {p: (e.model, e.family) for p, e in found.items()} == {
-        a.peer_id: ("org/tiny", "llama"), b.peer_id: ("org/other", "qwen2")
-    }  # fmt: skip
+        a.peer_id: ("org/tiny", "llama"),
+        b.peer_id: ("org/other", "qwen2"),
+    }
     # a forged entry (b's entry stored under a's subkey) never gets in: the validator refuses the store
     forged = encode_entry(b, make_entry(b))
     stored = swarm[2].run_coroutine(_raw_store(INDEX_KEY, forged, a.peer_id, get_dht_time() + 30))
     assert not stored
     # a server record announced alongside does not disturb the index
     record = ServerRecord(
-        peer_id=a.peer_id, public_key=a.public_key, address="127.0.0.1:1", model="org/tiny", revision="abc123",
-        start=0, end=2, state="online", throughput=1.0, cache_bytes_free=0, version="0.1.0",
-        expiration=get_dht_time() + 30, total_blocks=4,
-    )  # fmt: skip
+        peer_id=a.peer_id,
+        public_key=a.public_key,
+        address="127.0.0.1:1",
+        model="org/tiny",
+        revision="abc123",
+        start=0,
+        end=2,
+        state="online",
+        throughput=1.0,
+        cache_bytes_free=0,
+        version="0.1.0",
+        expiration=get_dht_time() + 30,
+        total_blocks=4,
+    )
     assert all(announce(swarm[0], a, record).values())
     time.sleep(3.5)  # b's entry expires
     assert [(e.peer_id, e.model) for e in find_models(swarm[2])] == [(a.peer_id, "org/tiny")]

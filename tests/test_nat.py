@@ -31,7 +31,8 @@ RELAY_READY = r"relay ready at \S+ as peer (\w+)"
 PROMPT = [[1, 5, 9, 14, 3, 27]]
 
 # The client runs inside the public namespace: first tokens, a pause (the test may kill a relay), the rest.
-CLIENT = """
+CLIENT = (
+    """
 import json, sys, torch
 from torchnode import DistributedModel
 from torchnode.client.session import RetryPolicy
@@ -44,7 +45,9 @@ with DistributedModel.from_pretrained(model_path, initial_peers=maddrs, retry=pa
         sys.stdin.readline()
         out = s.generate(first, max_new_tokens=rest_n)
 print("IDS", json.dumps(out.tolist()), flush=True)
-""" % PROMPT
+"""
+    % PROMPT
+)
 
 
 def in_ns(lab, ns: str, *args: str, port: int = 0) -> NodeProcess:
@@ -59,20 +62,56 @@ def nat_swarm(tiny_llama):
     with nat_lab() as lab:
         procs = []
         try:
-            first = in_ns(lab, lab.public, "coordinator", "--host", PUBLIC_IP, "--port", "31337", "--relay", "--relay-port", "31400")
+            first = in_ns(
+                lab,
+                lab.public,
+                "coordinator",
+                "--host",
+                PUBLIC_IP,
+                "--port",
+                "31337",
+                "--relay",
+                "--relay-port",
+                "31400",
+            )
             procs.append(first)
             maddr = first.wait_for(r"ready: --initial-peers (\S+)", 60)[1]
-            second = in_ns(lab, lab.public, "coordinator", "--host", PUBLIC_IP, "--port", "31338", "--initial-peers", maddr,
-                           "--relay", "--relay-port", "31401")  # fmt: skip
+            second = in_ns(
+                lab,
+                lab.public,
+                "coordinator",
+                "--host",
+                PUBLIC_IP,
+                "--port",
+                "31338",
+                "--initial-peers",
+                maddr,
+                "--relay",
+                "--relay-port",
+                "31401",
+            )
             procs.append(second)
             relays = {p.wait_for(RELAY_READY, 60)[1]: p for p in (first, second)}
             # Both coordinators are bootstrap peers, as in any real swarm: the relay the test kills may be the
             # first one, and a DHT peer whose only bootstrap peer died cannot find the survivors reliably.
             maddr = ",".join([maddr, second.wait_for(r"ready: --initial-peers (\S+)", 60)[1]])
             node = in_ns(
-                lab, lab.home, "join", str(tiny_llama), "--initial-peers", maddr, "--host", HOME_IP, "--port", "31330",
-                "--expiration", str(EXPIRATION), "--blocks", "0:4", port=31330,
-            )  # fmt: skip
+                lab,
+                lab.home,
+                "join",
+                str(tiny_llama),
+                "--initial-peers",
+                maddr,
+                "--host",
+                HOME_IP,
+                "--port",
+                "31330",
+                "--expiration",
+                str(EXPIRATION),
+                "--blocks",
+                "0:4",
+                port=31330,
+            )
             procs.append(node)
             wait_ready(node)
             yield lab, maddr, node, relays
@@ -83,8 +122,11 @@ def nat_swarm(tiny_llama):
 def run_client(lab, model: str, maddr: str, first_n: int, rest_n: int) -> subprocess.Popen:
     return subprocess.Popen(
         [*lab.exec(lab.public), *TORCHNODE[:1], "-c", CLIENT, model, maddr, str(first_n), str(rest_n)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def read_until(proc: subprocess.Popen, prefix: str, seen: list[str] | None = None) -> str:
@@ -204,8 +246,9 @@ def test_record_names_its_relay_and_refuses_a_malformed_one():
     from torchnode.protocol.dht.records import RecordError, ServerRecord, decode_record, encode_record
 
     me, relay = Identity.generate(), Identity.generate()
-    record = ServerRecord(me.peer_id, me.public_key, "198.18.0.1:40000", "m", "r", 0, 4, "online", 1.0, 0, "1", 1.0,
-                          relay=relay.peer_id)  # fmt: skip
+    record = ServerRecord(
+        me.peer_id, me.public_key, "198.18.0.1:40000", "m", "r", 0, 4, "online", 1.0, 0, "1", 1.0, relay=relay.peer_id
+    )
     assert decode_record(encode_record(me, record)).relay == relay.peer_id
     assert decode_record(encode_record(me, replace(record, relay=""))).relay == ""
     with pytest.raises(RecordError, match="relay"):
@@ -228,7 +271,9 @@ async def test_relay_limits_nodes_streams_and_bytes_per_second():
     rate = 8 << 10  # bytes per second per node
     backend = await asyncio.start_server(echo, "127.0.0.1", 0)
     local = f"127.0.0.1:{backend.sockets[0].getsockname()[1]}"
-    relay = RelayServer(Identity.generate(), "127.0.0.1", 0, None, RelayLimits(max_nodes=1, max_streams=1, bytes_per_second=rate))
+    relay = RelayServer(
+        Identity.generate(), "127.0.0.1", 0, None, RelayLimits(max_nodes=1, max_streams=1, bytes_per_second=rate)
+    )
     await relay.start()
     first = RelayLink(None, Identity.generate(), local, on_change=None)
     tasks, writers = [], []

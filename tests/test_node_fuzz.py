@@ -56,7 +56,9 @@ def good_before(channel):
 
 def good_session(channel) -> torch.Tensor:
     x = torch.arange(5 * HIDDEN, dtype=torch.float32).reshape(1, 5, HIDDEN).sin()
-    steps = [step(0, x[:, :3], session=f"good-{time.time_ns()}", max_length=16, start_block=0, end_block=2, batch_size=1)]
+    steps = [
+        step(0, x[:, :3], session=f"good-{time.time_ns()}", max_length=16, start_block=0, end_block=2, batch_size=1)
+    ]
     steps += [step(i + 1, x[:, 3 + i : 4 + i], session=steps[0].session_id, position=3 + i) for i in range(2)]
     replies = list(pb_grpc.NodeStub(channel).Inference(iter(steps), timeout=TIMEOUT))
     return torch.cat([tensor_codec.decode(r.hidden) for r in replies], dim=1)
@@ -102,9 +104,13 @@ CORRUPTIONS = st.one_of(
     st.tuples(st.just("truncate"), st.integers(1, 3 * HIDDEN * 4 - 1)),
     st.tuples(st.just("shape"), st.lists(dims, min_size=0, max_size=6)),
     st.tuples(st.just("nonfinite"), st.sampled_from([math.nan, math.inf, -math.inf])),
-    st.tuples(st.just("span"), st.tuples(st.integers(-5, 10), st.integers(-5, 10)).filter(lambda s: not 0 <= s[0] < s[1] <= 2)),
+    st.tuples(
+        st.just("span"), st.tuples(st.integers(-5, 10), st.integers(-5, 10)).filter(lambda s: not 0 <= s[0] < s[1] <= 2)
+    ),
     st.tuples(st.just("tokens"), st.integers(65, 200)),
-    st.tuples(st.just("wire_dtype"), st.text(min_size=1, max_size=12).filter(lambda d: d not in tensor_codec.WIRE_DTYPES)),
+    st.tuples(
+        st.just("wire_dtype"), st.text(min_size=1, max_size=12).filter(lambda d: d not in tensor_codec.WIRE_DTYPES)
+    ),
     st.tuples(st.just("stale"), st.sampled_from([-1, 1]).map(lambda sign: sign * 3600.0)),
     st.tuples(st.just("nonce"), st.binary(max_size=40).filter(lambda n: len(n) != signing.NONCE_BYTES)),
     st.tuples(st.just("foreign_key"), st.just(None)),
@@ -157,12 +163,41 @@ def test_corrupted_forward(channel, corruption):
 # ---- sessions: bad opening, bad positions, wrong order, unknown sessions
 STEP_CASES = st.one_of(
     st.builds(lambda n: [step(n, torch.randn(1, 1, HIDDEN))], st.integers(1, 2**40)),  # unknown session
-    st.builds(lambda m: [step(0, None, max_length=m, start_block=0, end_block=2, batch_size=1)], st.integers(-(2**31), 0) | st.integers(65, 2**31 - 1)),
-    st.builds(lambda b: [step(0, None, max_length=8, start_block=0, end_block=2, batch_size=b)], st.integers(-(2**31), -1) | st.integers(1025, 2**31 - 1)),  # 0 = unset = 1
-    st.builds(lambda p: [step(0, torch.randn(1, 1, HIDDEN), max_length=8, start_block=0, end_block=2, batch_size=1, position=p)], st.integers(-(2**62), -1) | st.integers(1, 2**62)),
-    st.builds(lambda j: [step(0, None, max_length=8, start_block=0, end_block=2, batch_size=1), step(j, torch.randn(1, 1, HIDDEN))], st.integers(-(2**40), 2**40).filter(lambda j: j != 1)),
-    st.builds(lambda s: [step(0, None, max_length=8, start_block=0, end_block=2, batch_size=1), step(1, torch.randn(1, 1, HIDDEN), session=s)], st.text(min_size=1, max_size=20).filter(lambda s: s != "fuzz")),
-    st.builds(lambda n: [step(0, None, max_length=8, start_block=0, end_block=2, batch_size=1), step(1, torch.randn(1, n, HIDDEN))], st.integers(9, 64)),
+    st.builds(
+        lambda m: [step(0, None, max_length=m, start_block=0, end_block=2, batch_size=1)],
+        st.integers(-(2**31), 0) | st.integers(65, 2**31 - 1),
+    ),
+    st.builds(
+        lambda b: [step(0, None, max_length=8, start_block=0, end_block=2, batch_size=b)],
+        st.integers(-(2**31), -1) | st.integers(1025, 2**31 - 1),
+    ),  # 0 = unset = 1
+    st.builds(
+        lambda p: [
+            step(0, torch.randn(1, 1, HIDDEN), max_length=8, start_block=0, end_block=2, batch_size=1, position=p)
+        ],
+        st.integers(-(2**62), -1) | st.integers(1, 2**62),
+    ),
+    st.builds(
+        lambda j: [
+            step(0, None, max_length=8, start_block=0, end_block=2, batch_size=1),
+            step(j, torch.randn(1, 1, HIDDEN)),
+        ],
+        st.integers(-(2**40), 2**40).filter(lambda j: j != 1),
+    ),
+    st.builds(
+        lambda s: [
+            step(0, None, max_length=8, start_block=0, end_block=2, batch_size=1),
+            step(1, torch.randn(1, 1, HIDDEN), session=s),
+        ],
+        st.text(min_size=1, max_size=20).filter(lambda s: s != "fuzz"),
+    ),
+    st.builds(
+        lambda n: [
+            step(0, None, max_length=8, start_block=0, end_block=2, batch_size=1),
+            step(1, torch.randn(1, n, HIDDEN)),
+        ],
+        st.integers(9, 64),
+    ),
 )
 
 

@@ -10,15 +10,17 @@ import torch
 from swarm import start_node
 
 from torchnode.protocol.wire.grpc_node import GrpcNodeClient as NodeClient
-from torchnode.protocol.wire.node_client import NodeError, SessionSpec
 from torchnode.protocol.wire.identity import Identity
+from torchnode.protocol.wire.node_client import NodeError, SessionSpec
 
 TINY_HIDDEN = 64
 # tiny llama, blocks 0:2, fp32: 2 layers x (k, v) x 2 KV heads x 16 dims x 4 bytes = 512 bytes per token
 TINY_BYTES_PER_TOKEN = 512
 
 
-async def open_session(client: NodeClient, name: str, max_length: int, end: int = 2, tokens: int = 1, hidden: int = TINY_HIDDEN):
+async def open_session(
+    client: NodeClient, name: str, max_length: int, end: int = 2, tokens: int = 1, hidden: int = TINY_HIDDEN
+):
     stream = client.open_session(SessionSpec(name, 0, end, max_length))
     await stream.step(torch.randn(1, tokens, hidden), 0, 30)
     return stream
@@ -93,7 +95,9 @@ def test_rss_stays_within_cache_budget_under_50_sessions():
         )
         opened = [r for r in results if not isinstance(r, Exception)]
         refused = [r for r in results if isinstance(r, NodeError)]
-        assert len(opened) + len(refused) == 50, [r for r in results if isinstance(r, Exception) and not isinstance(r, NodeError)]
+        assert len(opened) + len(refused) == 50, [
+            r for r in results if isinstance(r, Exception) and not isinstance(r, NodeError)
+        ]
         assert refused and all(r.status == "RESOURCE_EXHAUSTED" for r in refused)
         rss_peak = process.memory_info().rss
         info = await client.info()

@@ -19,8 +19,8 @@ from swarm import free_port, spawn, start_nodes, stop_all
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from torchnode import AsyncDistributedModel
-from torchnode.client.loop_thread import LoopThread
 from torchnode.api import create_app
+from torchnode.client.loop_thread import LoopThread
 
 NAME = "tiny-llama"
 CONTEXT = 256  # the tiny model's max_position_embeddings
@@ -228,8 +228,13 @@ def test_sixteen_concurrent_chats_each_equal_their_answer_alone(api, client):
     questions = [f"Question {i}: what is {'very ' * (i % 5)}interesting about the number {i}?" for i in range(16)]
 
     def request(i: int) -> dict:
-        return dict(model=NAME, messages=[{"role": "user", "content": questions[i]}], max_tokens=12, temperature=0,
-                    extra_body={"ignore_eos": True})  # fmt: skip
+        return dict(
+            model=NAME,
+            messages=[{"role": "user", "content": questions[i]}],
+            max_tokens=12,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
 
     alone = [client.chat.completions.create(**request(i)).choices[0].message.content for i in range(16)]
 
@@ -298,7 +303,9 @@ def test_validation_errors_have_openai_shape(api):
         r = http.post("/v1/completions", json={"model": NAME, "prompt": [[1, 99999]]})
         assert r.status_code == 400 and "vocabulary" in error_of(r)["message"]
         r = http.post("/v1/completions", json={"model": NAME, "prompt": ""})
-        assert r.status_code == 400 and error_of(r)["message"].startswith("prompt: String should have at least 1 character")
+        assert r.status_code == 400 and error_of(r)["message"].startswith(
+            "prompt: String should have at least 1 character"
+        )
         r = http.get("/v1/nothing")
         assert r.status_code == 404 and error_of(r)["message"] == "Invalid URL (GET /v1/nothing)"
         r = http.get("/v1/chat/completions")
@@ -336,10 +343,25 @@ def test_schemathesis_finds_no_server_error(api, tmp_path):
     """
     url = api.serve(context_length=24)
     cmd = [
-        os.path.join(os.path.dirname(sys.executable), "schemathesis"), "run", f"{url}/openapi.json",
-        "--checks", "not_a_server_error", "--max-examples", "30", "--phases", "examples,coverage,fuzzing",
-        "--workers", "1", "--request-timeout", "60", "--seed", "1", "--generation-database", "none", "--no-color",
-    ]  # fmt: skip
+        os.path.join(os.path.dirname(sys.executable), "schemathesis"),
+        "run",
+        f"{url}/openapi.json",
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        "30",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--workers",
+        "1",
+        "--request-timeout",
+        "60",
+        "--seed",
+        "1",
+        "--generation-database",
+        "none",
+        "--no-color",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=500, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
 

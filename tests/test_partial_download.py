@@ -104,7 +104,9 @@ def test_sizing_a_span_reads_only_shard_headers(hub, files):
     through a byte range, as the hub allows, not by downloading the shard."""
     ckpt = resolve(REPO_ID)
     budget = 3 * resolve(str(files)).parameter_count(in_blocks(0, 1)) * 4  # three float32 blocks' bytes
-    assert blocks_that_fit(ckpt, torch.float32, budget) == blocks_that_fit(resolve(str(files)), torch.float32, budget) == 3
+    assert (
+        blocks_that_fit(ckpt, torch.float32, budget) == blocks_that_fit(resolve(str(files)), torch.float32, budget) == 3
+    )
     block0 = shards_of(files, in_blocks(0, 1))
     assert {n for n in hub.sent if n.endswith(".safetensors")} == block0
     assert hub.bytes_sent(".safetensors") <= 100_001 * len(block0)  # huggingface_hub reads 100 kB for a header

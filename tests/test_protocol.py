@@ -53,4 +53,6 @@ def test_signature_covers_every_field_and_refuses_replay():
     with pytest.raises(signing.AuthError, match="bad signature"):  # same bytes, other method
         signing.check("Info", signing.sign(me, "Forward", pb.ForwardRequest()))
     with pytest.raises(signing.AuthError, match="unexpected key"):
-        signing.check("Forward", signing.sign(me, "Forward", pb.ForwardRequest()), expected_key=Identity.generate().public_key)
+        signing.check(
+            "Forward", signing.sign(me, "Forward", pb.ForwardRequest()), expected_key=Identity.generate().public_key
+        )

@@ -15,6 +15,10 @@ def test_generated_code_is_fresh(tmp_path):
     if shutil.which("bash") is None:
         pytest.skip("bash is needed to run scripts/gen_protos.sh")
     env_path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
-    subprocess.run(["bash", str(ROOT / "scripts/gen_protos.sh"), str(tmp_path)], check=True, cwd=ROOT, env={"PATH": env_path})
+    subprocess.run(
+        ["bash", str(ROOT / "scripts/gen_protos.sh"), str(tmp_path)], check=True, cwd=ROOT, env={"PATH": env_path}
+    )
     for name in GENERATED:
-        assert (tmp_path / name).read_text() == (ROOT / "protocol" / "wire" / name).read_text(), f"{name} is stale: run make protos"
+        assert (tmp_path / name).read_text() == (ROOT / "protocol" / "wire" / name).read_text(), (
+            f"{name} is stale: run make protos"
+        )

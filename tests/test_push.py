@@ -14,8 +14,9 @@ from test_inference_e2e import chat_ids, hf_greedy
 from test_session import FAST_RETRY, NEW, PROMPT, ckpt, expected  # noqa: F401 (fixtures)
 
 from torchnode.client.model import AsyncDistributedModel
-from torchnode.client.sync_model import DistributedModel
 from torchnode.client.sampling import SamplingParams
+from torchnode.client.sync_model import DistributedModel
+
 
 class LyingPusher(MemoryNode):
     """Returns its true output to the client but pushes a perturbed one to the next node."""
@@ -95,7 +96,9 @@ def test_cli_generate_with_push_equals_transformers(smol_nodes, default_referenc
     ids = chat_ids(tokenizer, prompt)
     expected = tokenizer.decode(hf_greedy(hf, ids, 24)[0, ids.shape[1] :], skip_special_tokens=True)
     peers = ",".join(n.address for n in smol_nodes[:2])
-    result = run_cli("generate", "default", "--peers", peers, "--max-new-tokens", "24", "--greedy", "--chat", "--push", prompt)
+    result = run_cli(
+        "generate", "default", "--peers", peers, "--max-new-tokens", "24", "--greedy", "--chat", "--push", prompt
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected.strip()
 
@@ -104,7 +107,9 @@ def test_node_killed_mid_generation_with_push_gives_exact_output(smol_nodes, def
     hf, tokenizer = default_reference
     ids, tokens_wanted = chat_ids(tokenizer, "Tell me about the sea."), 32
     expected = hf_greedy(hf, ids, tokens_wanted)[0, ids.shape[1] :].tolist()
-    with DistributedModel.from_pretrained("default", [n.address for n in smol_nodes], step_timeout=5.0, push=True) as model:
+    with DistributedModel.from_pretrained(
+        "default", [n.address for n in smol_nodes], step_timeout=5.0, push=True
+    ) as model:
         core = model.async_model
         session = model.run(core.open_session(ids.shape[1] + tokens_wanted))
         second = session.hops[-1].node.address

@@ -22,7 +22,9 @@ GREEDY_TOKENS = 16
 
 
 def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+    )
     return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
 
 
@@ -61,9 +63,9 @@ def test_int8_smollm2_greedy_equals_fp32_transformers(int8_smollm2, default_refe
     hf, tokenizer = default_reference
     ids = chat_ids(tokenizer, PROMPTS[0])
     with torch.inference_mode():
-        expected = hf.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=GREEDY_TOKENS
-        )[0, ids.shape[1] :].tolist()
+        expected = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=GREEDY_TOKENS)[
+            0, ids.shape[1] :
+        ].tolist()
     assert len(expected) == GREEDY_TOKENS
     assert span_greedy(*int8_smollm2, ids, GREEDY_TOKENS) == expected
 
@@ -78,9 +80,12 @@ def test_int8_smollm2_next_tokens_agree_with_fp32_but_near_ties(int8_smollm2, de
         T = ids.shape[1]
         with torch.inference_mode():
             text = hf.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS,
-            )  # fmt: skip
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=GREEDY_TOKENS,
+                min_new_tokens=GREEDY_TOKENS,
+            )
             expected = hf(text).logits[0, T - 1 : -1]  # (16, V): fp32's choice of each new token
         got = head.logits(span(head.embed(text), 0, span.start, span.end))[0, T - 1 : -1].argmax(-1)  # (16,)
         top2 = expected.topk(2).values  # (16, 2)

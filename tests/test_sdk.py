@@ -25,7 +25,9 @@ def model(tiny_llama, nodes):
 
 @pytest.fixture(scope="module")
 def hf(tiny_llama):
-    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(tiny_llama)
+    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(
+        tiny_llama
+    )
 
 
 def hf_generate(hf, ids: torch.Tensor, n: int) -> torch.Tensor:

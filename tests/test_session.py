@@ -71,7 +71,9 @@ async def test_failover_replays_history_on_a_replica(ckpt, swarm, expected):
     assert tokens == expected  # exactly the undisturbed output
     assert victim.address in model.bans.banned()
     replay = spare.sessions[-1]
-    assert replay.positions[0] == 0 and replay.positions[1:] == list(range(PROMPT.shape[1] + 5, PROMPT.shape[1] + NEW - 1))
+    assert replay.positions[0] == 0 and replay.positions[1:] == list(
+        range(PROMPT.shape[1] + 5, PROMPT.shape[1] + NEW - 1)
+    )
     await session.close()
 
 
@@ -85,7 +87,9 @@ async def test_rewind_recomputes_from_the_position_and_trims_history(ckpt, swarm
 
     fresh = await model.open_session(32)
     reference = await fresh.step(torch.cat([x[:, :6], y], dim=1))
-    torch.testing.assert_close(out, reference[:, -2:], rtol=0, atol=1e-4)  # prefill vs cached steps: float32 summation order
+    torch.testing.assert_close(
+        out, reference[:, -2:], rtol=0, atol=1e-4
+    )  # prefill vs cached steps: float32 summation order
     assert session.position == 8
     for hop in session.hops:
         assert [(p, h.shape[1]) for p, h in hop.history] == [(0, 6), (6, 2)]
@@ -107,7 +111,9 @@ async def test_failover_after_rewind_replays_only_the_kept_tokens(ckpt, swarm):
 
     fresh = await model_over(ckpt, swarm).open_session(32)
     reference = await fresh.step(torch.cat([x[:, :6], y, z], dim=1))
-    torch.testing.assert_close(out, reference[:, -1:], rtol=0, atol=1e-4)  # prefill vs cached steps: float32 summation order
+    torch.testing.assert_close(
+        out, reference[:, -1:], rtol=0, atol=1e-4
+    )  # prefill vs cached steps: float32 summation order
     await session.close()
     await fresh.close()
 

@@ -19,7 +19,6 @@ from tiny_models import EOS_ID, save_tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from torchnode.client.model import AsyncDistributedModel
-from torchnode.client.sync_model import DistributedModel
 from torchnode.client.sampling import SamplingParams
 from torchnode.client.speculative import (
     Draft,
@@ -31,6 +30,7 @@ from torchnode.client.speculative import (
     load_drafter,
     speculative_ids,
 )
+from torchnode.client.sync_model import DistributedModel
 from torchnode.models.checkpoint import resolve
 
 TINY_PROMPT = "The quick brown fox jumps over the lazy dog while the small cat"
@@ -262,8 +262,12 @@ async def test_ngram_on_text_with_nothing_to_copy_stops_drafting(tiny, tiny_llam
 @pytest.fixture
 def three_hops(tiny_llama):
     ckpt = resolve(str(tiny_llama))
-    nodes = [MemoryNode(ckpt, 0, 2, "a:1"), MemoryNode(ckpt, 2, 3, "b:1"), MemoryNode(ckpt, 3, 4, "c:1"),
-             MemoryNode(ckpt, 2, 3, "b:2")]  # fmt: skip
+    nodes = [
+        MemoryNode(ckpt, 0, 2, "a:1"),
+        MemoryNode(ckpt, 2, 3, "b:1"),
+        MemoryNode(ckpt, 3, 4, "c:1"),
+        MemoryNode(ckpt, 2, 3, "b:2"),
+    ]
     yield ckpt, nodes
     for node in nodes:
         node.shutdown()
@@ -340,8 +344,19 @@ def test_real_nodes_with_drafts_equal_plain_greedy(tiny_llama):
     nodes = start_nodes(str(tiny_llama), ["0:2", "2:4"])
     try:
         peers = ",".join(n.address for n in nodes)
-        result = run_cli("generate", str(tiny_llama), TINY_PROMPT, "--peers", peers, "--max-new-tokens", str(NEW),
-                         "--draft", "ngram", "--draft-tokens", "4")  # fmt: skip
+        result = run_cli(
+            "generate",
+            str(tiny_llama),
+            TINY_PROMPT,
+            "--peers",
+            peers,
+            "--max-new-tokens",
+            str(NEW),
+            "--draft",
+            "ngram",
+            "--draft-tokens",
+            "4",
+        )
         assert result.returncode == 0, result.stderr
         until_eos = expected[: expected.index(EOS_ID) + 1] if EOS_ID in expected else expected
         assert result.stdout == tokenizer.decode(until_eos, skip_special_tokens=True) + "\n"

@@ -12,8 +12,8 @@ from swarm import run_cli, start_coordinator, start_node, stop_all
 from test_inference_e2e import STORY, chat_ids, hf_greedy
 from transformers import AutoModelForCausalLM
 
-from torchnode.client.sync_model import DistributedModel
 from torchnode.client.sampling import SamplingParams
+from torchnode.client.sync_model import DistributedModel
 from torchnode.protocol.dht.network import find_servers, start_dht
 
 EXPIRATION = 8.0  # seconds; short so that a killed node's records vanish quickly
@@ -123,11 +123,11 @@ def test_default_swarm_weakest_span_kill_and_drain(coordinator, default_referenc
 def test_rebalance_moves_to_a_gap_without_breaking_open_session(coordinator, tiny_llama):
     import asyncio
 
-    from torchnode.protocol.wire.grpc_node import GrpcNodeClient as NodeClient
-    from torchnode.protocol.wire.node_client import SessionSpec
     from torchnode.models.checkpoint import resolve
     from torchnode.models.families import load_span
+    from torchnode.protocol.wire.grpc_node import GrpcNodeClient as NodeClient
     from torchnode.protocol.wire.identity import Identity
+    from torchnode.protocol.wire.node_client import SessionSpec
 
     fixed = ("--rebalance-period", "0")
     nodes = [join(str(tiny_llama), coordinator, "--num-blocks", "2", *fixed) for _ in range(2)]

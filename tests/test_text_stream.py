@@ -170,7 +170,9 @@ def run(tokenizer, script: list[int], params: SamplingParams) -> list[TextPiece]
 def test_finish_reason_and_token_count(tokenizer, case):
     eos = tokenizer.eos_token_id
     words = encode(tokenizer, "Hello world")
-    script = words + ([eos] * 3 if case in ("eos", "eos at max_tokens", "ignore_eos") else encode(tokenizer, " dog") * 10)
+    script = words + (
+        [eos] * 3 if case in ("eos", "eos at max_tokens", "ignore_eos") else encode(tokenizer, " dog") * 10
+    )
     stop = ("lo w",) if case == "stop string" else ()
     max_tokens = {"eos at max_tokens": len(words), "zero": 0}.get(case, 10)
     finish, count = {

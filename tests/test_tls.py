@@ -41,9 +41,14 @@ HIDDEN = 64  # tiny llama
 def _certificate_with(key, extensions) -> bytes:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])
     builder = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(1).not_valid_before(datetime.datetime(2000, 1, 1)).not_valid_after(datetime.datetime(2100, 1, 1))
-    )  # fmt: skip
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(datetime.datetime(2000, 1, 1))
+        .not_valid_after(datetime.datetime(2100, 1, 1))
+    )
     for extension in extensions:
         builder = builder.add_extension(extension, critical=False)
     from cryptography.hazmat.primitives import serialization
@@ -213,7 +218,9 @@ def test_request_replayed_to_another_node_is_refused(nodes):
 
     key = run(tls.pin(tls_node.address)).key
     x = torch.randn(1, 3, HIDDEN)
-    request = signing.sign(me, "Forward", pb.ForwardRequest(hidden=tensor_codec.encode(x), start_block=0, end_block=4), audience=key)
+    request = signing.sign(
+        me, "Forward", pb.ForwardRequest(hidden=tensor_codec.encode(x), start_block=0, end_block=4), audience=key
+    )
     reply = run(forward(tls_node.address, request, secure=True))
     assert reply.auth.in_reply_to == request.auth.signature  # the reply names the request it answers
     with pytest.raises(aio.AioRpcError) as refused:  # captured, and sent to another node: a nonce it has never seen
@@ -239,7 +246,9 @@ def test_disagreeing_on_insecure_fails_fast_with_a_clear_error(nodes):
 def test_cli_names_the_flag_and_warns(nodes, tiny_llama):
     assert "warning: --insecure" in nodes["plain"].log and "plaintext, --insecure" in nodes["plain"].log
     assert "warning" not in nodes["tls"].log and "(TLS)" in nodes["tls"].log
-    result = procs.run_cli("generate", str(tiny_llama), "--peers", nodes["plain"].address, "--max-new-tokens", "2", "hi")
+    result = procs.run_cli(
+        "generate", str(tiny_llama), "--peers", nodes["plain"].address, "--max-new-tokens", "2", "hi"
+    )
     assert result.returncode == 1
     assert "does not speak TLS" in result.stderr and "--insecure" in result.stderr
 
@@ -249,6 +258,9 @@ def test_swarm_command_shows_each_link(swarm_of_two, tiny_llama):
     maddr, nodes = swarm_of_two
     result = procs.run_cli("swarm", str(tiny_llama), "--initial-peers", maddr)
     assert result.returncode == 0, result.stderr
-    rows = {name: next(line for line in result.stdout.splitlines() if node.peer_id[:12] in line) for name, node in nodes.items()}
+    rows = {
+        name: next(line for line in result.stdout.splitlines() if node.peer_id[:12] in line)
+        for name, node in nodes.items()
+    }
     assert "TLS" in rows["tls"] and "plaintext" not in rows["tls"]
     assert "plaintext" in rows["plain"] and "unhealthy" in rows["plain"]  # encrypted clients cannot use it

@@ -121,7 +121,12 @@ async def test_tokens_are_released_only_after_their_window_is_checked(ckpt, node
 
     assert await generate(model_over(ckpt, nodes), on_token) == expected
     assert all(position < verified for position, verified in released_at)
-    windows = [s.positions for n in nodes for s in n.sessions if WINDOW in {b - a for a, b in zip(s.positions, s.positions[1:])}]
+    windows = [
+        s.positions
+        for n in nodes
+        for s in n.sessions
+        if WINDOW in {b - a for a, b in zip(s.positions, s.positions[1:])}
+    ]
     assert windows, "each check is an ordinary session on another node, stepping a window at a time"
 
 
@@ -211,28 +216,39 @@ def report_entry(reporter, node_peer_id: str, lifetime: float = 3600.0, **change
     from torchnode.protocol.dht.validator import key_id
 
     report = FraudReport(
-        reporter.peer_id, reporter.public_key, node_peer_id, "127.0.0.1:31330", "m", 0, 2, "ab" * 32,
+        reporter.peer_id,
+        reporter.public_key,
+        node_peer_id,
+        "127.0.0.1:31330",
+        "m",
+        0,
+        2,
+        "ab" * 32,
         get_dht_time() + lifetime,
-    )  # fmt: skip
+    )
     report = replace(report, **changes)
     record = DHTRecord(
-        key=key_id(report_key(node_peer_id)), subkey=MSGPackSerializer.dumps(reporter.peer_id),
-        value=MSGPackSerializer.dumps(encode_report(reporter, report)), expiration_time=report.expiration,
-    )  # fmt: skip
+        key=key_id(report_key(node_peer_id)),
+        subkey=MSGPackSerializer.dumps(reporter.peer_id),
+        value=MSGPackSerializer.dumps(encode_report(reporter, report)),
+        expiration_time=report.expiration,
+    )
     return report, record
 
 
 def test_a_fraud_report_round_trips_and_passes_the_swarm_validator():
     from torchnode.protocol.dht.fraud_reports import decode_report, encode_report, parse_report
-    from torchnode.protocol.wire.identity import Identity
     from torchnode.protocol.dht.validator import SwarmValidator
+    from torchnode.protocol.wire.identity import Identity
 
     reporter, node = Identity.generate(), Identity.generate()
     report, record = report_entry(reporter, node.peer_id)
     assert decode_report(encode_report(reporter, report)) == report
     assert SwarmValidator().validate(record)
     assert parse_report(reporter.peer_id, encode_report(reporter, report), node.peer_id) == report
-    assert parse_report(reporter.peer_id, encode_report(reporter, report), reporter.peer_id) is None  # another node's key
+    assert (
+        parse_report(reporter.peer_id, encode_report(reporter, report), reporter.peer_id) is None
+    )  # another node's key
 
 
 def test_forged_or_misplaced_fraud_reports_are_refused():
@@ -241,17 +257,19 @@ def test_forged_or_misplaced_fraud_reports_are_refused():
     import msgpack
     from hivemind.utils import MSGPackSerializer
 
-    from torchnode.protocol.dht.records import RecordError, sign_fields
     from torchnode.protocol.dht.fraud_reports import decode_report, encode_report
-    from torchnode.protocol.wire.identity import Identity
+    from torchnode.protocol.dht.records import RecordError, sign_fields
     from torchnode.protocol.dht.validator import FraudReportValidator, SwarmValidator, key_id
+    from torchnode.protocol.wire.identity import Identity
 
     reporter, node, other = Identity.generate(), Identity.generate(), Identity.generate()
     report, record = report_entry(reporter, node.peer_id)
     envelope = msgpack.unpackb(encode_report(reporter, report))
     body = msgpack.unpackb(envelope["record"])
     forged = sign_fields(other, body)  # the reporter's name, someone else's signature
-    tampered = msgpack.packb({"record": msgpack.packb(body | {"evidence_sha256": "cd" * 32}), "signature": envelope["signature"]})
+    tampered = msgpack.packb(
+        {"record": msgpack.packb(body | {"evidence_sha256": "cd" * 32}), "signature": envelope["signature"]}
+    )
     refused = {
         "bad signature": replace(record, value=MSGPackSerializer.dumps(forged)),
         "bad signature ": replace(record, value=MSGPackSerializer.dumps(tampered)),

@@ -79,7 +79,9 @@ async def test_a_liar_on_an_adapter_session_is_caught(ckpt, nodes, adapters, ref
     with caplog.at_level(logging.WARNING):
         assert await generate(model, adapter) == expected
     assert named(caplog, bad) and model.dishonest == {bad.address}
-    assert findings[0].adapter == "tone-a" and findings[0].judge in ({"this client"} if judge == "local" else {"c:1", "d:1"})
+    assert findings[0].adapter == "tone-a" and findings[0].judge in (
+        {"this client"} if judge == "local" else {"c:1", "d:1"}
+    )
     assert (findings[0].adapter_files is not None) == (judge == "local")
     assert not base.sessions
 
@@ -98,8 +100,17 @@ async def test_no_opinion_with_the_adapter_is_a_clear_error(ckpt, nodes, adapter
 
 def signed_session(client: Identity, node: Identity, adapter: str, x: torch.Tensor, out: torch.Tensor):
     """One signed step (a prefill of blocks 0:2 naming `adapter`) and the node's signed reply `out`."""
-    request = pb.Step(session_id="s", step=0, position=0, wire_dtype="float32", max_length=32, batch_size=1,
-                      start_block=0, end_block=2, adapter=adapter)  # fmt: skip
+    request = pb.Step(
+        session_id="s",
+        step=0,
+        position=0,
+        wire_dtype="float32",
+        max_length=32,
+        batch_size=1,
+        start_block=0,
+        end_block=2,
+        adapter=adapter,
+    )
     request.hidden.CopyFrom(tensor_codec.encode(x, torch.float32))
     signing.sign(client, "Inference", request, audience=node.public_key)
     reply = pb.StepResult(session_id="s", step=0)
@@ -117,9 +128,20 @@ def test_evidence_of_an_adapter_session_is_replayed_with_its_adapter(ckpt, adapt
 
     def evidence(out: torch.Tensor, position: int):  # positions only keep the file names apart
         finding = Finding(
-            types.SimpleNamespace(address="n:1"), node.peer_id, 0, 2, position, 1.0, 1e-4, "this client", node.public_key,
-            "float32", (signed_session(client, node, "tone-a", tuned[0], out),), "tone-a", files,
-        )  # fmt: skip
+            types.SimpleNamespace(address="n:1"),
+            node.peer_id,
+            0,
+            2,
+            position,
+            1.0,
+            1e-4,
+            "this client",
+            node.public_key,
+            "float32",
+            (signed_session(client, node, "tone-a", tuned[0], out),),
+            "tone-a",
+            files,
+        )
         return write_evidence(finding, ckpt.name, ckpt.revision, client.public_key)
 
     ignored = evidence(base[2], 0)  # the node skipped the adapter: a lie about an adapter session

@@ -38,8 +38,10 @@ def test_cli_verify_catches_a_dishonest_process_and_its_evidence_proves_it(tiny_
     env = {"TORCHNODE_HOME": str(home)}
     script = str(Path(__file__).with_name("dishonest_node.py"))
     coordinator = spawn(
-        [*TORCHNODE, "coordinator", "--port", str(free_port()), "--dashboard", "--http-port", "0", "--refresh", "1"], 0, env
-    )  # fmt: skip
+        [*TORCHNODE, "coordinator", "--port", str(free_port()), "--dashboard", "--http-port", "0", "--refresh", "1"],
+        0,
+        env,
+    )
     nodes = []
     try:
         maddr = coordinator.wait_for(r"ready: --initial-peers (\S+)", 60)[1]
@@ -75,7 +77,9 @@ def test_cli_verify_catches_a_dishonest_process_and_its_evidence_proves_it(tiny_
 
     check = run_cli("check-evidence", str(evidence[0]), model, env=env)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert re.search(rf"PROVEN: node {re.escape(liar.address)} \(peer {liar.peer_id}\) signed a wrong output", check.stdout)
+    assert re.search(
+        rf"PROVEN: node {re.escape(liar.address)} \(peer {liar.peer_id}\) signed a wrong output", check.stdout
+    )
 
     forged = tmp_path / "forged.evidence"
     data = bytearray(evidence[0].read_bytes())

@@ -25,6 +25,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
@@ -34,7 +35,6 @@ from transformers import (
     Qwen3Config,
     Qwen3MoeConfig,
 )
-from transformers import DeepseekV3Config
 
 FAMILIES_UNDER_TEST = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "deepseek_v3")
 
@@ -107,16 +107,35 @@ def tiny_config(family: str) -> PretrainedConfig:
         )
     if family == "qwen3_moe":
         return Qwen3MoeConfig(
-            **common, num_hidden_layers=4, head_dim=16, moe_intermediate_size=32, num_experts=8,
-            num_experts_per_tok=2, norm_topk_prob=False, mlp_only_layers=[1], tie_word_embeddings=False,
-        )  # fmt: skip
+            **common,
+            num_hidden_layers=4,
+            head_dim=16,
+            moe_intermediate_size=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            mlp_only_layers=[1],
+            tie_word_embeddings=False,
+        )
     if family == "deepseek_v3":
         return DeepseekV3Config(
-            **{**common, "num_key_value_heads": 4}, num_hidden_layers=4, q_lora_rank=32, kv_lora_rank=24,
-            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, moe_intermediate_size=32, n_routed_experts=8,
-            n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
-            routed_scaling_factor=2.5, tie_word_embeddings=False,
-        )  # fmt: skip
+            **{**common, "num_key_value_heads": 4},
+            num_hidden_layers=4,
+            q_lora_rank=32,
+            kv_lora_rank=24,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            moe_intermediate_size=32,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            tie_word_embeddings=False,
+        )
     raise ValueError(f"no tiny model for family {family!r}; known: {', '.join(FAMILIES_UNDER_TEST)}")
 
 

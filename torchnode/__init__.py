@@ -4,6 +4,7 @@ The SDK's public names are imported lazily, so `torchnode --help` and node start
 """
 
 from .protocol.version import __version__
+
 __all__ = ["AsyncDistributedModel", "DistributedModel", "SamplingParams", "__version__"]
 
 

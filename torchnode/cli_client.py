@@ -67,15 +67,35 @@ def generate(
     if greedy and temperature > 0:
         raise typer.BadParameter("--greedy and --temperature > 0 contradict each other", param_hint="--greedy")
     torch_wire = _dtype(wire_dtype, "--wire-dtype")
-    with user_errors(), draft_errors(), connect(
-        model, peers, initial_peers, identity, wire_dtype=torch_wire, step_timeout=step_timeout, insecure=insecure,
-        device=str(_device(device)), adapter=adapter, push=push,
-        draft=draft, draft_tokens=draft_tokens, **verify_options(verify, verify_window), allow_keys=allow_keys_of(allow_keys),
-    ) as client:
+    with (
+        user_errors(),
+        draft_errors(),
+        connect(
+            model,
+            peers,
+            initial_peers,
+            identity,
+            wire_dtype=torch_wire,
+            step_timeout=step_timeout,
+            insecure=insecure,
+            device=str(_device(device)),
+            adapter=adapter,
+            push=push,
+            draft=draft,
+            draft_tokens=draft_tokens,
+            **verify_options(verify, verify_window),
+            allow_keys=allow_keys_of(allow_keys),
+        ) as client,
+    ):
         pieces = client.stream(
-            prompt, chat=chat, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, top_k=top_k, seed=seed,
-        )  # fmt: skip
+            prompt,
+            chat=chat,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+        )
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -108,10 +128,25 @@ def chat(
     warn_if_insecure(insecure)
     console = Console(highlight=False)
     conversation = [{"role": "system", "content": system}] if system else []
-    with user_errors(), draft_errors(), connect(
-        model, peers, initial_peers, identity, step_timeout=step_timeout, insecure=insecure, device=str(_device(device)),
-        adapter=adapter, push=push, draft=draft, draft_tokens=draft_tokens, **verify_options(verify, verify_window), allow_keys=allow_keys_of(allow_keys),
-    ) as client:
+    with (
+        user_errors(),
+        draft_errors(),
+        connect(
+            model,
+            peers,
+            initial_peers,
+            identity,
+            step_timeout=step_timeout,
+            insecure=insecure,
+            device=str(_device(device)),
+            adapter=adapter,
+            push=push,
+            draft=draft,
+            draft_tokens=draft_tokens,
+            **verify_options(verify, verify_window),
+            allow_keys=allow_keys_of(allow_keys),
+        ) as client,
+    ):
         console.print("[dim]Type a message; an empty line or Ctrl-D ends the chat.[/]")
         with client.session(max_length=max_length) as session:
             while True:
@@ -137,7 +172,9 @@ def api(
     host: Annotated[str, typer.Option(help="HTTP listen address; 0.0.0.0 exposes the API")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
     served_model_name: Annotated[str | None, typer.Option(help="model id clients ask for [default: MODEL]")] = None,
-    context_length: Annotated[int | None, typer.Option(min=1, help="prompt + completion limit [default: the model's, at most 2048]")] = None,
+    context_length: Annotated[
+        int | None, typer.Option(min=1, help="prompt + completion limit [default: the model's, at most 2048]")
+    ] = None,
     step_timeout: StepTimeout = 30.0,
     identity: Annotated[Path | None, typer.Option(help="client key file")] = None,
     device: HeadDevice = "auto",
@@ -147,22 +184,47 @@ def api(
     draft_tokens: DraftTokens = 8,
     verify: Verify = False,
     verify_window: VerifyWindow = 32,
-    adapter: Annotated[str | None, typer.Option(help=ADAPTER_HELP + "; the default of requests whose model is BASE (BASE:ADAPTER picks one per request)")] = None,
+    adapter: Annotated[
+        str | None,
+        typer.Option(
+            help=ADAPTER_HELP + "; the default of requests whose model is BASE (BASE:ADAPTER picks one per request)"
+        ),
+    ] = None,
     push: Push = True,
 ) -> None:
     """Serve an OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions) over the swarm."""
     warn_if_insecure(insecure)
     if not _peers(peers) and not _peers(initial_peers):
-        raise typer.BadParameter("give --initial-peers MULTIADDR (a swarm) or --peers HOST:PORT,...", param_hint="--initial-peers")
+        raise typer.BadParameter(
+            "give --initial-peers MULTIADDR (a swarm) or --peers HOST:PORT,...", param_hint="--initial-peers"
+        )
     from torchnode.api.runner import run_api
 
     status = lambda m: err.print(f"[bold green]api[/] {m}", soft_wrap=True)  # noqa: E731
-    with user_errors(), draft_errors(), contextlib.suppress(KeyboardInterrupt):  # Ctrl-C while the model is still loading
+    with (
+        user_errors(),
+        draft_errors(),
+        contextlib.suppress(KeyboardInterrupt),
+    ):  # Ctrl-C while the model is still loading
         asyncio.run(
             run_api(
-                model, _peers(peers), _peers(initial_peers), host, port, on_status=status,
-                served_name=served_model_name, context_length=context_length,
-                identity_path=identity, step_timeout=step_timeout, insecure=insecure, device=str(_device(device)),
-                adapter=adapter, push=push, draft=draft, draft_tokens=draft_tokens, **verify_options(verify, verify_window), allow_keys=allow_keys_of(allow_keys),
-            )  # fmt: skip
+                model,
+                _peers(peers),
+                _peers(initial_peers),
+                host,
+                port,
+                on_status=status,
+                served_name=served_model_name,
+                context_length=context_length,
+                identity_path=identity,
+                step_timeout=step_timeout,
+                insecure=insecure,
+                device=str(_device(device)),
+                adapter=adapter,
+                push=push,
+                draft=draft,
+                draft_tokens=draft_tokens,
+                **verify_options(verify, verify_window),
+                allow_keys=allow_keys_of(allow_keys),
+            )
         )

@@ -119,7 +119,9 @@ VERIFY_HELP = "recompute every node's outputs elsewhere (another node, or this c
 VERIFY_WINDOW_HELP = "tokens per check: each hop's window is re-run as one prefill; tokens are released once checked"
 
 
-ALLOW_KEYS_HELP = "private swarm: file of member public keys (one per line, as `torchnode identity` prints them, # comments)"
+ALLOW_KEYS_HELP = (
+    "private swarm: file of member public keys (one per line, as `torchnode identity` prints them, # comments)"
+)
 
 
 def allow_keys_of(path: Path | None) -> frozenset[bytes] | None:
@@ -140,7 +142,9 @@ def verify_options(verify: bool, verify_window: int) -> dict:
 
 
 PUSH_HELP = "node-to-node push: each node sends its output straight to the next (hops + 1 one-way legs per token instead of 2 x hops); --no-push: the client drives every hop"
-DRAFT_HELP = "speculative decoding: 'ngram' (prompt lookup) or a small draft model with the same tokenizer [default: off]"
+DRAFT_HELP = (
+    "speculative decoding: 'ngram' (prompt lookup) or a small draft model with the same tokenizer [default: off]"
+)
 DRAFT_TOKENS_HELP = "most tokens drafted per pass; fewer when drafts are rejected"
 
 
@@ -160,7 +164,8 @@ def connect(model: str, peers: str, initial_peers: str, identity: Path | None, *
     peer_list, dht_peers = _peers(peers), _peers(initial_peers)
     if not peer_list and not dht_peers:
         raise typer.BadParameter(
-            "give --initial-peers MULTIADDR (a swarm) or --peers HOST:PORT,... (fixed nodes)", param_hint="--initial-peers"
+            "give --initial-peers MULTIADDR (a swarm) or --peers HOST:PORT,... (fixed nodes)",
+            param_hint="--initial-peers",
         )
     from torchnode.client.sync_model import DistributedModel
 

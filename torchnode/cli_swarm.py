@@ -51,13 +51,17 @@ def swarm(
         health = n.health if n.problem is None else f"{n.health}: {n.problem}"
         link = "-" if n.encrypted is None else "TLS" if n.encrypted else "[red]plaintext[/]"
         via = f"relay {n.relay[:12]}" if n.relay else "direct"  # behind a NAT: reached through that relay
-        table.add_row(n.short_id, n.address, via, f"{n.start}:{n.end}", n.state, health, f"{n.throughput:.1f}", rtt, link)
+        table.add_row(
+            n.short_id, n.address, via, f"{n.start}:{n.end}", n.state, health, f"{n.throughput:.1f}", rtt, link
+        )
     console = Console()
     console.print(table)
     if view.ready:
         console.print(f"[green]all {view.total_blocks} blocks covered[/]")
     else:
-        console.print(f"[red]not covered:[/] blocks {view.missing_ranges or '(unknown model size)'}; generation is not possible")
+        console.print(
+            f"[red]not covered:[/] blocks {view.missing_ranges or '(unknown model size)'}; generation is not possible"
+        )
 
 
 def models_command(
@@ -81,8 +85,14 @@ def models_command(
         covered = sum(b.servers > 0 for b in m.blocks)
         healthy = sum(n.health == "healthy" for n in m.nodes)
         ready = "[green]ready[/]" if m.ready else f"[red]no[/] (missing {m.missing_ranges or 'unknown'})"
-        table.add_row(m.name, m.family or "-", f"{covered}/{m.total_blocks}", f"{healthy}/{len(m.nodes)}",
-                      f"{m.bottleneck_throughput:.1f}", ready)  # fmt: skip
+        table.add_row(
+            m.name,
+            m.family or "-",
+            f"{covered}/{m.total_blocks}",
+            f"{healthy}/{len(m.nodes)}",
+            f"{m.bottleneck_throughput:.1f}",
+            ready,
+        )
     Console().print(table)
     if state.error:
         err.print(f"[red]error:[/] {state.error}")
@@ -90,7 +100,9 @@ def models_command(
 
 
 def identity(
-    identity: Annotated[Path | None, typer.Option(help="key file [default: ~/.torchnode/identity.key, the client's]")] = None,
+    identity: Annotated[
+        Path | None, typer.Option(help="key file [default: ~/.torchnode/identity.key, the client's]")
+    ] = None,
 ) -> None:
     """Print this key's public key (64 hex digits, as --allow-keys files list them), creating the key if missing."""
     from torchnode.protocol.wire.identity import Identity
@@ -101,8 +113,13 @@ def identity(
 
 def check_evidence_command(
     file: Annotated[Path, typer.Argument(help="an evidence file (from $TORCHNODE_HOME/evidence/)")],
-    model: Annotated[str, typer.Argument(help="the model it is about ('default', a path, or a hub id): its weights recompute the span")],
-    adapter: Annotated[str, typer.Option(help="the LoRA adapter (directory or hub id) the session used, if it used one")] = "",
+    model: Annotated[
+        str,
+        typer.Argument(help="the model it is about ('default', a path, or a hub id): its weights recompute the span"),
+    ],
+    adapter: Annotated[
+        str, typer.Option(help="the LoRA adapter (directory or hub id) the session used, if it used one")
+    ] = "",
 ) -> None:
     """Check a fraud proof: verify the node's signatures and recompute its span locally. Exit 0: the node
     signed a wrong output (proven); 2: every signed output is right; 1: not a valid evidence file."""

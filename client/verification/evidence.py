@@ -29,15 +29,14 @@ from pathlib import Path
 
 import msgpack
 import torch
+from hivemind.utils.timed_storage import get_dht_time
 
 from ...models.checkpoint import Checkpoint
 from ...models.families import load_span
 from ...models.lora import AdapterBank, AdapterSource, find_adapter
-from hivemind.utils.timed_storage import get_dht_time
-
+from ...protocol.dht.fraud_reports import DEFAULT_REPORT_LIFETIME, FraudReport
 from ...protocol.wire import signing, tensor_codec
 from ...protocol.wire import torchnode_pb2 as pb
-from ...protocol.dht.fraud_reports import DEFAULT_REPORT_LIFETIME, FraudReport
 from ...protocol.wire.identity import Identity, peer_id_of, torchnode_home
 from .opinions import run_span
 from .verifier import Finding, first_mismatch, tolerance
@@ -59,12 +58,21 @@ def write_evidence(finding: Finding, model: str, revision: str, reporter: bytes)
     if not finding.exchanges:
         return None
     record = {
-        "format": FORMAT, "model": model, "revision": revision, "address": finding.node.address,
-        "public_key": finding.public_key, "dtype": finding.dtype, "start": finding.start, "end": finding.end,
-        "position": finding.position, "reporter": reporter, "created": time.time(),
-        "exchanges": [list(e) for e in finding.exchanges], "adapter": finding.adapter,
+        "format": FORMAT,
+        "model": model,
+        "revision": revision,
+        "address": finding.node.address,
+        "public_key": finding.public_key,
+        "dtype": finding.dtype,
+        "start": finding.start,
+        "end": finding.end,
+        "position": finding.position,
+        "reporter": reporter,
+        "created": time.time(),
+        "exchanges": [list(e) for e in finding.exchanges],
+        "adapter": finding.adapter,
         "adapter_sha256": adapter_digest(finding.adapter_files) if finding.adapter_files is not None else "",
-    }  # fmt: skip
+    }
     folder = evidence_dir()
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = folder / f"{finding.peer_id}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{finding.position}.evidence"
@@ -89,10 +97,16 @@ def fraud_report(
     if len(finding.public_key) == 0:
         return None
     return FraudReport(
-        peer_id=reporter.peer_id, public_key=reporter.public_key, node_peer_id=peer_id_of(finding.public_key),
-        node_address=finding.node.address, model=model, start=finding.start, end=finding.end,
-        evidence_sha256=hashlib.sha256(Path(path).read_bytes()).hexdigest(), expiration=get_dht_time() + lifetime,
-    )  # fmt: skip
+        peer_id=reporter.peer_id,
+        public_key=reporter.public_key,
+        node_peer_id=peer_id_of(finding.public_key),
+        node_address=finding.node.address,
+        model=model,
+        start=finding.start,
+        end=finding.end,
+        evidence_sha256=hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+        expiration=get_dht_time() + lifetime,
+    )
 
 
 @dataclass(frozen=True)
@@ -167,8 +181,9 @@ def check_evidence(path: Path, ckpt: Checkpoint, adapter: str | None = None) -> 
                 True,
                 f"PROVEN: node {record['address']} (peer {peer}) signed a wrong output for blocks {start}:{end} at "
                 f"step {request.step}, position {position} (error {error:.3g} > tolerance {tol:.3g})",
-                request.step, position,
-            )  # fmt: skip
+                request.step,
+                position,
+            )
     return Verdict(False, f"NOT PROVEN: every output node {peer} signed is right within tolerance ({len(pairs)} steps)")
 
 

@@ -50,7 +50,9 @@ def _hub_adapter(hub_id: str) -> AdapterSource | None:
         return None
 
 
-def run_span(span: torch.nn.Module, lora: Lora | None, x: torch.Tensor, position: int, start: int, end: int, caches) -> torch.Tensor:
+def run_span(
+    span: torch.nn.Module, lora: Lora | None, x: torch.Tensor, position: int, start: int, end: int, caches
+) -> torch.Tensor:
     """Blocks [start, end) of `span` over x (B, T, H) with `lora` applied to every row (None: the base model)."""
     with lora_pass([x.shape[0] * x.shape[1]], [lora]):
         return span(x, position, start, end, caches)

@@ -35,8 +35,8 @@ from ...protocol.wire import tensor_codec
 from ...protocol.wire.identity import peer_id_of
 from ...protocol.wire.node_client import NodeClient, NodeError, NodeInfo
 from ..routing import NoRouteError
-from .opinions import LocalOpinion, Opinion, RemoteOpinion
 from ..session import Hop, InferenceSession
+from .opinions import LocalOpinion, Opinion, RemoteOpinion
 
 log = logging.getLogger(__name__)
 
@@ -223,8 +223,14 @@ class Verifier:
             return None
         log.warning(
             "verification: %s and %s disagree on blocks %d:%d at position %d (error %.3g > %.3g); asking a third opinion",
-            hop.node.address, checker.name, hop.start, hop.end, start + wrong, error, tol,
-        )  # fmt: skip
+            hop.node.address,
+            checker.name,
+            hop.start,
+            hop.end,
+            start + wrong,
+            error,
+            tol,
+        )
         if checker.trusted:
             return await self._finding(record, start, start + wrong, error, tol, checker.name)
         third = await self._third(hop, checker)
@@ -252,9 +258,20 @@ class Verifier:
         info = self.infos.get(node.address)
         key = info.public_key if info is not None else getattr(node, "expected_key", None) or b""
         return Finding(
-            node, peer_id_of(key) if key else "unknown", record.hop.start, record.hop.end, wrong, error, tol, judge,
-            key, info.dtype if info is not None else "float32", tuple(record.exchanges), self.session.adapter, self.adapter,
-        )  # fmt: skip
+            node,
+            peer_id_of(key) if key else "unknown",
+            record.hop.start,
+            record.hop.end,
+            wrong,
+            error,
+            tol,
+            judge,
+            key,
+            info.dtype if info is not None else "float32",
+            tuple(record.exchanges),
+            self.session.adapter,
+            self.adapter,
+        )
 
     async def _dtype(self, node: NodeClient) -> torch.dtype:
         """The dtype a node computes in, from its Info (an ordinary call), asked once."""
@@ -296,9 +313,16 @@ class Verifier:
             ) from None
         s = self.session
         session = InferenceSession(
-            hops, s.max_length, s.batch_size, s.wire_dtype, s.step_timeout,
-            router=lambda a, b: self.route(a, b, avoid), on_failure=s.on_failure, retry=s.retry, adapter=s.adapter,
-        )  # fmt: skip
+            hops,
+            s.max_length,
+            s.batch_size,
+            s.wire_dtype,
+            s.step_timeout,
+            router=lambda a, b: self.route(a, b, avoid),
+            on_failure=s.on_failure,
+            retry=s.retry,
+            adapter=s.adapter,
+        )
         dtypes = [await self._dtype(h.node) for h in hops]
         return RemoteOpinion(session, max(dtypes, key=lambda d: torch.finfo(d).eps))
 
@@ -324,9 +348,26 @@ class Verifier:
             await self._dtype(node)
             info = self.infos.get(node.address)
             peer = peer_id_of(info.public_key) if info is not None else "unknown"
-            self.on_dishonest(Finding(node, peer, hop.start, hop.end, -1, float("nan"), float("nan"), judge, info.public_key if info else b""))
+            self.on_dishonest(
+                Finding(
+                    node,
+                    peer,
+                    hop.start,
+                    hop.end,
+                    -1,
+                    float("nan"),
+                    float("nan"),
+                    judge,
+                    info.public_key if info else b"",
+                )
+            )
         else:
-            log.warning("verification: the chain %s gave wrong outputs for blocks %d:%d; not using it again", checker.name, hop.start, hop.end)
+            log.warning(
+                "verification: the chain %s gave wrong outputs for blocks %d:%d; not using it again",
+                checker.name,
+                hop.start,
+                hop.end,
+            )
         await self._drop_checkers_of(*nodes)
 
     async def _drop_checkers_of(self, *nodes: NodeClient) -> None:

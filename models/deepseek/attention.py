@@ -14,13 +14,13 @@ declares that geometry as `num_kv_heads = 1`, `head_dim = (r + d_rope) / 2`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..block import RMSNorm, Segment, attention_mask
 from ..kv_cache import KVCache
-
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm: transformers builds them with its default eps
 
@@ -73,7 +73,10 @@ class LatentAttention(nn.Module):
         q = torch.cat([q_pass, self.rope(q_rot, cos[:, None], sin[:, None])], dim=-1)  # (N, H, nope + rope)
         packed = torch.cat([self.kv_a_layernorm(latent), self.rope(k_rot, cos, sin)], dim=-1)  # (N, r + rope)
         sizes = [s.size for s in segments]
-        ys = [self.attend(s, cache, *parts) for s, cache, *parts in zip(segments, caches, q.split(sizes), packed.split(sizes))]
+        ys = [
+            self.attend(s, cache, *parts)
+            for s, cache, *parts in zip(segments, caches, q.split(sizes), packed.split(sizes))
+        ]
         return self.o_proj((ys[0] if len(ys) == 1 else torch.cat(ys))[None])  # (1, N, C)
 
     def attend(self, s: Segment, cache: KVCache | None, q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:

@@ -46,26 +46,44 @@ class DeepseekV3Config(LlamaConfig):
         if layer < self.dense_layers:
             return MLP(self.hidden_size, self.intermediate_size, self.mlp_bias)
         router = GroupRouter(
-            self.hidden_size, self.num_experts, self.experts_per_token, self.groups, self.top_groups,
-            self.normalize_top_k, self.routed_scaling,
-        )  # fmt: skip
+            self.hidden_size,
+            self.num_experts,
+            self.experts_per_token,
+            self.groups,
+            self.top_groups,
+            self.normalize_top_k,
+            self.routed_scaling,
+        )
         return DeepseekMoE(self.hidden_size, self.moe_intermediate_size, self.num_experts, self.shared_experts, router)
 
     @classmethod
     def from_hf(cls, hf: PretrainedConfig) -> DeepseekV3Config:
         latent = hf.kv_lora_rank + hf.qk_rope_head_dim
         if latent % 2:
-            raise ValueError(f"kv_lora_rank + qk_rope_head_dim = {latent} must be even (the cache holds it in two halves)")
+            raise ValueError(
+                f"kv_lora_rank + qk_rope_head_dim = {latent} must be even (the cache holds it in two halves)"
+            )
         return replace(
-            super().from_hf(hf), num_kv_heads=1, head_dim=latent // 2,
-            q_lora_rank=hf.q_lora_rank, kv_lora_rank=hf.kv_lora_rank, qk_nope_head_dim=hf.qk_nope_head_dim,
-            qk_rope_head_dim=hf.qk_rope_head_dim, v_head_dim=hf.v_head_dim,
-            rope_interleave=bool(getattr(hf, "rope_interleave", True)), attention_scale=attention_scale(hf),
-            moe_intermediate_size=hf.moe_intermediate_size, num_experts=hf.n_routed_experts,
-            experts_per_token=hf.num_experts_per_tok, shared_experts=hf.n_shared_experts or 0, groups=hf.n_group,
-            top_groups=hf.topk_group, normalize_top_k=bool(hf.norm_topk_prob),
-            routed_scaling=float(hf.routed_scaling_factor), dense_layers=hf.first_k_dense_replace,
-        )  # fmt: skip
+            super().from_hf(hf),
+            num_kv_heads=1,
+            head_dim=latent // 2,
+            q_lora_rank=hf.q_lora_rank,
+            kv_lora_rank=hf.kv_lora_rank,
+            qk_nope_head_dim=hf.qk_nope_head_dim,
+            qk_rope_head_dim=hf.qk_rope_head_dim,
+            v_head_dim=hf.v_head_dim,
+            rope_interleave=bool(getattr(hf, "rope_interleave", True)),
+            attention_scale=attention_scale(hf),
+            moe_intermediate_size=hf.moe_intermediate_size,
+            num_experts=hf.n_routed_experts,
+            experts_per_token=hf.num_experts_per_tok,
+            shared_experts=hf.n_shared_experts or 0,
+            groups=hf.n_group,
+            top_groups=hf.topk_group,
+            normalize_top_k=bool(hf.norm_topk_prob),
+            routed_scaling=float(hf.routed_scaling_factor),
+            dense_layers=hf.first_k_dense_replace,
+        )
 
 
 def attention_scale(hf: PretrainedConfig) -> float:

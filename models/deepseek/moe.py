@@ -16,8 +16,16 @@ class GroupRouter(nn.Module):
     whose two best (bias-corrected) scores sum highest, then its top-k experts there. Weights are the
     uncorrected scores, optionally renormalized, times `scaling` (transformers' DeepseekV3TopkRouter)."""
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, groups: int, top_groups: int,
-                 normalize: bool, scaling: float):  # fmt: skip
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        groups: int,
+        top_groups: int,
+        normalize: bool,
+        scaling: float,
+    ):
         super().__init__()
         self.top_k, self.groups, self.top_groups = top_k, groups, top_groups
         self.normalize, self.scaling = normalize, scaling
@@ -33,7 +41,9 @@ class GroupRouter(nn.Module):
         kept = torch.topk(group_scores, k=self.top_groups, dim=-1, sorted=False)[1]  # (N, top_groups)
         group_mask = torch.zeros_like(group_scores).scatter_(1, kept, 1)  # (N, G)
         expert_mask = group_mask.unsqueeze(-1).expand(N, self.groups, E // self.groups).reshape(N, E)
-        chosen = torch.topk(corrected.masked_fill(~expert_mask.bool(), float("-inf")), self.top_k, dim=-1, sorted=False)[1]
+        chosen = torch.topk(
+            corrected.masked_fill(~expert_mask.bool(), float("-inf")), self.top_k, dim=-1, sorted=False
+        )[1]
         weights = scores.gather(1, chosen)  # (N, K)
         if self.normalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

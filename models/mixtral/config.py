@@ -28,6 +28,4 @@ class MixtralConfig(LlamaConfig):
 
     @classmethod
     def from_hf(cls, hf: PretrainedConfig) -> MixtralConfig:
-        return replace(
-            super().from_hf(hf), num_experts=hf.num_local_experts, experts_per_token=hf.num_experts_per_tok
-        )
+        return replace(super().from_hf(hf), num_experts=hf.num_local_experts, experts_per_token=hf.num_experts_per_tok)

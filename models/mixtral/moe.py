@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+
 class Expert(nn.Module):
     """One SwiGLU feed-forward; w1 is the gate, w3 the up and w2 the down projection."""
 

@@ -37,9 +37,15 @@ class Qwen3MoeConfig(LlamaConfig):
         if getattr(hf, "use_sliding_window", False):
             raise ValueError("Qwen3-MoE with use_sliding_window is not supported")
         step = hf.decoder_sparse_step
-        dense = {i for i in range(hf.num_hidden_layers) if i in hf.mlp_only_layers or hf.num_experts == 0 or (i + 1) % step}
+        dense = {
+            i for i in range(hf.num_hidden_layers) if i in hf.mlp_only_layers or hf.num_experts == 0 or (i + 1) % step
+        }
         return replace(
-            super().from_hf(hf), qk_norm=True, moe_intermediate_size=hf.moe_intermediate_size,
-            num_experts=hf.num_experts, experts_per_token=hf.num_experts_per_tok,
-            normalize_top_k=bool(hf.norm_topk_prob), dense_layers=frozenset(dense),
-        )  # fmt: skip
+            super().from_hf(hf),
+            qk_norm=True,
+            moe_intermediate_size=hf.moe_intermediate_size,
+            num_experts=hf.num_experts,
+            experts_per_token=hf.num_experts_per_tok,
+            normalize_top_k=bool(hf.norm_topk_prob),
+            dense_layers=frozenset(dense),
+        )

@@ -26,6 +26,7 @@ import hivemind
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 
+from ..wire.identity import Identity
 from .records import (
     RecordError,
     _non_negative_float,
@@ -37,8 +38,6 @@ from .records import (
     signer_key,
 )
 from .store import read_signed, store_signed
-from ..wire.identity import Identity
-
 
 REPORT_PREFIX = "_torchnode.reports:"  # never a block key (those end in ".{digits}"), nor another fixed key
 DEFAULT_REPORT_LIFETIME = 24 * 3600.0  # seconds a client's report lives in the DHT
@@ -99,15 +98,25 @@ def check_report_fields(raw: dict) -> FraudReport:
     if not isinstance(evidence, str) or not _SHA256.fullmatch(evidence):
         raise RecordError(f"evidence_sha256 {evidence!r} is not 64 lowercase hex digits")
     return FraudReport(
-        peer_id=raw["peer_id"], public_key=public_key, node_peer_id=node, node_address=address, model=model,
-        start=start, end=end, evidence_sha256=evidence, expiration=_non_negative_float(raw["expiration"], "expiration"),
-    )  # fmt: skip
+        peer_id=raw["peer_id"],
+        public_key=public_key,
+        node_peer_id=node,
+        node_address=address,
+        model=model,
+        start=start,
+        end=end,
+        evidence_sha256=evidence,
+        expiration=_non_negative_float(raw["expiration"], "expiration"),
+    )
 
 
 def parse_report(
-    subkey: object, value: object, node_peer_id: str, expiration_time: DHTExpiration | None = None,
+    subkey: object,
+    value: object,
+    node_peer_id: str,
+    expiration_time: DHTExpiration | None = None,
     now: DHTExpiration | None = None,
-) -> FraudReport | None:  # fmt: skip
+) -> FraudReport | None:
     """One entry under `report_key(node_peer_id)` read back safely: the report if it is signed, stored under
     its reporter's id, names that node, is unexpired; None otherwise."""
     report = read_signed(subkey, value, decode_report, "fraud report", expiration_time, now)

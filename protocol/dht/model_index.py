@@ -25,21 +25,20 @@ import hivemind
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 
+from ..wire.identity import PUBLIC_KEY_BYTES, Identity, peer_id_of
 from .records import (
     MAX_BLOCKS,
     MAX_SHORT_STR,
     RecordError,
-    adapter_names,
     _is_int,
     _non_negative_float,
     _short_str,
+    adapter_names,
     decode_signed,
     encode_signed,
     validate_model_name,
 )
 from .store import latest_signed, read_signed, store_signed
-from ..wire.identity import PUBLIC_KEY_BYTES, Identity, peer_id_of
-
 
 INDEX_KEY = "_torchnode.models"  # never a block key: a block key ends in ".{digits}"
 _FAMILY = re.compile(r"[a-z0-9_-]{1,64}")  # transformers model_type: "llama", "qwen2", "mixtral", ...
@@ -141,9 +140,7 @@ def group_by_model(entries: Iterable[ModelEntry]) -> dict[str, IndexedModel]:
     by_name: dict[str, list[ModelEntry]] = {}
     for e in entries:
         by_name.setdefault(e.model, []).append(e)
-    return {
-        name: IndexedModel(name, tuple(sorted(by_name[name], key=lambda e: e.peer_id))) for name in sorted(by_name)
-    }
+    return {name: IndexedModel(name, tuple(sorted(by_name[name], key=lambda e: e.peer_id))) for name in sorted(by_name)}
 
 
 def announce_model(dht: hivemind.DHT, identity: Identity, entry: ModelEntry, return_future: bool = False) -> bool:

@@ -21,8 +21,8 @@ import hivemind
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import get_dht_time
 
-from .records import ServerRecord, block_key, encode_record
 from ..wire.identity import Identity
+from .records import ServerRecord, block_key, encode_record
 from .validator import AllowListValidator, SwarmValidator, parse_entry
 
 
@@ -118,9 +118,7 @@ def find_blocks(
     """As `find_servers`, for any set of block indices (e.g. a window when the block count is unknown)."""
     blocks = list(blocks)
     keys = [block_key(model, block) for block in blocks]  # validates model and block indices
-    return dht.run_coroutine(
-        partial(_find_blocks, model=model, blocks=blocks, keys=keys), return_future=return_future
-    )
+    return dht.run_coroutine(partial(_find_blocks, model=model, blocks=blocks, keys=keys), return_future=return_future)
 
 
 # Coroutines below run inside the DHT process (they must be module-level to be picklable).

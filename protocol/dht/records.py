@@ -15,10 +15,10 @@ This module knows nothing of hivemind; `record_validator.py` ties it to the DHT'
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TypeVar
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from typing import TypeVar
 
 import msgpack
 
@@ -104,7 +104,11 @@ def latest_per_peer(servers: dict[int, list[ServerRecord]]) -> dict[str, ServerR
     return latest
 
 
-_OPTIONAL_FIELDS = {"total_blocks": 0, "relay": "", "adapters": []}  # added after the first release: absent in older records
+_OPTIONAL_FIELDS = {
+    "total_blocks": 0,
+    "relay": "",
+    "adapters": [],
+}  # added after the first release: absent in older records
 _FIELD_NAMES = tuple(f.name for f in fields(ServerRecord) if f.name not in _OPTIONAL_FIELDS)
 
 

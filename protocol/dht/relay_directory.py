@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, fields
 import hivemind
 from hivemind.dht.node import DHTNode
 
+from ..wire.identity import PUBLIC_KEY_BYTES, Identity, peer_id_of
 from .records import (
     MAX_ADDRESS_CHARS,
     RecordError,
@@ -24,8 +25,6 @@ from .records import (
     encode_signed,
 )
 from .store import latest_signed, read_signed, store_signed
-from ..wire.identity import PUBLIC_KEY_BYTES, Identity, peer_id_of
-
 
 RELAY_KEY = "_torchnode.relays"  # never a block key: a block key ends in ".{digits}"
 MAX_RELAY_NODES = 1 << 20
@@ -75,9 +74,13 @@ def check_relay_fields(raw: dict) -> RelayEntry:
     if not _is_int(nodes) or not _is_int(max_nodes) or not 0 <= nodes <= max_nodes <= MAX_RELAY_NODES:
         raise RecordError(f"nodes {nodes!r} / max_nodes {max_nodes!r} must satisfy 0 <= nodes <= max_nodes")
     return RelayEntry(
-        peer_id=raw["peer_id"], public_key=public_key, address=address, nodes=nodes, max_nodes=max_nodes,
+        peer_id=raw["peer_id"],
+        public_key=public_key,
+        address=address,
+        nodes=nodes,
+        max_nodes=max_nodes,
         expiration=_non_negative_float(raw["expiration"], "expiration"),
-    )  # fmt: skip
+    )
 
 
 def announce_relay(dht: hivemind.DHT, identity: Identity, entry: RelayEntry, return_future: bool = False) -> bool:

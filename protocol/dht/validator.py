@@ -25,11 +25,11 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer, get_logger
 from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 
-from .records import EXPIRATION_TOLERANCE, RecordError, ServerRecord, block_key, decode_record, open_signed
-from .store import read_signed
-from .model_index import INDEX_KEY, decode_entry
-from .relay_directory import RELAY_KEY, decode_relay
 from .fraud_reports import MAX_REPORT_LIFETIME, FraudReport, decode_report, report_key
+from .model_index import INDEX_KEY, decode_entry
+from .records import EXPIRATION_TOLERANCE, RecordError, ServerRecord, block_key, decode_record, open_signed
+from .relay_directory import RELAY_KEY, decode_relay
+from .store import read_signed
 
 logger = get_logger(__name__)
 
@@ -209,8 +209,6 @@ def _span_key_ids(model: str, start: int, end: int) -> dict[bytes, int]:
     return {key_id(block_key(model, block)): block for block in range(start, end)}
 
 
-
-
 def _unpack_value(record: DHTRecord) -> bytes:
     try:
         value = msgpack.unpackb(record.value, raw=False)
@@ -254,6 +252,10 @@ def parse_entry(
     under its own peer id, not expired, and (where given) matches the entry's expiration, model and
     block; None otherwise. For clients and dashboards that read the DHT themselves."""
     server = read_signed(subkey, value, decode_record, "DHT entry", expiration_time, now)
-    if server is None or (model is not None and server.model != model) or (block is not None and block not in server.blocks):
+    if (
+        server is None
+        or (model is not None and server.model != model)
+        or (block is not None and block not in server.blocks)
+    ):
         return None
     return server

@@ -69,7 +69,9 @@ class GrpcNodeClient(NodeClient):
                     self.channel = aio.insecure_channel(self.address, options=self.options)
                 else:
                     pin = await self._pin(timeout)
-                    self.channel = aio.secure_channel(self.address, pin.credentials(), options=self.options + pin.options())
+                    self.channel = aio.secure_channel(
+                        self.address, pin.credentials(), options=self.options + pin.options()
+                    )
                 self._stub = pb_grpc.NodeStub(self.channel)
         return self._stub
 
@@ -79,12 +81,15 @@ class GrpcNodeClient(NodeClient):
             pin = await tls.pin(self.address, self.expected_key, timeout)
         except tls.BindingError as e:
             raise NodeError(
-                self.address, f"TLS certificate is not bound to the expected key ({e}): refusing the channel "
+                self.address,
+                f"TLS certificate is not bound to the expected key ({e}): refusing the channel "
                 "(a man in the middle, or another node at this address)",
-            ) from None  # fmt: skip
+            ) from None
         except ssl.SSLError as e:
             self.encrypted = False
-            raise NodeError(self.address, f"the node does not speak TLS ({e.reason or e}); {AGREE}", "UNAVAILABLE") from None
+            raise NodeError(
+                self.address, f"the node does not speak TLS ({e.reason or e}); {AGREE}", "UNAVAILABLE"
+            ) from None
         except TimeoutError:
             raise NodeError(self.address, f"no TLS handshake within {timeout}s", "DEADLINE_EXCEEDED") from None
         except (OSError, ValueError) as e:
@@ -96,7 +101,9 @@ class GrpcNodeClient(NodeClient):
         """A NodeError for a failed call; a plaintext client that reaches a TLS node is told so."""
         if self.insecure and e.code() == grpc.StatusCode.UNAVAILABLE and await self._speaks_tls():
             self.encrypted = True
-            return NodeError(self.address, f"the node speaks TLS but this client runs with --insecure; {AGREE}", "UNAVAILABLE")
+            return NodeError(
+                self.address, f"the node speaks TLS but this client runs with --insecure; {AGREE}", "UNAVAILABLE"
+            )
         if not self.insecure and e.code() == grpc.StatusCode.UNAVAILABLE and "handshake" in (e.details() or "").lower():
             # the next call fetches the certificate again and checks its binding anew: a node that made a
             # new certificate (bound to the same key) is reached again, a man in the middle is not
@@ -104,10 +111,12 @@ class GrpcNodeClient(NodeClient):
             if channel is not None:
                 await channel.close()
             return NodeError(
-                self.address, f"TLS handshake failed against the certificate pinned for peer "
+                self.address,
+                f"TLS handshake failed against the certificate pinned for peer "
                 f"{peer_id_of(self.expected_key)} (a man in the middle, or the node changed its certificate): "
-                f"{e.details()}", "UNAVAILABLE",
-            )  # fmt: skip
+                f"{e.details()}",
+                "UNAVAILABLE",
+            )
         return NodeError(self.address, e.details() or str(e.code()), e.code().name)
 
     async def _speaks_tls(self) -> bool:
@@ -167,10 +176,20 @@ class GrpcNodeClient(NodeClient):
         return reply
 
     async def train_forward(
-        self, hidden: torch.Tensor, start: int, end: int, lora: dict[str, torch.Tensor], scale: float, timeout: float | None
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        lora: dict[str, torch.Tensor],
+        scale: float,
+        timeout: float | None,
     ) -> torch.Tensor:
         request = pb.ForwardRequest(
-            hidden=tensor_codec.encode(hidden), start_block=start, end_block=end, lora=_lora_message(lora), lora_scale=scale
+            hidden=tensor_codec.encode(hidden),
+            start_block=start,
+            end_block=end,
+            lora=_lora_message(lora),
+            lora_scale=scale,
         )
         return self._decode((await self._unary("Forward", request, timeout)).hidden)
 
@@ -185,9 +204,13 @@ class GrpcNodeClient(NodeClient):
         timeout: float | None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         request = pb.BackwardRequest(
-            hidden=tensor_codec.encode(hidden), grad_output=tensor_codec.encode(grad_output), start_block=start,
-            end_block=end, lora=_lora_message(lora), lora_scale=scale,
-        )  # fmt: skip
+            hidden=tensor_codec.encode(hidden),
+            grad_output=tensor_codec.encode(grad_output),
+            start_block=start,
+            end_block=end,
+            lora=_lora_message(lora),
+            lora_scale=scale,
+        )
         reply = await self._unary("Backward", request, timeout)
         grads = {t.name: self._decode(t.tensor) for t in reply.lora_grads}
         if set(grads) != set(lora):
@@ -266,7 +289,9 @@ class GrpcNodeSession(NodeSession):
     ) -> PushedStep:
         request = self._request(hidden, position)
         if push_to is not None:
-            request.push_to.CopyFrom(pb.PushTarget(address=push_to.address, public_key=push_to.public_key, token=push_to.token))
+            request.push_to.CopyFrom(
+                pb.PushTarget(address=push_to.address, public_key=push_to.public_key, token=push_to.token)
+            )
         request.push_token, request.push_from = push_token, push_from
         reply = await self._exchange(request, timeout)
         return PushedStep(self._hidden(reply), reply.push_error, reply.input_digest)
@@ -274,7 +299,10 @@ class GrpcNodeSession(NodeSession):
     def _request(self, hidden: torch.Tensor | None, position: int) -> pb.Step:
         s = self.spec
         request = pb.Step(
-            session_id=s.session_id, step=self.next_step, position=position, wire_dtype=tensor_codec.dtype_name(s.wire_dtype)
+            session_id=s.session_id,
+            step=self.next_step,
+            position=position,
+            wire_dtype=tensor_codec.dtype_name(s.wire_dtype),
         )
         if hidden is not None:
             request.hidden.CopyFrom(tensor_codec.encode(hidden, s.wire_dtype))

@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 
-
 def torchnode_home() -> Path:
     """Where keys live: $TORCHNODE_HOME, default ~/.torchnode."""
     return Path(os.environ.get("TORCHNODE_HOME", Path.home() / ".torchnode"))
@@ -25,6 +24,7 @@ def torchnode_home() -> Path:
 
 def default_identity_path() -> Path:
     return torchnode_home() / "identity.key"
+
 
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64

@@ -139,7 +139,13 @@ class NodeClient(ABC):
         raise NotImplementedError(f"{type(self).__name__} does not push")
 
     async def train_forward(
-        self, hidden: torch.Tensor, start: int, end: int, lora: dict[str, torch.Tensor], scale: float, timeout: float | None
+        self,
+        hidden: torch.Tensor,
+        start: int,
+        end: int,
+        lora: dict[str, torch.Tensor],
+        scale: float,
+        timeout: float | None,
     ) -> torch.Tensor:
         """Blocks [start, end) over hidden (B, T, H) from position 0 with the caller's LoRA weights
         ({"layers.N.module.lora_A" | "...lora_B": tensor}, term scaled by `scale`); nothing is kept."""

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import hivemind
 
-from .identity import Identity
 from ..dht.relay_directory import RelayEntry, find_relays
+from .identity import Identity
 from .tls import split_address
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ async def read_message(reader: asyncio.StreamReader, timeout: float | None) -> d
         line = await asyncio.wait_for(reader.readline(), timeout)
     except (ValueError, asyncio.LimitOverrunError):
         raise RelayError(f"control line longer than {MAX_LINE_BYTES} bytes") from None
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         raise RelayError(f"no message within {timeout}s") from None
     if not line:
         raise RelayError("connection closed")
@@ -78,7 +78,7 @@ async def open_connection(address: str, timeout: float = CONNECT_TIMEOUT):
     host, port = split_address(address)
     try:
         return await asyncio.wait_for(asyncio.open_connection(host, port, limit=MAX_LINE_BYTES), timeout)
-    except (OSError, TimeoutError, asyncio.TimeoutError) as e:
+    except (OSError, TimeoutError) as e:
         raise RelayError(f"cannot connect to relay {address}: {e!r}") from None
 
 
@@ -110,7 +110,9 @@ async def splice(a: tuple, b: tuple, through: Through | None = None) -> None:
                 await writer.wait_closed()
 
 
-async def dialback(relay: RelayEntry, host: str, port: int, public_key: bytes, timeout: float = 10.0) -> tuple[bool, str]:
+async def dialback(
+    relay: RelayEntry, host: str, port: int, public_key: bytes, timeout: float = 10.0
+) -> tuple[bool, str]:
     """Asks `relay` to dial host:port back (AutoNAT-style); (reachable, reason)."""
     reader, writer = await open_connection(relay.address)
     try:
@@ -155,7 +157,11 @@ class RelayLink:
         """Relays in the DHT that have room, are not this node and did not just fail it; least loaded first."""
         now = time.monotonic()
         relays = await find_relays(self.dht, return_future=True)
-        fresh = [r for r in relays if r.peer_id != self.identity.peer_id and self.failed.get(r.peer_id, 0) < now and r.free > 0]
+        fresh = [
+            r
+            for r in relays
+            if r.peer_id != self.identity.peer_id and self.failed.get(r.peer_id, 0) < now and r.free > 0
+        ]
         random.shuffle(fresh)  # equally loaded relays share the nodes
         return sorted(fresh, key=lambda r: r.nodes / max(r.max_nodes, 1))
 
@@ -181,7 +187,9 @@ class RelayLink:
                 raise RelayError(f"relay at {relay.address} is not peer {relay.peer_id}")
             challenge = bytes.fromhex(str(greeting.get("challenge", "")))
             signature = self.identity.sign(REGISTER_CONTEXT + challenge)
-            write_message(writer, {"op": "register", "public_key": self.identity.public_key.hex(), "signature": signature.hex()})
+            write_message(
+                writer, {"op": "register", "public_key": self.identity.public_key.hex(), "signature": signature.hex()}
+            )
             answer = await read_message(reader, CONNECT_TIMEOUT)
         except (RelayError, ValueError) as e:
             writer.close()

@@ -74,9 +74,13 @@ def sign(
     signature = identity.sign(_signed_bytes(method, message, timestamp, nonce, audience, in_reply_to))
     message.auth.CopyFrom(
         pb.Auth(
-            public_key=identity.public_key, timestamp=timestamp, nonce=nonce, signature=signature,
-            audience=audience, in_reply_to=in_reply_to,
-        )  # fmt: skip
+            public_key=identity.public_key,
+            timestamp=timestamp,
+            nonce=nonce,
+            signature=signature,
+            audience=audience,
+            in_reply_to=in_reply_to,
+        )
     )
     return message
 

@@ -32,8 +32,8 @@ from .identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, peer_id_of, v
 # An OID made from a random UUID (ITU-T X.667 arc 2.25): no registration needed, no collision expected.
 BINDING_OID = x509.ObjectIdentifier("2.25.327692169720070077065061731590641723522")
 BINDING_CONTEXT = b"torchnode tls binding v1\0"  # the identity signs this + the TLS public key (SPKI DER)
-NOT_BEFORE = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
-NOT_AFTER = datetime.datetime(9999, 12, 31, tzinfo=datetime.timezone.utc)  # the binding, not a date, is what counts
+NOT_BEFORE = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
+NOT_AFTER = datetime.datetime(9999, 12, 31, tzinfo=datetime.UTC)  # the binding, not a date, is what counts
 DEFAULT_FETCH_TIMEOUT = 5.0
 # extnValue: SEQUENCE { OCTET STRING (32) identity key, OCTET STRING (64) signature }, in fixed-length DER
 _DER_PREFIX = bytes([0x30, 2 + PUBLIC_KEY_BYTES + 2 + SIGNATURE_BYTES, 0x04, PUBLIC_KEY_BYTES])
@@ -83,7 +83,9 @@ def make_certificate(identity: Identity) -> NodeCertificate:
         .add_extension(x509.UnrecognizedExtension(BINDING_OID, binding), critical=False)
         .sign(key, hashes.SHA256())
     )
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return NodeCertificate(key_pem, cert.public_bytes(serialization.Encoding.PEM))
 
 
