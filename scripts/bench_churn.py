@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_churn.py [--nodes 24] [--clients 16] [--duration 300] [--coordinators 2]
 
 Starts `--coordinators` coordinators (the last one with the dashboard, whose /api/v1/state gives coverage
-over time), `--nodes` node processes of the tiny Llama (tests/tiny_models.py, 4 blocks) that choose their
+over time), `--nodes` node processes of the tiny Llama (tests/helpers/tiny_models.py, 4 blocks) that choose their
 own spans (`--num-blocks`), then `--clients` generation loops (spread over `--client-dhts` SDK clients,
 each with its own DHT peer) that generate greedily through the DHT without pause for `--duration` s.
 Meanwhile, every `--churn-every` s one random node is killed (SIGKILL and SIGTERM in turn) and a new one
@@ -37,7 +37,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 from swarm import NodeProcess, free_port, spawn, start_node, wait_ready  # noqa: E402
 
 PROMPTS = ["The swarm", "Once upon a time", "Hello world", "A B C D", "Churn test", "One more prompt"]

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
 from swarm import free_port, start_coordinator, start_node, stop_all  # noqa: E402
 
 MODEL_NAME = "SmolLM2-135M-Instruct"

@@ -1,6 +1,6 @@
 """Time from `torchnode join` behind a real NAT to online through a relay, and to a client's first token.
 
-Builds tests/nat_lab.py's network namespaces (a home network behind an iptables MASQUERADE router that
+Builds tests/helpers/nat_lab.py's network namespaces (a home network behind an iptables MASQUERADE router that
 drops every inbound connection; 198.18.0.0/15, removed afterwards; needs root, `ip netns`, iptables).
 A coordinator with `--relay` runs in the public namespace. For each repetition a fresh node (a new port,
 so a new identity) runs `torchnode join MODEL --initial-peers ...` in the home namespace with the default
@@ -16,7 +16,7 @@ Then the node is stopped (SIGTERM) before the next repetition.
 
     sudo .venv/bin/python scripts/bench_nat_join.py [--model tiny|default|PATH] [--reps 3]
 
-`tiny` (the default) is tests/tiny_models.py's 4-block llama, saved to a temporary directory: the times
+`tiny` (the default) is tests/helpers/tiny_models.py's 4-block llama, saved to a temporary directory: the times
 are then Python start-up, DHT, reachability check and relay registration, with no real model load.
 """
 
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 from nat_lab import HOME_IP, PUBLIC_IP, nat_lab, unavailable  # noqa: E402
 from swarm import TORCHNODE, NodeProcess, spawn, stop_all  # noqa: E402
 
@@ -92,7 +92,7 @@ def timed_line(node: NodeProcess, pattern: str, timeout: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", help="tiny (tests/tiny_models.py's llama), default, or a path")
+    parser.add_argument("--model", default="tiny", help="tiny (tests/helpers/tiny_models.py's llama), default, or a path")
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     if reason := unavailable():

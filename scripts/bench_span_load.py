@@ -4,7 +4,7 @@ A random 24-block Llama (hidden 768, fp32, ~0.7 GB, sharded like a hub checkpoin
 - peak RSS: a fresh process does what `torchnode join --blocks 8:12` does to load its span
   (`load_span`), and reports the rise of its peak resident memory (VmHWM, reset after the imports)
   over the span's weights (`weight_bytes`); the goal is under 1.3x;
-- bytes downloaded: the same checkpoint served by a local hub (tests/hub_server.py) through HF_ENDPOINT;
+- bytes downloaded: the same checkpoint served by a local hub (tests/helpers/hub_server.py) through HF_ENDPOINT;
   a fresh process resolves the hub id and loads blocks 8:12 (a node) or the head (a client) into an
   empty HF cache, and the server counts the bytes it sent, against the whole checkpoint.
 
@@ -21,7 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
 
 MiB = 1 << 20
 REPO_ID = "bench-org/llama-24"

@@ -5,7 +5,7 @@
    Also the cost of one W-token prefill against one decode step on a span here, and the overhead one
    would see where a W-token prefill costs about one decode step (as on a GPU): ~1/W of a chain step.
 2. Catch step: in-memory nodes (the real span backend) with a dishonest replica of 15:30
-   (tests/dishonest_node.py: decode / random / unchecked) in the main chain: the position of its first
+   (tests/helpers/dishonest_node.py: decode / random / unchecked) in the main chain: the position of its first
    lie, the position at which the client caught it, and whether the output equals the honest one.
 
     .venv/bin/python scripts/bench_verify.py [--runs 3] [--tokens 64] [--window 32] [--skip-processes]
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
 from swarm import start_nodes, stop_all  # noqa: E402
 
 from torchnode.client.sampling import SamplingParams  # noqa: E402

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 from decode_timing import timed_decode  # noqa: E402  (scripts/ is on the path when run as a script)
 from delay_proxy import spawn as spawn_proxy  # noqa: E402
 from swarm import free_port, start_nodes, stop_all  # noqa: E402

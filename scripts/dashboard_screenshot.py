@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 from swarm import free_port, spawn, start_nodes, stop_all  # noqa: E402
 
 MODEL_NAME = "SmolLM2-135M-Instruct"

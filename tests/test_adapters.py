@@ -26,6 +26,8 @@ from torchnode.models.families import load_span
 from torchnode.models.lora import TARGETS, AdapterBank, AdapterError, find_adapter, lora_pass
 from torchnode.protocol.wire.node_client import NodeError
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 peft = pytest.importorskip("peft")
 
 PROMPT = torch.tensor([[5, 80, 17, 300, 42, 9, 121]])

@@ -14,6 +14,8 @@ from test_adapters import adapters, local_greedy, references  # noqa: F401 (fixt
 from test_openai_api import NAME, Api, api, client  # noqa: F401 (fixtures: the API server over this module's nodes, its client)
 from transformers import AutoTokenizer
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 MESSAGES = [{"role": "user", "content": "Write one line about the sea."}]
 
 

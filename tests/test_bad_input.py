@@ -17,6 +17,8 @@ from torchnode.protocol.wire.grpc_node import GrpcNodeClient as NodeClient
 from torchnode.protocol.wire.identity import Identity
 from torchnode.protocol.wire.node_client import NodeError
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 HIDDEN = 64  # tiny llama
 
 

@@ -299,6 +299,7 @@ async def poll_batch_sizes(addresses: list[str], seen: list[int], stop: asyncio.
 
 
 @pytest.mark.swarm
+@pytest.mark.swarm
 def test_generate_many_prompts_batches_on_real_nodes_and_equals_transformers(default_reference):
     from swarm import start_nodes, stop_all  # imported here: the rest of this module is the unit tier
 

@@ -7,7 +7,10 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from swarm import free_port, start_node, start_nodes, stop_all
+
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
 
 
 def read_until(proc: subprocess.Popen, marker: str) -> str:

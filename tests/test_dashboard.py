@@ -38,6 +38,8 @@ from torchnode.protocol.dht.records import ServerRecord
 from torchnode.protocol.wire.identity import Identity
 from torchnode.protocol.wire.node_client import NodeInfo
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 EXPIRATION = 6.0  # seconds a node's record lives without refresh
 REFRESH = 1.0  # seconds between the monitor's scans
 LEAVE_BOUND_S = 3.5  # "a couple of seconds" to leave, plus the interpreter's exit on a busy 2-core machine

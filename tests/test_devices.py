@@ -50,6 +50,7 @@ def test_unknown_devices_are_refused(name, message):
         resolve_device(name)
 
 
+@pytest.mark.swarm  # starts `torchnode join` (it refuses at once)
 @pytest.mark.skipif(CUDA, reason="checks the refusal where there is no GPU")
 def test_absent_gpu_is_a_clear_error_and_a_cli_line_naming_the_flag():
     with pytest.raises(ValueError, match="no CUDA GPU"):

@@ -366,6 +366,7 @@ def visible(dht: hivemind.DHT, entry: Entry) -> bool:
     return item.value == entry.value and item.expiration_time == entry.expiration
 
 
+@pytest.mark.swarm
 def test_announce_and_find(swarm):
     server, other_server, client = swarm
     identity = Identity.generate()
@@ -387,6 +388,7 @@ def test_announce_and_find(swarm):
         announce(server, identity, replace(record, expiration=get_dht_time() - 1))
 
 
+@pytest.mark.swarm
 async def test_announce_and_find_from_asyncio(swarm):
     identity = Identity.generate()
     record = make_record(identity, model="org/async", start=0, end=1)
@@ -394,6 +396,7 @@ async def test_announce_and_find_from_asyncio(swarm):
     assert await find_servers(swarm[2], "org/async", 1, return_future=True) == {0: [record]}
 
 
+@pytest.mark.swarm
 def test_attacks_are_refused_by_honest_peers(swarm):
     victim = Identity.generate()
     victim_record, cases = attacks(victim, Identity.generate(), model="org/honest-target")
@@ -409,6 +412,7 @@ def test_attacks_are_refused_by_honest_peers(swarm):
         assert find_servers(dht, "org/honest-target", TOTAL_BLOCKS) == expected
 
 
+@pytest.mark.swarm
 @pytest.mark.parametrize("name", ATTACKS)
 def test_attacks_from_a_rogue_peer_are_refused(rogue_swarm, name):
     honest, rogue = rogue_swarm
@@ -421,6 +425,7 @@ def test_attacks_from_a_rogue_peer_are_refused(rogue_swarm, name):
         assert find_servers(dht, model, TOTAL_BLOCKS) == {block: [] for block in range(TOTAL_BLOCKS)}
 
 
+@pytest.mark.swarm
 def test_p2pd_listens_only_on_loopback(swarm):
     children = [child for dht in swarm for child in psutil.Process(dht.pid).children(recursive=True)]
     daemons = [child for child in children if child.name() == "p2pd"]

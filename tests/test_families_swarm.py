@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM
 
 from torchnode.client.sync_model import DistributedModel
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 NEW_TOKENS = 32
 TOLERANCE = 1e-4
 

@@ -16,6 +16,8 @@ from torchnode.client.sampling import SamplingParams
 from torchnode.client.session import RetryPolicy
 from torchnode.client.sync_model import DistributedModel
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 STEP_TIMEOUT = 4.0
 TOKENS = 64
 

@@ -27,6 +27,8 @@ from torchnode.models.families import LAYER_PREFIX, load_head, load_span
 from torchnode.models.gguf_q4 import read_gguf_q4_blocks
 from torchnode.models.quantization import Int4Linear
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 TOLERANCE = 1e-4
 NEW_TOKENS = 16
 GGUF_NAME = "tiny-qwen3-moe.gguf"

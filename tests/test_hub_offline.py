@@ -22,6 +22,8 @@ from transformers import AutoModelForCausalLM
 from torchnode.client.sync_model import DistributedModel
 from torchnode.models.checkpoint import resolve
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 REPO_ID = "tiny-org/tiny-qwen2"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from torchnode.client.sync_model import DistributedModel
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 STORY = "Write a long story about a dragon who learns to paint."
 
 

@@ -207,6 +207,7 @@ def test_history_keeps_the_window_and_forgets_what_left():
 # --- a real DHT on 127.0.0.1 ---------------------------------------------------------------------------
 
 
+@pytest.mark.swarm
 def test_entries_are_stored_found_and_expire(swarm):
     a, b = Identity.generate(), Identity.generate()
     assert announce_model(swarm[0], a, make_entry(a))

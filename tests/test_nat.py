@@ -25,6 +25,8 @@ from torchnode.protocol.wire.identity import Identity
 from torchnode.protocol.wire.node_client import NodeError, SessionSpec
 from torchnode.protocol.wire.relay_link import RelayLink
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 EXPIRATION = 8.0
 RELAYED = r"relayed: reachable through relay (\w+) at ([\d.]+):(\d+)"
 RELAY_READY = r"relay ready at \S+ as peer (\w+)"
@@ -36,6 +38,7 @@ CLIENT = (
 import json, sys, torch
 from torchnode import DistributedModel
 from torchnode.client.session import RetryPolicy
+
 model_path, maddrs, first_n, rest_n = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3]), int(sys.argv[4])
 patient = RetryPolicy(max_attempts=12, max_seconds=90)  # the moved node's new record may take a while to be seen
 with DistributedModel.from_pretrained(model_path, initial_peers=maddrs, retry=patient) as model:

@@ -19,6 +19,8 @@ from torchnode.protocol.wire import torchnode_pb2 as pb
 from torchnode.protocol.wire import torchnode_pb2_grpc as pb_grpc
 from torchnode.protocol.wire.identity import Identity
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 HIDDEN = 64
 TIMEOUT = 5.0
 SENT = {"requests": 0}

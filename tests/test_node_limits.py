@@ -13,6 +13,8 @@ from torchnode.protocol.wire.grpc_node import GrpcNodeClient as NodeClient
 from torchnode.protocol.wire.identity import Identity
 from torchnode.protocol.wire.node_client import NodeError, SessionSpec
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 TINY_HIDDEN = 64
 # tiny llama, blocks 0:2, fp32: 2 layers x (k, v) x 2 KV heads x 16 dims x 4 bytes = 512 bytes per token
 TINY_BYTES_PER_TOKEN = 512

@@ -22,6 +22,8 @@ from torchnode import AsyncDistributedModel
 from torchnode.api import create_app
 from torchnode.client.loop_thread import LoopThread
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 NAME = "tiny-llama"
 CONTEXT = 256  # the tiny model's max_position_embeddings
 

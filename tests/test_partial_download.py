@@ -1,7 +1,7 @@
 """A hub id downloads only what a span (or the client's head) needs, offline against a local hub.
 
 A tiny 8-block Llama saved in shards (`model.safetensors.index.json` + several `model-0000k-of-0000n`
-files) is served by tests/hub_server.py in the hub's layout; huggingface_hub reaches it through its
+files) is served by tests/helpers/hub_server.py in the hub's layout; huggingface_hub reaches it through its
 endpoint (HF_ENDPOINT for node processes). Each server counts the bytes it sends, so the shards fetched
 are checked against the index: a node's span gets the shards holding its blocks and nothing else, the
 client those holding the embeddings, final norm and LM head; a span computes what the full local copy does;
@@ -24,6 +24,8 @@ from transformers import AutoModelForCausalLM
 from torchnode.models.checkpoint import SAFETENSORS_INDEX, resolve
 from torchnode.models.families import load_head, load_span
 from torchnode.node.server import blocks_that_fit
+
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
 
 REPO_ID = "tiny-org/sharded-llama"
 BLOCKS = 8

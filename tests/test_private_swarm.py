@@ -17,6 +17,8 @@ from torchnode.protocol.wire.grpc_node import GrpcNodeClient
 from torchnode.protocol.wire.identity import Identity
 from torchnode.protocol.wire.node_client import NodeError
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 
 def write_allow_file(path, *keys: bytes) -> None:
     path.write_text("# members of the private swarm\n" + "".join(f"{k.hex()}  # member\n" for k in keys) + "\n")

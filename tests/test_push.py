@@ -17,6 +17,8 @@ from torchnode.client.model import AsyncDistributedModel
 from torchnode.client.sampling import SamplingParams
 from torchnode.client.sync_model import DistributedModel
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 
 class LyingPusher(MemoryNode):
     """Returns its true output to the client but pushes a perturbed one to the next node."""

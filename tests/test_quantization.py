@@ -18,6 +18,8 @@ from torchnode.models.checkpoint import resolve
 from torchnode.models.families import LAYER_PREFIX, load_head, load_span
 from torchnode.models.quantization import Int8Linear, quantize_span, weight_bytes
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 GREEDY_TOKENS = 16
 
 

@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from torchnode import AsyncDistributedModel, DistributedModel
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 
 @pytest.fixture(scope="module")
 def nodes(tiny_llama):

@@ -55,11 +55,13 @@ async def generate(model: AsyncDistributedModel, session=None, on_token=None) ->
     return tokens
 
 
+@pytest.mark.swarm
 async def test_generation_equals_transformers(ckpt, swarm, expected):
     model = model_over(ckpt, swarm)
     assert await generate(model) == expected
 
 
+@pytest.mark.swarm
 async def test_failover_replays_history_on_a_replica(ckpt, swarm, expected):
     model = model_over(ckpt, swarm)
     session = await model.open_session(PROMPT.shape[1] + NEW)
@@ -77,6 +79,7 @@ async def test_failover_replays_history_on_a_replica(ckpt, swarm, expected):
     await session.close()
 
 
+@pytest.mark.swarm
 async def test_rewind_recomputes_from_the_position_and_trims_history(ckpt, swarm):
     model = model_over(ckpt, swarm[:2])
     x = torch.randn(1, 10, 64, generator=torch.Generator().manual_seed(0))
@@ -97,6 +100,7 @@ async def test_rewind_recomputes_from_the_position_and_trims_history(ckpt, swarm
     await fresh.close()
 
 
+@pytest.mark.swarm
 async def test_failover_after_rewind_replays_only_the_kept_tokens(ckpt, swarm):
     model = model_over(ckpt, swarm)
     x = torch.randn(1, 10, 64, generator=torch.Generator().manual_seed(0))
@@ -118,6 +122,7 @@ async def test_failover_after_rewind_replays_only_the_kept_tokens(ckpt, swarm):
     await fresh.close()
 
 
+@pytest.mark.swarm
 async def test_only_node_of_a_span_dies_then_the_error_names_its_blocks(ckpt, swarm):
     nodes = swarm[:2]
     model = model_over(ckpt, nodes)
@@ -127,6 +132,7 @@ async def test_only_node_of_a_span_dies_then_the_error_names_its_blocks(ckpt, sw
     await session.close()
 
 
+@pytest.mark.swarm
 async def test_routing_skips_a_node_that_is_down(ckpt, swarm, expected):
     swarm[1].down = True
     model = model_over(ckpt, swarm)

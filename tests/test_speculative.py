@@ -33,6 +33,8 @@ from torchnode.client.speculative import (
 from torchnode.client.sync_model import DistributedModel
 from torchnode.models.checkpoint import resolve
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 TINY_PROMPT = "The quick brown fox jumps over the lazy dog while the small cat"
 NEW = 24
 COPY_TEXT = (

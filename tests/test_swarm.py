@@ -16,6 +16,8 @@ from torchnode.client.sampling import SamplingParams
 from torchnode.client.sync_model import DistributedModel
 from torchnode.protocol.dht.network import find_servers, start_dht
 
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
 EXPIRATION = 8.0  # seconds; short so that a killed node's records vanish quickly
 
 

@@ -150,6 +150,7 @@ async def info_via(address: str, expected_key: bytes | None = None, insecure: bo
 
 
 @pytest.mark.swarm
+@pytest.mark.swarm
 @pytest.mark.parametrize("insecure", [True, False], ids=["insecure", "tls"])
 def test_recording_proxy_reads_embeddings_only_without_tls(nodes, tiny_llama, hf, insecure):
     node = nodes["plain" if insecure else "tls"]
@@ -167,6 +168,7 @@ def test_recording_proxy_reads_embeddings_only_without_tls(nodes, tiny_llama, hf
     assert seen == [insecure] * len(rows)
 
 
+@pytest.mark.swarm
 @pytest.mark.swarm
 def test_man_in_the_middle_with_own_certificate_is_refused(nodes):
     node = nodes["tls"]
@@ -192,6 +194,7 @@ def _unbound_certificate() -> tls.NodeCertificate:
 
 
 @pytest.mark.swarm
+@pytest.mark.swarm
 def test_man_in_the_middle_after_the_check_fails_the_pinned_handshake(nodes):
     node = nodes["tls"]
     key = run(tls.pin(node.address)).key
@@ -202,6 +205,7 @@ def test_man_in_the_middle_after_the_check_fails_the_pinned_handshake(nodes):
         assert mitm.connections >= 2 and b"torchnode.Node" not in mitm.captured
 
 
+@pytest.mark.swarm
 @pytest.mark.swarm
 def test_request_replayed_to_another_node_is_refused(nodes):
     tls_node, plain_node = nodes["tls"], nodes["plain"]
@@ -230,6 +234,7 @@ def test_request_replayed_to_another_node_is_refused(nodes):
 
 
 @pytest.mark.swarm
+@pytest.mark.swarm
 def test_disagreeing_on_insecure_fails_fast_with_a_clear_error(nodes):
     for address, insecure, words in [
         (nodes["plain"].address, False, "does not speak TLS"),
@@ -243,6 +248,7 @@ def test_disagreeing_on_insecure_fails_fast_with_a_clear_error(nodes):
 
 
 @pytest.mark.swarm
+@pytest.mark.swarm
 def test_cli_names_the_flag_and_warns(nodes, tiny_llama):
     assert "warning: --insecure" in nodes["plain"].log and "plaintext, --insecure" in nodes["plain"].log
     assert "warning" not in nodes["tls"].log and "(TLS)" in nodes["tls"].log
@@ -253,6 +259,7 @@ def test_cli_names_the_flag_and_warns(nodes, tiny_llama):
     assert "does not speak TLS" in result.stderr and "--insecure" in result.stderr
 
 
+@pytest.mark.swarm
 @pytest.mark.swarm
 def test_swarm_command_shows_each_link(swarm_of_two, tiny_llama):
     maddr, nodes = swarm_of_two

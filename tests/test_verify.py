@@ -1,4 +1,4 @@
-"""Unit tier: verification (--verify) against dishonest in-memory nodes (tests/dishonest_node.py) running the
+"""Unit tier: verification (--verify) against dishonest in-memory nodes (tests/helpers/dishonest_node.py) running the
 real span backend. A liar with an honest replica is caught, named and routed around, and the output is
 exactly the all-honest one; without a way to decide, the client refuses instead of answering wrongly."""
 

@@ -1,4 +1,4 @@
-"""Process tier: `torchnode generate --verify` against a real dishonest node process (tests/dishonest_node.py,
+"""Process tier: `torchnode generate --verify` against a real dishonest node process (tests/helpers/dishonest_node.py,
 the real `torchnode join` with a lying span backend) serving all blocks, next to an honest chain of two
 nodes covering the same blocks, all found through the DHT of a coordinator that runs the dashboard; the
 fraud proof it writes is checked by `torchnode check-evidence`, and the signed report the client publishes
@@ -21,6 +21,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from torchnode.client.verification.evidence import EvidenceError, check_evidence
 from torchnode.models.checkpoint import resolve
+
+pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
 
 PROMPT = "The quick brown fox"
 NEW = 16
