@@ -43,9 +43,9 @@ async def run_job(model: AsyncDistributedModel, job: Job) -> AsyncIterator[Piece
     """The job's text as it is generated (AsyncDistributedModel.generate_text), echo first."""
     if job.echo:
         yield Piece(job.index, job.echo)
-    async with contextlib.aclosing(
-        model.generate_text(job.ids, job.params, adapter=job.adapter)
-    ) as pieces:  # closes the session
+    options = model.generation.override(adapter=job.adapter)  # None: the server's --adapter
+    pieces = model.generate_text(job.ids, job.params, options=options)
+    async with contextlib.aclosing(pieces):  # closing it closes the session
         async for piece in pieces:
             job.completion_tokens = piece.tokens
             yield Piece(job.index, piece.text, piece.finish_reason)

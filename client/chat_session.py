@@ -6,10 +6,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .config import GenerationOptions
 from .sampling import SamplingParams
 from .session import InferenceSession
 from .text_stream import text_only, text_pieces
@@ -26,22 +27,15 @@ class AsyncChatSession:
     the session rewinds to the common prefix instead of starting over.
     """
 
-    def __init__(
-        self,
-        model: AsyncDistributedModel,
-        max_length: int,
-        draft: str | None = None,
-        draft_tokens: int | None = None,
-        adapter: str | None = None,
-    ):
-        self.model, self.max_length, self.adapter = model, max_length, adapter
-        self.draft, self.draft_tokens = draft, draft_tokens  # this conversation's defaults (None: the model's)
+    def __init__(self, model: AsyncDistributedModel, max_length: int, options: GenerationOptions | None = None):
+        self.model, self.max_length = model, max_length
+        self.options = options or model.generation  # this conversation's draft, draft_tokens and adapter
         self.session: InferenceSession | None = None
         self.cached: list[int] = []  # token ids whose keys/values are on the nodes
         self.history: list[int] = []  # the conversation so far, generated tokens included
 
     async def __aenter__(self) -> AsyncChatSession:
-        self.session = await self.model.open_session(self.max_length, adapter=self.adapter)
+        self.session = await self.model.open_session(self.max_length, options=self.options)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -54,8 +48,14 @@ class AsyncChatSession:
         return self.model.encode(prompt, chat)
 
     async def generate_ids(
-        self, prompt: Prompt, chat: bool = False, draft: str | None = None, draft_tokens: int | None = None, **sampling
+        self,
+        prompt: Prompt,
+        chat: bool = False,
+        draft: str | None = None,
+        draft_tokens: int | None = None,
+        **sampling: Any,
     ) -> AsyncIterator[torch.Tensor]:
+        """draft, draft_tokens: this turn's (None: the conversation's); its adapter is the session's."""
         ids = self._ids(prompt, chat)
         if ids.shape[0] != 1:
             raise ValueError("a chat session holds one conversation (batch size 1)")
@@ -68,21 +68,25 @@ class AsyncChatSession:
         if len(flat) + params.max_new_tokens > self.max_length:
             raise ValueError(f"the conversation would exceed the session's max_length {self.max_length}")
         self.cached, self.history = flat, list(flat)
-        draft = self.draft if draft is None else draft
-        draft_tokens = self.draft_tokens if draft_tokens is None else draft_tokens
-        async for new in self.model.generate_ids(ids, params, self.session, common, draft, draft_tokens):
+        options = self.options.override(draft, draft_tokens)
+        async for new in self.model.generate_ids(ids, params, self.session, common, options):
             token = int(new[0])
             self.cached, self.history = list(self.history), self.history + [token]  # all but the newest are cached
             yield new
 
-    async def generate(self, prompt: Prompt, chat: bool = False, **sampling) -> torch.Tensor:
+    async def generate(self, prompt: Prompt, chat: bool = False, **sampling: Any) -> torch.Tensor:
         """sampling: as AsyncDistributedModel.generate, draft and draft_tokens included."""
         ids = self._ids(prompt, chat)
         new = [n async for n in self.generate_ids(ids, **sampling)]
         return torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids
 
     def stream(
-        self, prompt: Prompt, chat: bool = False, draft: str | None = None, draft_tokens: int | None = None, **sampling
+        self,
+        prompt: Prompt,
+        chat: bool = False,
+        draft: str | None = None,
+        draft_tokens: int | None = None,
+        **sampling: Any,
     ) -> AsyncIterator[str]:
         new_ids, model = self.generate_ids(prompt, chat, draft, draft_tokens, **sampling), self.model
         return text_only(text_pieces(model.tokenizer, new_ids, SamplingParams(**sampling), model.eos_ids))

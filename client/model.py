@@ -12,7 +12,7 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from transformers import AutoTokenizer
@@ -26,17 +26,18 @@ from ..protocol.wire.identity import Identity
 from ..protocol.wire.node_client import NodeClient
 from .ban_list import BanList
 from .chat_session import AsyncChatSession
+from .config import ClientConfig, GenerationOptions, split_options
 from .discovery import DhtPeers, PeerSource, StaticPeers
 from .generation import generate_ids
 from .head_batcher import HeadBatcher
 from .routing import Candidate, NoRouteError, find_route
 from .sampling import SamplingParams
-from .session import DEFAULT_PREFILL_CHUNK, DEFAULT_PUSH, DEFAULT_STEP_TIMEOUT, Hop, InferenceSession, RetryPolicy
-from .speculative import DEFAULT_DRAFT_TOKENS, Drafter, load_drafter
+from .session import Hop, InferenceSession
+from .speculative import Drafter, load_drafter
 from .text_stream import TextPiece, text_only, text_pieces
 from .verification.evidence import fraud_report, write_evidence
 from .verification.opinions import adapter_files, holds_blocks
-from .verification.verifier import DEFAULT_WINDOW, Finding, Verifier
+from .verification.verifier import Finding, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -50,41 +51,25 @@ class AsyncDistributedModel:
         self,
         ckpt: Checkpoint,
         source: PeerSource,
-        wire_dtype: torch.dtype = torch.float32,
-        step_timeout: float = DEFAULT_STEP_TIMEOUT,
-        retry: RetryPolicy = RetryPolicy(),
-        draft: str | None = None,
-        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
-        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        verify: bool = False,
-        verify_window: int = DEFAULT_WINDOW,
-        verify_local: bool = True,
-        device: str = "auto",
-        adapter: str | None = None,
-        push: bool = DEFAULT_PUSH,
+        config: ClientConfig | None = None,
+        generation: GenerationOptions | None = None,
+        **options: Any,
     ):
-        self.push = push  # node-to-node push for plain steps (client/session.py); False: the client drives every hop
-        self.adapter = adapter  # the LoRA adapter of every call that names none ("" in a call: the base model)
-        self.ckpt, self.source, self.wire_dtype, self.step_timeout = ckpt, source, wire_dtype, step_timeout
-        self.retry, self.bans = retry, BanList()
-        if verify_window < 1:
-            raise ValueError(f"verify_window must be >= 1 token, got {verify_window}")
-        # verify: recompute every hop's outputs elsewhere before using them (client/verification/verifier.py);
-        # verify_local: the client may recompute blocks itself from its local checkpoint (third opinion)
-        self.verify, self.verify_window, self.verify_local = verify, verify_window, verify_local
+        """config: how this client reaches and trusts the nodes; generation: every call's defaults (draft,
+        draft_tokens, prefill_chunk, adapter). options: any field of either by keyword (wire_dtype=..., verify=...,
+        draft=...), laid over them: the keywords users have always passed."""
+        self.config, self.generation = split_options(options, config, generation)
+        self.ckpt, self.source = ckpt, source
+        self.bans = BanList()
         self.dishonest: set[str] = set()  # addresses caught lying: never used again by this client
-        # device: where the head (embeddings, final norm, LM head) computes, in float32 (exact logits) wherever it is
-        self.device = resolve_device(device)
+        # where the head (embeddings, final norm, LM head) computes, in float32 (exact logits) wherever it is
+        self.device = resolve_device(self.config.device)
         self.head = place(load_head(ckpt, device=self.device), self.device)
         self.heads = HeadBatcher(self.head)  # every session's LM-head calls, merged when they coincide
         self.tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
         self.total_blocks = num_blocks(ckpt)
-        if prefill_chunk < 0:
-            raise ValueError("prefill_chunk must be >= 0 (0 = the whole prompt in one step)")
-        self.prefill_chunk = prefill_chunk
-        self.draft, self.draft_tokens = draft, draft_tokens  # defaults of every generation (the api's --draft)
         self._drafters: dict[str, Drafter] = {}
-        self.drafter(draft, draft_tokens)  # a bad draft fails here, not at the first request
+        self.drafter(self.generation)  # a bad draft fails here, not at the first request
 
     @classmethod
     async def from_pretrained(
@@ -96,21 +81,22 @@ class AsyncDistributedModel:
         expected_keys: dict[str, bytes] | None = None,
         insecure: bool = False,
         allow_keys: Path | str | frozenset[bytes] | None = None,
-        **kwargs,
+        **options: Any,
     ) -> AsyncDistributedModel:
         """Nodes come from the DHT reached through `initial_peers`, or from fixed `peers` (host:port).
 
         Channels are TLS bound to each node's key (from its DHT record, `expected_keys`, or learned on
         first use); `insecure=True` speaks plaintext to nodes started with --insecure (debugging only).
         allow_keys: a private swarm's member list (file or keys): only listed nodes are used.
+        options: `config=ClientConfig(...)`, `generation=GenerationOptions(...)` (client/config.py), or any of
+        their fields by keyword: wire_dtype (float32: lossless; bfloat16: half the bytes), step_timeout, retry;
         verify=True recomputes every node's outputs elsewhere before use, window by window (verify_window
-        tokens, default 32; verify_local=False never computes blocks on this client).
-        kwargs: wire_dtype (float32: lossless; bfloat16: half the bytes), step_timeout, retry, and the
-        defaults of every generation: draft ("ngram" or a draft model), draft_tokens, prefill_chunk;
-        device ("auto": CUDA, else MPS, else CPU; or "cpu", "cuda:N", "mps") for the head;
-        adapter: the LoRA adapter (served by nodes started with --adapters) of every call that names none;
-        push (default True): each node sends its output straight to the next (hops + 1 one-way legs per
-        token instead of 2 x hops); False: the client drives every hop, as it always does with verify.
+        tokens, default 32; verify_local=False never computes blocks on this client); device ("auto": CUDA,
+        else MPS, else CPU; or "cpu", "cuda:N", "mps") for the head; push (default True): each node sends its
+        output straight to the next (hops + 1 one-way legs per token instead of 2 x hops; False: the client
+        drives every hop, as it always does with verify); and the defaults of every generation: draft ("ngram"
+        or a draft model), draft_tokens, prefill_chunk, adapter (a LoRA adapter served by nodes started with
+        --adapters).
         """
         identity = Identity.load_or_create(identity_path)
         allowed = load_allow_keys(allow_keys) if isinstance(allow_keys, (str, Path)) else allow_keys
@@ -120,7 +106,7 @@ class AsyncDistributedModel:
         else:
             source = StaticPeers(identity, peers, expected_keys, insecure)
         source.allow_keys = allowed
-        return cls(await asyncio.to_thread(resolve, model), source, **kwargs)
+        return cls(await asyncio.to_thread(resolve, model), source, **options)
 
     # ---- routing and sessions
     async def candidates(
@@ -150,30 +136,33 @@ class AsyncDistributedModel:
         return [Hop(nodes[r.key], r.start, r.end) for r in route]
 
     async def open_session(
-        self, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 1, adapter: str | None = None
+        self, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 1, options: GenerationOptions | None = None
     ) -> InferenceSession:
-        """adapter: the name of a LoRA adapter the nodes serve (`join --adapters`), or its directory (or hub id),
-        which --verify recomputes with; None: the model's default (from_pretrained's `adapter`); "": the base model."""
-        adapter = self.adapter if adapter is None else adapter
-        files = adapter_files(adapter, fetch=self.verify and self.verify_local) if adapter else None
+        """A session over a fresh route with `options`' adapter (default: this model's generation options).
+
+        The adapter is the name of a LoRA adapter the nodes serve (`join --adapters`), or its directory (or hub
+        id), which --verify recomputes with; "" or None: the base model (see config.chosen_adapter)."""
+        config, options = self.config, options or self.generation
+        adapter = options.adapter or ""
+        files = adapter_files(adapter, fetch=config.verify and config.verify_local) if adapter else None
         adapter = files.name if files else adapter  # a directory: nodes know the adapter by its base name
         router = functools.partial(self.route, adapter=adapter)  # failover finds replacements serving it too
         session = InferenceSession(
             await router(),
             max_length,
             batch_size,
-            self.wire_dtype,
-            self.step_timeout,
+            config.wire_dtype,
+            config.step_timeout,
             router=router,
             on_failure=lambda node: self.bans.ban(node.address),
-            retry=self.retry,
-            prefill_chunk=self.prefill_chunk,
+            retry=config.retry,
+            prefill_chunk=options.prefill_chunk,
             adapter=adapter,
-            push=self.push and not self.verify,  # a fraud proof needs every input in the node's signed request
+            push=config.push and not config.verify,  # a fraud proof needs every input in the node's signed request
         )
-        if self.verify:
-            local = self.ckpt if self.verify_local and holds_blocks(self.ckpt) else None
-            session.verifier = Verifier(session, router, self.caught, self.verify_window, local, files)
+        if config.verify:
+            local = self.ckpt if config.verify_local and holds_blocks(self.ckpt) else None
+            session.verifier = Verifier(session, router, self.caught, config.verify_window, local, files)
         return session
 
     def caught(self, finding: Finding) -> None:
@@ -199,20 +188,17 @@ class AsyncDistributedModel:
             )
             self.source.publish(fraud_report(finding, self.ckpt.name, path, self.source.identity))  # DHT only
 
-    def drafter(self, draft: str | None = None, draft_tokens: int | None = None) -> tuple[Drafter | None, int]:
-        """The drafter and K for one generation (None, 0: plain decoding); None picks the model's default.
+    def drafter(self, options: GenerationOptions) -> tuple[Drafter | None, int]:
+        """The drafter and K of `options` (None, 0: plain decoding).
 
         draft: "ngram" (prompt lookup) or a draft model with this model's tokenizer, loaded once and kept.
         """
-        draft = self.draft if draft is None else draft
-        tokens = self.draft_tokens if draft_tokens is None else draft_tokens
-        if tokens < 0:
-            raise ValueError(f"draft_tokens must be >= 0 (0 = no speculation), got {tokens}")
-        if not draft or tokens == 0:
+        if not options.draft or options.draft_tokens == 0:
             return None, 0
-        if draft not in self._drafters:
-            self._drafters[draft] = load_drafter(draft, self.tokenizer, self.ckpt.hf_config.vocab_size)
-        return self._drafters[draft], tokens
+        if options.draft not in self._drafters:
+            vocab = self.ckpt.hf_config.vocab_size
+            self._drafters[options.draft] = load_drafter(options.draft, self.tokenizer, vocab)
+        return self._drafters[options.draft], options.draft_tokens
 
     def session(
         self,
@@ -221,8 +207,10 @@ class AsyncDistributedModel:
         draft_tokens: int | None = None,
         adapter: str | None = None,
     ) -> AsyncChatSession:
-        """A multi-turn session: the KV cache stays on the nodes between `generate` calls (with `adapter`'s LoRA)."""
-        return AsyncChatSession(self, max_length, draft, draft_tokens, adapter)
+        """A multi-turn session: the KV cache stays on the nodes between `generate` calls (with `adapter`'s LoRA).
+
+        draft, draft_tokens, adapter: this conversation's (None: the model's; adapter "": the base model)."""
+        return AsyncChatSession(self, max_length, self.generation.override(draft, draft_tokens, adapter))
 
     # ---- prompts
     def encode(self, prompt: Prompt, chat: bool = False) -> torch.Tensor:
@@ -250,19 +238,18 @@ class AsyncDistributedModel:
         params: SamplingParams,
         session: InferenceSession | None = None,
         cached: int = 0,
-        draft: str | None = None,
-        draft_tokens: int | None = None,
-        adapter: str | None = None,
+        options: GenerationOptions | None = None,
     ) -> AsyncIterator[torch.Tensor]:
         """Next token ids (B,) step by step; opens (and closes) a session unless given one.
 
-        draft / draft_tokens: speculative decoding (see `drafter`); greedy output is plain greedy's.
-        adapter: a LoRA adapter the nodes serve, for the session opened here (a given one has its own).
+        options: speculative decoding (see `drafter`; greedy output is plain greedy's) and, for the session
+        opened here, the adapter (a given session has its own); None: this model's generation options.
         """
-        drafter, k = self.drafter(draft, draft_tokens)
+        options = options or self.generation
+        drafter, k = self.drafter(options)
         own = session is None
-        if own:
-            session = await self.open_session(input_ids.shape[1] + params.max_new_tokens, input_ids.shape[0], adapter)
+        if session is None:
+            session = await self.open_session(input_ids.shape[1] + params.max_new_tokens, input_ids.shape[0], options)
         try:
             async for new in generate_ids(self.heads, session, input_ids, params, self.eos_ids, cached, drafter, k):
                 yield new
@@ -277,38 +264,37 @@ class AsyncDistributedModel:
         draft: str | None = None,
         draft_tokens: int | None = None,
         adapter: str | None = None,
-        **sampling,
+        **sampling: Any,
     ) -> torch.Tensor | list[torch.Tensor]:
         """Like transformers' generate: prompt ids followed by the new ids, (B, T + new).
 
         A list of strings runs as concurrent sessions and returns one tensor (1, T_i + new_i) each.
         sampling: max_new_tokens, temperature (0 = greedy), top_p, top_k, repetition_penalty, seed,
         stop, ignore_eos. draft: "ngram" or a draft model; draft_tokens: at most this many per pass.
-        adapter: the name of a LoRA adapter the nodes serve (None: the base model).
+        adapter: the name of a LoRA adapter the nodes serve (None: the model's default; "": the base model).
         """
-        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-            each = (self.generate(p, chat, draft, draft_tokens, adapter, **sampling) for p in prompt)
-            return list(await asyncio.gather(*each))
-        ids = self.encode(prompt, chat)
+        options = self.generation.override(draft, draft_tokens, adapter)
         params = SamplingParams(**sampling)
-        new = [n async for n in self.generate_ids(ids, params, draft=draft, draft_tokens=draft_tokens, adapter=adapter)]
+        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+            return list(await asyncio.gather(*(self._generate(p, chat, params, options) for p in prompt)))
+        return await self._generate(prompt, chat, params, options)
+
+    async def _generate(
+        self, prompt: Prompt, chat: bool, params: SamplingParams, options: GenerationOptions
+    ) -> torch.Tensor:
+        ids = self.encode(prompt, chat)
+        new = [n async for n in self.generate_ids(ids, params, options=options)]
         return torch.cat([ids, torch.stack(new, dim=1)], dim=1) if new else ids
 
     async def generate_text(
-        self,
-        prompt: Prompt,
-        params: SamplingParams,
-        chat: bool = False,
-        draft: str | None = None,
-        draft_tokens: int | None = None,
-        adapter: str | None = None,
+        self, prompt: Prompt, params: SamplingParams, chat: bool = False, options: GenerationOptions | None = None
     ) -> AsyncIterator[TextPiece]:
         """One prompt's new text as it is generated: pieces, the last with the finish reason ("stop": EOS or
         a stop string, "length": max_new_tokens) and the number of tokens generated (see text_pieces)."""
         ids = self.encode(prompt, chat)
         if ids.shape[0] != 1:
             raise ValueError("generate_text and stream take one prompt (batch size 1)")
-        new_ids = self.generate_ids(ids, params, draft=draft, draft_tokens=draft_tokens, adapter=adapter)
+        new_ids = self.generate_ids(ids, params, options=options)
         pieces = text_pieces(self.tokenizer, new_ids, params, self.eos_ids)
         async with contextlib.aclosing(pieces):
             async for piece in pieces:
@@ -321,14 +307,16 @@ class AsyncDistributedModel:
         draft: str | None = None,
         draft_tokens: int | None = None,
         adapter: str | None = None,
-        **sampling,
+        **sampling: Any,
     ) -> AsyncIterator[str]:
         """Text pieces as they are generated (stop strings end the stream and are not included)."""
-        return text_only(self.generate_text(prompt, SamplingParams(**sampling), chat, draft, draft_tokens, adapter))
+        options = self.generation.override(draft, draft_tokens, adapter)
+        return text_only(self.generate_text(prompt, SamplingParams(**sampling), chat, options))
 
     async def logits(self, input_ids: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) of every position: scoring, perplexity, checks against a local model."""
-        session = await self.open_session(input_ids.shape[1], input_ids.shape[0], adapter)
+        options = self.generation.override(adapter=adapter)
+        session = await self.open_session(input_ids.shape[1], input_ids.shape[0], options)
         try:
             out = await session.step(self.head.embed(input_ids))
             while session.verifier is not None and (rewind := await session.verifier.check(final=True)) is not None:

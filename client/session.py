@@ -36,13 +36,12 @@ from ..protocol.wire.node_client import (
     SessionSpec,
     tensor_digest,
 )
+from .config import DEFAULT_PREFILL_CHUNK, DEFAULT_PUSH, DEFAULT_RETRY, DEFAULT_STEP_TIMEOUT, RetryPolicy
 from .routing import NoRouteError
 
-log = logging.getLogger(__name__)
+__all__ = ["Hop", "InferenceSession", "RetryPolicy", "Router", "SessionVerifier"]  # RetryPolicy: client/config.py
 
-DEFAULT_STEP_TIMEOUT = 30.0
-DEFAULT_PREFILL_CHUNK = 128  # tokens per chunk of a pipelined prefill of a longer input; 0 = one step
-DEFAULT_PUSH = True  # node-to-node push for steps (hops + 1 legs per token instead of 2 x hops)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,14 +51,6 @@ class Hop:
     end: int
     stream: NodeSession | None = None
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, inputs) sent so far
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int = 6  # routes tried for one failed hop
-    max_seconds: float = 60.0  # time spent recovering one failed hop
-    backoff_initial: float = 0.1
-    backoff_max: float = 5.0
 
 
 Router = Callable[[int, int], Awaitable[list[Hop]]]  # (start, end) -> fresh hops covering [start, end)
@@ -86,16 +77,16 @@ class InferenceSession:
         step_timeout: float = DEFAULT_STEP_TIMEOUT,
         router: Router | None = None,
         on_failure: Callable[[NodeClient], None] = lambda node: None,
-        retry: RetryPolicy = RetryPolicy(),
+        retry: RetryPolicy = DEFAULT_RETRY,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-        adapter: str | None = None,
+        adapter: str = "",
         push: bool = DEFAULT_PUSH,
     ):
         self.hops, self.max_length, self.batch_size = hops, max_length, batch_size
         self.push = push  # node-to-node push for steps: hops + 1 one-way legs per step instead of 2 x hops
         self.node_pushes = 0  # hop inputs that came straight from the previous node (not from the client)
         self.prefill_chunk = prefill_chunk
-        self.adapter = adapter or ""  # the LoRA adapter every hop applies (its router finds only nodes serving it)
+        self.adapter = adapter  # the LoRA adapter every hop applies, "" none (its router finds only nodes serving it)
         self.wire_dtype, self.step_timeout = wire_dtype, step_timeout
         self.router, self.on_failure, self.retry = router, on_failure, retry
         self.id = uuid.uuid4().hex

@@ -30,7 +30,6 @@ from .sampling import SamplingParams, warped_logits
 from .session import InferenceSession
 
 NGRAM = "ngram"
-DEFAULT_DRAFT_TOKENS = 8
 MAX_NGRAM = 3  # prompt lookup tries the last 3, then 2, then 1 tokens
 
 

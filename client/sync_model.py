@@ -36,12 +36,14 @@ class DistributedModel:
 
     @classmethod
     def from_pretrained(
-        cls, model: str, peers: Sequence[str] = (), initial_peers: Sequence[str] = (), **kwargs
+        cls, model: str, peers: Sequence[str] = (), initial_peers: Sequence[str] = (), **options: Any
     ) -> DistributedModel:
-        """See AsyncDistributedModel.from_pretrained (grpc.aio channels bind to the loop they are made on)."""
+        """See AsyncDistributedModel.from_pretrained: the same options (config=, generation=, or their fields by
+        keyword). The model is made on this object's loop thread (grpc.aio channels bind to the loop they are made
+        on)."""
         loop = LoopThread()
         try:
-            return cls(loop.run(AsyncDistributedModel.from_pretrained(model, peers, initial_peers, **kwargs)), loop)
+            return cls(loop.run(AsyncDistributedModel.from_pretrained(model, peers, initial_peers, **options)), loop)
         except BaseException:
             loop.stop()
             raise

@@ -89,7 +89,7 @@ class HealthMonitor:
             scan_duration_s=0.0,
             monitor_version=__version__,
             dht_maddrs=list(dht_maddrs),
-            models=[_model_state(m, 0, False, []) for m in self.models],
+            models=[build_model_state(m, 0, False, []) for m in self.models],
         )
         self.scans = 0
 
@@ -153,7 +153,7 @@ class HealthMonitor:
             self._node_state(records[peer], probes[peer], now, dht_now, reports.get(peer, ()))
             for peer in sorted(records, key=lambda p: (records[p].start, records[p].end, p))
         ]
-        return _model_state(model, total, known, nodes, indexed)
+        return build_model_state(model, total, known, nodes, indexed)
 
     async def _lookup(self, model: str, blocks: range) -> dict[str, ServerRecord]:
         """{peer id: its record with the latest expiration} over `blocks`, looked up in batches."""
@@ -173,7 +173,7 @@ class HealthMonitor:
     async def _probe_all(self, records: dict[str, ServerRecord], used: set) -> dict[str, Probe]:
         peers = list(records)
         probes = await asyncio.gather(*(self._probe(records[p], used) for p in peers))
-        return dict(zip(peers, probes))
+        return dict(zip(peers, probes, strict=True))
 
     async def _probe(self, record: ServerRecord, used: set[tuple[str, bytes]]) -> Probe:
         key = (record.address, record.public_key)  # the reply must be signed by the record's key
@@ -279,7 +279,7 @@ def _problems(record: ServerRecord, info: NodeInfo) -> list[str]:
     return problems
 
 
-def _model_state(
+def build_model_state(
     model: str, total: int, known: bool, nodes: list[NodeState], indexed: IndexedModel | None = None
 ) -> ModelState:
     serving = [n for n in nodes if n.health == "healthy" and n.state == "online"]
@@ -288,7 +288,7 @@ def _model_state(
         BlockState(
             block=b, servers=n, throughput=tps, coverage="uncovered" if not n else "single" if n == 1 else "replicated"
         )
-        for b, (n, tps) in enumerate(zip(cov.servers, cov.throughput))
+        for b, (n, tps) in enumerate(zip(cov.servers, cov.throughput, strict=True))
     ]
     missing = cov.missing
     ready_revision = None

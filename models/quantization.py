@@ -57,6 +57,7 @@ from torch import nn
 
 QUANT_MODES = ("none", "int8", "int4", "nf4")
 GROUP_SIZE = 32  # int4: inputs sharing one scale and zero (GGUF Q4 blocks are 32 too)
+CPU = torch.device("cpu")
 KEEP_FLOAT = frozenset({"gate"})  # MoE routers: tiny, and a small error would flip the discrete top-k choice
 
 # torch's CPU kernel for int8 weights: fast with bf16 activations, 10-40x slower with fp32 or fp16 ones
@@ -197,7 +198,7 @@ def nf4_linear(linear: nn.Linear) -> nn.Module:
     return layer.to(device)
 
 
-def check_mode(mode: str, device: torch.device = torch.device("cpu")) -> None:
+def check_mode(mode: str, device: torch.device = CPU) -> None:
     """Refuses, before any weight is read, a mode that does not exist or cannot run on `device`."""
     if mode not in QUANT_MODES:
         raise ValueError(f"unknown quantization {mode!r}; choose one of {', '.join(QUANT_MODES)}")

@@ -21,10 +21,9 @@ from ..protocol.dht.model_index import ModelEntry, announce_model
 from ..protocol.dht.network import announce
 from ..protocol.dht.records import ServerRecord
 from ..protocol.wire.identity import Identity
+from .config import DEFAULT_EXPIRATION
 
 log = logging.getLogger(__name__)
-
-DEFAULT_EXPIRATION = 30.0
 
 
 class Announcer:

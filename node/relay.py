@@ -40,6 +40,7 @@ from ..protocol.wire.relay_link import (
     splice,
     write_message,
 )
+from .limits import RelayLimits
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,6 @@ ACCEPT_TIMEOUT = 10.0  # seconds a node has to open the connection for a client'
 DIALBACK_TIMEOUT = 5.0
 DEFAULT_EXPIRATION = 30.0
 NODE_SILENCE_S = 20.0  # a relayed node that sends no heartbeat for this long is dropped
-
-
-@dataclass(frozen=True)
-class RelayLimits:
-    max_nodes: int = 32  # --relay-max-nodes: nodes relayed at once
-    max_streams: int = 256  # --relay-max-streams: client streams spliced at once, over all nodes
-    bytes_per_second: int = 16 << 20  # --relay-bytes-per-second: per relayed node, both directions together
 
 
 @dataclass
@@ -71,9 +65,9 @@ class Relayed:
 
 class RelayServer:
     def __init__(
-        self, identity: Identity, host: str, port: int, announce_host: str | None, limits: RelayLimits = RelayLimits()
+        self, identity: Identity, host: str, port: int, announce_host: str | None, limits: RelayLimits | None = None
     ):
-        self.identity, self.host, self.port, self.limits = identity, host, port, limits
+        self.identity, self.host, self.port, self.limits = identity, host, port, limits or RelayLimits()
         self.announce_host = announce_host or host
         self.nodes: dict[str, Relayed] = {}
         self.pending: dict[str, asyncio.Future] = {}

@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from grpc import aio
 
 from ..models.checkpoint import Checkpoint, resolve
-from ..models.devices import default_dtype, free_memory, place, resolve_device
+from ..models.devices import free_memory, place
 from ..models.families import LAYER_PREFIX, load_span, num_blocks
 from ..models.lora import AdapterBank, AdapterError, find_adapter
 from ..models.quantization import GROUP_SIZE
@@ -32,13 +30,14 @@ from ..protocol.wire import torchnode_pb2_grpc as pb_grpc
 from ..protocol.wire.identity import Identity, default_identity_path
 from ..protocol.wire.signing import ReplayGuard
 from .allow_list import allow_list
-from .announcer import DEFAULT_EXPIRATION, Announcer
+from .announcer import Announcer
 from .auth_interceptor import AuthInterceptor
 from .block_selection import better_start, choose_start
+from .config import NodeConfig
 from .limits import Limits
 from .push import Pusher
 from .reachability import establish
-from .relay import RelayLimits, serve_relay
+from .relay import serve_relay
 from .servicer import NodeServicer
 from .span_backend import SpanBackend, SpanInfo
 
@@ -46,47 +45,6 @@ log = logging.getLogger(__name__)
 
 THROUGHPUT_REFRESH_SECONDS = 5.0  # how often the announced tokens/s is updated from served steps
 LEAVE_STEP_SECONDS = 1.0  # the longest announcing `draining` (after sessions end) or stopping the DHT may take
-
-
-@dataclass(frozen=True)
-class SwarmConfig:
-    initial_peers: tuple[str, ...] = ()  # empty: start a new swarm
-    announce_host: str | None = None  # what others dial; default: the node's --host
-    dht_port: int = 0
-    num_blocks: int | None = None  # None: what fits max_memory
-    max_memory: int | None = None  # bytes for weights; None: half of this machine's RAM
-    expiration: float = DEFAULT_EXPIRATION
-    rebalance_period: float = 120.0  # 0: never move
-    rebalance_threshold: float = 0.25  # move if the weakest block gains more than this fraction
-    reachable: str = "auto"  # --reachable: auto (a relay dials back), yes, no (serve through a relay)
-    relay: RelayLimits | None = None  # --relay: also relay for nodes that cannot be dialled
-    relay_port: int = 0  # --relay-port: the relay's control port (0: a free one)
-
-
-@dataclass(frozen=True)
-class NodeConfig:
-    model: str
-    start: int | None  # None: choose (in a swarm) or 0
-    end: int | None  # None: to the last block, or start + num_blocks when choosing
-    host: str = "127.0.0.1"
-    port: int = 31330
-    dtype: torch.dtype | None = None  # None: the device's default (float32 on CPU, bfloat16 on a GPU)
-    quant: str = "none"  # "int8"/"int4"/"nf4": linear weights in 8 or 4 bits (models.quantization.QUANT_MODES)
-    device: torch.device | str = "auto"  # auto, cpu, cuda[:N], mps: where the span, its KV caches and its work live
-    identity_path: Path | None = None
-    limits: Limits = field(default_factory=Limits)
-    shutdown_grace: float = 10.0  # seconds in-flight sessions get to finish on SIGTERM
-    swarm: SwarmConfig | None = None
-    insecure: bool = False  # plaintext gRPC (--insecure, debugging on loopback); default: TLS bound to the identity
-    allow_keys: frozenset[bytes] | None = None  # private swarm (--allow-keys): serve and trust only these keys
-    adapters: tuple[str, ...] = ()  # LoRA adapters to serve (--adapters): PEFT directories or hub ids
-
-    def __post_init__(self) -> None:
-        """Resolves `auto` to this machine's device and the dtype to its default, once, for every later use."""
-        device = resolve_device(str(self.device))
-        object.__setattr__(self, "device", device)
-        if self.dtype is None:
-            object.__setattr__(self, "dtype", default_dtype(device))
 
 
 def grpc_options(limits: Limits) -> list[tuple[str, int]]:
@@ -149,7 +107,8 @@ class Node:
         c = self.config
         weights = "" if c.quant == "none" else f" with {c.quant} weights"
         self.on_status(
-            f"loading blocks {start}:{end} of {self.ckpt.name} ({self.total} blocks) on {c.device} as {c.dtype}{weights}"
+            f"loading blocks {start}:{end} of {self.ckpt.name} ({self.total} blocks) on {c.device} "
+            f"as {c.dtype}{weights}"
         )
         span = place(
             load_span(self.ckpt, start, end, c.dtype, c.quant, c.device, self.on_status), c.device
@@ -337,7 +296,8 @@ class Node:
 
 async def _retire(backend: SpanBackend) -> None:
     """Frees an old span's compute thread once its last session has closed."""
-    while backend.sessions:
+    # a poll, not an Event: sessions end in the runner thread and by idle expiry, and a retired span is rare
+    while backend.sessions:  # noqa: ASYNC110
         await asyncio.sleep(1.0)
     await asyncio.to_thread(backend.shutdown)
 

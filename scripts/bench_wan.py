@@ -14,7 +14,8 @@ mode's delayed tokens/s as a multiple of the push bound (above 1: more than one 
 it, after the first token (decoding alone). Each loopback run is followed at once by the same run
 delayed, so that the machine's drift falls on both alike.
 
-    .venv/bin/python scripts/bench_wan.py [--hops 2,4] [--delay-ms 25] [--tokens 96] [--draft-model default] [--threads 1]
+    .venv/bin/python scripts/bench_wan.py [--hops 2,4] [--delay-ms 25] [--tokens 96] [--draft-model default] \
+        [--threads 1]
 
 --draft-model default makes SmolLM2 its own draft: it accepts everything and costs a full local forward
 per drafted token, so it shows the mechanism, not the speed of a real small draft.
@@ -23,6 +24,8 @@ per drafted token, so it shows the mechanism, not the speed of a real small draf
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import statistics
 import subprocess
 import sys
@@ -56,20 +59,21 @@ LONG_TEXT = (
 
 def spans(total: int, hops: int) -> list[str]:
     cuts = [round(i * total / hops) for i in range(hops + 1)]
-    return [f"{a}:{b}" for a, b in zip(cuts, cuts[1:])]
+    return [f"{a}:{b}" for a, b in itertools.pairwise(cuts)]
 
 
 def start_proxy(targets: list[str], delay_ms: float) -> tuple[subprocess.Popen, list[str]]:
     listens = [f"127.0.0.1:{free_port()}" for _ in targets]
-    return spawn_proxy(list(zip(listens, targets)), delay_ms), listens
+    return spawn_proxy(list(zip(listens, targets, strict=True)), delay_ms), listens
 
 
 def first_token_latency(model, ids: torch.Tensor, chunk: int, runs: int) -> float:
-    kept, model.async_model.prefill_chunk = model.async_model.prefill_chunk, chunk
+    core = model.async_model
+    kept, core.generation = core.generation, dataclasses.replace(core.generation, prefill_chunk=chunk)
     try:
         return statistics.median(timed_decode(model, ids, 1).first_token_s for _ in range(runs))
     finally:
-        model.async_model.prefill_chunk = kept
+        core.generation = kept
 
 
 def bench_hops(args, hops: int, long_ids: torch.Tensor) -> dict:
@@ -86,7 +90,8 @@ def bench_hops(args, hops: int, long_ids: torch.Tensor) -> dict:
             models[link] = model = DistributedModel.from_pretrained(args.model, peers)
             timed_decode(model, model.async_model.encode("Hi"), 4)  # warm-up: channels, caches
             if args.draft_model:
-                model.async_model.drafter(args.draft_model)  # load it once, outside the timings
+                core = model.async_model
+                core.drafter(core.generation.override(draft=args.draft_model))  # load it once, outside the timings
         for name, text in PROMPTS.items():
             for mode in args.modes:
                 draft = {"ngram": "ngram", "draft-model": args.draft_model}.get(mode.removeprefix("push+"))
@@ -95,7 +100,8 @@ def bench_hops(args, hops: int, long_ids: torch.Tensor) -> dict:
                 runs = {link: [] for link in links}
                 for _ in range(args.repeats):
                     for link, model in models.items():
-                        model.async_model.push = mode.startswith("push")  # plain, ngram, draft-model: hop by hop
+                        push = mode.startswith("push")  # plain, ngram, draft-model: hop by hop
+                        model.async_model.config = dataclasses.replace(model.async_model.config, push=push)
                         ids = model.async_model.encode(text, chat=True)
                         runs[link].append(timed_decode(model, ids, args.tokens, draft))
                 for link, done in runs.items():
@@ -137,7 +143,7 @@ def idle_slowdown(idles: tuple[float, ...] = (0.0, 0.03, 0.12), runs: int = 40) 
 
     def work() -> None:
         y = x
-        for up, down in zip(*weights):
+        for up, down in zip(*weights, strict=True):
             y = torch.nn.functional.normalize((y @ up) @ down, dim=-1)
 
     for _ in range(10):

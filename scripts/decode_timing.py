@@ -44,7 +44,8 @@ def timed_decode(model, ids: torch.Tensor, tokens: int, draft: str | None = None
 
     core, params = model.async_model, SamplingParams(max_new_tokens=tokens, ignore_eos=True)
     out, stamps, started = [], [], time.perf_counter()
-    for new in model.iterate(core.generate_ids(ids, params, draft=draft)):
+    options = core.generation.override(draft=draft)
+    for new in model.iterate(core.generate_ids(ids, params, options=options)):
         out.append(int(new[0]))
         stamps.append(time.perf_counter())
     return TimedDecode(out, started, stamps)

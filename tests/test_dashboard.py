@@ -30,7 +30,7 @@ from swarm import free_port, run_cli, spawn, start_node, start_nodes, stop_all, 
 
 from torchnode.coordinator.dashboard import DashboardConfig, bind_http
 from torchnode.coordinator.dashboard_app import create_app
-from torchnode.coordinator.health_monitor import DEFAULT_MODEL_NAME, HealthMonitor, Probe, _model_state
+from torchnode.coordinator.health_monitor import DEFAULT_MODEL_NAME, HealthMonitor, Probe, build_model_state
 from torchnode.coordinator.history import History
 from torchnode.coordinator.state_schema import NodeState, SwarmState
 from torchnode.protocol.dht.network import announce, start_dht
@@ -89,23 +89,23 @@ def test_coverage_counts_only_healthy_online_nodes():
         node_state("dd", 3, 4, state="draining"),
         node_state("ee", 3, 4, state="joining", health="starting"),
     ]
-    m = _model_state("m", 4, True, nodes)
+    m = build_model_state("m", 4, True, nodes)
     assert [b.coverage for b in m.blocks] == ["replicated", "replicated", "single", "uncovered"]
     assert [b.servers for b in m.blocks] == [2, 2, 1, 0]
     assert (m.ready, m.missing, m.missing_ranges) == (False, [3], "3:4")
     assert m.bottleneck_throughput == 0.0
 
-    m = _model_state("m", 4, True, [*nodes, node_state("ff", 3, 4, tps=3.0)])
+    m = build_model_state("m", 4, True, [*nodes, node_state("ff", 3, 4, tps=3.0)])
     assert (m.ready, m.ready_revision, m.missing) == (True, "r1", [])
     assert m.bottleneck_throughput == 3.0
 
 
 def test_ready_needs_one_revision_and_a_known_block_count():
     mixed = [node_state("aa", 0, 2, revision="r1"), node_state("bb", 2, 4, revision="r2")]
-    m = _model_state("m", 4, True, mixed)
+    m = build_model_state("m", 4, True, mixed)
     assert not m.missing and not m.ready  # every block served, but no chain of one checkpoint
-    assert not _model_state("m", 4, False, [node_state("aa", 0, 4)]).ready
-    assert not _model_state("m", 0, False, []).ready
+    assert not build_model_state("m", 4, False, [node_state("aa", 0, 4)]).ready
+    assert not build_model_state("m", 0, False, []).ready
 
 
 def record_of(identity: Identity, start=0, end=2, total_blocks=0, **kw) -> ServerRecord:
@@ -186,7 +186,7 @@ def test_default_model_name_is_what_default_nodes_announce():
 
 
 def test_app_serves_page_json_schema_and_metrics():
-    m = _model_state("m", 4, True, [node_state("aa", 0, 2), node_state("bb", 2, 4, health="unhealthy")])
+    m = build_model_state("m", 4, True, [node_state("aa", 0, 2), node_state("bb", 2, 4, health="unhealthy")])
     state = SwarmState(
         generated_at=1.0, refresh_s=2.0, scan_duration_s=0.1, monitor_version="0.1.0", dht_maddrs=[], models=[m]
     )

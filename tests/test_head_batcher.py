@@ -39,7 +39,8 @@ def count_head_rows(head) -> list[int]:
 
 async def tokens_of(model: AsyncDistributedModel, ids: torch.Tensor, draft: str | None = None) -> list[int]:
     params = SamplingParams(max_new_tokens=TOKENS, ignore_eos=True)
-    return [int(new[0]) async for new in model.generate_ids(ids, params, draft=draft)]
+    options = model.generation.override(draft=draft)
+    return [int(new[0]) async for new in model.generate_ids(ids, params, options=options)]
 
 
 @pytest.fixture
@@ -99,7 +100,7 @@ async def test_requests_made_together_run_as_one_pass(tiny_llama):
     hiddens = [torch.randn(1, t, head.norm.weight.shape[0]) for t in (1, 1, 3, 1, 2, 1)]
     results = await asyncio.gather(*(batcher.logits(h) for h in hiddens))
     assert rows == [9] and batcher.passes == 1  # all six callers' rows in one matrix product
-    for hidden, got in zip(hiddens, results):
+    for hidden, got in zip(hiddens, results, strict=True):
         torch.testing.assert_close(got, head.logits(hidden), atol=1e-5, rtol=1e-5)
 
 

@@ -13,7 +13,7 @@ from hivemind.utils import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 from test_dht_records import swarm  # noqa: F401 (fixture: two DHT peers and a DHT client on 127.0.0.1)
 
-from torchnode.coordinator.health_monitor import _model_state
+from torchnode.coordinator.health_monitor import build_model_state
 from torchnode.coordinator.history import History
 from torchnode.coordinator.state_schema import NodeState
 from torchnode.node.announcer import Announcer
@@ -186,9 +186,9 @@ def node_state(peer: str, health="healthy", tps=10.0) -> NodeState:
 
 def test_history_keeps_the_window_and_forgets_what_left():
     history = History(window=60)
-    both = _model_state("m", 4, True, [node_state("a" * 32, tps=5.0), node_state("b" * 32, tps=7.0)])
+    both = build_model_state("m", 4, True, [node_state("a" * 32, tps=5.0), node_state("b" * 32, tps=7.0)])
     history.record([both], now=1000.0)
-    one = _model_state("m", 4, True, [node_state("a" * 32, tps=5.0), node_state("b" * 32, health="unhealthy")])
+    one = build_model_state("m", 4, True, [node_state("a" * 32, tps=5.0), node_state("b" * 32, health="unhealthy")])
     history.record([one], now=1030.0)
     samples = history.model("m")
     assert [(s.nodes, s.nodes_online, s.blocks_covered, s.tokens_per_s, s.sessions_free) for s in samples] == [
@@ -196,9 +196,9 @@ def test_history_keeps_the_window_and_forgets_what_left():
         (2, 1, 4, 5.0, 3),
     ]
     assert [s.health for s in history.node("b" * 32)] == ["healthy", "unhealthy"]
-    history.record([_model_state("m", 4, True, [node_state("a" * 32)])], now=1070.0)
+    history.record([build_model_state("m", 4, True, [node_state("a" * 32)])], now=1070.0)
     assert [s.t for s in history.model("m")] == [1030.0, 1070.0]  # older than the window: dropped
-    history.record([_model_state("m", 4, True, [node_state("a" * 32)])], now=1095.0)
+    history.record([build_model_state("m", 4, True, [node_state("a" * 32)])], now=1095.0)
     assert history.node("b" * 32) == [] and history.recent_models() == ["m"]
     with pytest.raises(ValueError):
         History(window=0)

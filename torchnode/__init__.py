@@ -5,7 +5,14 @@ The SDK's public names are imported lazily, so `torchnode --help` and node start
 
 from .protocol.version import __version__
 
-__all__ = ["AsyncDistributedModel", "DistributedModel", "SamplingParams", "__version__"]
+__all__ = [
+    "AsyncDistributedModel",
+    "ClientConfig",
+    "DistributedModel",
+    "GenerationOptions",
+    "SamplingParams",
+    "__version__",
+]
 
 
 def __getattr__(name: str):
@@ -17,6 +24,10 @@ def __getattr__(name: str):
         from .client.sync_model import DistributedModel
 
         return DistributedModel
+    if name in ("ClientConfig", "GenerationOptions"):
+        from .client import config
+
+        return getattr(config, name)
     if name == "SamplingParams":
         from .client.sampling import SamplingParams
 

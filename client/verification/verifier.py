@@ -34,13 +34,13 @@ from ...models.lora import AdapterSource
 from ...protocol.wire import tensor_codec
 from ...protocol.wire.identity import peer_id_of
 from ...protocol.wire.node_client import NodeClient, NodeError, NodeInfo
+from ..config import DEFAULT_WINDOW  # tokens per check: each hop's window is one prefill on another node
 from ..routing import NoRouteError
 from ..session import Hop, InferenceSession
 from .opinions import LocalOpinion, Opinion, RemoteOpinion
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WINDOW = 32  # tokens per check: each hop's window is one prefill on another node
 EPS_FACTOR = 32  # tolerance = EPS_FACTOR * machine epsilon of the coarsest dtype involved + FLOOR
 FLOOR = 1e-4  # float32 prefill vs decode differ by up to ~5e-6 (relative) on SmolLM2's 15 blocks
 
@@ -185,7 +185,7 @@ class Verifier:
         start = self.verified
         records = [r for r in self.records.values() if r.first < stop and r.end > start]
         findings = await asyncio.gather(*(self._check_record(r, start, stop) for r in records))
-        liars = [(r, f) for r, f in zip(records, findings) if f is not None]
+        liars = [(r, f) for r, f in zip(records, findings, strict=True) if f is not None]
         if not liars:
             self._advance(stop)
             return None
@@ -222,7 +222,8 @@ class Verifier:
         if wrong is None:
             return None
         log.warning(
-            "verification: %s and %s disagree on blocks %d:%d at position %d (error %.3g > %.3g); asking a third opinion",
+            "verification: %s and %s disagree on blocks %d:%d at position %d (error %.3g > %.3g); "
+            "asking a third opinion",
             hop.node.address,
             checker.name,
             hop.start,

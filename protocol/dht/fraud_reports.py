@@ -29,11 +29,11 @@ from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 from ..wire.identity import Identity
 from .records import (
     RecordError,
-    _non_negative_float,
     check_span,
     decode_signed,
     encode_signed,
     host_port,
+    non_negative_float,
     record_model,
     signer_key,
 )
@@ -106,7 +106,7 @@ def check_report_fields(raw: dict) -> FraudReport:
         start=start,
         end=end,
         evidence_sha256=evidence,
-        expiration=_non_negative_float(raw["expiration"], "expiration"),
+        expiration=non_negative_float(raw["expiration"], "expiration"),
     )
 
 
@@ -150,7 +150,7 @@ async def _find_reports(_dht: hivemind.DHT, node: DHTNode, peers: list[str]) -> 
     keys = [report_key(peer) for peer in peers]
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))  # = get(latest=True)
     now, reports = get_dht_time(), {}
-    for peer, key in zip(peers, keys):
+    for peer, key in zip(peers, keys, strict=True):
         entries = found.get(key)
         parsed = []
         if entries is not None and isinstance(entries.value, dict):  # a plain value under a report key is junk

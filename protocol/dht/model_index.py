@@ -30,12 +30,12 @@ from .records import (
     MAX_BLOCKS,
     MAX_SHORT_STR,
     RecordError,
-    _is_int,
-    _non_negative_float,
-    _short_str,
     adapter_names,
     decode_signed,
     encode_signed,
+    is_int,
+    non_negative_float,
+    short_str,
     validate_model_name,
 )
 from .store import latest_signed, read_signed, store_signed
@@ -88,18 +88,18 @@ def check_entry_fields(raw: dict) -> ModelEntry:
     if not isinstance(family, str) or not _FAMILY.fullmatch(family):
         raise RecordError(f"family {family!r} must be 1-64 of a-z, 0-9, '_', '-'")
     total_blocks = raw["total_blocks"]
-    if not _is_int(total_blocks) or not 1 <= total_blocks <= MAX_BLOCKS:
+    if not is_int(total_blocks) or not 1 <= total_blocks <= MAX_BLOCKS:
         raise RecordError(f"total_blocks {total_blocks!r} must be in [1, {MAX_BLOCKS}]")
     adapters = adapter_names(raw["adapters"])
     return ModelEntry(
         peer_id=raw["peer_id"],
         public_key=public_key,
         model=model,
-        revision=_short_str(raw, "revision", MAX_SHORT_STR, allow_empty=True),
+        revision=short_str(raw, "revision", MAX_SHORT_STR, allow_empty=True),
         family=family,
         total_blocks=total_blocks,
         adapters=adapters,
-        expiration=_non_negative_float(raw["expiration"], "expiration"),
+        expiration=non_negative_float(raw["expiration"], "expiration"),
     )
 
 

@@ -129,7 +129,7 @@ async def _store_blocks(
 ) -> dict[int, bool]:
     keys = [block_key(model, block) for block in blocks]
     store_ok = await node.store_many(keys, [value] * len(keys), expiration, subkeys=[peer_id] * len(keys))
-    return {block: bool(store_ok[key, peer_id]) for block, key in zip(blocks, keys)}
+    return {block: bool(store_ok[key, peer_id]) for block, key in zip(blocks, keys, strict=True)}
 
 
 async def _find_blocks(
@@ -138,7 +138,7 @@ async def _find_blocks(
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))  # = get(latest=True)
     now = get_dht_time()
     servers: dict[int, list[ServerRecord]] = {}
-    for block, key in zip(blocks, keys):
+    for block, key in zip(blocks, keys, strict=True):
         entries = found.get(key)
         records = []
         if entries is not None and isinstance(entries.value, dict):  # a plain value under a block key is junk

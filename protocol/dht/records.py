@@ -55,7 +55,7 @@ def validate_model_name(model: str) -> str:
 def block_key(model: str, block: int) -> str:
     """The DHT key under which servers of `block` of `model` announce themselves."""
     validate_model_name(model)
-    if not _is_int(block) or block < 0:
+    if not is_int(block) or block < 0:
         raise ValueError(f"block index must be a non-negative int, got {block!r}")
     return f"{model}.{block}"
 
@@ -193,15 +193,15 @@ def _check_fields(raw: dict) -> ServerRecord:
     start, end = raw["start"], raw["end"]
     check_span(start, end)
     total_blocks = raw["total_blocks"]
-    if not _is_int(total_blocks) or not 0 <= total_blocks <= MAX_BLOCKS or (total_blocks and end > total_blocks):
+    if not is_int(total_blocks) or not 0 <= total_blocks <= MAX_BLOCKS or (total_blocks and end > total_blocks):
         raise RecordError(f"total_blocks {total_blocks!r} must be 0 (unknown) or in [end={end}, {MAX_BLOCKS}]")
     if raw["state"] not in STATES:
         raise RecordError(f"state {raw['state']!r} is not one of {STATES}")
-    throughput = _non_negative_float(raw["throughput"], "throughput")
+    throughput = non_negative_float(raw["throughput"], "throughput")
     cache_bytes_free = raw["cache_bytes_free"]
-    if not _is_int(cache_bytes_free) or not 0 <= cache_bytes_free < 2**63:
+    if not is_int(cache_bytes_free) or not 0 <= cache_bytes_free < 2**63:
         raise RecordError("cache_bytes_free must be a non-negative int64")
-    expiration = _non_negative_float(raw["expiration"], "expiration")
+    expiration = non_negative_float(raw["expiration"], "expiration")
     maddrs = raw["dht_maddrs"]
     if not isinstance(maddrs, list) or len(maddrs) > MAX_DHT_MADDRS:
         raise RecordError(f"dht_maddrs must be a list of at most {MAX_DHT_MADDRS} multiaddrs")
@@ -213,13 +213,13 @@ def _check_fields(raw: dict) -> ServerRecord:
         public_key=public_key,
         address=address,
         model=model,
-        revision=_short_str(raw, "revision", MAX_SHORT_STR, allow_empty=True),
+        revision=short_str(raw, "revision", MAX_SHORT_STR, allow_empty=True),
         start=start,
         end=end,
         state=raw["state"],
         throughput=throughput,
         cache_bytes_free=cache_bytes_free,
-        version=_short_str(raw, "version", MAX_SHORT_STR),
+        version=short_str(raw, "version", MAX_SHORT_STR),
         expiration=expiration,
         dht_maddrs=tuple(maddrs),
         total_blocks=total_blocks,
@@ -240,7 +240,7 @@ def signer_key(raw: dict) -> bytes:
 
 def host_port(raw: dict, name: str) -> str:
     """Field `name` of a record, checked to be 'host:port'."""
-    address = _short_str(raw, name, MAX_ADDRESS_CHARS)
+    address = short_str(raw, name, MAX_ADDRESS_CHARS)
     host, colon, port = address.rpartition(":")
     if not host or not colon or not _BLOCK_INDEX.fullmatch(port) or not 0 < int(port) < 65536:
         raise RecordError(f"{name} {address!r} is not 'host:port'")
@@ -255,7 +255,7 @@ def record_model(raw: dict) -> str:
 
 
 def check_span(start: object, end: object) -> None:
-    if not _is_int(start) or not _is_int(end) or not 0 <= start < end <= MAX_BLOCKS:
+    if not is_int(start) or not is_int(end) or not 0 <= start < end <= MAX_BLOCKS:
         raise RecordError(f"span [{start!r}, {end!r}) must satisfy 0 <= start < end <= {MAX_BLOCKS}")
 
 
@@ -278,17 +278,17 @@ def _relay_peer_id(relay: object) -> str:
     return relay
 
 
-def _is_int(x: object) -> bool:
+def is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _non_negative_float(x: object, name: str) -> float:
-    if not (isinstance(x, float) or _is_int(x)) or not math.isfinite(x) or x < 0:
+def non_negative_float(x: object, name: str) -> float:
+    if not (isinstance(x, float) or is_int(x)) or not math.isfinite(x) or x < 0:
         raise RecordError(f"{name} must be a finite non-negative number, got {x!r}")
     return float(x)
 
 
-def _short_str(raw: dict, name: str, max_chars: int, allow_empty: bool = False) -> str:
+def short_str(raw: dict, name: str, max_chars: int, allow_empty: bool = False) -> str:
     s = raw[name]
     if not isinstance(s, str) or len(s) > max_chars or (not s and not allow_empty) or not _NO_SPACE.fullmatch(s):
         raise RecordError(f"{name} must be a string of at most {max_chars} chars without whitespace, got {s!r}")

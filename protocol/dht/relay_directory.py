@@ -18,11 +18,11 @@ from ..wire.identity import PUBLIC_KEY_BYTES, Identity, peer_id_of
 from .records import (
     MAX_ADDRESS_CHARS,
     RecordError,
-    _is_int,
-    _non_negative_float,
-    _short_str,
     decode_signed,
     encode_signed,
+    is_int,
+    non_negative_float,
+    short_str,
 )
 from .store import latest_signed, read_signed, store_signed
 
@@ -66,12 +66,12 @@ def check_relay_fields(raw: dict) -> RelayEntry:
         raise RecordError("public_key must be 32 raw bytes")
     if raw["peer_id"] != peer_id_of(public_key):
         raise RecordError("peer_id is not the hash of public_key")
-    address = _short_str(raw, "address", MAX_ADDRESS_CHARS)
+    address = short_str(raw, "address", MAX_ADDRESS_CHARS)
     host, colon, port = address.rpartition(":")
     if not host or not colon or not port.isdigit() or not 0 < int(port) < 65536:
         raise RecordError(f"address {address!r} is not 'host:port'")
     nodes, max_nodes = raw["nodes"], raw["max_nodes"]
-    if not _is_int(nodes) or not _is_int(max_nodes) or not 0 <= nodes <= max_nodes <= MAX_RELAY_NODES:
+    if not is_int(nodes) or not is_int(max_nodes) or not 0 <= nodes <= max_nodes <= MAX_RELAY_NODES:
         raise RecordError(f"nodes {nodes!r} / max_nodes {max_nodes!r} must satisfy 0 <= nodes <= max_nodes")
     return RelayEntry(
         peer_id=raw["peer_id"],
@@ -79,7 +79,7 @@ def check_relay_fields(raw: dict) -> RelayEntry:
         address=address,
         nodes=nodes,
         max_nodes=max_nodes,
-        expiration=_non_negative_float(raw["expiration"], "expiration"),
+        expiration=non_negative_float(raw["expiration"], "expiration"),
     )
 
 

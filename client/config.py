@@ -1,0 +1,156 @@
+"""The SDK's options as two objects, each default declared once: how the client reaches and trusts the swarm
+(`ClientConfig`), and what every generation uses unless a call names its own (`GenerationOptions`).
+
+The CLI's `generate`, `chat` and `api` read their flags' defaults and help from these fields
+(torchnode/cli_options.py), so a default changed here changes everywhere. Importing this module does not import
+torch: `torchnode --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long a session keeps recovering one failed hop (routes tried, seconds, backoff with jitter)."""
+
+    max_attempts: int = 6  # routes tried for one failed hop
+    max_seconds: float = 60.0  # time spent recovering one failed hop
+    backoff_initial: float = 0.1
+    backoff_max: float = 5.0
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Connection and trust: what the client sends, how long it waits, what it checks, where its head runs."""
+
+    wire_dtype: torch.dtype | str = field(
+        default="float32",
+        metadata={"help": "dtype of hidden states on the wire (float32: lossless; bfloat16: half the bytes)"},
+    )
+    step_timeout: float = field(default=30.0, metadata={"help": "seconds a node may take per step before failover"})
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    verify: bool = field(
+        default=False,
+        metadata={
+            "help": "recompute every node's outputs elsewhere (another node, or this client's weights)"
+            " before using them"
+        },
+    )
+    verify_window: int = field(
+        default=32,
+        metadata={
+            "help": "tokens per check: each hop's window is re-run as one prefill; tokens are released once checked"
+        },
+    )
+    verify_local: bool = True  # with verify: the client may recompute blocks from its own checkpoint (third opinion)
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "where to compute: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps for the head"
+            " (embeddings, LM head)"
+        },
+    )
+    push: bool = field(
+        default=True,
+        metadata={
+            "help": "node-to-node push: each node sends its output straight to the next (hops + 1 one-way legs per"
+            " token instead of 2 x hops); --no-push: the client drives every hop"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        """A dtype given by name becomes the torch dtype once; bad values fail here, naming the option."""
+        if isinstance(self.wire_dtype, str):
+            if self.wire_dtype not in WIRE_DTYPES:
+                raise ValueError(f"wire_dtype must be one of {', '.join(WIRE_DTYPES)}, got {self.wire_dtype!r}")
+            import torch
+
+            object.__setattr__(self, "wire_dtype", getattr(torch, self.wire_dtype))
+        if self.verify_window < 1:
+            raise ValueError(f"verify_window must be >= 1 token, got {self.verify_window}")
+        if self.step_timeout <= 0:
+            raise ValueError(f"step_timeout must be > 0 seconds, got {self.step_timeout}")
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What a generation uses: speculative decoding, prefill chunks, and the LoRA adapter.
+
+    The model keeps one as every call's defaults; a call that names its own draft, draft_tokens or adapter gets
+    `defaults.override(...)`, and that one object travels whole to the session and the decoding loop.
+    """
+
+    draft: str | None = field(
+        default=None,
+        metadata={
+            "help": "speculative decoding: 'ngram' (prompt lookup) or a small draft model with the same tokenizer"
+            " [default: off]"
+        },
+    )
+    draft_tokens: int = field(
+        default=8, metadata={"help": "most tokens drafted per pass; fewer when drafts are rejected"}
+    )
+    prefill_chunk: int = 128  # tokens per chunk of a pipelined prefill of a longer input; 0 = one step
+    adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "a LoRA adapter the nodes serve (join --adapters), by name: a directory's base name or a hub id"
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be >= 0 (0 = no speculation), got {self.draft_tokens}")
+        if self.prefill_chunk < 0:
+            raise ValueError("prefill_chunk must be >= 0 (0 = the whole prompt in one step)")
+
+    def override(
+        self, draft: str | None = None, draft_tokens: int | None = None, adapter: str | None = None
+    ) -> GenerationOptions:
+        """One call's options: what it names (None: these defaults); the adapter by `chosen_adapter`'s rule."""
+        return dataclasses.replace(
+            self,
+            draft=self.draft if draft is None else draft,
+            draft_tokens=self.draft_tokens if draft_tokens is None else draft_tokens,
+            adapter=chosen_adapter(adapter, self.adapter),
+        )
+
+
+def chosen_adapter(asked: str | None, default: str | None) -> str:
+    """The adapter rule, the one place it lives: None asks for the default (itself None or "": the base model);
+    "" asks for the base model; anything else names the adapter (a served name, a PEFT folder or a hub id)."""
+    return (default or "") if asked is None else asked
+
+
+# defaults other modules name (each is its field's default above, not a second copy)
+DEFAULT_STEP_TIMEOUT: float = ClientConfig.step_timeout
+DEFAULT_PUSH: bool = ClientConfig.push
+DEFAULT_WINDOW: int = ClientConfig.verify_window
+DEFAULT_DRAFT_TOKENS: int = GenerationOptions.draft_tokens
+DEFAULT_PREFILL_CHUNK: int = GenerationOptions.prefill_chunk
+DEFAULT_RETRY = RetryPolicy()  # frozen: one shared default
+
+
+def split_options(
+    options: Mapping[str, Any], config: ClientConfig | None = None, generation: GenerationOptions | None = None
+) -> tuple[ClientConfig, GenerationOptions]:
+    """The SDK's keywords (wire_dtype=..., draft=..., as users have always passed them) laid onto the two objects;
+    a keyword neither has is a TypeError naming it, as for any function."""
+    config, generation = config or ClientConfig(), generation or GenerationOptions()
+    own = {f.name for f in dataclasses.fields(ClientConfig)}, {f.name for f in dataclasses.fields(GenerationOptions)}
+    unknown = set(options) - own[0] - own[1]
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    config = dataclasses.replace(config, **{k: v for k, v in options.items() if k in own[0]})
+    generation = dataclasses.replace(generation, **{k: v for k, v in options.items() if k in own[1]})
+    return config, generation
