@@ -111,8 +111,9 @@ def event_stream(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
 
 def _openapi_describes_server(app: FastAPI, server: OpenAIServer) -> None:
     """The schema says what this server does: bad requests are 400 with an OpenAI body, never 422; `model`
-    is the model served or one of its adapters (as of the latest listing: the schema is built without probing); token ids are below the vocabulary size and max_tokens within the context
-    (so clients and fuzzers generated from the schema send requests it can serve)."""
+    is the model served or one of its adapters (as of the latest listing: the schema is built without probing);
+    token ids are below the vocabulary size and max_tokens within the context (so clients and fuzzers generated
+    from the schema send requests it can serve)."""
     build = app.openapi
 
     def openapi() -> dict:

@@ -69,7 +69,7 @@ class PeerSource:
                 ),
                 node,
             )
-            for node, p in zip(nodes, probes)
+            for node, p in zip(nodes, probes, strict=True)
             if p.info is not None
             and p.info.revision == revision
             and p.info.model == model

@@ -136,7 +136,7 @@ class SpanCalls:
                 )
             grads: dict[str, torch.Tensor] = {}
             g = grad
-            for hop, x in zip(reversed(hops), reversed(inputs)):
+            for hop, x in zip(reversed(hops), reversed(inputs), strict=True):
                 g, more = await hop.node.backward(
                     x, g, hop.start, hop.end, _detached(lora, hop), lora.scale, self.timeout
                 )

@@ -141,7 +141,7 @@ class HeadBatcher:
                     continue
                 hiddens = [r.hidden for r in batch]
                 results = await asyncio.to_thread(self._compute, hiddens) if self.off_loop else self._compute(hiddens)
-                for request, result in zip(batch, results):
+                for request, result in zip(batch, results, strict=True):
                     if request.done.done():
                         continue
                     if isinstance(result, BaseException):
@@ -165,7 +165,9 @@ class HeadBatcher:
             rows = [h.reshape(-1, h.shape[-1]) for h in hiddens]  # (B_i * T_i, H) each
             logits = self.head.logits(torch.cat(rows))  # (sum B_i * T_i, V): the matrix read once
             sizes = [r.shape[0] for r in rows]
-            return [part.view(*h.shape[:-1], -1) for part, h in zip(logits.split(sizes), hiddens)]  # (B_i, T_i, V)
+            return [
+                part.view(*h.shape[:-1], -1) for part, h in zip(logits.split(sizes), hiddens, strict=True)
+            ]  # (B_i, T_i, V)
         except Exception:
             self.passes += len(hiddens) - 1
             return [self._alone(h) for h in hiddens]

@@ -107,7 +107,7 @@ class Attention(nn.Module):
         sizes = [s.size for s in segments]
         ys = [
             self.attend(s, cache, *parts)
-            for s, cache, *parts in zip(segments, caches, q.split(sizes), k.split(sizes), v.split(sizes))
+            for s, cache, *parts in zip(segments, caches, q.split(sizes), k.split(sizes), v.split(sizes), strict=True)
         ]  # (B_i * T_i, H * D) each
         return self.o_proj((ys[0] if len(ys) == 1 else torch.cat(ys))[None])  # (1, N, C)
 
@@ -204,7 +204,7 @@ class Span(nn.Module):
         first token sits at positions[i], with caches[i] (one per block, or None). Each output is what
         `forward` gives that sequence alone (the linear layers see more rows; attention is per sequence)."""
         dtype = next(self.parameters()).dtype
-        segments = [Segment(x.shape[0], x.shape[1], p) for x, p in zip(xs, positions)]
+        segments = [Segment(x.shape[0], x.shape[1], p) for x, p in zip(xs, positions, strict=True)]
         flat = [x.reshape(-1, x.shape[-1]).to(dtype) for x in xs]  # (B_i * T_i, hidden) each
         h = (flat[0] if len(flat) == 1 else torch.cat(flat))[None]  # (1, N, hidden)
         token_positions = torch.cat(
@@ -218,7 +218,7 @@ class Span(nn.Module):
             layer_caches = [c[offset] if c is not None else None for c in caches]
             h = self.layers[str(i)](h, cos, sin, segments, layer_caches)  # (1, N, hidden)
         outs = h[0].split([s.size for s in segments])  # (B_i * T_i, hidden) each
-        return [out.view(x.shape).to(x.dtype) for out, x in zip(outs, xs)]
+        return [out.view(x.shape).to(x.dtype) for out, x in zip(outs, xs, strict=True)]
 
 
 class Head(nn.Module):

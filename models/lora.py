@@ -209,7 +209,8 @@ def _apply(path: str, module: nn.Module, args: tuple, output: torch.Tensor) -> t
         return output + _term(x, weights[0])
     parts = x.split(list(plan.sizes), dim=-2)  # (..., n_i, in) each
     terms = [
-        _term(p, w) if w is not None else p.new_zeros(*p.shape[:-1], output.shape[-1]) for p, w in zip(parts, weights)
+        _term(p, w) if w is not None else p.new_zeros(*p.shape[:-1], output.shape[-1])
+        for p, w in zip(parts, weights, strict=True)
     ]
     return output + torch.cat(terms, dim=-2)  # (..., N, out)
 

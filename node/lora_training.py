@@ -107,7 +107,7 @@ async def backward(
             params = [t for w in trainable.values() for t in (w.a, w.b)]
             grads = torch.autograd.grad(out, [leaf, *params], grad_output.to(out.dtype), allow_unused=True)
         named = {}
-        for (path, w), ga, gb in zip(trainable.items(), grads[1::2], grads[2::2]):
+        for (path, w), ga, gb in zip(trainable.items(), grads[1::2], grads[2::2], strict=True):
             named[f"{path}.lora_A"] = ga if ga is not None else torch.zeros_like(w.a)
             named[f"{path}.lora_B"] = gb if gb is not None else torch.zeros_like(w.b)
         return grads[0], named

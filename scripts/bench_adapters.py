@@ -73,8 +73,8 @@ def main() -> None:
             stop_all(nodes)
     base, tuned = statistics.median(times["base"]), statistics.median(times["adapter"])
     print(f"decode through 2 nodes, {args.tokens} tokens, LoRA r={args.r} on q/k/v/o/gate/up/down:")
-    print(f"  base    {base:.1f} tokens/s   {['%.1f' % t for t in times['base']]}")
-    print(f"  adapter {tuned:.1f} tokens/s   {['%.1f' % t for t in times['adapter']]}")
+    print(f"  base    {base:.1f} tokens/s   {[f'{t:.1f}' for t in times['base']]}")
+    print(f"  adapter {tuned:.1f} tokens/s   {[f'{t:.1f}' for t in times['adapter']]}")
     print(f"  adapter is {100 * (1 - tuned / base):.1f} % slower (goal: at most 15 %)")
 
 

@@ -100,7 +100,9 @@ async def lockstep(core, texts: list[str], tokens: int) -> None:
     ids = [core.encode(t) for t in texts]
     sessions = [await core.open_session(i.shape[1] + tokens) for i in ids]
     try:
-        outs = await asyncio.gather(*(s.step(core.head.embed(i)) for s, i in zip(sessions, ids)))  # prefills
+        outs = await asyncio.gather(
+            *(s.step(core.head.embed(i)) for s, i in zip(sessions, ids, strict=True))
+        )  # prefills
         last = torch.cat([o[:, -1:] for o in outs])  # (N, 1, hidden)
         for step in range(tokens):
             new = core.head.logits(last)[:, -1].argmax(-1)  # (N,): one LM-head pass for every session
@@ -184,10 +186,12 @@ def main() -> None:
 
     base = {"sdk": rows[0][1], "lockstep": rows[0][2]} if rows and rows[0][0] == 1 else None
     print(
-        f"\n{len(SPANS)} nodes {', '.join(SPANS)}, {args.tokens} greedy tokens per session, node flags: {' '.join(node_flags)}"
+        f"\n{len(SPANS)} nodes {', '.join(SPANS)}, {args.tokens} greedy tokens per session, "
+        f"node flags: {' '.join(node_flags)}"
     )
     print(
-        "|  N | sdk tokens/s | x N=1 | lockstep tokens/s | x N=1 | transformers batched | sdk / tf | lockstep / tf | node batch sdk / lockstep |"
+        "|  N | sdk tokens/s | x N=1 | lockstep tokens/s | x N=1 | transformers batched | sdk / tf | lockstep / tf "
+        "| node batch sdk / lockstep |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, sdk, stepped, reference, (batch_sdk, batch_lockstep) in rows:

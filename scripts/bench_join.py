@@ -59,7 +59,8 @@ def main() -> None:
         stop_all(nodes)
         coordinator.stop()
     print(
-        f"join -> online in the DHT: median {statistics.median(joins):.2f}s (each: {', '.join(f'{j:.2f}' for j in joins)})"
+        f"join -> online in the DHT: median {statistics.median(joins):.2f}s "
+        f"(each: {', '.join(f'{j:.2f}' for j in joins)})"
     )
     print(f"client start (DHT bootstrap + head + tokenizer): {ready:.2f}s")
     print(f"full route (DHT lookup + Info probes + Dijkstra): median {statistics.median(routes) * 1000:.1f} ms")

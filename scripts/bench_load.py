@@ -142,7 +142,8 @@ def main() -> None:
     budget = parse_bytes(args.cache_memory)
     print(
         f"{args.clients} streaming chat clients for {args.duration:.0f} s (ran {elapsed:.0f} s), max_tokens "
-        f"{args.max_tokens}, 2 nodes {', '.join(SPANS)} (--threads {args.node_threads}, --cache-memory {args.cache_memory})"
+        f"{args.max_tokens}, 2 nodes {', '.join(SPANS)} "
+        f"(--threads {args.node_threads}, --cache-memory {args.cache_memory})"
     )
     print(f"requests completed: {stats.requests}, errors: {len(stats.errors)}")
     for line in stats.errors[:10]:
@@ -153,7 +154,7 @@ def main() -> None:
     print(
         f"between streamed pieces: p50 {percentile(gaps, 50) * 1000:.0f} ms, p99 {percentile(gaps, 99) * 1000:.0f} ms"
     )
-    for span, before, peak in zip(SPANS, baseline, rss.peak):
+    for span, before, peak in zip(SPANS, baseline, rss.peak, strict=True):
         print(
             f"node {span}: RSS {before / 2**20:.0f} MiB idle, peak {peak / 2**20:.0f} MiB "
             f"(+{(peak - before) / 2**20:.0f} MiB) for a {budget / 2**20:.0f} MiB --cache-memory"

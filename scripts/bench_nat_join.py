@@ -92,7 +92,9 @@ def timed_line(node: NodeProcess, pattern: str, timeout: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", help="tiny (tests/helpers/tiny_models.py's llama), default, or a path")
+    parser.add_argument(
+        "--model", default="tiny", help="tiny (tests/helpers/tiny_models.py's llama), default, or a path"
+    )
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     if reason := unavailable():
@@ -188,7 +190,8 @@ def main() -> None:
                     rows.append(row)
                     print(
                         f"rep {rep + 1}: NAT found {row['verdict']:.2f} s, relayed {row['relayed']:.2f} s, "
-                        f"ready {row['ready']:.2f} s, route {row['route']:.2f} s, first token {row['token']:.2f} s (client polls {result['tries']}, "
+                        f"ready {row['ready']:.2f} s, route {row['route']:.2f} s, first token {row['token']:.2f} s "
+                        f"(client polls {result['tries']}, "
                         f"route {result['via']}; errors while waiting: {', '.join(result['errors']) or 'none'})",
                         flush=True,
                     )

@@ -97,12 +97,14 @@ def report(links: str, swarm: list, local: list) -> None:
     med = statistics.median
     s_first, s_rate = med([r[0] for r in swarm]), med([r[1] for r in swarm])
     l_first, l_rate = med([r[0] for r in local]), med([r[1] for r in local])
-    ratios = sorted(s[1] / l[1] for s, l in zip(swarm, local))  # paired runs: drift hits both alike
-    per_hop = sorted((1 / s[1] - 1 / l[1]) / HOPS * 1000 for s, l in zip(swarm, local))
+    pairs = list(zip(swarm, local, strict=True))  # paired runs: drift hits both alike
+    ratios = sorted(s[1] / here[1] for s, here in pairs)
+    per_hop = sorted((1 / s[1] - 1 / here[1]) / HOPS * 1000 for s, here in pairs)
     print(f"[{links}] local transformers : {l_rate:6.2f} tokens/s, first token {l_first * 1000:6.1f} ms")
     print(f"[{links}] swarm ({HOPS} nodes)    : {s_rate:6.2f} tokens/s, first token {s_first * 1000:6.1f} ms")
     print(
-        f"[{links}] ratio swarm/local  : {med(ratios):.3f} (median of paired runs; range {ratios[0]:.3f}-{ratios[-1]:.3f})"
+        f"[{links}] ratio swarm/local  : {med(ratios):.3f} "
+        f"(median of paired runs; range {ratios[0]:.3f}-{ratios[-1]:.3f})"
     )
     print(f"[{links}] overhead per hop   : {med(per_hop):.2f} ms per token (range {per_hop[0]:.2f}-{per_hop[-1]:.2f})")
 
@@ -142,7 +144,8 @@ def main() -> None:
     modes = ["tls", "insecure"] if args.links == "both" else [args.links]
     results = {links: measure(links, ids, hf, args) for links in modes}
     print(
-        f"prompt {ids.shape[1]} tokens, {args.tokens} greedy tokens, median of {args.runs} runs, wire {args.wire_dtype}, "
+        f"prompt {ids.shape[1]} tokens, {args.tokens} greedy tokens, median of {args.runs} runs, "
+        f"wire {args.wire_dtype}, "
         f"node threads {args.node_threads or 'default'}"
     )
     for links, (swarm, local) in results.items():
@@ -152,7 +155,8 @@ def main() -> None:
         plain_rate = statistics.median(r[1] for r in results["insecure"][0])
         extra = (1 / tls_rate - 1 / plain_rate) / HOPS * 1000
         print(
-            f"[tls vs insecure] swarm tokens/s ratio {tls_rate / plain_rate:.3f}; TLS adds {extra:+.2f} ms per hop per token"
+            f"[tls vs insecure] swarm tokens/s ratio {tls_rate / plain_rate:.3f}; "
+            f"TLS adds {extra:+.2f} ms per hop per token"
         )
 
 

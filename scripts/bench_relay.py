@@ -122,7 +122,8 @@ def main() -> None:
         )
         if delay:
             print(
-                f"expected from the links alone: +{2 * args.delay_ms:g} ms per token (relayed: 4 one-way legs, direct: 2)"
+                f"expected from the links alone: +{2 * args.delay_ms:g} ms per token "
+                "(relayed: 4 one-way legs, direct: 2)"
             )
         print(f"relay CPU: {relay_cpu * 1000 / relayed_tokens:.2f} ms per relayed token (one stream; warm-up included)")
         print(

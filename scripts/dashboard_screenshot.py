@@ -2,7 +2,8 @@
 lets the monitor collect `--history` seconds of samples, takes screenshots of the three pages with
 headless Chromium (every model, one model with its charts, one node), and stops everything.
 
-    .venv/bin/python scripts/dashboard_screenshot.py [--out docs/dashboard.png] [--history 60] [--chromium /usr/bin/chromium]
+    .venv/bin/python scripts/dashboard_screenshot.py [--out docs/dashboard.png] [--history 60] \
+        [--chromium /usr/bin/chromium]
 
 Writes `--out` (every model), and next to it `-model.png` and `-node.png`.
 

@@ -133,8 +133,8 @@ def serve_check(args, ckpt, spans: list[str]) -> None:
                 input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False
             )
         print(
-            f"served adapter {name!r}: swarm greedy output {'equals' if swarm == expected[0].tolist() else 'DIFFERS FROM'} "
-            "the local tuned model's"
+            f"served adapter {name!r}: swarm greedy output "
+            f"{'equals' if swarm == expected[0].tolist() else 'DIFFERS FROM'} the local tuned model's"
         )
     finally:
         stop_all(nodes)

@@ -113,7 +113,7 @@ def test_mixed_adapters_in_one_packed_pass_equal_each_alone(tiny_llama, adapters
     loras = [bank.get("tone-a"), None, bank.get("tone-b")]
     with lora_pass([x.shape[0] * x.shape[1] for x in xs], loras):
         together = span.forward_batch(xs, [0, 0, 0], 0, 4, [None, None, None])
-    for x, lora, out in zip(xs, loras, together):
+    for x, lora, out in zip(xs, loras, together, strict=True):
         with lora_pass([x.numel() // 64], [lora]):
             alone = span(x, 0, 0, 4)
         # fp32 matmuls over a different number of rows round differently (as for the base model's batches)
@@ -303,7 +303,7 @@ def test_swarm_sessions_with_different_adapters_at_once(tiny_llama, adapter_node
             )
 
         outs = model.run(together())
-        for name, out in zip(("tone-a", "tone-b", None), outs):
+        for name, out in zip(("tone-a", "tone-b", None), outs, strict=True):
             assert out[0].tolist() == local_greedy(references[name], PROMPT, 16), name
         with model.session(max_length=64, adapter="tone-a") as chat:  # sessions keep their adapter across turns
             first = chat.generate(PROMPT, max_new_tokens=6)

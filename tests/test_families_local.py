@@ -62,7 +62,7 @@ class Chain:
         return [span.new_caches(span.start, span.end, batch, max_length) for span in self.spans]
 
     def __call__(self, x: torch.Tensor, position: int, caches: list[list]) -> torch.Tensor:
-        for span, span_caches in zip(self.spans, caches):
+        for span, span_caches in zip(self.spans, caches, strict=True):
             x = span(x, position, span.start, span.end, span_caches)  # (B, T, hidden)
         return x
 

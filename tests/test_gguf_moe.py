@@ -152,7 +152,7 @@ def test_qwen3_moe_gguf_spans_equal_transformers_gguf_loader(qtype, original, tm
 
     def forward(x: torch.Tensor, position: int) -> torch.Tensor:
         x = head.embed(x)
-        for span, span_caches in zip(spans, caches):
+        for span, span_caches in zip(spans, caches, strict=True):
             x = span(x, position, span.start, span.end, span_caches)  # (1, T, hidden)
         return head.logits(x)  # (1, T, V)
 

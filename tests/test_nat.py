@@ -33,8 +33,7 @@ RELAY_READY = r"relay ready at \S+ as peer (\w+)"
 PROMPT = [[1, 5, 9, 14, 3, 27]]
 
 # The client runs inside the public namespace: first tokens, a pause (the test may kill a relay), the rest.
-CLIENT = (
-    """
+CLIENT = """
 import json, sys, torch
 from torchnode import DistributedModel
 from torchnode.client.session import RetryPolicy
@@ -43,14 +42,12 @@ model_path, maddrs, first_n, rest_n = sys.argv[1], sys.argv[2].split(","), int(s
 patient = RetryPolicy(max_attempts=12, max_seconds=90)  # the moved node's new record may take a while to be seen
 with DistributedModel.from_pretrained(model_path, initial_peers=maddrs, retry=patient) as model:
     with model.session(max_length=64) as s:
-        first = s.generate(torch.tensor(%s), max_new_tokens=first_n)
+        first = s.generate(torch.tensor(PROMPT_IDS), max_new_tokens=first_n)
         print("PAUSED", flush=True)
         sys.stdin.readline()
         out = s.generate(first, max_new_tokens=rest_n)
 print("IDS", json.dumps(out.tolist()), flush=True)
-"""
-    % PROMPT
-)
+""".replace("PROMPT_IDS", repr(PROMPT))
 
 
 def in_ns(lab, ns: str, *args: str, port: int = 0) -> NodeProcess:

@@ -255,7 +255,7 @@ def test_sixteen_concurrent_chats_each_equal_their_answer_alone(api, client):
 
 def test_a_client_leaving_mid_stream_disturbs_nothing(client):
     stream = greedy(client, "Once", 200, stream=True, extra_body={"ignore_eos": True})
-    for _, _ in zip(range(3), stream):
+    for _, _ in zip(range(3), stream, strict=False):  # the first 3 chunks, then leave
         pass
     stream.close()
     assert greedy(client, "Once", 4, extra_body={"ignore_eos": True}).usage.completion_tokens == 4

@@ -48,7 +48,7 @@ async def test_push_equals_transformers_and_nodes_push(ckpt, expected):
     assert tokens == expected
     assert nodes[0].pushed == nodes[1].pushed == NEW  # one step per token after the prompt's
     assert session.node_pushes == 2 * NEW
-    assert [h for h in session.hops[1].history] and len(session.hops[1].history) == NEW  # the client kept copies
+    assert list(session.hops[1].history) and len(session.hops[1].history) == NEW  # the client kept copies
 
 
 async def test_without_push_the_client_drives_every_hop(ckpt, expected):

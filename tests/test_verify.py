@@ -4,6 +4,7 @@ exactly the all-honest one; without a way to decide, the client refuses instead 
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
@@ -122,10 +123,7 @@ async def test_tokens_are_released_only_after_their_window_is_checked(ckpt, node
     assert await generate(model_over(ckpt, nodes), on_token) == expected
     assert all(position < verified for position, verified in released_at)
     windows = [
-        s.positions
-        for n in nodes
-        for s in n.sessions
-        if WINDOW in {b - a for a, b in zip(s.positions, s.positions[1:])}
+        s.positions for n in nodes for s in n.sessions if WINDOW in {b - a for a, b in itertools.pairwise(s.positions)}
     ]
     assert windows, "each check is an ordinary session on another node, stepping a window at a time"
 

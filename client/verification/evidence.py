@@ -196,7 +196,8 @@ def _session_adapter(record: dict, named: str, given: str | None) -> AdapterSour
         return None
     if not given:
         raise EvidenceError(
-            f"the evidence is about a session with adapter {named!r}: give its files with --adapter (its directory or hub id)"
+            f"the evidence is about a session with adapter {named!r}: give its files with --adapter"
+            " (its directory or hub id)"
         )
     source = find_adapter(given)
     if source.name != named:

@@ -75,7 +75,7 @@ class LatentAttention(nn.Module):
         sizes = [s.size for s in segments]
         ys = [
             self.attend(s, cache, *parts)
-            for s, cache, *parts in zip(segments, caches, q.split(sizes), packed.split(sizes))
+            for s, cache, *parts in zip(segments, caches, q.split(sizes), packed.split(sizes), strict=True)
         ]
         return self.o_proj((ys[0] if len(ys) == 1 else torch.cat(ys))[None])  # (1, N, C)
 

@@ -14,7 +14,8 @@ Wire format of the relay's control port: one JSON object per line.
     relay -> node:    {"op": "connect", "token": hex}                       (a client dialled the node's port)
     node  -> relay:   {"op": "ping"}  ->  {"op": "pong"}                    (heartbeat)
     node  -> relay:   on a new connection {"op": "accept", "token": hex}, then raw bytes both ways
-    any   -> relay:   {"op": "dialback", "host": h, "port": p, "public_key": hex | ""} -> {"reachable": bool, "reason": str}
+    any   -> relay:   {"op": "dialback", "host": h, "port": p, "public_key": hex | ""}
+                      -> {"reachable": bool, "reason": str}
 
 `RelayLink` is the node's end: pick a relay from the DHT's relay directory, register, bridge every
 stream to the local gRPC server, and when the relay dies pick another and re-announce.

@@ -7,7 +7,8 @@ by one of three policies:
              generation (one prefill, then single tokens), after a few honest steps; any session with a
              multi-token step after its first (what a verifier's prefill would look like) gets the truth
 
-All of them claim to be 100x faster than they are, to attract clients. In-process: `dishonest_memory_node(ckpt, start, end, address, mode)` (tests/helpers/memory_node.py's node).
+All of them claim to be 100x faster than they are, to attract clients. In-process:
+`dishonest_memory_node(ckpt, start, end, address, mode)` (tests/helpers/memory_node.py's node).
 As a process: `python tests/helpers/dishonest_node.py MODE join MODEL --blocks ... ` runs the real `torchnode join`
 with this backend in place of the honest one.
 """
@@ -78,7 +79,8 @@ class DishonestBackend(SpanBackend):
 
 
 def dishonest_memory_node(ckpt, start: int, end: int, address: str, mode: str, seed: int = 1, adapters=()):
-    """tests/helpers/memory_node.py's in-memory node, lying with `mode` (also on sessions with one of its `adapters`)."""
+    """tests/helpers/memory_node.py's in-memory node, lying with `mode` (also on sessions with one of its
+    `adapters`)."""
     from memory_node import MemoryNode
 
     node = MemoryNode(ckpt, start, end, address, adapters=adapters)
