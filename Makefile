@@ -21,13 +21,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-# two workers, each test module on one of them (process tests mostly wait on start-up; 2 cores suffice)
+# two workers, each test module on one of them (process tests mostly wait on start-up; 2 cores suffice);
+# -rs prints every skip's reason (under TORCHNODE_CI=1, set by .ci/run, a skip other than a GPU one fails)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -rs -n 2 --dist loadfile
 
 # the unit tier: no node processes, no DHT; under a minute
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not swarm"
+	$(BIN)/python -m pytest -q -rs -m "not swarm"
 
 protos: $(STAMP)
 	PATH=$(BIN):$$PATH bash scripts/gen_protos.sh

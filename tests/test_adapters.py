@@ -12,8 +12,11 @@ import json
 import shutil
 from pathlib import Path
 
+import peft
 import pytest
 import torch
+from greedy import local_greedy
+from lora_models import peft_model
 from memory_node import MemoryNode, MemoryPeers
 from swarm import run_cli, start_nodes, stop_all
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -28,47 +31,7 @@ from torchnode.protocol.wire.node_client import NodeError
 
 pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
 
-peft = pytest.importorskip("peft")
-
 PROMPT = torch.tensor([[5, 80, 17, 300, 42, 9, 121]])
-
-
-def make_lora(base: Path, directory: Path, seed: int, r: int = 4, alpha: int = 8) -> Path:
-    """A PEFT LoRA on q/k/v/o and gate/up/down with random A and B (init_lora_weights=False), saved."""
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(TARGETS), init_lora_weights=False)
-    lora = peft.get_peft_model(model, config)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.mul_(0.2)  # big enough to change the greedy tokens, small enough to stay a plausible tune
-    lora.save_pretrained(directory)
-    return directory
-
-
-def peft_model(base: Path, adapter: Path | None):
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    return model if adapter is None else peft.PeftModel.from_pretrained(model, adapter).eval()
-
-
-def local_greedy(model, ids: torch.Tensor, n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
-    return out[0].tolist()
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_llama, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adapters")
-    return {name: make_lora(tiny_llama, root / name, seed) for name, seed in (("tone-a", 1), ("tone-b", 2))}
-
-
-@pytest.fixture(scope="module")
-def references(tiny_llama, adapters) -> dict[str | None, object]:
-    return {None: peft_model(tiny_llama, None)} | {
-        name: peft_model(tiny_llama, path) for name, path in adapters.items()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +47,7 @@ def memory_nodes(tiny_llama, adapters):
 # ---- unit tier
 
 
-def test_logits_and_greedy_equal_local_peft(memory_nodes, references):
+def test_logits_and_greedy_equal_local_peft(memory_nodes, peft_references):
     ckpt, nodes = memory_nodes
     model = AsyncDistributedModel(ckpt, MemoryPeers(nodes))
 
@@ -92,14 +55,14 @@ def test_logits_and_greedy_equal_local_peft(memory_nodes, references):
         for name in ("tone-a", "tone-b", None):
             logits = await model.logits(PROMPT, adapter=name)
             with torch.no_grad():
-                expected = references[name](input_ids=PROMPT).logits
+                expected = peft_references[name](input_ids=PROMPT).logits
             torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)
             out = await model.generate(PROMPT, adapter=name, max_new_tokens=12)
-            assert out[0].tolist() == local_greedy(references[name], PROMPT, 12), name
+            assert out[0].tolist() == local_greedy(peft_references[name], PROMPT, 12), name
 
     asyncio.run(run())
     # the adapters matter: each changes the greedy continuation, so the checks above can fail
-    greedy = {k: local_greedy(m, PROMPT, 12) for k, m in references.items()}
+    greedy = {k: local_greedy(m, PROMPT, 12) for k, m in peft_references.items()}
     assert len({tuple(v) for v in greedy.values()}) == 3
 
 
@@ -289,7 +252,7 @@ def adapter_nodes(tiny_llama, adapters, tuned_adapter):
     stop_all(nodes)
 
 
-def test_swarm_sessions_with_different_adapters_at_once(tiny_llama, adapter_nodes, references):
+def test_swarm_sessions_with_different_adapters_at_once(tiny_llama, adapter_nodes, peft_references):
     with DistributedModel.from_pretrained(str(tiny_llama), peers=[n.address for n in adapter_nodes]) as model:
         hops = model.run(model.async_model.route(adapter="tone-b"))
         assert len(hops) == 2
@@ -304,13 +267,13 @@ def test_swarm_sessions_with_different_adapters_at_once(tiny_llama, adapter_node
 
         outs = model.run(together())
         for name, out in zip(("tone-a", "tone-b", None), outs, strict=True):
-            assert out[0].tolist() == local_greedy(references[name], PROMPT, 16), name
+            assert out[0].tolist() == local_greedy(peft_references[name], PROMPT, 16), name
         with model.session(max_length=64, adapter="tone-a") as chat:  # sessions keep their adapter across turns
             first = chat.generate(PROMPT, max_new_tokens=6)
-            assert first[0].tolist() == local_greedy(references["tone-a"], PROMPT, 6)
+            assert first[0].tolist() == local_greedy(peft_references["tone-a"], PROMPT, 6)
 
 
-def test_cli_generate_with_adapter_and_bad_adapter(tiny_llama, adapter_nodes, references):
+def test_cli_generate_with_adapter_and_bad_adapter(tiny_llama, adapter_nodes, peft_references):
     peers = ",".join(n.address for n in adapter_nodes)
     good = run_cli(
         "generate", str(tiny_llama), "Hello", "--peers", peers, "--adapter", "tone-a", "--max-new-tokens", "8"
@@ -318,8 +281,10 @@ def test_cli_generate_with_adapter_and_bad_adapter(tiny_llama, adapter_nodes, re
     assert good.returncode == 0, good.stderr
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     ids = tokenizer("Hello", return_tensors="pt").input_ids
-    expected = tokenizer.decode(local_greedy(references["tone-a"], ids, 8)[ids.shape[1] :], skip_special_tokens=True)
-    base = tokenizer.decode(local_greedy(references[None], ids, 8)[ids.shape[1] :], skip_special_tokens=True)
+    expected = tokenizer.decode(
+        local_greedy(peft_references["tone-a"], ids, 8)[ids.shape[1] :], skip_special_tokens=True
+    )
+    base = tokenizer.decode(local_greedy(peft_references[None], ids, 8)[ids.shape[1] :], skip_special_tokens=True)
     assert good.stdout == expected + "\n" and expected != base
     bad = run_cli("generate", str(tiny_llama), "Hello", "--peers", peers, "--adapter", "nope", "--max-new-tokens", "4")
     assert bad.returncode == 1 and "nope" in bad.stderr

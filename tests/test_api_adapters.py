@@ -9,9 +9,9 @@ import httpx
 import openai
 import pytest
 import torch
+from greedy import local_greedy
+from openai_server import NAME
 from swarm import start_nodes, stop_all
-from test_adapters import adapters, local_greedy, references  # noqa: F401 (fixtures: PEFT LoRAs and local models)
-from test_openai_api import NAME, Api, api, client  # noqa: F401 (fixtures: the API server over this module's nodes, its client)
 from transformers import AutoTokenizer
 
 pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
@@ -20,7 +20,7 @@ MESSAGES = [{"role": "user", "content": "Write one line about the sea."}]
 
 
 @pytest.fixture(scope="module")
-def nodes(tiny_llama, adapters):  # noqa: F811
+def nodes(tiny_llama, adapters):
     nodes = start_nodes(str(tiny_llama), ["0:2", "2:4"], "--adapters", ",".join(str(p) for p in adapters.values()))
     yield nodes
     stop_all(nodes)
@@ -48,10 +48,10 @@ def test_models_lists_base_then_each_adapter(client, api):
     assert schema["ChatCompletionRequest"]["properties"]["model"]["enum"] == ids
 
 
-def test_chat_with_adapter_equals_local_peft_and_base_equals_base(client, tokenizer, references):  # noqa: F811
+def test_chat_with_adapter_equals_local_peft_and_base_equals_base(client, tokenizer, peft_references):
     text = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-    expected = {name: expected_text(references[name], tokenizer, ids, 16) for name in ("tone-a", "tone-b", None)}
+    expected = {name: expected_text(peft_references[name], tokenizer, ids, 16) for name in ("tone-a", "tone-b", None)}
     assert len(set(expected.values())) == 3  # each adapter changes the answer: the checks below can fail
     for name in ("tone-a", "tone-b", None):
         model = f"{NAME}:{name}" if name else NAME
@@ -63,10 +63,10 @@ def test_chat_with_adapter_equals_local_peft_and_base_equals_base(client, tokeni
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected[name], name
 
 
-def test_completion_with_adapter_equals_local_peft(client, tokenizer, references):  # noqa: F811
+def test_completion_with_adapter_equals_local_peft(client, tokenizer, peft_references):
     ids = tokenizer("The sea is", return_tensors="pt").input_ids
     out = client.completions.create(model=f"{NAME}:tone-a", prompt="The sea is", max_tokens=12, temperature=0)
-    assert out.choices[0].text == expected_text(references["tone-a"], tokenizer, ids, 12)
+    assert out.choices[0].text == expected_text(peft_references["tone-a"], tokenizer, ids, 12)
 
 
 def test_unknown_adapter_is_404_naming_it(client):

@@ -25,6 +25,7 @@ from types import SimpleNamespace
 import pytest
 from fastapi.testclient import TestClient
 from hivemind.utils.timed_storage import get_dht_time
+from node_records import info_of, record_of
 from prometheus_client.parser import text_string_to_metric_families
 from swarm import free_port, run_cli, spawn, start_node, start_nodes, stop_all, wait_ready
 
@@ -36,7 +37,6 @@ from torchnode.coordinator.state_schema import NodeState, SwarmState
 from torchnode.protocol.dht.network import announce, start_dht
 from torchnode.protocol.dht.records import ServerRecord
 from torchnode.protocol.wire.identity import Identity
-from torchnode.protocol.wire.node_client import NodeInfo
 
 pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
 
@@ -106,43 +106,6 @@ def test_ready_needs_one_revision_and_a_known_block_count():
     assert not m.missing and not m.ready  # every block served, but no chain of one checkpoint
     assert not build_model_state("m", 4, False, [node_state("aa", 0, 4)]).ready
     assert not build_model_state("m", 0, False, []).ready
-
-
-def record_of(identity: Identity, start=0, end=2, total_blocks=0, **kw) -> ServerRecord:
-    fields = dict(
-        peer_id=identity.peer_id,
-        public_key=identity.public_key,
-        address="127.0.0.1:9",
-        model="m",
-        revision="r1",
-        start=start,
-        end=end,
-        state="online",
-        throughput=1.0,
-        cache_bytes_free=0,
-        version="0.1.0",
-        expiration=get_dht_time() + 30,
-        total_blocks=total_blocks,
-    )
-    return ServerRecord(**(fields | kw))
-
-
-def info_of(record: ServerRecord, total_blocks: int, **kw) -> NodeInfo:
-    fields = dict(
-        model=record.model,
-        revision=record.revision,
-        start_block=record.start,
-        end_block=record.end,
-        total_blocks=total_blocks,
-        hidden_size=64,
-        dtype="float32",
-        throughput=2.0,
-        cache_bytes_free=1,
-        sessions_free=1,
-        version="0.1.0",
-        public_key=record.public_key,
-    )
-    return NodeInfo(**(fields | kw))
 
 
 def test_block_count_is_voted_by_healthy_nodes():
@@ -407,7 +370,8 @@ def chromium() -> str:
 
 def test_page_in_a_real_browser(swarm, tmp_path):
     executable = chromium()
-    playwright = pytest.importorskip("playwright.sync_api", reason="pip install playwright (no browser download)")
+    import playwright.sync_api as playwright  # a dev dependency: missing, the test errors
+
     requested = []
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)

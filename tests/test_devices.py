@@ -140,7 +140,9 @@ def test_head_on_cuda_gives_the_cpu_logits(tiny):
 @pytest.mark.parametrize("quant", ["int8", "int4", "nf4"])
 def test_quantized_spans_run_on_cuda(tiny, quant):
     if quant == "nf4":
-        pytest.importorskip("bitsandbytes", reason="nf4 needs bitsandbytes (pip install bitsandbytes)")
+        pytest.importorskip(
+            "bitsandbytes", reason="nf4 on a CUDA GPU needs bitsandbytes, no dev dependency (pip install bitsandbytes)"
+        )
     cuda = resolve_device("cuda")
     span = place(load_span(tiny, 0, 6, torch.bfloat16, quant, cuda), cuda)
     reference = load_span(tiny, 0, 6)

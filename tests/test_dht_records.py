@@ -1,6 +1,6 @@
 """DHT records: encoding, the validator on hand-built DHTRecords, and a real hivemind swarm on 127.0.0.1.
 
-`swarm` is three peers started by `start_dht` (two servers, one client); `rogue_swarm` adds an
+`dht_peers` (tests/conftest.py) is three peers started by `start_dht` (two servers, one client); `rogue_swarm` adds an
 unmodified hivemind peer without our validator, which stores whatever it is told to, between two honest ones.
 """
 
@@ -317,22 +317,9 @@ def test_parse_entry():
 
 
 @pytest.fixture(scope="module")
-def swarm():
-    dhts = []
-    try:
-        dhts.append(start_dht([]))
-        dhts.append(start_dht(visible_maddrs(dhts[0])))
-        dhts.append(start_dht(visible_maddrs(dhts[1]), client_mode=True))
-        yield dhts
-    finally:
-        for dht in dhts:
-            dht.shutdown()
-
-
-@pytest.fixture(scope="module")
 def rogue_swarm():
     """Two honest peers and, between them, an unmodified hivemind peer without our validator: it stores
-    whatever it is given and serves it to whoever asks. Separate from `swarm`, whose stores it would answer
+    whatever it is given and serves it to whoever asks. Separate from `dht_peers`, whose stores it would answer
     (hivemind's store returns the last replica's answer). Loopback-only, like the rest of the test swarm."""
     dhts = []
     try:
@@ -367,12 +354,12 @@ def visible(dht: hivemind.DHT, entry: Entry) -> bool:
 
 
 @pytest.mark.swarm
-def test_announce_and_find(swarm):
-    server, other_server, client = swarm
+def test_announce_and_find(dht_peers):
+    server, other_server, client = dht_peers
     identity = Identity.generate()
     record = make_record(identity, model="org/announced", start=1, end=3, dht_maddrs=tuple(visible_maddrs(server)))
     assert announce(server, identity, record) == {1: True, 2: True}
-    for dht in swarm:
+    for dht in dht_peers:
         assert find_servers(dht, "org/announced", TOTAL_BLOCKS) == {0: [], 1: [record], 2: [record], 3: []}
     assert find_servers(client, "org/announced", 0) == {}
     with pytest.raises(ValueError):
@@ -389,25 +376,25 @@ def test_announce_and_find(swarm):
 
 
 @pytest.mark.swarm
-async def test_announce_and_find_from_asyncio(swarm):
+async def test_announce_and_find_from_asyncio(dht_peers):
     identity = Identity.generate()
     record = make_record(identity, model="org/async", start=0, end=1)
-    assert await announce(swarm[0], identity, record, return_future=True) == {0: True}
-    assert await find_servers(swarm[2], "org/async", 1, return_future=True) == {0: [record]}
+    assert await announce(dht_peers[0], identity, record, return_future=True) == {0: True}
+    assert await find_servers(dht_peers[2], "org/async", 1, return_future=True) == {0: [record]}
 
 
 @pytest.mark.swarm
-def test_attacks_are_refused_by_honest_peers(swarm):
+def test_attacks_are_refused_by_honest_peers(dht_peers):
     victim = Identity.generate()
     victim_record, cases = attacks(victim, Identity.generate(), model="org/honest-target")
-    assert all(announce(swarm[0], victim, victim_record).values())
+    assert all(announce(dht_peers[0], victim, victim_record).values())
     for name, (entry, _) in cases.items():
         # the storing peer's own validator and every replica refuse it
-        assert swarm[1].store(entry.key, entry.value, entry.expiration, subkey=entry.subkey) is False, name
+        assert dht_peers[1].store(entry.key, entry.value, entry.expiration, subkey=entry.subkey) is False, name
     for name, (entry, _) in cases.items():
-        for dht in swarm:
+        for dht in dht_peers:
             assert not visible(dht, entry), name
-    for dht in swarm:
+    for dht in dht_peers:
         expected = {0: [victim_record], 1: [victim_record], 2: [victim_record], 3: []}
         assert find_servers(dht, "org/honest-target", TOTAL_BLOCKS) == expected
 
@@ -426,16 +413,16 @@ def test_attacks_from_a_rogue_peer_are_refused(rogue_swarm, name):
 
 
 @pytest.mark.swarm
-def test_p2pd_listens_only_on_loopback(swarm):
-    children = [child for dht in swarm for child in psutil.Process(dht.pid).children(recursive=True)]
+def test_p2pd_listens_only_on_loopback(dht_peers):
+    children = [child for dht in dht_peers for child in psutil.Process(dht.pid).children(recursive=True)]
     daemons = [child for child in children if child.name() == "p2pd"]
-    assert len(daemons) == len(swarm)
+    assert len(daemons) == len(dht_peers)
     listening = 0
-    for process in [psutil.Process(dht.pid) for dht in swarm] + children:
+    for process in [psutil.Process(dht.pid) for dht in dht_peers] + children:
         for conn in process.net_connections(kind="inet"):
             assert conn.laddr.ip == "127.0.0.1", (process.name(), conn)
             if conn.status == psutil.CONN_LISTEN:
                 listening += 1
             if conn.raddr:
                 assert conn.raddr.ip == "127.0.0.1", (process.name(), conn)
-    assert listening >= len(swarm)
+    assert listening >= len(dht_peers)

@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
+from greedy import STORY, chat_ids
 from swarm import start_coordinator, start_node, start_nodes, stop_all
-from test_inference_e2e import STORY, chat_ids
 
 from torchnode.client.routing import NoRouteError
 from torchnode.client.sampling import SamplingParams

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from test_quantization import PROMPTS, chat_ids, span_greedy
+from greedy import PROMPTS, chat_ids, span_greedy
 from transformers import AutoTokenizer
 
 from torchnode.models.checkpoint import default_gguf

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from greedy import span_greedy
 from swarm import start_nodes, stop_all
-from test_quantization import span_greedy
 from tiny_models import SEED, tiny_config, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 

@@ -4,25 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from greedy import STORY, chat_ids, hf_greedy
 from swarm import run_cli, start_nodes, stop_all
 from transformers import AutoModelForCausalLM
 
 from torchnode.client.sync_model import DistributedModel
 
 pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
-
-STORY = "Write a long story about a dragon who learns to paint."
-
-
-def hf_greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
-    return model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))
-
-
-def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-    )
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
 
 
 @pytest.fixture(scope="module")

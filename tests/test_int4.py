@@ -7,6 +7,7 @@ GGUF Q4_1 tensor served without widening is to GGUF's own dequantization (models
 
 from __future__ import annotations
 
+import gguf
 import pytest
 import torch
 from torch import nn
@@ -84,7 +85,6 @@ def test_gguf_q4_1_served_as_4_bit_against_its_dequantized_weights(dtype, bound)
     """The embedded SmolLM2 GGUF's first FFN down projection (Q4_1), served with its own codes: in float32
     it matches gguf's dequantization up to float32 rounding; in bf16 (the kernel's fast path) d and m lose
     precision, so weights move by up to ~2^-8 of their magnitude."""
-    gguf = pytest.importorskip("gguf")
     reader = gguf.GGUFReader(default_gguf())
     tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
     assert tensor.tensor_type.name == "Q4_1"

@@ -1,5 +1,5 @@
 """The model index: entries, their validator, the announcer's entry, the monitor's history, and a real
-hivemind DHT on 127.0.0.1 (`swarm`: two server peers and a client) that stores and finds entries."""
+hivemind DHT on 127.0.0.1 (`dht_peers`: two server peers and a client) that stores and finds entries."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 from hivemind.dht.validation import DHTRecord
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
-from test_dht_records import swarm  # noqa: F401 (fixture: two DHT peers and a DHT client on 127.0.0.1)
 
 from torchnode.coordinator.health_monitor import build_model_state
 from torchnode.coordinator.history import History
@@ -208,18 +207,18 @@ def test_history_keeps_the_window_and_forgets_what_left():
 
 
 @pytest.mark.swarm
-def test_entries_are_stored_found_and_expire(swarm):
+def test_entries_are_stored_found_and_expire(dht_peers):
     a, b = Identity.generate(), Identity.generate()
-    assert announce_model(swarm[0], a, make_entry(a))
-    assert announce_model(swarm[1], b, make_entry(b, model="org/other", family="qwen2", lifetime=3))
-    found = {e.peer_id: e for e in find_models(swarm[2])}
+    assert announce_model(dht_peers[0], a, make_entry(a))
+    assert announce_model(dht_peers[1], b, make_entry(b, model="org/other", family="qwen2", lifetime=3))
+    found = {e.peer_id: e for e in find_models(dht_peers[2])}
     assert {p: (e.model, e.family) for p, e in found.items()} == {
         a.peer_id: ("org/tiny", "llama"),
         b.peer_id: ("org/other", "qwen2"),
     }
     # a forged entry (b's entry stored under a's subkey) never gets in: the validator refuses the store
     forged = encode_entry(b, make_entry(b))
-    stored = swarm[2].run_coroutine(_raw_store(INDEX_KEY, forged, a.peer_id, get_dht_time() + 30))
+    stored = dht_peers[2].run_coroutine(_raw_store(INDEX_KEY, forged, a.peer_id, get_dht_time() + 30))
     assert not stored
     # a server record announced alongside does not disturb the index
     record = ServerRecord(
@@ -237,9 +236,9 @@ def test_entries_are_stored_found_and_expire(swarm):
         expiration=get_dht_time() + 30,
         total_blocks=4,
     )
-    assert all(announce(swarm[0], a, record).values())
+    assert all(announce(dht_peers[0], a, record).values())
     time.sleep(3.5)  # b's entry expires
-    assert [(e.peer_id, e.model) for e in find_models(swarm[2])] == [(a.peer_id, "org/tiny")]
+    assert [(e.peer_id, e.model) for e in find_models(dht_peers[2])] == [(a.peer_id, "org/tiny")]
 
 
 async def _raw_store_in_dht(_dht, node, key: str, value: bytes, subkey: str, expiration: float) -> bool:

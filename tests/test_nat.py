@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from greedy import hf_greedy
 from nat_lab import HOME_IP, PUBLIC_IP, nat_lab, unavailable
 from swarm import TORCHNODE, NodeProcess, spawn, start_node, stop_all, wait_ready
-from test_inference_e2e import hf_greedy
 from transformers import AutoModelForCausalLM
 
 from torchnode.node.relay import RelayServer
@@ -33,7 +33,7 @@ RELAY_READY = r"relay ready at \S+ as peer (\w+)"
 PROMPT = [[1, 5, 9, 14, 3, 27]]
 
 # The client runs inside the public namespace: first tokens, a pause (the test may kill a relay), the rest.
-CLIENT = """
+CLIENT = f"""
 import json, sys, torch
 from torchnode import DistributedModel
 from torchnode.client.session import RetryPolicy
@@ -42,12 +42,12 @@ model_path, maddrs, first_n, rest_n = sys.argv[1], sys.argv[2].split(","), int(s
 patient = RetryPolicy(max_attempts=12, max_seconds=90)  # the moved node's new record may take a while to be seen
 with DistributedModel.from_pretrained(model_path, initial_peers=maddrs, retry=patient) as model:
     with model.session(max_length=64) as s:
-        first = s.generate(torch.tensor(PROMPT_IDS), max_new_tokens=first_n)
+        first = s.generate(torch.tensor({PROMPT}), max_new_tokens=first_n)
         print("PAUSED", flush=True)
         sys.stdin.readline()
         out = s.generate(first, max_new_tokens=rest_n)
 print("IDS", json.dumps(out.tolist()), flush=True)
-""".replace("PROMPT_IDS", repr(PROMPT))
+"""
 
 
 def in_ns(lab, ns: str, *args: str, port: int = 0) -> NodeProcess:
@@ -313,7 +313,7 @@ async def test_relay_limits_nodes_streams_and_bytes_per_second():
 def test_the_dashboard_state_names_a_relayed_nodes_relay():
     """A record that names its relay shows as `relay` in the monitor's node state (the dashboard's "via"
     column, `torchnode swarm`'s `via`); a direct node's is empty."""
-    from test_dashboard import info_of, record_of
+    from node_records import info_of, record_of
 
     from torchnode.coordinator.health_monitor import HealthMonitor, Probe
 

@@ -8,16 +8,24 @@ from __future__ import annotations
 import signal
 
 import pytest
-from memory_node import MemoryNode, MemoryPeers
+import torch
+from greedy import chat_ids, hf_greedy, new_greedy_tokens
+from memory_node import FAST_RETRY, MemoryNode, MemoryPeers
 from swarm import run_cli, start_nodes, stop_all
-from test_inference_e2e import chat_ids, hf_greedy
-from test_session import FAST_RETRY, NEW, PROMPT, ckpt, expected  # noqa: F401 (fixtures)
 
 from torchnode.client.model import AsyncDistributedModel
 from torchnode.client.sampling import SamplingParams
 from torchnode.client.sync_model import DistributedModel
 
 pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
+
+PROMPT = torch.tensor([[1, 17, 42, 99, 7, 300, 12]])
+NEW = 16
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llama) -> list[int]:
+    return new_greedy_tokens(tiny_llama, PROMPT, NEW)
 
 
 class LyingPusher(MemoryNode):
@@ -48,7 +56,7 @@ async def test_push_equals_transformers_and_nodes_push(ckpt, expected):
     assert tokens == expected
     assert nodes[0].pushed == nodes[1].pushed == NEW  # one step per token after the prompt's
     assert session.node_pushes == 2 * NEW
-    assert list(session.hops[1].history) and len(session.hops[1].history) == NEW  # the client kept copies
+    assert len(session.hops[1].history) == NEW  # the client kept copies
 
 
 async def test_without_push_the_client_drives_every_hop(ckpt, expected):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from greedy import PROMPTS, chat_ids, span_greedy
 from swarm import start_node, stop_all
 from tiny_models import save_tiny_model
 from torch import nn
@@ -23,32 +24,6 @@ pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT pe
 GREEDY_TOKENS = 16
 
 
-def chat_ids(tokenizer, prompt: str) -> torch.Tensor:
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-    )
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-
-
-def span_greedy(head, span, ids: torch.Tensor, new_tokens: int) -> list[int]:
-    """Prefill, then one token per step with a KV cache, through one span of every block."""
-    caches = span.new_caches(span.start, span.end, 1, ids.shape[1] + new_tokens)
-    hidden = span(head.embed(ids), 0, span.start, span.end, caches)
-    tokens, position = [], ids.shape[1]
-    for _ in range(new_tokens):
-        token = head.logits(hidden)[:, -1].argmax(-1, keepdim=True)  # (1, 1)
-        tokens.append(int(token))
-        hidden = span(head.embed(token), position, span.start, span.end, caches)
-        position += 1
-    return tokens
-
-
-PROMPTS = (
-    "Write a long story about a dragon who learns to paint.",
-    "What is the capital of France? Answer in two sentences.",
-    "Explain how a bicycle works.",
-    "Name three colours.",
-)
 NEXT_TOKEN_AGREEMENT = 60  # of 4 x 16 positions; measured 62
 NEAR_TIE = 0.5  # logits: where int8 picks another token, fp32's top two are at most this far apart (measured < 0.2)
 

@@ -67,17 +67,34 @@ def test_seeded_sampling_is_reproducible(model):
 
 
 def test_multi_turn_session_keeps_cache_and_equals_one_shot(model, hf):
+    """The second turn sends only the tokens the nodes have not seen: its first step starts where the first
+    turn's cache ends (the common prefix) and carries the rest of the conversation, not all of it."""
     tokenizer = hf[1]
     conversation = [{"role": "user", "content": "Hi!"}]
     with model.session(max_length=256) as s:
+        sent: list[tuple[int, int]] = []  # (position, tokens) of every step the session sends to the nodes
+        core = s._core.session
+        step = core.step
+
+        async def recording_step(hidden, position=None):
+            sent.append((core.position if position is None else position, hidden.shape[1]))
+            return await step(hidden, position)
+
+        core.step = recording_step
         first = s.generate(conversation, max_new_tokens=10)
-        reply = tokenizer.decode(first[0, len(model.async_model.encode(conversation)[0]) :], skip_special_tokens=True)
+        prompt_one = len(model.async_model.encode(conversation)[0])
+        reply = tokenizer.decode(first[0, prompt_one:], skip_special_tokens=True)
         conversation += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And then?"}]
+        turn_one = len(sent)
         second = s.generate(conversation, max_new_tokens=10)
-        cached_before_second = s.cached_tokens
-    one_shot = hf_generate(hf, model.async_model.encode(conversation), 10)
-    assert second.tolist() == one_shot.tolist()
-    assert cached_before_second > 0
+    ids = model.async_model.encode(conversation)[0].tolist()
+    cached = first[0].tolist()[:-1]  # the newest token of turn one never went through the nodes
+    common = next(i for i, (a, b) in enumerate(zip(ids + [None], cached + [-1], strict=False)) if a != b)
+    assert prompt_one <= common < len(ids)  # at least turn one's prompt is reused
+    position, tokens = sent[turn_one]
+    assert (position, tokens) == (common, len(ids) - common), "the second turn re-sent what the nodes hold"
+    assert sum(t for _, t in sent[turn_one:]) == len(ids) - common + second.shape[1] - len(ids) - 1
+    assert second.tolist() == hf_generate(hf, model.async_model.encode(conversation), 10).tolist()
 
 
 def test_session_plain_text_continues(model, hf):

@@ -8,8 +8,8 @@ import time
 
 import pytest
 import torch
+from greedy import STORY, chat_ids, hf_greedy
 from swarm import run_cli, start_coordinator, start_node, stop_all
-from test_inference_e2e import STORY, chat_ids, hf_greedy
 from transformers import AutoModelForCausalLM
 
 from torchnode.client.sampling import SamplingParams

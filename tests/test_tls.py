@@ -115,7 +115,8 @@ def test_signature_names_audience_and_request():
 # ---- real nodes
 @pytest.fixture(scope="module")
 def swarm_of_two(tiny_llama):
-    """(coordinator multiaddr, {"tls": a node with the defaults, "plain": one with --insecure}), both on all 4 blocks."""
+    """(coordinator multiaddr, {"tls": a node with the defaults, "plain": one with --insecure}), both on all
+    4 blocks."""
     coordinator, maddr = procs.start_coordinator()
     model, join = str(tiny_llama), ("--blocks", "0:4", "--initial-peers", maddr)
     started = [procs.start_node(model, *join, wait=False), procs.start_node(model, *join, "--insecure", wait=False)]

@@ -1,5 +1,5 @@
-"""Unit tier: verification (--verify) against dishonest in-memory nodes (tests/helpers/dishonest_node.py) running the
-real span backend. A liar with an honest replica is caught, named and routed around, and the output is
+"""Unit tier: verification (--verify) against dishonest in-memory nodes (tests/helpers/dishonest_node.py)
+running the real span backend. A liar with an honest replica is caught, named and routed around, and the output is
 exactly the all-honest one; without a way to decide, the client refuses instead of answering wrongly."""
 
 from __future__ import annotations
@@ -9,59 +9,22 @@ import logging
 
 import pytest
 import torch
-from dishonest_node import MODES, dishonest_memory_node
-from memory_node import MemoryNode, MemoryPeers
+from dishonest_node import MODES
+from greedy import new_greedy_tokens
 from transformers import AutoModelForCausalLM
+from verify_nodes import WINDOW, honest, liar, model_over, named
 
 from torchnode.client.model import AsyncDistributedModel
 from torchnode.client.sampling import SamplingParams
-from torchnode.client.session import RetryPolicy
 from torchnode.client.verification.verifier import VerificationError, first_mismatch, tolerance
-from torchnode.models.checkpoint import resolve
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 300, 12]])
 NEW = 24
-WINDOW = 16  # longer than the prompt: tokens wait for their window
-FAST_RETRY = RetryPolicy(max_attempts=3, max_seconds=5.0, backoff_initial=0.01, backoff_max=0.05)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tiny_llama):
-    return resolve(str(tiny_llama))
 
 
 @pytest.fixture(scope="module")
 def expected(tiny_llama) -> list[int]:
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    out = hf.generate(PROMPT, max_new_tokens=NEW, do_sample=False, attention_mask=torch.ones_like(PROMPT))
-    return out[0, PROMPT.shape[1] :].tolist()
-
-
-@pytest.fixture
-def nodes():
-    made = []
-    yield made
-    for node in made:
-        node.shutdown()
-
-
-def honest(nodes, ckpt, start, end, address, throughput=100.0, adapters=()):
-    """An in-memory node; `adapters`: LoRA adapter directories it serves."""
-    nodes.append(MemoryNode(ckpt, start, end, address, throughput, adapters=[str(p) for p in adapters]))
-    return nodes[-1]
-
-
-def liar(nodes, ckpt, start, end, address, mode, throughput=10_000.0, adapters=()):
-    """A liar that routing prefers (fast), so it sits in the main chain unless told otherwise; it lies on
-    sessions with one of its `adapters` too."""
-    nodes.append(dishonest_memory_node(ckpt, start, end, address, mode, adapters=[str(p) for p in adapters]))
-    nodes[-1].backend.throughput = throughput
-    return nodes[-1]
-
-
-def model_over(ckpt, nodes, **kwargs) -> AsyncDistributedModel:
-    kwargs = {"verify": True, "verify_window": WINDOW, **kwargs}
-    return AsyncDistributedModel(ckpt, MemoryPeers(nodes), step_timeout=5.0, retry=FAST_RETRY, **kwargs)
+    return new_greedy_tokens(tiny_llama, PROMPT, NEW)
 
 
 async def generate(model: AsyncDistributedModel, on_token=None, **sampling) -> list[int]:
@@ -78,11 +41,6 @@ async def generate(model: AsyncDistributedModel, on_token=None, **sampling) -> l
     return tokens
 
 
-def named(caplog, node) -> bool:
-    peer = node.identity.peer_id
-    return any("dishonest" in r.message and node.address in r.message and peer in r.message for r in caplog.records)
-
-
 def test_tolerance_follows_the_coarsest_dtype():
     assert tolerance(torch.float32) < 2e-4 < tolerance(torch.float16) < tolerance(torch.bfloat16) < 0.3
     x = torch.randn(1, 4, 64)
@@ -95,15 +53,17 @@ def test_tolerance_follows_the_coarsest_dtype():
 
 
 @pytest.mark.parametrize("mode", MODES)
-async def test_liar_with_an_honest_replica_is_caught_and_the_output_is_honest(ckpt, nodes, expected, mode, caplog):
-    honest(nodes, ckpt, 0, 2, "a:1")
-    bad = liar(nodes, ckpt, 2, 4, "b:1", mode)
-    honest(nodes, ckpt, 2, 4, "c:1")
-    unverified = await generate(model_over(ckpt, nodes, verify=False))
+async def test_liar_with_an_honest_replica_is_caught_and_the_output_is_honest(
+    ckpt, memory_pool, expected, mode, caplog
+):
+    honest(memory_pool, ckpt, 0, 2, "a:1")
+    bad = liar(memory_pool, ckpt, 2, 4, "b:1", mode)
+    honest(memory_pool, ckpt, 2, 4, "c:1")
+    unverified = await generate(model_over(ckpt, memory_pool, verify=False))
     assert unverified != expected, "the liar must change the output when nobody checks"
     lies_unchecked = bad.backend.lies
 
-    model = model_over(ckpt, nodes)
+    model = model_over(ckpt, memory_pool)
     with caplog.at_level(logging.WARNING):
         assert await generate(model) == expected
     assert bad.backend.lies > lies_unchecked  # it lied again, under verification
@@ -111,91 +71,94 @@ async def test_liar_with_an_honest_replica_is_caught_and_the_output_is_honest(ck
     assert bad.address in model.dishonest
 
 
-async def test_tokens_are_released_only_after_their_window_is_checked(ckpt, nodes, expected):
-    honest(nodes, ckpt, 0, 2, "a:1")
-    honest(nodes, ckpt, 2, 4, "b:1")
-    honest(nodes, ckpt, 2, 4, "c:1")
+async def test_tokens_are_released_only_after_their_window_is_checked(ckpt, memory_pool, expected):
+    honest(memory_pool, ckpt, 0, 2, "a:1")
+    honest(memory_pool, ckpt, 2, 4, "b:1")
+    honest(memory_pool, ckpt, 2, 4, "c:1")
     released_at = []
 
     def on_token(session, count):  # the token at index T + count - 1 came from the output at T + count - 2
         released_at.append((PROMPT.shape[1] + count - 2, session.verifier.verified))
 
-    assert await generate(model_over(ckpt, nodes), on_token) == expected
+    assert await generate(model_over(ckpt, memory_pool), on_token) == expected
     assert all(position < verified for position, verified in released_at)
     windows = [
-        s.positions for n in nodes for s in n.sessions if WINDOW in {b - a for a, b in itertools.pairwise(s.positions)}
+        s.positions
+        for n in memory_pool
+        for s in n.sessions
+        if WINDOW in {b - a for a, b in itertools.pairwise(s.positions)}
     ]
     assert windows, "each check is an ordinary session on another node, stepping a window at a time"
 
 
-async def test_sampling_with_a_seed_equals_the_honest_run(ckpt, nodes):
-    honest(nodes, ckpt, 0, 2, "a:1")
-    honest(nodes, ckpt, 2, 4, "c:1")
-    reference = await generate(model_over(ckpt, nodes), temperature=0.9, seed=3)
-    liar(nodes, ckpt, 2, 4, "b:1", "decode")
-    assert await generate(model_over(ckpt, nodes), temperature=0.9, seed=3) == reference
+async def test_sampling_with_a_seed_equals_the_honest_run(ckpt, memory_pool):
+    honest(memory_pool, ckpt, 0, 2, "a:1")
+    honest(memory_pool, ckpt, 2, 4, "c:1")
+    reference = await generate(model_over(ckpt, memory_pool), temperature=0.9, seed=3)
+    liar(memory_pool, ckpt, 2, 4, "b:1", "decode")
+    assert await generate(model_over(ckpt, memory_pool), temperature=0.9, seed=3) == reference
 
 
-async def test_a_third_replica_decides_without_local_weights(ckpt, nodes, expected, caplog):
-    honest(nodes, ckpt, 0, 2, "a:1")
-    honest(nodes, ckpt, 0, 2, "a:2")
-    bad = liar(nodes, ckpt, 2, 4, "b:1", "decode")
-    honest(nodes, ckpt, 2, 4, "c:1")
-    honest(nodes, ckpt, 2, 4, "d:1")
+async def test_a_third_replica_decides_without_local_weights(ckpt, memory_pool, expected, caplog):
+    honest(memory_pool, ckpt, 0, 2, "a:1")
+    honest(memory_pool, ckpt, 0, 2, "a:2")
+    bad = liar(memory_pool, ckpt, 2, 4, "b:1", "decode")
+    honest(memory_pool, ckpt, 2, 4, "c:1")
+    honest(memory_pool, ckpt, 2, 4, "d:1")
     with caplog.at_level(logging.WARNING):
-        assert await generate(model_over(ckpt, nodes, verify_local=False)) == expected
+        assert await generate(model_over(ckpt, memory_pool, verify_local=False)) == expected
     assert named(caplog, bad)
 
 
-async def test_a_lying_checker_is_named_and_the_answer_stands(ckpt, nodes, expected, caplog):
-    honest(nodes, ckpt, 0, 2, "a:1")
-    honest(nodes, ckpt, 2, 4, "c:1", throughput=10_000.0)  # routing puts the honest node in the main chain
-    bad = liar(nodes, ckpt, 2, 4, "b:1", "random", throughput=1.0)  # so the liar is asked to check it
+async def test_a_lying_checker_is_named_and_the_answer_stands(ckpt, memory_pool, expected, caplog):
+    honest(memory_pool, ckpt, 0, 2, "a:1")
+    honest(memory_pool, ckpt, 2, 4, "c:1", throughput=10_000.0)  # routing puts the honest node in the main chain
+    bad = liar(memory_pool, ckpt, 2, 4, "b:1", "random", throughput=1.0)  # so the liar is asked to check it
     bad.backend.mode = "decode"  # checks are prefills: make it lie on those too
     bad.backend._lies = lambda session, x, step: True
     with caplog.at_level(logging.WARNING):
-        assert await generate(model_over(ckpt, nodes)) == expected
+        assert await generate(model_over(ckpt, memory_pool)) == expected
     assert named(caplog, bad)
 
 
-async def test_a_liar_with_no_honest_replica_is_a_clear_error(ckpt, nodes):
-    honest(nodes, ckpt, 0, 2, "a:1")
-    liar(nodes, ckpt, 2, 4, "b:1", "decode")
+async def test_a_liar_with_no_honest_replica_is_a_clear_error(ckpt, memory_pool):
+    honest(memory_pool, ckpt, 0, 2, "a:1")
+    liar(memory_pool, ckpt, 2, 4, "b:1", "decode")
     tokens = []
     with pytest.raises(VerificationError, match="no other node serves them"):
-        async for new in model_over(ckpt, nodes, verify_local=False).generate_ids(
+        async for new in model_over(ckpt, memory_pool, verify_local=False).generate_ids(
             PROMPT, SamplingParams(max_new_tokens=NEW, ignore_eos=True)
         ):
             tokens.append(new)
     assert tokens == []  # nothing unverified was released
 
 
-async def test_two_disagreeing_nodes_and_no_third_opinion_is_a_clear_error(ckpt, nodes):
-    honest(nodes, ckpt, 0, 2, "a:1")
-    honest(nodes, ckpt, 0, 2, "a:2")
-    liar(nodes, ckpt, 2, 4, "b:1", "decode")
-    honest(nodes, ckpt, 2, 4, "c:1")
+async def test_two_disagreeing_nodes_and_no_third_opinion_is_a_clear_error(ckpt, memory_pool):
+    honest(memory_pool, ckpt, 0, 2, "a:1")
+    honest(memory_pool, ckpt, 0, 2, "a:2")
+    liar(memory_pool, ckpt, 2, 4, "b:1", "decode")
+    honest(memory_pool, ckpt, 2, 4, "c:1")
     with pytest.raises(VerificationError, match="no third opinion"):
-        await generate(model_over(ckpt, nodes, verify_local=False))
+        await generate(model_over(ckpt, memory_pool, verify_local=False))
 
 
-async def test_a_lone_liar_is_caught_by_local_weights_and_then_no_route_is_left(ckpt, nodes, caplog):
+async def test_a_lone_liar_is_caught_by_local_weights_and_then_no_route_is_left(ckpt, memory_pool, caplog):
     from torchnode.client.routing import NoRouteError
 
-    honest(nodes, ckpt, 0, 2, "a:1")
-    bad = liar(nodes, ckpt, 2, 4, "b:1", "decode")
+    honest(memory_pool, ckpt, 0, 2, "a:1")
+    bad = liar(memory_pool, ckpt, 2, 4, "b:1", "decode")
     with caplog.at_level(logging.WARNING), pytest.raises(NoRouteError, match="2:4"):
-        await generate(model_over(ckpt, nodes))
+        await generate(model_over(ckpt, memory_pool))
     assert named(caplog, bad)
 
 
-async def test_logits_are_verified_too(ckpt, nodes, tiny_llama):
-    honest(nodes, ckpt, 0, 2, "a:1")
-    liar(nodes, ckpt, 2, 4, "b:1", "random")
-    honest(nodes, ckpt, 2, 4, "c:1")
-    nodes[1].backend._lies = lambda session, x, step: True
+async def test_logits_are_verified_too(ckpt, memory_pool, tiny_llama):
+    honest(memory_pool, ckpt, 0, 2, "a:1")
+    liar(memory_pool, ckpt, 2, 4, "b:1", "random")
+    honest(memory_pool, ckpt, 2, 4, "c:1")
+    memory_pool[1].backend._lies = lambda session, x, step: True
     hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    logits = await model_over(ckpt, nodes).logits(PROMPT)
+    logits = await model_over(ckpt, memory_pool).logits(PROMPT)
     torch.testing.assert_close(logits, hf(PROMPT).logits, atol=1e-4, rtol=1e-4)
 
 

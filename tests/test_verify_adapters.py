@@ -1,4 +1,4 @@
-"""Unit tier: --verify on sessions with a LoRA adapter (client/verification/verifier.py, client/verification/evidence.py).
+"""Unit tier: --verify on sessions with a LoRA adapter (client/verification/verifier.py and evidence.py).
 
 Checks must run the same adapter as the checked node, else they compare two different models: checker
 nodes are sessions naming the adapter (only nodes serving it qualify), the client's own check applies the
@@ -13,8 +13,8 @@ import types
 
 import pytest
 import torch
-from test_adapters import adapters, local_greedy, references  # noqa: F401 (fixtures: PEFT LoRAs and local models)
-from test_verify import ckpt, honest, liar, model_over, named, nodes  # noqa: F401 (fixtures and helpers of verification tests)
+from greedy import local_greedy
+from verify_nodes import honest, liar, model_over, named
 
 from torchnode.client.verification.evidence import EvidenceError, check_evidence, write_evidence
 from torchnode.client.verification.verifier import Finding, VerificationError
@@ -35,45 +35,45 @@ def adapter_sessions(node) -> set[str]:
     return {s.spec.adapter for s in node.sessions}
 
 
-async def test_honest_adapter_swarm_verified_locally_equals_peft(ckpt, nodes, adapters, references):
+async def test_honest_adapter_swarm_verified_locally_equals_peft(ckpt, memory_pool, adapters, peft_references):
     """The only replicas of each span serve no adapter: they may not check, so the client checks itself,
     with the adapter's LoRA (were it left out, the honest nodes would be accused)."""
-    a = honest(nodes, ckpt, 0, 2, "a:1", adapters=adapters.values())
-    b = honest(nodes, ckpt, 2, 4, "b:1", adapters=adapters.values())
-    bases = [honest(nodes, ckpt, 0, 2, "c:1"), honest(nodes, ckpt, 2, 4, "d:1")]
-    model = model_over(ckpt, nodes)
-    assert await generate(model, str(adapters["tone-a"])) == local_greedy(references["tone-a"], PROMPT, NEW)
+    a = honest(memory_pool, ckpt, 0, 2, "a:1", adapters=adapters.values())
+    b = honest(memory_pool, ckpt, 2, 4, "b:1", adapters=adapters.values())
+    bases = [honest(memory_pool, ckpt, 0, 2, "c:1"), honest(memory_pool, ckpt, 2, 4, "d:1")]
+    model = model_over(ckpt, memory_pool)
+    assert await generate(model, str(adapters["tone-a"])) == local_greedy(peft_references["tone-a"], PROMPT, NEW)
     assert not model.dishonest
     assert all(not n.sessions for n in bases), "a node without the adapter was asked to check"
     assert adapter_sessions(a) == adapter_sessions(b) == {"tone-a"}  # its directory's base name
 
 
-async def test_checker_nodes_run_the_session_adapter(ckpt, nodes, adapters, references):
+async def test_checker_nodes_run_the_session_adapter(ckpt, memory_pool, adapters, peft_references):
     """No local copy of the adapter (named, not given as files): other nodes serving it check."""
     for i in (1, 2):
-        honest(nodes, ckpt, 0, 2, f"a:{i}", adapters=adapters.values())
-        honest(nodes, ckpt, 2, 4, f"b:{i}", adapters=adapters.values())
-    base = honest(nodes, ckpt, 2, 4, "c:1", throughput=10_000.0)  # the fastest: routing would prefer it
-    model = model_over(ckpt, nodes)
-    assert await generate(model, "tone-b") == local_greedy(references["tone-b"], PROMPT, NEW)
+        honest(memory_pool, ckpt, 0, 2, f"a:{i}", adapters=adapters.values())
+        honest(memory_pool, ckpt, 2, 4, f"b:{i}", adapters=adapters.values())
+    base = honest(memory_pool, ckpt, 2, 4, "c:1", throughput=10_000.0)  # the fastest: routing would prefer it
+    model = model_over(ckpt, memory_pool)
+    assert await generate(model, "tone-b") == local_greedy(peft_references["tone-b"], PROMPT, NEW)
     assert not model.dishonest and not base.sessions
-    assert all(len(n.sessions) == 1 and adapter_sessions(n) == {"tone-b"} for n in nodes if n is not base)
+    assert all(len(n.sessions) == 1 and adapter_sessions(n) == {"tone-b"} for n in memory_pool if n is not base)
 
 
 @pytest.mark.parametrize("judge", ["local", "third node"])
-async def test_a_liar_on_an_adapter_session_is_caught(ckpt, nodes, adapters, references, judge, caplog):
-    honest(nodes, ckpt, 0, 2, "a:1", adapters=adapters.values())
-    bad = liar(nodes, ckpt, 2, 4, "b:1", "decode", adapters=adapters.values())
-    honest(nodes, ckpt, 2, 4, "c:1", adapters=adapters.values())
-    base = honest(nodes, ckpt, 2, 4, "e:1")
+async def test_a_liar_on_an_adapter_session_is_caught(ckpt, memory_pool, adapters, peft_references, judge, caplog):
+    honest(memory_pool, ckpt, 0, 2, "a:1", adapters=adapters.values())
+    bad = liar(memory_pool, ckpt, 2, 4, "b:1", "decode", adapters=adapters.values())
+    honest(memory_pool, ckpt, 2, 4, "c:1", adapters=adapters.values())
+    base = honest(memory_pool, ckpt, 2, 4, "e:1")
     if judge == "third node":  # no local copy of the adapter: a second replica of each span checks, a third judges
-        honest(nodes, ckpt, 0, 2, "a:2", adapters=adapters.values())
-        honest(nodes, ckpt, 2, 4, "d:1", adapters=adapters.values())
+        honest(memory_pool, ckpt, 0, 2, "a:2", adapters=adapters.values())
+        honest(memory_pool, ckpt, 2, 4, "d:1", adapters=adapters.values())
     adapter = str(adapters["tone-a"]) if judge == "local" else "tone-a"
-    expected = local_greedy(references["tone-a"], PROMPT, NEW)
-    assert await generate(model_over(ckpt, nodes, verify=False), adapter) != expected  # the lie matters
+    expected = local_greedy(peft_references["tone-a"], PROMPT, NEW)
+    assert await generate(model_over(ckpt, memory_pool, verify=False), adapter) != expected  # the lie matters
 
-    model = model_over(ckpt, nodes, verify_local=judge == "local")
+    model = model_over(ckpt, memory_pool, verify_local=judge == "local")
     findings = []
     model.caught = lambda finding, caught=model.caught: (findings.append(finding), caught(finding))
     with caplog.at_level(logging.WARNING):
@@ -86,13 +86,13 @@ async def test_a_liar_on_an_adapter_session_is_caught(ckpt, nodes, adapters, ref
     assert not base.sessions
 
 
-async def test_no_opinion_with_the_adapter_is_a_clear_error(ckpt, nodes, adapters):
+async def test_no_opinion_with_the_adapter_is_a_clear_error(ckpt, memory_pool, adapters):
     """The client holds the base weights but not the adapter, and no other node serves it: no check."""
-    honest(nodes, ckpt, 0, 2, "a:1", adapters=adapters.values())
-    honest(nodes, ckpt, 2, 4, "b:1", adapters=adapters.values())
-    honest(nodes, ckpt, 0, 4, "c:1")
+    honest(memory_pool, ckpt, 0, 2, "a:1", adapters=adapters.values())
+    honest(memory_pool, ckpt, 2, 4, "b:1", adapters=adapters.values())
+    honest(memory_pool, ckpt, 0, 4, "c:1")
     with pytest.raises(VerificationError, match="adapter 'tone-a', which it has no copy of"):
-        await generate(model_over(ckpt, nodes), "tone-a")
+        await generate(model_over(ckpt, memory_pool), "tone-a")
 
 
 # ---- fraud proofs of adapter sessions
@@ -119,11 +119,11 @@ def signed_session(client: Identity, node: Identity, adapter: str, x: torch.Tens
     return request.SerializeToString(), reply.SerializeToString()
 
 
-def test_evidence_of_an_adapter_session_is_replayed_with_its_adapter(ckpt, adapters, references, tmp_path):
+def test_evidence_of_an_adapter_session_is_replayed_with_its_adapter(ckpt, adapters, peft_references, tmp_path):
     client, node = Identity.generate(), Identity.generate()
     with torch.no_grad():  # peft's hidden states: [0] enters block 0, [2] leaves block 1
-        tuned = references["tone-a"](input_ids=PROMPT, output_hidden_states=True).hidden_states
-        base = references[None](input_ids=PROMPT, output_hidden_states=True).hidden_states
+        tuned = peft_references["tone-a"](input_ids=PROMPT, output_hidden_states=True).hidden_states
+        base = peft_references[None](input_ids=PROMPT, output_hidden_states=True).hidden_states
     files = find_adapter(str(adapters["tone-a"]))
 
     def evidence(out: torch.Tensor, position: int):  # positions only keep the file names apart

@@ -8,9 +8,9 @@ by one of three policies:
              multi-token step after its first (what a verifier's prefill would look like) gets the truth
 
 All of them claim to be 100x faster than they are, to attract clients. In-process:
-`dishonest_memory_node(ckpt, start, end, address, mode)` (tests/helpers/memory_node.py's node).
-As a process: `python tests/helpers/dishonest_node.py MODE join MODEL --blocks ... ` runs the real `torchnode join`
-with this backend in place of the honest one.
+`dishonest_memory_node(ckpt, start, end, address, mode)` (tests/helpers/memory_node.py's node). As a process:
+`python tests/helpers/dishonest_node.py MODE join MODEL --blocks ... ` runs the real `torchnode join` with
+this backend in place of the honest one.
 """
 
 from __future__ import annotations

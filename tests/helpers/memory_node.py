@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from torchnode.client.discovery import PeerSource
+from torchnode.client.session import RetryPolicy
 from torchnode.models.checkpoint import Checkpoint
 from torchnode.models.families import load_span, num_blocks
 from torchnode.models.lora import AdapterBank, find_adapter
@@ -31,6 +32,8 @@ from torchnode.protocol.wire.node_client import (
     SessionSpec,
 )
 
+# the client's retry policy over memory nodes: nothing to wait for, so failover takes milliseconds
+FAST_RETRY = RetryPolicy(max_attempts=3, max_seconds=5.0, backoff_initial=0.01, backoff_max=0.05)
 CLIENT_KEY = b"client"  # who pushes when the client sends a step's input to a node itself
 
 
