@@ -1,7 +1,10 @@
-"""The FastAPI app: /v1/models, /v1/chat/completions, /v1/completions over an OpenAIServer.
+"""The FastAPI app: /v1/models, /v1/chat/completions, /v1/completions over an OpenAIServer, and the chat page.
 
 Streamed answers are server-sent events: `data: {chunk}` lines, then `data: [DONE]`. Every error,
 FastAPI's own included, has OpenAI's shape (errors.py). The OpenAPI schema says what this server serves.
+Each answer tells its route: the `X-Torchnode-Route` header (the chain the session opened on) and, on the
+finished choice, the `torchnode` extension (route at the end, nodes replaced, verified, timing). With API
+keys (auth.py), /v1/* needs `Authorization: Bearer KEY`; /chat is a static page that asks for the key.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
@@ -18,8 +21,11 @@ from starlette.exceptions import HTTPException
 
 from ..client.model import AsyncDistributedModel
 from ..protocol.version import __version__
+from .auth import ApiKeys
+from .chat_page import chat_page
 from .errors import SWARM_ERRORS, ApiError, failure, validation_error
-from .handlers import OpenAIServer
+from .handlers import OpenAIServer, Streamed
+from .jobs import ROUTE_HEADER, route_header
 from .schema import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -32,41 +38,76 @@ from .schema import (
 
 log = logging.getLogger(__name__)
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 404, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 503)}
 STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
-def create_app(model: AsyncDistributedModel, served_name: str, context_length: int | None = None) -> FastAPI:
+def create_app(
+    model: AsyncDistributedModel,
+    served_name: str,
+    context_length: int | None = None,
+    api_keys: ApiKeys | None = None,
+) -> FastAPI:
     """The FastAPI app serving `model` as `served_name`.
 
     context_length: prompt + completion tokens a request may use [default: the model's
     max_position_embeddings, at most 2048]; max_tokens defaults to what is left of it in chat.
+    api_keys: the keys /v1/* requests must present (`Authorization: Bearer KEY`); None or empty: open.
     """
     server = OpenAIServer(model, served_name, context_length)
+    keys = api_keys or ApiKeys()
+
+    async def authorized(request: Request) -> None:
+        keys.check(request.headers.get("authorization"))
+
     app = FastAPI(
         title="torchnode OpenAI-compatible API",
         version=__version__,
         description=f"Serves {served_name!r} from a torchnode swarm. Errors have OpenAI's shape.",
     )
     app.state.server = server
+    guarded = [Depends(authorized)]
 
-    @app.get("/v1/models", response_model=ModelList)
+    @app.get("/v1/models", response_model=ModelList, dependencies=guarded)
     async def list_models() -> ModelList:
         return await server.models()
 
-    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS)
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERRORS, dependencies=guarded)
     async def retrieve_model(model_id: str) -> ModelCard:
         return await server.model_card(model_id)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERRORS, **STREAMED})
-    async def chat_completions(body: ChatCompletionRequest):
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses={**ERRORS, **STREAMED},
+        dependencies=guarded,
+    )
+    async def chat_completions(body: ChatCompletionRequest, response: Response):
         result = await server.chat(body)
-        return result if isinstance(result, ChatCompletion) else event_stream(result)
+        if isinstance(result, Streamed):
+            return event_stream(result)
+        response.headers[ROUTE_HEADER] = route_header(result.choices[0].torchnode.route)
+        return result
 
-    @app.post("/v1/completions", response_model=Completion, responses={**ERRORS, **STREAMED})
-    async def completions(body: CompletionRequest):
+    @app.post("/v1/completions", response_model=Completion, responses={**ERRORS, **STREAMED}, dependencies=guarded)
+    async def completions(body: CompletionRequest, response: Response):
         result = await server.complete(body)
-        return result if isinstance(result, Completion) else event_stream(result)
+        if isinstance(result, Streamed):
+            return event_stream(result)
+        info = result.choices[0].torchnode
+        response.headers[ROUTE_HEADER] = route_header(info.route if info else [])
+        return result
+
+    @app.get("/chat", include_in_schema=False)
+    async def chat() -> Response:
+        page, policy = chat_page()
+        headers = {"Content-Security-Policy": policy, "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+        return Response(page, media_type="text/html; charset=utf-8", headers=headers)
+
+    @app.get("/chat/config", include_in_schema=False)
+    async def chat_config() -> dict:
+        """What the page shows before the first answer (no key needed: nothing here is secret)."""
+        return {"model": served_name, "verify": bool(model.config.verify), "api_key_required": bool(keys)}
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
@@ -91,9 +132,11 @@ def create_app(model: AsyncDistributedModel, served_name: str, context_length: i
     return app
 
 
-def event_stream(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
+def event_stream(streamed: Streamed) -> StreamingResponse:
     """Chunks as server-sent events, then `[DONE]`; an error mid-stream travels as an event in OpenAI's
-    shape (the status line is gone; the openai client raises it)."""
+    shape (the status line is gone; the openai client raises it). A client that disconnects (the chat page's
+    stop button) cancels the stream, and with it the sessions on the nodes (jobs.run_job)."""
+    chunks: AsyncIterator[BaseModel] = streamed.chunks
 
     async def body() -> AsyncIterator[str]:
         try:
@@ -106,7 +149,8 @@ def event_stream(chunks: AsyncIterator[BaseModel]) -> StreamingResponse:
             yield f"data: {failure(e).body().model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    headers = {"Cache-Control": "no-cache", ROUTE_HEADER: streamed.route}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
 
 def _openapi_describes_server(app: FastAPI, server: OpenAIServer) -> None:

@@ -28,15 +28,17 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.detail = status, ErrorDetail(message=message, type=type, param=param, code=code)
+        self.headers = headers
 
     def body(self) -> ErrorResponse:
         return ErrorResponse(error=self.detail)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body().model_dump(), status_code=self.status)
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
 
 
 def unsupported(param: str, message: str) -> ApiError:

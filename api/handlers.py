@@ -21,7 +21,7 @@ from ..client.model import DEFAULT_MAX_LENGTH, AsyncDistributedModel
 from ..client.sampling import MIN_TEMPERATURE, SamplingParams
 from ..protocol.dht.coverage import coverage
 from .errors import ApiError, unsupported
-from .jobs import Job, Piece, first_and_rest, merge, run_job, usage_of
+from .jobs import Job, Piece, first_and_rest, merge, route_header, run_job, usage_of
 from .schema import (
     AssistantMessage,
     ChatChoice,
@@ -88,6 +88,14 @@ class SwarmAdapters:
         return AdapterListing(tuple(served), frozenset(named), len(found))
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """A streamed answer: its chunks, and the route its (first) session opened on, for a response header."""
+
+    chunks: AsyncIterator
+    route: str
+
+
 class OpenAIServer:
     """The endpoints' logic, free of HTTP: requests in, response models (or chunk iterators) out."""
 
@@ -115,7 +123,7 @@ class OpenAIServer:
             raise self._no_adapter(model_id, adapter)
         return ModelCard(id=model_id, created=self.created)
 
-    async def chat(self, body: ChatCompletionRequest) -> ChatCompletion | AsyncIterator[ChatCompletionChunk]:
+    async def chat(self, body: ChatCompletionRequest) -> ChatCompletion | Streamed:
         adapter = await self._check_common(body)
         if body.logprobs:
             raise unsupported("logprobs", "log probabilities are not supported")
@@ -130,12 +138,14 @@ class OpenAIServer:
         header = self._header(f"chatcmpl-{uuid.uuid4().hex}", body.model)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._chat_chunks(header, await first_and_rest(events), [job], include_usage)
+            chunks = self._chat_chunks(header, await first_and_rest(events), [job], include_usage)
+            return Streamed(chunks, route_header(job.route))
         texts, finish = await self._collect(events, 1)
-        choice = ChatChoice(index=0, message=AssistantMessage(content=texts[0]), finish_reason=finish[0])
+        message = AssistantMessage(content=texts[0])
+        choice = ChatChoice(index=0, message=message, finish_reason=finish[0], torchnode=job.info())
         return ChatCompletion(**header, choices=[choice], usage=usage_of([job]))
 
-    async def complete(self, body: CompletionRequest) -> Completion | AsyncIterator[Completion]:
+    async def complete(self, body: CompletionRequest) -> Completion | Streamed:
         adapter = await self._check_common(body)
         if body.suffix:
             raise unsupported("suffix", "insertion (suffix) is not supported")
@@ -157,9 +167,13 @@ class OpenAIServer:
         header = self._header(f"cmpl-{uuid.uuid4().hex}", body.model)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self._completion_chunks(header, await first_and_rest(events), jobs, include_usage)
+            chunks = self._completion_chunks(header, await first_and_rest(events), jobs, include_usage)
+            return Streamed(chunks, route_header(jobs[0].route))
         texts, finish = await self._collect(events, len(jobs))
-        choices = [CompletionChoice(index=i, text=texts[i], finish_reason=finish[i]) for i in range(len(jobs))]
+        choices = [
+            CompletionChoice(index=i, text=texts[i], finish_reason=finish[i], torchnode=jobs[i].info())
+            for i in range(len(jobs))
+        ]
         return Completion(**header, choices=choices, usage=usage_of(jobs))
 
     # ---- streams
@@ -172,7 +186,8 @@ class OpenAIServer:
         self, header: dict, events: AsyncIterator[Piece], jobs: list[Job], include_usage: bool
     ) -> AsyncIterator[ChatCompletionChunk]:
         def chunk(delta: ChatDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
-            choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason)
+            info = jobs[0].info() if finish_reason else None
+            choice = ChatChunkChoice(index=0, delta=delta, finish_reason=finish_reason, torchnode=info)
             return ChatCompletionChunk(**header, choices=[choice])
 
         yield chunk(ChatDelta(role="assistant", content=""))
@@ -191,7 +206,10 @@ class OpenAIServer:
         async with contextlib.aclosing(events):
             async for piece in events:
                 if piece.text or piece.finish_reason:
-                    choice = CompletionChoice(index=piece.index, text=piece.text, finish_reason=piece.finish_reason)
+                    info = jobs[piece.index].info() if piece.finish_reason else None
+                    choice = CompletionChoice(
+                        index=piece.index, text=piece.text, finish_reason=piece.finish_reason, torchnode=info
+                    )
                     yield Completion(**header, choices=[choice])
         if include_usage:
             yield Completion(**header, choices=[], usage=usage_of(jobs))

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..client.model import AsyncDistributedModel
 from ..client.sampling import SamplingParams
-from .schema import Usage
+from ..client.session import Hop
+from ..client.text_stream import text_pieces
+from ..protocol.wire.identity import peer_id_of
+from .schema import AnswerInfo, RouteHop, Usage
 
 
 @dataclass
@@ -26,10 +30,30 @@ class Job:
     echo: str = ""  # text to put before the completion
     completion_tokens: int = 0  # counted as the job runs
     adapter: str | None = None  # LoRA adapter (model "BASE:ADAPTER"); None: the server's default
+    first_route: list[RouteHop] = field(default_factory=list)  # the chain the session opened on
+    route: list[RouteHop] = field(default_factory=list)  # the chain now (a failed node's blocks re-routed)
+    verified: bool = False  # the session checks every hop (--verify)
+    started: float = 0.0  # time.perf_counter() when the job started
+    first_token_at: float | None = None
+    last_token_at: float | None = None
 
     @property
     def prompt_tokens(self) -> int:
         return self.ids.shape[1]
+
+    def info(self) -> AnswerInfo:
+        """How the swarm served the job: its route (and the nodes replaced on the way), its timing."""
+        first, last, n = self.first_token_at, self.last_token_at, self.completion_tokens
+        speed = (n - 1) / (last - first) if first is not None and last is not None and n > 1 and last > first else None
+        now = {(h.address, h.start, h.end) for h in self.route}
+        return AnswerInfo(
+            route=self.route,
+            replaced=[h for h in self.first_route if (h.address, h.start, h.end) not in now],
+            verified=self.verified,
+            time_to_first_token_s=None if first is None else round(first - self.started, 4),
+            tokens_per_second=None if speed is None else round(speed, 2),
+            completion_tokens=n,
+        )
 
 
 @dataclass(frozen=True)
@@ -40,15 +64,63 @@ class Piece:
 
 
 async def run_job(model: AsyncDistributedModel, job: Job) -> AsyncIterator[Piece]:
-    """The job's text as it is generated (AsyncDistributedModel.generate_text), echo first."""
+    """The job's text as it is generated, echo first. The job opens its own session, so that it can tell the
+    route it took (Job.info). When the caller goes away (an HTTP client that disconnects: the chat page's stop
+    button), the node streams are cancelled at once and every node frees the session."""
+    job.started = time.perf_counter()
     if job.echo:
         yield Piece(job.index, job.echo)
     options = model.generation.override(adapter=job.adapter)  # None: the server's --adapter
-    pieces = model.generate_text(job.ids, job.params, options=options)
-    async with contextlib.aclosing(pieces):  # closing it closes the session
-        async for piece in pieces:
-            job.completion_tokens = piece.tokens
-            yield Piece(job.index, piece.text, piece.finish_reason)
+    session = None
+    if job.params.max_new_tokens > 0:  # 0: nothing to generate, so no session to open
+        session = await model.open_session(job.prompt_tokens + job.params.max_new_tokens, 1, options)
+        job.first_route = job.route = route_of(model, session.hops)
+        job.verified = session.verifier is not None
+    try:
+        new_ids = model.generate_ids(job.ids, job.params, session=session, options=options)
+        async with contextlib.aclosing(text_pieces(model.tokenizer, new_ids, job.params, model.eos_ids)) as pieces:
+            async for piece in pieces:
+                if piece.tokens and piece.tokens != job.completion_tokens:
+                    job.last_token_at = time.perf_counter()
+                    job.first_token_at = job.first_token_at or job.last_token_at
+                job.completion_tokens = piece.tokens
+                if session is not None:
+                    job.route = route_of(model, session.hops)
+                yield Piece(job.index, piece.text, piece.finish_reason)
+    except BaseException:  # cancelled or closed early (the client left), or failed: drop the node streams now
+        if session is not None:
+            session.abort()
+        raise
+    finally:
+        if session is not None:
+            await session.close()
+
+
+ROUTE_HEADER = "X-Torchnode-Route"
+
+
+def route_header(route: list[RouteHop]) -> str:
+    """A route as one header line: `ADDRESS START:END tls|plaintext[ relayed], ...` in block order."""
+    return ", ".join(
+        f"{h.address} {h.start}:{h.end} {'tls' if h.tls else 'plaintext' if h.tls is False else 'link-unknown'}"
+        + (" relayed" if h.relayed else "")
+        for h in route
+    )
+
+
+def route_of(model: AsyncDistributedModel, hops: list[Hop]) -> list[RouteHop]:
+    relayed = model.source.relayed
+    return [
+        RouteHop(
+            address=h.node.address,
+            peer_id=peer_id_of(key) if (key := getattr(h.node, "expected_key", None)) else None,
+            start=h.start,
+            end=h.end,
+            tls=h.node.encrypted,
+            relayed=h.node.address in relayed,
+        )
+        for h in hops
+    ]
 
 
 def usage_of(jobs: list[Job]) -> Usage:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from ..client.model import AsyncDistributedModel
 from ..protocol.serving import bind_tcp, bounded, serve_http, until_signal, url_of
 from .app import create_app
+from .auth import ApiKeys
 
 
 async def run_api(
@@ -22,10 +23,12 @@ async def run_api(
     *,
     served_name: str | None = None,
     context_length: int | None = None,
+    api_keys: ApiKeys | None = None,
     **model_kwargs,
 ) -> None:
     """Serves the OpenAI API until SIGINT or SIGTERM; model_kwargs go to AsyncDistributedModel.from_pretrained
-    (identity_path, expected_keys, wire_dtype, step_timeout). Port 0 picks a free port (named in the ready line)."""
+    (identity_path, expected_keys, wire_dtype, step_timeout). Port 0 picks a free port (named in the ready line).
+    api_keys: keys /v1/* requests must present (none: open)."""
     sock = bind_tcp(host, port, "the OpenAI API")  # before loading anything, so a port in use fails at once
     name = served_name or model
     try:
@@ -33,10 +36,14 @@ async def run_api(
         core = await AsyncDistributedModel.from_pretrained(model, peers, initial_peers, **model_kwargs)
 
         def ready() -> None:
-            on_status(f"ready: OpenAI API at {url_of(sock, '/v1')} serving model {name!r}")
+            locked = f", {len(api_keys.keys)} API key(s) required" if api_keys else ""
+            on_status(
+                f"ready: OpenAI API at {url_of(sock, '/v1')} serving model {name!r}, chat page at "
+                f"{url_of(sock, '/chat')}{locked}"
+            )
 
         try:
-            await serve_http(create_app(core, name, context_length), sock, until_signal(), ready)
+            await serve_http(create_app(core, name, context_length, api_keys), sock, until_signal(), ready)
         finally:
             await bounded(core.close(), "closing the model's peer source")
     finally:

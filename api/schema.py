@@ -101,7 +101,42 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
+class RouteHop(BaseModel):
+    """One node of the chain an answer took."""
+
+    address: str = Field(description="host:port the client dialled (a relay's port when relayed)")
+    peer_id: str | None = Field(None, description="the node's peer id (hash of its Ed25519 key)")
+    start: int = Field(description="first block it served")
+    end: int = Field(description="block after its last")
+    tls: bool | None = Field(None, description="the link is TLS (false: --insecure plaintext; null: not known)")
+    relayed: bool = Field(False, description="reached through a relay (the node is behind a NAT)")
+
+
+class AnswerInfo(BaseModel):
+    """Extension `torchnode` on a finished choice: how the swarm served it (the chat page shows it)."""
+
+    route: list[RouteHop] = Field(description="the chain at the end of the answer, in block order")
+    replaced: list[RouteHop] = Field(
+        default_factory=list, description="nodes of the first chain that failed mid-answer and were replaced"
+    )
+    verified: bool = Field(description="every hop's outputs were recomputed elsewhere and matched (--verify)")
+    time_to_first_token_s: float | None = Field(None, description="from the request to the first new token")
+    tokens_per_second: float | None = Field(None, description="decode speed after the first token")
+    completion_tokens: int = 0
+
+
+class _WithAnswerInfo(BaseModel):
+    torchnode: AnswerInfo | None = Field(None, description="extension, on a finished choice: route and timing")
+
+    @model_serializer(mode="wrap")
+    def _drop_missing_info(self, handler) -> dict:  # only the finished choice carries it
+        out = handler(self)
+        if out.get("torchnode") is None:
+            out.pop("torchnode", None)
+        return out
+
+
+class ChatChoice(_WithAnswerInfo):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason
@@ -132,7 +167,7 @@ class ChatDelta(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(_WithAnswerInfo):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason | None = None
@@ -145,7 +180,7 @@ class ChatCompletionChunk(_Response):
     usage: Usage | None = None
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_WithAnswerInfo):
     index: int
     text: str
     finish_reason: FinishReason | None

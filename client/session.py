@@ -324,6 +324,13 @@ class InferenceSession:
         i = next(i for i, h in enumerate(self.hops) if h is hop)
         self.hops[i : i + 1] = replacement
 
+    def abort(self) -> None:
+        """Drops every hop's stream now, without waiting for the nodes (the caller went away): each node sees
+        the stream cancelled and frees the session's cache at once."""
+        for hop in self.hops:
+            if hop.stream is not None:
+                hop.stream.abort()
+
     async def close(self) -> None:
         if self.verifier is not None:
             await self.verifier.close()

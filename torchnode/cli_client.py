@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -97,11 +98,31 @@ def api(
     context_length: Annotated[
         int | None, typer.Option(min=1, help="prompt + completion limit [default: the model's, at most 2048]")
     ] = None,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="key /v1/* requests must give as 'Authorization: Bearer KEY' (repeatable); keys in "
+            "$TORCHNODE_API_KEY (separated by spaces) and --api-key-file are added [default: none, the API is open]",
+        ),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None, typer.Option(help="file of API keys, one per line ('#' starts a comment); adds to --api-key")
+    ] = None,
 ) -> None:
-    """Serve an OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions) over the swarm."""
+    """Serve an OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions) and a chat page
+    (/chat) over the swarm."""
     warn_if_insecure(client.insecure)
     peers, initial_peers = client.peer_lists()
+    from torchnode.api.auth import ApiKeyError, ApiKeys, keys_from_environment, read_key_file
     from torchnode.api.runner import run_api
+
+    try:
+        from_file = read_key_file(api_key_file) if api_key_file else []
+        keys = ApiKeys([*(api_key or ()), *keys_from_environment(), *from_file])
+    except ApiKeyError as e:
+        raise typer.BadParameter(str(e), param_hint="--api-key-file" if api_key_file else "--api-key") from None
+    if not keys and host not in ("127.0.0.1", "::1", "localhost"):
+        err.print(f"[yellow]warning:[/] the API listens on {host} with no --api-key: anyone who reaches it can use it")
 
     status = lambda m: err.print(f"[bold green]api[/] {m}", soft_wrap=True)  # noqa: E731
     with user_errors(), draft_errors(), contextlib.suppress(KeyboardInterrupt):  # Ctrl-C while the model loads
@@ -116,6 +137,7 @@ def api(
                 on_status=status,
                 served_name=served_model_name,
                 context_length=context_length,
+                api_keys=keys,
                 **options,
             )
         )
