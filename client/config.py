@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
 
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
+DRAFT_QUANT_MODES = ("none", "int8", "int4")  # a draft model's linears: as stored, 8-bit or 4-bit
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,13 @@ class GenerationOptions:
     draft_tokens: int = field(
         default=8, metadata={"help": "most tokens drafted per pass; fewer when drafts are rejected"}
     )
+    draft_quant: str = field(
+        default="none",
+        metadata={
+            "help": "run the --draft model here with 8- or 4-bit weights (int8, int4): cheaper drafts, the same"
+            " greedy output"
+        },
+    )
     prefill_chunk: int = 128  # tokens per chunk of a pipelined prefill of a longer input; 0 = one step
     adapter: str | None = field(
         default=None,
@@ -113,6 +121,8 @@ class GenerationOptions:
             raise ValueError(f"draft_tokens must be >= 0 (0 = no speculation), got {self.draft_tokens}")
         if self.prefill_chunk < 0:
             raise ValueError("prefill_chunk must be >= 0 (0 = the whole prompt in one step)")
+        if self.draft_quant not in DRAFT_QUANT_MODES:
+            raise ValueError(f"draft_quant must be one of {', '.join(DRAFT_QUANT_MODES)}, got {self.draft_quant!r}")
 
     def override(
         self, draft: str | None = None, draft_tokens: int | None = None, adapter: str | None = None

@@ -68,7 +68,7 @@ class AsyncDistributedModel:
         self.heads = HeadBatcher(self.head)  # every session's LM-head calls, merged when they coincide
         self.tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
         self.total_blocks = num_blocks(ckpt)
-        self._drafters: dict[str, Drafter] = {}
+        self._drafters: dict[tuple[str, str], Drafter] = {}  # (draft, draft_quant) -> the loaded drafter
         self.drafter(self.generation)  # a bad draft fails here, not at the first request
 
     @classmethod
@@ -191,14 +191,16 @@ class AsyncDistributedModel:
     def drafter(self, options: GenerationOptions) -> tuple[Drafter | None, int]:
         """The drafter and K of `options` (None, 0: plain decoding).
 
-        draft: "ngram" (prompt lookup) or a draft model with this model's tokenizer, loaded once and kept.
+        draft: "ngram" (prompt lookup) or a draft model with this model's tokenizer, loaded once (with its linears
+        in options.draft_quant's bits) and kept.
         """
         if not options.draft or options.draft_tokens == 0:
             return None, 0
-        if options.draft not in self._drafters:
+        key = (options.draft, options.draft_quant)
+        if key not in self._drafters:
             vocab = self.ckpt.hf_config.vocab_size
-            self._drafters[options.draft] = load_drafter(options.draft, self.tokenizer, vocab)
-        return self._drafters[options.draft], options.draft_tokens
+            self._drafters[key] = load_drafter(options.draft, self.tokenizer, vocab, options.draft_quant)
+        return self._drafters[key], options.draft_tokens
 
     def session(
         self,

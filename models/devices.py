@@ -62,8 +62,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes free for weights on `device` now: the GPU's free memory, or half the machine's RAM on the CPU
-    (the rest is for the OS, KV caches and activations). MPS shares the RAM, so it gets the CPU's answer."""
+    """Bytes a node may use on `device` when --max-memory is not given: the GPU's free memory now, or half the
+    machine's RAM on the CPU (the rest is the OS's and other programs'). MPS shares the RAM: the CPU's answer."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)

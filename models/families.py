@@ -18,7 +18,7 @@ from .deepseek.config import DeepseekV3Config
 from .gguf_q4 import read_gguf_q4_blocks, replaced_by_q4_blocks
 from .llama.config import LlamaConfig, rope_inverse_frequencies
 from .mixtral.config import MixtralConfig
-from .quantization import KEEP_FLOAT, check_mode, quantize_span
+from .quantization import KEEP_FLOAT, QuantizeReport, check_mode, quantize_linears
 from .qwen3_moe.config import Qwen3MoeConfig
 
 LAYER_PREFIX = "model.layers."
@@ -92,13 +92,27 @@ def load_span(
     def wanted(key: str) -> bool:
         return _block_index(key) in range(start, end) and _in_span(key) not in from_blocks and key not in replaced
 
-    tensors = ckpt.read_tensors(wanted, dtype, device)
-    tensors = {_in_span(k): v for k, v in tensors.items()}
-    for key in from_blocks:  # left on the meta device: the layer is built from its blocks, not from floats
-        tensors[key] = span.get_parameter(key)
-    span = _load(span, tensors, dtype)
+    if quant == "none":
+        tensors = {_in_span(k): v for k, v in ckpt.read_tensors(wanted, dtype, device).items()}
+        span = _load(span, tensors, dtype)
+    else:  # block by block, each quantized as soon as it is read: the peak is the quantized span plus one float block
+        check_mode(quant, torch.device(device))
+        report = QuantizeReport()
+        for i in range(start, end):
+            prefix = f"layers.{i}."
+            tensors = {
+                _in_span(k).removeprefix(prefix): v
+                for k, v in ckpt.read_tensors(lambda k, i=i: wanted(k) and _block_index(k) == i, dtype, device).items()
+            }
+            for key in from_blocks:  # left on the meta device: the layer is built from its blocks, not from floats
+                if key.startswith(prefix):
+                    tensors[key.removeprefix(prefix)] = span.get_parameter(key)
+            block = _load(span.layers[str(i)], tensors, dtype)
+            quantize_linears(block, quant, blocks, prefix.removesuffix("."), report)
+        if line := report.status(quant):
+            on_status(line)
     span.inv_freq = inv_freq.to(device)  # buffers are not in the checkpoint
-    return quantize_span(span, quant, blocks, on_status)
+    return span.eval().requires_grad_(False)
 
 
 def _in_span(key: str) -> str:

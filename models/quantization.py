@@ -50,6 +50,7 @@ states by 0.7 % from the file's codes, 1.6 % re-quantized.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -230,6 +231,53 @@ def _from_gguf(linear: nn.Linear, kind: str, blocks: torch.Tensor) -> Int4Linear
     return served
 
 
+@dataclass
+class QuantizeReport:
+    """What quantizing did so far, over one or several calls (a span loaded block by block)."""
+
+    linears: int = 0
+    from_codes: int = 0
+    kinds: set[str] = field(default_factory=set)
+
+    def status(self, mode: str) -> str | None:
+        """The one line `on_status` hears: for int4, how many linears came from which path."""
+        if mode != "int4":
+            return None
+        rest = f"{self.linears - self.from_codes} re-quantized from float weights"
+        if not self.from_codes:
+            return f"int4: {rest} (no GGUF Q4 blocks)"
+        kinds = "/".join(sorted(self.kinds))
+        codes = f"int4: {self.from_codes} of {self.linears} linears served from the GGUF's own {kinds} codes"
+        return codes + (f", {rest}" if self.from_codes < self.linears else "")
+
+
+def quantize_linears(
+    module: nn.Module,
+    mode: str,
+    gguf_blocks: dict[str, tuple[str, torch.Tensor]] | None = None,
+    prefix: str = "",
+    report: QuantizeReport | None = None,
+) -> QuantizeReport:
+    """Replaces, in place and one at a time, every linear of `module` (named `prefix` inside the span whose
+    names `gguf_blocks` uses) by its `mode` version; counts what it did into `report`."""
+    report = report if report is not None else QuantizeReport()
+    gguf_blocks = {} if gguf_blocks is None else gguf_blocks
+    for inner, parent in list(module.named_modules()):
+        path = ".".join(p for p in (prefix, inner) if p)
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and name not in KEEP_FLOAT:
+                report.linears += 1
+                raw = gguf_blocks.pop(f"{path}.{name}" if path else name, None)
+                if raw is not None:
+                    report.from_codes, report.kinds = report.from_codes + 1, report.kinds | {raw[0]}
+                    setattr(parent, name, _from_gguf(child, *raw))
+                elif child.weight.is_meta:
+                    raise ValueError(f"{path}.{name} has neither float weights nor GGUF Q4 blocks")
+                else:
+                    setattr(parent, name, _quantized(child, mode))
+    return report
+
+
 def quantize_span(
     span: nn.Module,
     mode: str,
@@ -247,31 +295,11 @@ def quantize_span(
     check_mode(mode, next(p.device for p in span.parameters() if not p.is_meta))
     if mode == "none":
         return span
-    gguf_blocks = {} if gguf_blocks is None else gguf_blocks
     if gguf_blocks and mode != "int4":
         raise ValueError(f"GGUF Q4 blocks are served by int4 only, not {mode}")
-    linears, from_codes, kinds = 0, 0, set()
-    for prefix, parent in list(span.named_modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and name not in KEEP_FLOAT:
-                linears += 1
-                raw = gguf_blocks.pop(f"{prefix}.{name}" if prefix else name, None)
-                if raw is not None:
-                    from_codes, kinds = from_codes + 1, kinds | {raw[0]}
-                    setattr(parent, name, _from_gguf(child, *raw))
-                elif child.weight.is_meta:
-                    raise ValueError(f"{prefix}.{name} has neither float weights nor GGUF Q4 blocks")
-                else:
-                    setattr(parent, name, _quantized(child, mode))
-    if mode == "int4":
-        rest = f"{linears - from_codes} re-quantized from float weights"
-        if not from_codes:
-            on_status(f"int4: {rest} (no GGUF Q4 blocks)")
-        else:
-            codes = (
-                f"int4: {from_codes} of {linears} linears served from the GGUF's own {'/'.join(sorted(kinds))} codes"
-            )
-            on_status(codes + (f", {rest}" if from_codes < linears else ""))
+    line = quantize_linears(span, mode, gguf_blocks).status(mode)
+    if line:
+        on_status(line)
     return span
 
 

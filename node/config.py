@@ -30,8 +30,12 @@ class SwarmConfig:
         metadata={"help": "blocks to serve when the swarm chooses [default: what fits --max-memory]"},
     )
     max_memory: int | None = field(
-        default=None, metadata={"help": "memory for weights, e.g. 8GiB [default: half the RAM]"}
-    )  # bytes; None: half of this machine's RAM
+        default=None,
+        metadata={
+            "help": "memory the node may use, e.g. 8GiB: weights + --cache-memory + a runtime allowance (768MiB on"
+            " CPU, the whole process; 1GiB of GPU memory on CUDA) [default: half the RAM, or the GPU's free memory]"
+        },
+    )  # bytes; None: half of this machine's RAM (node/server.py weight_budget)
     expiration: float = field(default=30.0, metadata={"help": "seconds a DHT record lives without refresh"})
     rebalance_period: float = field(
         default=120.0, metadata={"help": "seconds between rebalance checks; 0 = never move"}

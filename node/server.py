@@ -54,22 +54,42 @@ def grpc_options(limits: Limits) -> list[tuple[str, int]]:
     ]
 
 
-def blocks_that_fit(
-    ckpt: Checkpoint,
-    dtype: torch.dtype,
-    max_memory: int | None,
-    quant: str = "none",
-    device: torch.device | str = "cpu",
-) -> int:
-    """How many blocks' weights fit in `max_memory` bytes (default: the device's free memory now, or half the
-    RAM on the CPU), at `quant`'s bytes per weight (norms, scales and zeros are a rounding error)."""
-    if max_memory is None:
-        max_memory = free_memory(torch.device(device))
+# What a node process needs besides its weights and its KV cache budget (`--max-memory` covers all three):
+# on the CPU, Python + torch + transformers + gRPC + the DHT client after imports (~430-460 MiB measured),
+# the transient of loading (one tensor as stored plus as converted), and the activations of one batch of
+# --max-batch-tokens (a 256-token chunk against a long context); on a GPU, activations and the allocator's
+# slack on the device (the process's RAM is the host's, outside --max-memory).
+RUNTIME_ALLOWANCE = {"cpu": 768 << 20, "cuda": 1 << 30, "mps": 768 << 20}
+
+
+def weight_budget(max_memory: int | None, cache_bytes: int, device: torch.device | str = "cpu") -> int:
+    """Bytes left for weights when the node may use `max_memory` in all (default: the device's free memory,
+    or half the RAM on the CPU): what remains after the KV cache budget (--cache-memory) and the runtime
+    allowance of the device type. Raises ValueError naming the flags when nothing is left."""
+    device = torch.device(device)
+    total = free_memory(device) if max_memory is None else max_memory
+    allowance = RUNTIME_ALLOWANCE.get(device.type, RUNTIME_ALLOWANCE["cpu"])
+    left = total - cache_bytes - allowance
+    if left <= 0:
+        raise ValueError(
+            f"--max-memory {total / 2**20:.0f} MiB leaves nothing for weights after the KV cache budget "
+            f"(--cache-memory {cache_bytes / 2**20:.0f} MiB) and the runtime allowance ({allowance >> 20} MiB on "
+            f"{device.type}): raise --max-memory or lower --cache-memory"
+        )
+    return left
+
+
+def blocks_that_fit(ckpt: Checkpoint, dtype: torch.dtype, weight_bytes: int, quant: str = "none") -> int:
+    """How many blocks' weights fit in `weight_bytes` (what `weight_budget` leaves for them), at `quant`'s
+    bytes per weight (norms, scales and zeros are a rounding error)."""
     itemsize = {"int8": 1.0, "int4": 0.5 + 4 / GROUP_SIZE, "nf4": 0.5}.get(quant, dtype.itemsize)
     per_block = ckpt.parameter_count(lambda k: k.startswith(f"{LAYER_PREFIX}0.")) * itemsize
-    fits = max_memory // max(per_block, 1)
+    fits = weight_bytes // max(per_block, 1)
     if fits < 1:
-        raise ValueError(f"--max-memory {max_memory} bytes holds no block ({per_block:.0f} bytes each)")
+        raise ValueError(
+            f"--max-memory leaves {weight_bytes / 2**20:.0f} MiB for weights, less than one block "
+            f"({per_block / 2**20:.0f} MiB at {quant if quant != 'none' else dtype}): raise --max-memory"
+        )
     return min(int(fits), num_blocks(ckpt))
 
 
@@ -151,7 +171,11 @@ class Node:
             return c.start, c.end if c.end is not None else self.total
         if swarm is None:
             return 0, self.total
-        n = swarm.num_blocks or blocks_that_fit(self.ckpt, c.dtype, swarm.max_memory, c.quant, c.device)
+        if swarm.num_blocks:
+            n = swarm.num_blocks
+        else:
+            weights = weight_budget(swarm.max_memory, c.limits.cache_bytes, c.device)
+            n = blocks_that_fit(self.ckpt, c.dtype, weights, c.quant)
         start = choose_start(swarm_coverage(await self.servers(), self.total, self.identity.peer_id), n)
         return start, min(start + n, self.total)
 

@@ -19,7 +19,7 @@ from torchnode.models.checkpoint import resolve
 from torchnode.models.devices import OnDevice, default_dtype, free_memory, place, resolve_device
 from torchnode.models.families import LAYER_PREFIX, load_head, load_span
 from torchnode.node.limits import Limits
-from torchnode.node.server import NodeConfig, blocks_that_fit
+from torchnode.node.server import RUNTIME_ALLOWANCE, NodeConfig, blocks_that_fit, weight_budget
 from torchnode.node.span_backend import SpanBackend, SpanInfo
 
 CUDA = torch.cuda.is_available()
@@ -69,15 +69,20 @@ def test_defaults_on_the_cpu():
     assert NodeConfig(model="default", start=0, end=1, device="cpu", dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
-def test_blocks_that_fit_default_to_the_devices_free_memory(tiny):
+def test_max_memory_covers_weights_cache_and_runtime_and_defaults_to_the_devices_free_memory(tiny):
+    """--max-memory is what the node may use in all: weights get what the KV cache budget and the runtime
+    allowance leave; without it, the device's free memory (half the RAM on the CPU) is split the same way."""
     per_block = tiny.parameter_count(lambda k: k.startswith(f"{LAYER_PREFIX}0.")) * 4
     device = resolve_device("auto")
-    expected = min(free_memory(device) // per_block, tiny.hf_config.num_hidden_layers)
-    assert blocks_that_fit(tiny, torch.float32, None, device=device) == expected
-    assert blocks_that_fit(tiny, torch.float32, 3 * per_block, device=device) == 3
-    assert blocks_that_fit(tiny, torch.float32, per_block // 2, quant="int4", device=device) == 3  # 0.625 B/weight
-    with pytest.raises(ValueError, match="holds no block"):
-        blocks_that_fit(tiny, torch.float32, per_block // 2, device=device)
+    allowance, cache = RUNTIME_ALLOWANCE[device.type], 64 << 20
+    assert weight_budget(None, cache, device) == free_memory(device) - cache - allowance
+    assert weight_budget(allowance + cache + 3 * per_block, cache, device) == 3 * per_block
+    assert blocks_that_fit(tiny, torch.float32, 3 * per_block) == 3
+    assert blocks_that_fit(tiny, torch.float32, per_block // 2, quant="int4") == 3  # 0.625 B/weight
+    with pytest.raises(ValueError, match="less than one block"):
+        blocks_that_fit(tiny, torch.float32, per_block // 2)
+    with pytest.raises(ValueError, match="leaves nothing for weights.*--cache-memory"):
+        weight_budget(allowance + cache, cache, device)
 
 
 def test_on_device_wrapper_moves_nested_tensors_and_allocates_there(tiny):

@@ -32,6 +32,7 @@ from torchnode.client.speculative import (
 )
 from torchnode.client.sync_model import DistributedModel
 from torchnode.models.checkpoint import resolve
+from torchnode.models.quantization import Int4Linear, Int8Linear
 
 pytestmark = pytest.mark.swarm  # the process tier: real node processes / DHT peers
 
@@ -322,6 +323,22 @@ async def test_generation_with_chunked_prefill_equals_transformers(tiny_llama):
         node.shutdown()
 
 
+async def test_quantized_draft_of_smollm2_keeps_greedy_output_and_agrees_often(smollm2):
+    """`--draft default --draft-quant int4|int8`: SmolLM2 drafting for itself with 4- or 8-bit linears (int4
+    from the GGUF's own codes) is cheaper, not exact, so some drafts may be rejected; greedy output is still
+    plain greedy's, and the draft agrees with the fp32 target often enough that a pass yields several tokens."""
+    ids = smollm2.encode([{"role": "user", "content": "Write a short story about a lighthouse keeper."}])
+    plain = (await smollm2.generate(ids, max_new_tokens=32))[0, ids.shape[1] :].tolist()
+    for quant, linear in (("int4", Int4Linear), ("int8", Int8Linear)):
+        drafter = load_drafter("default", smollm2.tokenizer, smollm2.ckpt.hf_config.vocab_size, quant)
+        assert isinstance(drafter.model.lm_head, linear) and isinstance(
+            drafter.model.model.layers[0].mlp.up_proj, linear
+        )
+        got, stats = await run_speculative(smollm2, ids, SamplingParams(max_new_tokens=32), drafter)
+        assert got == plain, quant
+        assert stats.passes <= len(got) / 2.5, (quant, stats)  # measured: 8 passes for 32 tokens (int4)
+
+
 # ---- bad input
 
 
@@ -330,6 +347,10 @@ async def test_bad_draft_options_are_clear_errors(tiny, tmp_path):
         await tiny.generate(TINY_PROMPT, draft=str(tmp_path / "missing"), max_new_tokens=2)
     with pytest.raises(DraftError, match="does not use the target model's tokenizer"):
         load_drafter("default", tiny.tokenizer, 512)
+    with pytest.raises(DraftError, match="needs a draft model"):
+        load_drafter("ngram", tiny.tokenizer, 512, "int4")
+    with pytest.raises(DraftError, match="unknown draft quantization 'int3'"):
+        load_drafter(str(tmp_path), tiny.tokenizer, 512, "int3")
     with pytest.raises(ValueError, match="draft_tokens must be >= 0"):
         await tiny.generate(TINY_PROMPT, draft="ngram", draft_tokens=-1, max_new_tokens=2)
 
@@ -365,6 +386,22 @@ def test_real_nodes_with_drafts_equal_plain_greedy(tiny_llama):
         with DistributedModel.from_pretrained(str(tiny_llama), [n.address for n in nodes]) as model:
             out = model.generate(ids, draft=str(tiny_llama), max_new_tokens=NEW, ignore_eos=True)
             assert out[0, ids.shape[1] :].tolist() == expected
+        quantized = run_cli(
+            "generate",
+            str(tiny_llama),
+            TINY_PROMPT,
+            "--peers",
+            peers,
+            "--max-new-tokens",
+            str(NEW),
+            "--draft",
+            str(tiny_llama),
+            "--draft-quant",
+            "int8",
+        )
+        assert quantized.returncode == 0 and quantized.stdout == result.stdout, quantized.stderr
+        lone = run_cli("generate", str(tiny_llama), "Hi", "--peers", peers, "--draft-quant", "int4")
+        assert lone.returncode == 2 and "--draft-quant" in lone.stderr and "--draft MODEL" in lone.stderr
         bad = run_cli("generate", str(tiny_llama), "Hi", "--peers", peers, "--draft", "/no/such/model")
         assert bad.returncode == 2 and "--draft" in bad.stderr and "/no/such/model" in bad.stderr
     finally:

@@ -164,6 +164,21 @@ def draft_errors() -> Iterator[None]:
         raise typer.BadParameter(str(e), param_hint="--draft") from None
 
 
+def check_draft_quant(draft: str | None, draft_quant: str) -> None:
+    """--draft-quant quantizes a draft model: a bad mode, or one given without a draft model, is a usage error."""
+    from torchnode.client.config import DRAFT_QUANT_MODES
+
+    if draft_quant not in DRAFT_QUANT_MODES:
+        raise typer.BadParameter(
+            f"expected one of {', '.join(DRAFT_QUANT_MODES)}, got {draft_quant!r}", param_hint="--draft-quant"
+        )
+    if draft_quant != "none" and (not draft or draft == "ngram"):
+        raise typer.BadParameter(
+            f"{draft_quant} applies to a draft model: give --draft MODEL (e.g. --draft default)",
+            param_hint="--draft-quant",
+        )
+
+
 REACHABLE_HELP = flag_help(SwarmConfig, "reachable")
 
 
@@ -212,6 +227,9 @@ class ClientFlags:
     push: Annotated[bool, typer.Option("--push/--no-push", help=_client("push"))] = ClientConfig.push
     draft: Annotated[str | None, typer.Option(help=_generation("draft"))] = GenerationOptions.draft
     draft_tokens: Annotated[int, typer.Option(min=1, help=_generation("draft_tokens"))] = GenerationOptions.draft_tokens
+    draft_quant: Annotated[str, typer.Option(help=_generation("draft_quant") + " [choices: none, int8, int4]")] = (
+        GenerationOptions.draft_quant
+    )
     adapter: Annotated[
         str | None,
         typer.Option(
@@ -241,7 +259,10 @@ class ClientFlags:
             verify_window=self.verify_window,
             push=self.push,
         )
-        generation = GenerationOptions(draft=self.draft, draft_tokens=self.draft_tokens, adapter=self.adapter)
+        check_draft_quant(self.draft, self.draft_quant)
+        generation = GenerationOptions(
+            draft=self.draft, draft_tokens=self.draft_tokens, draft_quant=self.draft_quant, adapter=self.adapter
+        )
         return {
             "identity_path": self.identity,
             "insecure": self.insecure,
