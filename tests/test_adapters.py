@@ -137,7 +137,7 @@ def test_node_loads_only_its_span_tensors(tiny_llama, adapters):
 
 # ---- fine-tuning through the swarm (client/finetune.py)
 
-GRAD_TOLERANCE = 1e-5  # gradients vs a local peft model (fp32; measured: equal to the last bit on CPU)
+GRAD_TOLERANCE = 0.0  # gradients vs a local peft model (fp32, CPU): equal to the last bit, as the README says
 
 
 def sync_model(ckpt, nodes) -> DistributedModel:

@@ -413,7 +413,10 @@ def test_page_in_a_real_browser(swarm, tmp_path):
             page.locator(f'a.model-name[href="#/model/{swarm.model}"]').click()  # a page per model, with charts
             line = page.locator('.chart[data-chart="nodes_online"] path.line')
             line.wait_for(state="attached", timeout=15_000)  # a flat line has no height: "hidden" to Playwright
-            assert int(line.get_attribute("data-points")) >= 2
+            points = int(line.get_attribute("data-points"))  # the line exists only from 2 samples on
+            assert line.get_attribute("d").count("L") == points - 1  # one vertex per sample of the history
+            now = page.locator('.chart[data-chart="nodes_online"] h3 b').inner_text()
+            assert now == str(len(swarm.nodes)), f"the chart's latest value {now!r}, not the swarm's online nodes"
             assert page.locator(".charts .chart").count() >= 4
             assert page.locator("section.model").count() == 1
             assert page.locator(f'section.model[data-model="{swarm.other}"]').count() == 0

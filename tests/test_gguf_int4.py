@@ -32,7 +32,8 @@ LINEARS = (
     "mlp.up_proj",
     "mlp.down_proj",
 )
-GREEDY_TOKENS = 16  # measured: the first 32 tokens of PROMPTS[0] are fp32's
+GREEDY_TOKENS = 16
+NEAR_TIE = 0.1  # logits: where int4's own greedy answer leaves fp32's, fp32's top two are closer than this
 
 
 def q4_1_parts(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,15 +118,29 @@ def test_a_checkpoint_without_q4_blocks_is_re_quantized(tiny_llama):
 
 
 @pytest.mark.slow
-def test_int4_from_gguf_codes_answers_as_fp32(default_checkpoint):
-    """All 30 blocks from the GGUF's codes: the greedy answer to PROMPTS[0] is fp32's for its first 16
-    tokens (measured: 32 of 32; over the 4 prompts of test_quantization, next-token agreement with fp32 on
-    fp32's own answers is 127 of 128 positions)."""
+def test_int4_from_gguf_codes_answers_as_fp32_up_to_a_near_tie(default_checkpoint):
+    """All 30 blocks from the GGUF's codes. Fed fp32's greedy answer to PROMPTS[0], int4 picks fp32's next
+    token at every one of its 16 positions; generating on its own, it follows fp32 until a near-tie of fp32's
+    top two logits, where the kernel's rounding decides (measured on an AVX-512 CPU: 6 tokens, then a tie
+    0.019 apart; on the machine the README's first figure came from, all 32)."""
     tokenizer = AutoTokenizer.from_pretrained(default_checkpoint.path)
     head, total = load_head(default_checkpoint), default_checkpoint.hf_config.num_hidden_layers
     ids = chat_ids(tokenizer, PROMPTS[0])
     with torch.inference_mode():
-        expected = span_greedy(head, load_span(default_checkpoint, 0, total), ids, GREEDY_TOKENS)
+        fp32 = load_span(default_checkpoint, 0, total)
+        expected = span_greedy(head, fp32, ids, GREEDY_TOKENS)
         int4 = load_span(default_checkpoint, 0, total, quant="int4")
         assert all(isinstance(int4.get_submodule(f"layers.{i}.{n}"), Int4Linear) for i in range(total) for n in LINEARS)
-        assert span_greedy(head, int4, ids, GREEDY_TOKENS) == expected
+        text = torch.cat([ids, torch.tensor([expected])], dim=1)
+        fed = slice(ids.shape[1] - 1, -1)  # the logits that chose each of fp32's tokens
+        fp32_logits = head.logits(fp32(head.embed(text), 0, 0, total))[0, fed]  # (16, V)
+        int4_choice = head.logits(int4(head.embed(text), 0, 0, total))[0, fed].argmax(-1)  # (16,)
+        generated = span_greedy(head, int4, ids, GREEDY_TOKENS)
+    assert int4_choice.tolist() == expected, "fed fp32's answer, int4 chose another next token"
+    top2 = fp32_logits.topk(2, -1).values
+    margins = (top2[:, 0] - top2[:, 1]).tolist()
+    first = next((i for i, (a, b) in enumerate(zip(generated, expected, strict=True)) if a != b), None)
+    if first is not None:
+        assert margins[first] < NEAR_TIE, (
+            f"int4 left fp32's answer at token {first}, where fp32's margin is {margins[first]:.3f}"
+        )

@@ -138,6 +138,19 @@ async def test_a_pass_waits_for_every_decoding_member_then_runs_once(tiny_llama)
     assert rows == [3]  # not [1, 1, 1]: the first request waited for the two members still at their nodes
 
 
+def gathering(batcher: HeadBatcher) -> asyncio.Event:
+    """Set when the batcher's pass starts waiting for its members: the pass runs on until its first await,
+    which is that wait, before a task woken by the event runs. A pass that does not wait never sets it."""
+    started, gather = asyncio.Event(), batcher._gather
+
+    async def observed(loop, queue):
+        started.set()
+        await gather(loop, queue)
+
+    batcher._gather = observed
+    return started
+
+
 async def test_a_missing_member_holds_a_pass_only_max_wait_and_one_that_leaves_not_at_all(tiny_llama):
     head = load_head(resolve(str(tiny_llama)))
     rows = count_head_rows(head)
@@ -153,8 +166,9 @@ async def test_a_missing_member_holds_a_pass_only_max_wait_and_one_that_leaves_n
     with patient.decoding() as a:
         other = patient.decoding()
         other.__enter__()
+        waiting = gathering(patient)
         request = asyncio.ensure_future(patient.logits(hidden, a))
-        await asyncio.sleep(0.05)
-        assert not request.done()  # waiting for the other member
+        await asyncio.wait_for(waiting.wait(), 5.0)  # the pass waits for the other member
+        assert not request.done() and patient.passes == 0
         other.__exit__(None, None, None)  # it finished generating: the pass runs now
         await asyncio.wait_for(request, 5.0)

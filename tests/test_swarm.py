@@ -99,8 +99,8 @@ def test_default_swarm_weakest_span_kill_and_drain(coordinator, default_referenc
         # SIGKILL B: its records vanish within the expiration; A's replica serves its blocks.
         killed = nodes[1]
         killed.stop(signal.SIGKILL)
-        gone_after = wait_gone(coordinator, "SmolLM2-135M-Instruct", 30, killed.peer_id, EXPIRATION + 5)
-        assert gone_after <= EXPIRATION + 5
+        gone_after = wait_gone(coordinator, "SmolLM2-135M-Instruct", 30, killed.peer_id, 4 * EXPIRATION)
+        assert gone_after <= EXPIRATION + 5, f"records outlived their {EXPIRATION} s expiration: {gone_after:.1f} s"
         with DistributedModel.from_pretrained("default", initial_peers=[coordinator]) as model:
             assert model.generate(ids, max_new_tokens=40).tolist() == expected.tolist()
 
