@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,8 +38,9 @@ class AsyncChatSession:
         self.session = await self.model.open_session(self.max_length, options=self.options)
         return self
 
-    async def __aexit__(self, *exc) -> None:
-        await self.session.close()
+    async def __aexit__(self, *exc: object) -> None:
+        if self.session is not None:
+            await self.session.close()
 
     def _ids(self, prompt: Prompt, chat: bool) -> torch.Tensor:
         if isinstance(prompt, str) and not chat and self.history:  # plain text continues the conversation
@@ -54,7 +55,7 @@ class AsyncChatSession:
         draft: str | None = None,
         draft_tokens: int | None = None,
         **sampling: Any,
-    ) -> AsyncIterator[torch.Tensor]:
+    ) -> AsyncGenerator[torch.Tensor, None]:
         """draft, draft_tokens: this turn's (None: the conversation's); its adapter is the session's."""
         ids = self._ids(prompt, chat)
         if ids.shape[0] != 1:
@@ -87,6 +88,6 @@ class AsyncChatSession:
         draft: str | None = None,
         draft_tokens: int | None = None,
         **sampling: Any,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         new_ids, model = self.generate_ids(prompt, chat, draft, draft_tokens, **sampling), self.model
         return text_only(text_pieces(model.tokenizer, new_ids, SamplingParams(**sampling), model.eos_ids))

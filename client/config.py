@@ -69,6 +69,13 @@ class ClientConfig:
         },
     )
 
+    @property
+    def torch_wire_dtype(self) -> torch.dtype:
+        """wire_dtype as a torch dtype (__post_init__ turned a name into one)."""
+        if isinstance(self.wire_dtype, str):
+            raise TypeError("wire_dtype is still a name: ClientConfig.__post_init__ did not run")
+        return self.wire_dtype
+
     def __post_init__(self) -> None:
         """A dtype given by name becomes the torch dtype once; bad values fail here, naming the option."""
         if isinstance(self.wire_dtype, str):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 
 import hivemind
 
@@ -46,7 +47,12 @@ class PeerSource:
         raise NotImplementedError
 
     async def candidates(
-        self, model: str, revision: str, total_blocks: int, exclude: set[str] = frozenset(), adapter: str | None = None
+        self,
+        model: str,
+        revision: str,
+        total_blocks: int,
+        exclude: AbstractSet[str] = frozenset(),
+        adapter: str | None = None,
     ) -> list[tuple[Candidate, NodeClient]]:
         """Probed nodes serving exactly this checkpoint (and `adapter`, if named, as their Info says);
         addresses in `exclude` are not even probed."""
@@ -71,6 +77,7 @@ class PeerSource:
             )
             for node, p in zip(nodes, probes, strict=True)
             if p.info is not None
+            and p.rtt is not None
             and p.info.revision == revision
             and p.info.model == model
             and (self.allow_keys is None or p.info.public_key in self.allow_keys)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 
 import torch
-from torch import nn
 
+from ..models.block import Head
 from .head_batcher import HeadBatcher
 from .sampling import SamplingParams, next_tokens
 from .session import InferenceSession
@@ -18,7 +18,7 @@ from .speculative import Drafter, speculative_ids
 
 
 async def generate_ids(
-    head: nn.Module | HeadBatcher,
+    head: Head | HeadBatcher,
     session: InferenceSession,
     input_ids: torch.Tensor,
     params: SamplingParams,

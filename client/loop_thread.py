@@ -24,7 +24,7 @@ class LoopThread:
         try:
             while True:
                 try:
-                    yield self.run(agen.__anext__())
+                    yield self.run(_next(agen))
                 except StopAsyncIteration:
                     return
         finally:
@@ -35,3 +35,8 @@ class LoopThread:
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=5)
+
+
+async def _next(agen: AsyncIterator[T]) -> T:
+    """The next item as a coroutine (what run_coroutine_threadsafe takes; __anext__ gives an awaitable)."""
+    return await anext(agen)

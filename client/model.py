@@ -10,12 +10,14 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from transformers import AutoTokenizer
+from typing_extensions import TypeIs
 
 from ..models.checkpoint import Checkpoint, resolve
 from ..models.devices import place, resolve_device
@@ -44,6 +46,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_LENGTH = 2048
 T = TypeVar("T")
 Prompt = str | Sequence[dict] | torch.Tensor  # text, chat messages, or token ids (B, T)
+
+
+def _texts(prompt: Prompt | list[str]) -> TypeIs[list[str]]:
+    """A batch of text prompts (a list of chat messages is one prompt)."""
+    return isinstance(prompt, list) and all(isinstance(p, str) for p in prompt)
 
 
 class AsyncDistributedModel:
@@ -110,7 +117,7 @@ class AsyncDistributedModel:
 
     # ---- routing and sessions
     async def candidates(
-        self, exclude: set[str] = frozenset(), adapter: str | None = None
+        self, exclude: AbstractSet[str] = frozenset(), adapter: str | None = None
     ) -> list[tuple[Candidate, NodeClient]]:
         """The live nodes of this checkpoint routing may use: allowed keys, none that failed recently or lied,
         nor in `exclude`; with `adapter`, only those serving it."""
@@ -120,7 +127,11 @@ class AsyncDistributedModel:
         )
 
     async def route(
-        self, start: int = 0, end: int | None = None, exclude: set[str] = frozenset(), adapter: str | None = None
+        self,
+        start: int = 0,
+        end: int | None = None,
+        exclude: AbstractSet[str] = frozenset(),
+        adapter: str | None = None,
     ) -> list[Hop]:
         """Fresh hops covering blocks [start, end), avoiding nodes that failed recently or lied, and `exclude`;
         with `adapter`, only nodes that serve that LoRA adapter."""
@@ -151,7 +162,7 @@ class AsyncDistributedModel:
             await router(),
             max_length,
             batch_size,
-            config.wire_dtype,
+            config.torch_wire_dtype,
             config.step_timeout,
             router=router,
             on_failure=lambda node: self.bans.ban(node.address),
@@ -241,7 +252,7 @@ class AsyncDistributedModel:
         session: InferenceSession | None = None,
         cached: int = 0,
         options: GenerationOptions | None = None,
-    ) -> AsyncIterator[torch.Tensor]:
+    ) -> AsyncGenerator[torch.Tensor, None]:
         """Next token ids (B,) step by step; opens (and closes) a session unless given one.
 
         options: speculative decoding (see `drafter`; greedy output is plain greedy's) and, for the session
@@ -277,7 +288,7 @@ class AsyncDistributedModel:
         """
         options = self.generation.override(draft, draft_tokens, adapter)
         params = SamplingParams(**sampling)
-        if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        if _texts(prompt):
             return list(await asyncio.gather(*(self._generate(p, chat, params, options) for p in prompt)))
         return await self._generate(prompt, chat, params, options)
 
@@ -290,7 +301,7 @@ class AsyncDistributedModel:
 
     async def generate_text(
         self, prompt: Prompt, params: SamplingParams, chat: bool = False, options: GenerationOptions | None = None
-    ) -> AsyncIterator[TextPiece]:
+    ) -> AsyncGenerator[TextPiece, None]:
         """One prompt's new text as it is generated: pieces, the last with the finish reason ("stop": EOS or
         a stop string, "length": max_new_tokens) and the number of tokens generated (see text_pieces)."""
         ids = self.encode(prompt, chat)
@@ -310,7 +321,7 @@ class AsyncDistributedModel:
         draft_tokens: int | None = None,
         adapter: str | None = None,
         **sampling: Any,
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Text pieces as they are generated (stop strings end the stream and are not included)."""
         options = self.generation.override(draft, draft_tokens, adapter)
         return text_only(self.generate_text(prompt, SamplingParams(**sampling), chat, options))

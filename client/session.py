@@ -66,6 +66,9 @@ class SessionVerifier(Protocol):
 
     async def close(self) -> None: ...
 
+    @property
+    def verified(self) -> int: ...  # outputs at positions below it are checked (or were never used)
+
 
 class InferenceSession:
     def __init__(
@@ -76,7 +79,7 @@ class InferenceSession:
         wire_dtype: torch.dtype = torch.float32,
         step_timeout: float = DEFAULT_STEP_TIMEOUT,
         router: Router | None = None,
-        on_failure: Callable[[NodeClient], None] = lambda node: None,
+        on_failure: Callable[[NodeClient], object] = lambda node: None,
         retry: RetryPolicy = DEFAULT_RETRY,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         adapter: str = "",
@@ -207,11 +210,11 @@ class InferenceSession:
         links = [os.urandom(16) for _ in range(n - 1)]  # the token hop i + 1 waits for, pushed by hop i
         pending = []
         for i, hop in enumerate(hops):
-            self._open(hop)
+            stream = self._open(hop)
             target = PushTarget(hops[i + 1].node.address, keys[i + 1], links[i]) if i + 1 < n else None
             upstream = (links[i - 1], keys[i - 1]) if i else (b"", b"")
             first = hidden if i == 0 else None
-            task = asyncio.ensure_future(hop.stream.pushed_step(first, position, timeout, target, *upstream))
+            task = asyncio.ensure_future(stream.pushed_step(first, position, timeout, target, *upstream))
             task.add_done_callback(_retrieved)  # a hop's error is handled where it is awaited, or when it is next used
             pending.append(task)
         x, supply = hidden, False  # supply: the client sends hop i its input (its predecessor did not push it)
@@ -254,16 +257,17 @@ class InferenceSession:
                     self._abandon(hops[i])
         return x
 
-    def _open(self, hop: Hop) -> None:
+    def _open(self, hop: Hop) -> NodeSession:
+        """The hop's session on its node, opened on first use."""
         if hop.stream is None:
             spec = SessionSpec(
                 self.id, hop.start, hop.end, self.max_length, self.batch_size, self.wire_dtype, self.adapter
             )
             hop.stream = hop.node.open_session(spec)
+        return hop.stream
 
     async def _send(self, hop: Hop, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        self._open(hop)
-        out = await hop.stream.step(hidden, position, self.step_timeout)
+        out = await self._open(hop).step(hidden, position, self.step_timeout)
         if self.verifier is not None:  # client/verification/verifier.py: checks every output before it is used
             self.verifier.observe(hop, position, out)
         return out
@@ -320,6 +324,10 @@ class InferenceSession:
         else:  # nothing to replay: the next step opens the new route
             self.on_failure(hop.node)
             self._abandon(hop)
+            if self.router is None:
+                raise NodeError(
+                    hop.node.address, "returned wrong outputs, and this session has no router to replace it"
+                )
             replacement = await self.router(hop.start, hop.end)
         i = next(i for i, h in enumerate(self.hops) if h is hop)
         self.hops[i : i + 1] = replacement

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..models.block import Head
 from .config import DRAFT_QUANT_MODES
 from .head_batcher import HeadBatcher
 from .sampling import SamplingParams, warped_logits
@@ -259,7 +260,7 @@ class SpeculationStats:
 
 
 async def speculative_ids(
-    head: nn.Module | HeadBatcher,
+    head: Head | HeadBatcher,
     session: InferenceSession,
     input_ids: torch.Tensor,
     params: SamplingParams,

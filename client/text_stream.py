@@ -7,7 +7,7 @@ the OpenAI API all read it. `TextStream` does the decoding for it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,8 +27,8 @@ class TextPiece:
 
 
 async def text_pieces(
-    tokenizer, new_ids: AsyncIterator[torch.Tensor], params: SamplingParams, eos_ids: Collection[int]
-) -> AsyncIterator[TextPiece]:
+    tokenizer, new_ids: AsyncGenerator[torch.Tensor, None], params: SamplingParams, eos_ids: Collection[int]
+) -> AsyncGenerator[TextPiece, None]:
     """The text of one sequence's new token ids (each a tensor (1,)) as it is generated.
 
     Yields pieces with text, then always one last piece (its text may be empty) with the finish reason
@@ -114,7 +114,7 @@ def _partial_suffix(text: str, stop: str) -> int:
     return 0
 
 
-async def text_only(pieces: AsyncIterator[TextPiece]) -> AsyncIterator[str]:
+async def text_only(pieces: AsyncGenerator[TextPiece, None]) -> AsyncGenerator[str, None]:
     """The pieces' text, empty ones left out (the stream() contract), closing `pieces` when closed."""
     async with contextlib.aclosing(pieces):
         async for piece in pieces:

@@ -8,6 +8,7 @@ A new family is one entry here.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from .quantization import KEEP_FLOAT, QuantizeReport, check_mode, quantize_linea
 from .qwen3_moe.config import Qwen3MoeConfig
 
 LAYER_PREFIX = "model.layers."
+M = TypeVar("M", bound=nn.Module)
 
 FAMILIES: dict[str, type[LlamaConfig]] = {
     "llama": LlamaConfig,
@@ -53,7 +55,7 @@ def _block_index(key: str) -> int | None:
     return int(key[len(LAYER_PREFIX) :].split(".", 1)[0])
 
 
-def _load(module: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+def _load(module: M, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> M:
     """Puts the read tensors into a meta-device module as its own parameters (`assign`: no second copy)."""
     missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)
     tensors.clear()  # the module holds them now; no reference may outlive a later conversion
@@ -71,7 +73,7 @@ def load_span(
     quant: str = "none",
     device: torch.device | str = "cpu",
     on_status: Callable[[str], None] = lambda _: None,
-) -> nn.Module:
+) -> Span:
     """Builds blocks [start, end) on `device` and reads only their weights, each converted to `dtype` and
     moved there as it is read, so the peak is the span plus one tensor; quant="int8"/"int4" stores linear
     weights in 8 or 4 bits (quantized on `device`, one layer at a time). With int4, a linear a GGUF file
@@ -136,7 +138,7 @@ def _gguf_q4_blocks(
     return {_in_span(key).removesuffix(".weight"): raw for key, raw in blocks.items()}
 
 
-def load_head(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
+def load_head(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Head:
     """Builds the client's part on `device`: embeddings, final norm, LM head."""
     config = config_of(ckpt)
     with torch.device("meta"):

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,7 @@ from torch import nn
 QUANT_MODES = ("none", "int8", "int4", "nf4")
 GROUP_SIZE = 32  # int4: inputs sharing one scale and zero (GGUF Q4 blocks are 32 too)
 CPU = torch.device("cpu")
+M = TypeVar("M", bound=nn.Module)
 KEEP_FLOAT = frozenset({"gate"})  # MoE routers: tiny, and a small error would flip the discrete top-k choice
 
 # torch's CPU kernel for int8 weights: fast with bf16 activations, 10-40x slower with fp32 or fp16 ones
@@ -279,11 +281,11 @@ def quantize_linears(
 
 
 def quantize_span(
-    span: nn.Module,
+    span: M,
     mode: str,
     gguf_blocks: dict[str, tuple[str, torch.Tensor]] | None = None,
     on_status: Callable[[str], None] = lambda _: None,
-) -> nn.Module:
+) -> M:
     """Returns `span` with its linear layers in `mode` ("none": unchanged); modules are replaced in place,
     one at a time, so the float weights of a layer are freed as soon as its quantized copy exists.
     int4 leaves float a linear whose input size is not a multiple of GROUP_SIZE (none in common models).

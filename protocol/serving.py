@@ -80,7 +80,13 @@ async def serve_http(
     """
     import uvicorn  # the `api` extra: only HTTP servers need it
 
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=grace)
+    # uvicorn annotates timeout_graceful_shutdown as int and uses it as a float timeout
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=grace,  # type: ignore[arg-type]  # see above: a float works
+    )
     config.load()
     server = uvicorn.Server(config)
     server.lifespan = config.lifespan_class(config)
@@ -96,5 +102,6 @@ async def serve_http(
         waiter.cancel()
         await bounded(main, "stopping the HTTP loop", grace)
         await bounded(server.shutdown(sockets=[sock]), "closing HTTP connections", grace + 1)
-    if main.done() and not main.cancelled() and main.exception() is not None:
-        raise main.exception()
+    failure = main.exception() if main.done() and not main.cancelled() else None
+    if failure is not None:
+        raise failure

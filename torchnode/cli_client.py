@@ -80,8 +80,10 @@ def chat(
                 conversation.append({"role": "user", "content": line.strip()})
                 console.print("[bold cyan]assistant>[/] ", end="")
                 reply = ""
-                sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-                for piece in session.stream(conversation, **sampling):
+                pieces = session.stream(
+                    conversation, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+                )
+                for piece in pieces:
                     reply += piece
                     console.print(piece, end="", markup=False)
                 console.print()

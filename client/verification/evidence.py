@@ -133,7 +133,7 @@ def read_evidence(path: Path) -> dict:
 def _exchanges(record: dict) -> list[tuple[pb.Step, pb.StepResult]]:
     """Parses the stream and checks every signature and that it is one session, step by step."""
     key = record["public_key"]
-    pairs = []
+    pairs: list[tuple[pb.Step, pb.StepResult]] = []
     for i, (raw_request, raw_reply) in enumerate(record["exchanges"]):
         request, reply = pb.Step.FromString(raw_request), pb.StepResult.FromString(raw_reply)
         try:

@@ -66,7 +66,11 @@ class Opinion:
     checks, so each check sends only the new window, as one prefill."""
 
     trusted = False  # the client's own computation decides alone
-    name = ""
+
+    @property
+    def name(self) -> str:
+        """Who holds this opinion, for messages."""
+        return ""
 
     def __init__(self, dtype: torch.dtype):
         self.dtype, self.valid, self.lock = dtype, 0, asyncio.Lock()  # valid: positions it holds that still stand

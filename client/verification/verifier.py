@@ -302,12 +302,12 @@ class Verifier:
 
     async def _opinion(self, hop: Hop, avoid: set[str], prefer_local: bool) -> Opinion:
         if prefer_local and self.local is not None:
-            return self._local(hop)
+            return self._local(hop, self.local)
         try:
             hops = await self.route(hop.start, hop.end, avoid)
         except NoRouteError:
             if self.local is not None:
-                return self._local(hop)
+                return self._local(hop, self.local)
             raise VerificationError(
                 f"cannot verify blocks {hop.start}:{hop.end} served by {hop.node.address}: no other node serves them "
                 f"and the client holds no local weights for them{self._with_adapter()}"
@@ -327,11 +327,11 @@ class Verifier:
         dtypes = [await self._dtype(h.node) for h in hops]
         return RemoteOpinion(session, max(dtypes, key=lambda d: torch.finfo(d).eps))
 
-    def _local(self, hop: Hop) -> LocalOpinion:
+    def _local(self, hop: Hop, local: Checkpoint) -> LocalOpinion:
         key = (hop.start, hop.end)
         if key not in self.locals:
             s = self.session
-            self.locals[key] = LocalOpinion(self.local, hop.start, hop.end, s.batch_size, s.max_length, self.adapter)
+            self.locals[key] = LocalOpinion(local, hop.start, hop.end, s.batch_size, s.max_length, self.adapter)
         return self.locals[key]
 
     def _with_adapter(self) -> str:

@@ -75,7 +75,7 @@ def encode_report(identity: Identity, report: FraudReport) -> bytes:
     return encode_signed(identity, report, body_fields, check_report_fields)
 
 
-def decode_report(value: bytes) -> FraudReport:
+def decode_report(value: object) -> FraudReport:
     """Parses and verifies a report value; raises RecordError saying what is wrong with it."""
     return decode_signed(value, check_report_fields, "fraud report")
 

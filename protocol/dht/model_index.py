@@ -62,7 +62,7 @@ def encode_entry(identity: Identity, entry: ModelEntry) -> bytes:
     return encode_signed(identity, entry, body_fields, check_entry_fields)
 
 
-def decode_entry(value: bytes) -> ModelEntry:
+def decode_entry(value: object) -> ModelEntry:
     """Parses and verifies an index value; raises RecordError saying what is wrong with it."""
     return decode_signed(value, check_entry_fields, "model entry")
 

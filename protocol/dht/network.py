@@ -14,8 +14,9 @@ from __future__ import annotations
 import gc
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from functools import partial
+from typing import Literal, overload
 
 import hivemind
 from hivemind.dht.node import DHTNode
@@ -104,9 +105,21 @@ def announce(
     return dht.run_coroutine(store, return_future=return_future)
 
 
+@overload
+def find_servers(
+    dht: hivemind.DHT, model: str, total_blocks: int, return_future: Literal[False] = False
+) -> dict[int, list[ServerRecord]]: ...
+
+
+@overload
+def find_servers(
+    dht: hivemind.DHT, model: str, total_blocks: int, return_future: Literal[True]
+) -> Awaitable[dict[int, list[ServerRecord]]]: ...
+
+
 def find_servers(
     dht: hivemind.DHT, model: str, total_blocks: int, return_future: bool = False
-) -> dict[int, list[ServerRecord]]:
+) -> dict[int, list[ServerRecord]] | Awaitable[dict[int, list[ServerRecord]]]:
     """{block: valid, unexpired server records} for every block in range(total_blocks), in one batched
     latest-value lookup. Blocks nobody serves map to an empty list."""
     return find_blocks(dht, model, range(total_blocks), return_future=return_future)

@@ -18,14 +18,26 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
-from typing import TypeVar
+from typing import Protocol, TypeGuard, TypeVar
 
 import msgpack
 
 from ..wire.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, peer_id_of, verify
 
 STATES = ("joining", "online", "draining")
-T = TypeVar("T")
+
+
+class SignerNamed(Protocol):
+    """A signed entry names its signer: the key its signature is checked against, and that key's peer id."""
+
+    @property
+    def public_key(self) -> bytes: ...
+
+    @property
+    def peer_id(self) -> str: ...
+
+
+T = TypeVar("T", bound=SignerNamed)
 MAX_BLOCKS = 1024  # no model has this many blocks; bounds the work a validator does per record
 MAX_RECORD_BYTES = 16 * 1024
 MAX_DHT_MADDRS = 16
@@ -122,12 +134,12 @@ def encode_record(identity: Identity, record: ServerRecord) -> bytes:
     return encode_signed(identity, record, body_fields, _check_fields)
 
 
-def decode_record(value: bytes) -> ServerRecord:
+def decode_record(value: object) -> ServerRecord:
     """Parses and verifies a DHT value; raises RecordError saying what is wrong with it."""
     return decode_signed(value, _check_fields, "record")
 
 
-def encode_signed(identity: Identity, entry, body_fields: dict, check: Callable[[dict], object]) -> bytes:
+def encode_signed(identity: Identity, entry: SignerNamed, body_fields: dict, check: Callable[[dict], object]) -> bytes:
     """Checks and signs the field map of a record dataclass that names its signer (`peer_id`, `public_key`):
     server records, model index entries, relay entries. Never signs what others would refuse."""
     if entry.public_key != identity.public_key or entry.peer_id != identity.peer_id:
@@ -136,7 +148,7 @@ def encode_signed(identity: Identity, entry, body_fields: dict, check: Callable[
     return sign_fields(identity, body_fields)
 
 
-def decode_signed(value: bytes, check: Callable[[dict], T], what: str) -> T:
+def decode_signed(value: object, check: Callable[[dict], T], what: str) -> T:
     """Opens a signed envelope, checks its fields with `check` and the signature with the key they name."""
     body_fields, body, signature = open_signed(value)
     entry = check(body_fields)
@@ -154,7 +166,7 @@ def sign_fields(identity: Identity, body_fields: dict) -> bytes:
     return value
 
 
-def open_signed(value: bytes) -> tuple[dict, bytes, bytes]:
+def open_signed(value: object) -> tuple[dict, bytes, bytes]:
     """(field map, signed bytes, signature) of an envelope made by `sign_fields`. The caller checks the
     fields, then the signature against the public key they name."""
     if not isinstance(value, bytes):
@@ -278,7 +290,7 @@ def _relay_peer_id(relay: object) -> str:
     return relay
 
 
-def is_int(x: object) -> bool:
+def is_int(x: object) -> TypeGuard[int]:
     return isinstance(x, int) and not isinstance(x, bool)
 
 

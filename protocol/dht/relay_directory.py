@@ -9,7 +9,9 @@ else out of the key. Store and lookup run inside the DHT's own process, as in `d
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, fields
+from typing import Literal, overload
 
 import hivemind
 from hivemind.dht.node import DHTNode
@@ -52,7 +54,7 @@ def encode_relay(identity: Identity, entry: RelayEntry) -> bytes:
     return encode_signed(identity, entry, body_fields, check_relay_fields)
 
 
-def decode_relay(value: bytes) -> RelayEntry:
+def decode_relay(value: object) -> RelayEntry:
     """Parses and verifies a directory value; raises RecordError saying what is wrong with it."""
     return decode_signed(value, check_relay_fields, "relay entry")
 
@@ -89,8 +91,16 @@ def announce_relay(dht: hivemind.DHT, identity: Identity, entry: RelayEntry, ret
     return store_signed(dht, RELAY_KEY, entry.peer_id, value, entry.expiration, return_future)
 
 
-def find_relays(dht: hivemind.DHT, return_future: bool = False) -> list[RelayEntry]:
-    """Every valid, unexpired relay entry, in one latest-value lookup."""
+@overload
+def find_relays(dht: hivemind.DHT, return_future: Literal[False] = False) -> list[RelayEntry]: ...
+
+
+@overload
+def find_relays(dht: hivemind.DHT, return_future: Literal[True]) -> Awaitable[list[RelayEntry]]: ...
+
+
+def find_relays(dht: hivemind.DHT, return_future: bool = False) -> list[RelayEntry] | Awaitable[list[RelayEntry]]:
+    """Every valid, unexpired relay entry, in one latest-value lookup (a future to await, with return_future)."""
     return dht.run_coroutine(_find_entries, return_future=return_future)
 
 

@@ -23,8 +23,11 @@ logger = get_logger(__name__)
 
 
 class Signed(Protocol):
-    peer_id: str  # the signer, whose id is the subkey
-    expiration: float
+    @property
+    def peer_id(self) -> str: ...  # the signer, whose id is the subkey
+
+    @property
+    def expiration(self) -> float: ...
 
 
 T = TypeVar("T", bound=Signed)

@@ -58,7 +58,7 @@ class GrpcNodeClient(NodeClient):
         self.channel: aio.Channel | None = None
         self._stub: pb_grpc.NodeStub | None = None
         self._connecting = asyncio.Lock()
-        self._push_call = None  # the Push stream to this node, opened by the first push
+        self._push_call: aio.StreamStreamCall | None = None  # the Push stream to this node, opened by the first push
         self._pushing = asyncio.Lock()
 
     async def stub(self, timeout: float | None = tls.DEFAULT_FETCH_TIMEOUT) -> pb_grpc.NodeStub:
@@ -113,7 +113,8 @@ class GrpcNodeClient(NodeClient):
             return NodeError(
                 self.address,
                 f"TLS handshake failed against the certificate pinned for peer "
-                f"{peer_id_of(self.expected_key)} (a man in the middle, or the node changed its certificate): "
+                f"{peer_id_of(self.expected_key) if self.expected_key else '?'} "
+                "(a man in the middle, or the node changed its certificate): "
                 f"{e.details()}",
                 "UNAVAILABLE",
             )
@@ -157,7 +158,9 @@ class GrpcNodeClient(NodeClient):
     async def audience(self, timeout: float | None) -> bytes:
         """The node's key, to address requests to; over plaintext with no key given, its first Info tells."""
         if self.expected_key is None:
-            await self.info(timeout)
+            await self.info(timeout)  # sets it, or raises
+        if self.expected_key is None:
+            raise NodeError(self.address, "the node's Info named no key to address requests to")
         return self.expected_key
 
     def open_session(self, spec: SessionSpec) -> NodeSession:
@@ -272,7 +275,7 @@ class GrpcNodeSession(NodeSession):
 
     def __init__(self, node: GrpcNodeClient, spec: SessionSpec):
         self.node, self.spec = node, spec
-        self.call = None
+        self.call: aio.StreamStreamCall | None = None
         self.next_step = 0
 
     async def step(self, hidden: torch.Tensor, position: int, timeout: float | None) -> torch.Tensor:
@@ -317,21 +320,22 @@ class GrpcNodeSession(NodeSession):
         """Sends one signed step and reads its reply, checked to be the node's answer to it."""
         node, address = self.node, self.node.address
         try:
-            if self.call is None:
+            call = self.call
+            if call is None:
                 stub = await node.stub(timeout)
                 await node.audience(timeout)
-                self.call = stub.Inference()
-            await asyncio.wait_for(self.call.write(node.sign("Inference", request)), timeout)
-            reply = await asyncio.wait_for(self.call.read(), timeout)
+                call = self.call = stub.Inference()
+            await asyncio.wait_for(call.write(node.sign("Inference", request)), timeout)
+            reply = await asyncio.wait_for(call.read(), timeout)
         except aio.AioRpcError as e:
             raise await node.call_error(e) from None
         except asyncio.InvalidStateError:  # the stream already ended: the node closed it or died
-            raise NodeError(address, await self._ended(), (await self.call.code()).name) from None
+            raise NodeError(address, *await self._ended()) from None
         except TimeoutError:
             self.abort()
             raise NodeError(address, f"no reply within {timeout}s", grpc.StatusCode.DEADLINE_EXCEEDED.name) from None
         if reply is aio.EOF:
-            raise NodeError(address, await self._ended(), (await self.call.code()).name)
+            raise NodeError(address, *await self._ended())
         node.check("Inference", reply, request)
         if reply.step != request.step:
             raise NodeError(address, f"reply to step {reply.step}, expected {request.step}")
@@ -346,8 +350,12 @@ class GrpcNodeSession(NodeSession):
         except tensor_codec.TensorFormatError as e:
             raise NodeError(self.node.address, f"malformed hidden states in reply: {e}") from None
 
-    async def _ended(self) -> str:
-        return f"stream ended: {await self.call.code()} {await self.call.details() or ''}".strip()
+    async def _ended(self) -> tuple[str, str]:
+        """(message, status name) of the stream the node ended."""
+        if self.call is None:
+            return "stream ended", "UNKNOWN"
+        code = await self.call.code()
+        return f"stream ended: {code} {await self.call.details() or ''}".strip(), code.name
 
     def abort(self) -> None:
         if self.call is not None:

@@ -96,9 +96,12 @@ def bound_key(cert_pem: bytes) -> bytes:
     except ValueError as e:
         raise BindingError(f"unreadable certificate: {e}") from None
     try:
-        binding = cert.extensions.get_extension_for_oid(BINDING_OID).value.value
+        extension = cert.extensions.get_extension_for_oid(BINDING_OID).value
     except x509.ExtensionNotFound:
         raise BindingError("the certificate carries no torchnode identity binding") from None
+    if not isinstance(extension, x509.UnrecognizedExtension):  # cryptography parses no extension of ours
+        raise BindingError("the certificate's identity binding is not an opaque extension")
+    binding = extension.value
     n = len(_DER_PREFIX)
     if len(binding) != n + PUBLIC_KEY_BYTES + len(_DER_MIDDLE) + SIGNATURE_BYTES or not (
         binding.startswith(_DER_PREFIX) and binding[n + PUBLIC_KEY_BYTES :].startswith(_DER_MIDDLE)
