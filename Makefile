@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast protos bench clean
+.PHONY: setup demo lint test test-fast protos bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
+
+# ruff (lint rules and formatting, pyproject's [tool.ruff]) and mypy (pyproject's [tool.mypy]); no processes, seconds
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python scripts/typecheck.py
 
 # two workers, each test module on one of them (process tests mostly wait on start-up; 2 cores suffice);
 # -rs prints every skip's reason (under TORCHNODE_CI=1, set by .ci/run, a skip other than a GPU one fails)
