@@ -8,14 +8,24 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
+
+import hivemind
 
 from ..protocol.dht.network import start_dht, visible_maddrs
 from ..protocol.serving import bounded, until_signal
 
 if TYPE_CHECKING:
-    from ..node.relay import RelaySetup
     from .dashboard import DashboardConfig
+
+
+class BesideDht(Protocol):
+    """A service the bootstrap peer runs on its own DHT until it stops: `coordinator --relay` passes node/relay.py's
+    RelaySetup. A protocol, so the coordinator needs no import of node/ (the README's layer order)."""
+
+    async def run(
+        self, dht: hivemind.DHT, host: str, announce_host: str | None, on_status: Callable[[str], None]
+    ) -> None: ...
 
 
 async def run_bootstrap(
@@ -26,7 +36,7 @@ async def run_bootstrap(
     on_status: Callable[[str], None] = print,
     dashboard: DashboardConfig | None = None,
     allow_keys: frozenset[bytes] | None = None,  # private swarm: accept DHT records only from these keys
-    relay: RelaySetup | None = None,  # --relay: also relay for nodes that cannot be dialled (node/relay.py)
+    relay: BesideDht | None = None,  # --relay: also relay for nodes that cannot be dialled (node/relay.py)
 ) -> None:
     sock = None
     if dashboard is not None:
