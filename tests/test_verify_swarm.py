@@ -38,7 +38,7 @@ def test_cli_verify_catches_a_dishonest_process_and_its_evidence_proves_it(tiny_
 
     home = tmp_path / "home"
     env = {"TORCHNODE_HOME": str(home)}
-    script = str(Path(__file__).with_name("dishonest_node.py"))
+    script = str(Path(__file__).parent / "helpers" / "dishonest_node.py")
     coordinator = spawn(
         [*TORCHNODE, "coordinator", "--port", str(free_port()), "--dashboard", "--http-port", "0", "--refresh", "1"],
         0,
