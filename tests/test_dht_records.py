@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 
 import hivemind
 import msgpack
@@ -426,3 +427,46 @@ def test_p2pd_listens_only_on_loopback(dht_peers):
             if conn.raddr:
                 assert conn.raddr.ip == "127.0.0.1", (process.name(), conn)
     assert listening >= len(dht_peers)
+
+
+async def _local_signers_in_dht(_dht, node, key: str) -> list[str]:
+    """The subkeys (peer ids) this peer itself stores under `key`: what it accepted, not what it can find."""
+    from hivemind.dht.routing import DHTID
+
+    found = node.protocol.storage.get(DHTID.generate(source=key))
+    if found is None or not hasattr(found.value, "items"):
+        return []
+    return sorted(MSGPackSerializer.loads(k) if isinstance(k, bytes) else k for k, _ in found.value.items())
+
+
+def local_signers(dht: hivemind.DHT, key: str) -> list[str]:
+    return dht.run_coroutine(partial(_local_signers_in_dht, key=key))
+
+
+@pytest.mark.swarm
+def test_a_private_swarm_refuses_records_of_unlisted_keys_at_every_peer():
+    """Three peers with --allow-keys (AllowListValidator) and one public peer that joins them. The public
+    peer stores two validly signed records at every peer: a member's is kept by all three listed peers,
+    a stranger's by none of them (each refuses it itself, whatever a client might filter later)."""
+    member, stranger = Identity.generate(), Identity.generate()
+    allowed = frozenset({member.public_key})
+    dhts = []
+    try:
+        dhts.append(start_dht([], allow_keys=allowed))
+        for _ in range(2):
+            dhts.append(start_dht(visible_maddrs(dhts[-1]), allow_keys=allowed))
+        outsider = start_dht(visible_maddrs(dhts[0]))  # no allow list: it takes any well-signed record
+        dhts.append(outsider)
+        ours, theirs = make_record(member, model="org/private"), make_record(stranger, model="org/private")
+        announce(outsider, member, ours)
+        announce(outsider, stranger, theirs)
+        for block in range(ours.start, ours.end):
+            key = block_key("org/private", block)
+            assert local_signers(outsider, key) == sorted({member.peer_id, stranger.peer_id}), block
+            for peer in dhts[:3]:
+                assert local_signers(peer, key) == [member.peer_id], block
+        for peer in dhts[:3]:
+            assert find_servers(peer, "org/private", TOTAL_BLOCKS) == {0: [ours], 1: [ours], 2: [ours], 3: []}
+    finally:
+        for dht in dhts:
+            dht.shutdown()
