@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo lint test test-fast protos bench clean
+.PHONY: setup demo lint test test-fast test-install wheel protos bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -rs -m "not swarm"
 
+# a volunteer's install, not the checkout's: build the wheel, install it in a clean venv outside the checkout
+# (torch pinned first), import every module, serve a generation from two installed nodes (scripts/install_check.py)
+test-install: $(STAMP)
+	$(BIN)/python scripts/install_check.py --python $(PYTHON)
+
+# the wheel a volunteer installs: dist/torchnode-VERSION-py3-none-any.whl
+wheel: $(STAMP)
+	$(BIN)/python -m pip wheel --no-deps -q -w dist .
+
 protos: $(STAMP)
 	PATH=$(BIN):$$PATH bash scripts/gen_protos.sh
 
@@ -43,4 +52,4 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_overhead.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache
