@@ -43,6 +43,7 @@ test-install: $(STAMP)
 
 # the wheel a volunteer installs: dist/torchnode-VERSION-py3-none-any.whl
 wheel: $(STAMP)
+	rm -rf build  # setuptools would reuse build/lib, files deleted since included
 	$(BIN)/python -m pip wheel --no-deps -q -w dist .
 
 protos: $(STAMP)

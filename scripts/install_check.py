@@ -115,10 +115,22 @@ def step(options: Options, name: str) -> Iterator[None]:
 
 
 def build_wheel(sandbox: Sandbox) -> Path:
-    """`pip wheel .` from the checkout (build isolation: the setuptools pyproject asks for)."""
-    dist = sandbox.root / "dist"
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(ROOT)]
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    """`pip wheel .` (build isolation: the setuptools pyproject asks for) over a copy of the files git knows
+    (tracked, or new and not ignored): never a stale build/ folder, egg-info or editable install of the checkout."""
+    source, dist = sandbox.root / "source", sandbox.root / "dist"
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(source)]
+    subprocess.run(cmd, check=True, cwd=sandbox.root)
     (wheel,) = dist.glob("torchnode-*.whl")
     return wheel
 
