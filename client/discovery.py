@@ -2,7 +2,9 @@
 
 Every candidate is probed with a signed `Info` call: that measures its RTT, proves it holds the key
 the client expects (from the DHT record, or pinned on first use for static peers), and tells its span
-and current throughput. Nodes serving another revision of the checkpoint are dropped.
+and current throughput. Nodes serving another revision of the checkpoint are dropped, and so are nodes of
+another protocol major (their DHT record, or their Info, says which): those are kept in `unspoken`, so that
+when no route is left the client can say who serves the missing blocks and which side must upgrade.
 """
 
 from __future__ import annotations
@@ -11,20 +13,53 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 
 import hivemind
 
+from ..protocol.dht.coverage import block_ranges
 from ..protocol.dht.fraud_reports import FraudReport, publish_report
 from ..protocol.dht.network import find_servers
 from ..protocol.dht.records import latest_per_peer
+from ..protocol.version import protocol, protocol_major, speaks, upgrade_advice
 from ..protocol.wire.grpc_node import GrpcNodeClient
 from ..protocol.wire.identity import Identity
 from ..protocol.wire.node_client import NodeClient, probe
-from .routing import Candidate
+from .routing import Candidate, NoRouteError
 
 log = logging.getLogger(__name__)
 
 REPORT_STORE_TIMEOUT = 10.0  # seconds `close` waits for fraud reports still being stored
+
+
+@dataclass(frozen=True)
+class Unspoken:
+    """A node skipped because it speaks another protocol major."""
+
+    address: str
+    start: int
+    end: int
+    protocol: str
+
+
+def unspoken_route_error(error: NoRouteError, skipped: Sequence[Unspoken]) -> NoRouteError:
+    """`error` again, or, when skipped nodes serve some of its missing blocks, an error that says so:
+    `no route: 2 nodes serve blocks 0:15 but speak protocol 3, this client speaks 2: upgrade`."""
+    missing = set(error.missing)
+    serving = [s for s in skipped if missing.intersection(range(s.start, s.end))]
+    if not serving:
+        return error
+    blocks = block_ranges(sorted(missing.intersection(b for s in serving for b in range(s.start, s.end))))
+    majors = sorted({protocol_major(s.protocol) for s in serving})
+    nodes, speak = ("1 node serves", "speaks") if len(serving) == 1 else (f"{len(serving)} nodes serve", "speak")
+    theirs = ", ".join(map(str, majors))
+    advice = upgrade_advice(max((s.protocol for s in serving), key=protocol_major), protocol(), "they")
+    explained = NoRouteError(error.missing, error.total)
+    explained.args = (
+        f"no route: {nodes} blocks {blocks} but {speak} protocol {theirs}, "
+        f"this client speaks {protocol_major(protocol())}: {advice}",
+    )
+    return explained
 
 
 class PeerSource:
@@ -37,6 +72,7 @@ class PeerSource:
         self.clients: dict[tuple[str, bytes | None], NodeClient] = {}
         self.reported: dict[str, str] = {}  # address -> the last probe failure logged for it
         self.relayed: set[str] = set()  # addresses that are relays' ports for nodes behind a NAT (records say)
+        self.unspoken: dict[str, Unspoken] = {}  # address -> a node of another protocol major (last lookup)
 
     def client(self, address: str, key: bytes | None = None) -> NodeClient:
         if (address, key) not in self.clients:
@@ -55,13 +91,19 @@ class PeerSource:
         adapter: str | None = None,
     ) -> list[tuple[Candidate, NodeClient]]:
         """Probed nodes serving exactly this checkpoint (and `adapter`, if named, as their Info says);
-        addresses in `exclude` are not even probed."""
+        addresses in `exclude` are not even probed; nodes of another protocol major end in `unspoken`."""
+        self.unspoken = {}
         nodes = [n for n in await self.nodes(model, total_blocks) if n.address not in exclude]
         probes = await asyncio.gather(*(probe(n) for n in nodes))
         for p in probes:  # why a node is skipped (not encrypted, a man in the middle, down), once per reason
             if p.error is not None and self.reported.get(p.error.address) != str(p.error):
                 self.reported[p.error.address] = str(p.error)
                 log.warning("skipping node %s", p.error)
+        for node, p in zip(nodes, probes, strict=True):
+            if p.info is not None and not speaks(p.info.protocol):  # static peers: only their Info says it
+                self.unspoken[node.address] = Unspoken(
+                    node.address, p.info.start_block, p.info.end_block, p.info.protocol
+                )
         return [
             (
                 Candidate(
@@ -82,6 +124,7 @@ class PeerSource:
             and p.info.model == model
             and (self.allow_keys is None or p.info.public_key in self.allow_keys)
             and (not adapter or adapter in p.info.adapters)
+            and node.address not in self.unspoken
         ]
 
     def publish(self, report: FraudReport | None) -> None:
@@ -114,6 +157,10 @@ class DhtPeers(PeerSource):
     async def nodes(self, model: str, total_blocks: int) -> list[NodeClient]:
         servers = await find_servers(self.dht, model, total_blocks, return_future=True)
         online = [r for r in latest_per_peer(servers).values() if r.state == "online"]
+        for r in online:
+            if not speaks(r.protocol):  # not even probed: its Info may be of another shape
+                self.unspoken[r.address] = Unspoken(r.address, r.start, r.end, r.protocol)
+        online = [r for r in online if r.address not in self.unspoken]
         self.relayed |= {r.address for r in online if r.relay}
         return [self.client(r.address, r.public_key) for r in online]
 

@@ -29,7 +29,7 @@ from ..protocol.wire.node_client import NodeClient
 from .ban_list import BanList
 from .chat_session import AsyncChatSession
 from .config import ClientConfig, GenerationOptions, split_options
-from .discovery import DhtPeers, PeerSource, StaticPeers
+from .discovery import DhtPeers, PeerSource, StaticPeers, unspoken_route_error
 from .generation import generate_ids
 from .head_batcher import HeadBatcher
 from .routing import Candidate, NoRouteError, find_route
@@ -140,10 +140,11 @@ class AsyncDistributedModel:
         end = self.total_blocks if end is None else end
         try:
             route = find_route([candidate for candidate, _ in found], end, start=start)
-        except NoRouteError as e:
+        except NoRouteError as no_route:
+            e = unspoken_route_error(no_route, list(self.source.unspoken.values()))
             if adapter:
                 e.args = (f"{e} with adapter {adapter!r} (a node serves it when started with --adapters)",)
-            raise
+            raise e from None
         return [Hop(nodes[r.key], r.start, r.end) for r in route]
 
     async def open_session(

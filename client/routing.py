@@ -27,7 +27,7 @@ class NoRouteError(RuntimeError):
     """No chain of live nodes covers every block; `missing` names the uncovered blocks."""
 
     def __init__(self, missing: list[int], total: int):
-        self.missing = missing
+        self.missing, self.total = missing, total
         ranges = block_ranges(missing)
         super().__init__(f"no live node serves blocks {ranges} of the model's {total} blocks")
 

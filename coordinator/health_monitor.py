@@ -34,7 +34,7 @@ from ..protocol.dht.fraud_reports import FraudReport, find_reports
 from ..protocol.dht.model_index import IndexedModel, find_models, group_by_model
 from ..protocol.dht.network import find_blocks, start_dht
 from ..protocol.dht.records import MAX_BLOCKS, ServerRecord, latest_per_peer, validate_model_name
-from ..protocol.version import __version__
+from ..protocol.version import __version__, protocol, protocol_major
 from ..protocol.wire.grpc_node import GrpcNodeClient
 from ..protocol.wire.identity import Identity
 from ..protocol.wire.node_client import NodeClient, NodeInfo, Probe, probe
@@ -225,6 +225,9 @@ class HealthMonitor:
             batch_size=live.batch_size if live else None,
             queue_length=live.queue_length if live else None,
             version=record.version,
+            protocol=record.protocol,
+            outdated=protocol_major(record.protocol) < protocol_major(protocol()),
+            newer=protocol_major(record.protocol) > protocol_major(protocol()),
             total_blocks=record.total_blocks or (live.total_blocks if live else 0),
             first_seen=first_seen,
             uptime_s=max(0.0, now - first_seen),
@@ -282,7 +285,7 @@ def _problems(record: ServerRecord, info: NodeInfo) -> list[str]:
 def build_model_state(
     model: str, total: int, known: bool, nodes: list[NodeState], indexed: IndexedModel | None = None
 ) -> ModelState:
-    serving = [n for n in nodes if n.health == "healthy" and n.state == "online"]
+    serving = [n for n in nodes if n.health == "healthy" and n.state == "online" and not (n.outdated or n.newer)]
     cov = coverage([(n.start, n.end, n.throughput) for n in serving], total)
     blocks = [
         BlockState(

@@ -50,6 +50,15 @@ class NodeState(BaseModel):
     queue_length: int | None = Field(None, description="steps waiting for the node's next batch (from Info)")
     dtype: str | None = Field(None, description="compute dtype (from Info)")
     version: str = Field(description="torchnode version the node runs")
+    protocol: str = Field("1.0", description="protocol version MAJOR.MINOR the node announces")
+    outdated: bool = Field(
+        False,
+        description="the node speaks an older protocol major than this monitor: clients of this release skip it "
+        "(and it counts for no block's coverage) until it upgrades",
+    )
+    newer: bool = Field(
+        False, description="the node speaks a newer protocol major than this monitor: upgrade torchnode to use it"
+    )
     total_blocks: int = Field(description="the model's block count as the node says it (0: unknown)")
     first_seen: float = Field(description="unix time the monitor first saw this peer (since it last vanished)")
     uptime_s: float = Field(description="seconds since first_seen")

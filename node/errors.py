@@ -20,5 +20,9 @@ class ResourceExhausted(RequestError):
     status = "RESOURCE_EXHAUSTED"
 
 
+class FailedPrecondition(RequestError):
+    status = "FAILED_PRECONDITION"
+
+
 class IdleTimeout(RequestError):
     status = "DEADLINE_EXCEEDED"

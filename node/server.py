@@ -20,6 +20,7 @@ from ..models.devices import free_memory, place
 from ..models.families import LAYER_PREFIX, load_span, num_blocks
 from ..models.lora import AdapterBank, AdapterError, find_adapter
 from ..models.quantization import GROUP_SIZE
+from ..protocol import version
 from ..protocol.dht.coverage import coverage
 from ..protocol.dht.network import find_servers, start_dht, visible_maddrs
 from ..protocol.dht.records import ServerRecord, latest_per_peer
@@ -160,6 +161,7 @@ class Node:
             expiration=0.0,
             dht_maddrs=self.dht_maddrs,
             adapters=tuple(a.name for a in self.adapters),
+            protocol=version.protocol(),
         )
 
     async def servers(self) -> dict[int, list[ServerRecord]]:

@@ -11,13 +11,14 @@ from collections.abc import AsyncIterator
 import grpc
 from grpc import aio
 
+from ..protocol.version import UNSAID_PROTOCOL, protocol, protocol_major, speaks, upgrade_advice
 from ..protocol.wire import tensor_codec
 from ..protocol.wire import torchnode_pb2 as pb
 from ..protocol.wire import torchnode_pb2_grpc as pb_grpc
 from ..protocol.wire.grpc_node import info_message
 from ..protocol.wire.node_client import PushTarget
 from . import lora_training, push
-from .errors import IdleTimeout, NotFound, RequestError
+from .errors import FailedPrecondition, IdleTimeout, NotFound, RequestError
 from .span_backend import SpanBackend
 
 
@@ -91,6 +92,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                 if session is None:
                     if step.step != 0:
                         raise NotFound(f"unknown session {step.session_id!r}: a stream must open it with step 0")
+                    check_protocol(step.protocol or UNSAID_PROTOCOL)
                     session = backend.open_session(
                         step.session_id,
                         step.start_block,
@@ -141,6 +143,20 @@ class NodeServicer(pb_grpc.NodeServicer):
                 yield pb.PushAck(token=message.token)
         except tensor_codec.TensorFormatError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+
+def check_protocol(client: str) -> None:
+    """A session from a client of another protocol major is refused, saying which side must upgrade."""
+    try:
+        ok = speaks(client)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    if not ok:
+        ours, theirs = protocol_major(protocol()), protocol_major(client)
+        advice = upgrade_advice(protocol(), client, "this node")
+        raise FailedPrecondition(
+            f"protocol mismatch: this node speaks protocol {ours}, this client speaks {theirs}: {advice}"
+        )
 
 
 def _lora_tensors(items) -> dict:

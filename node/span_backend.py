@@ -18,6 +18,7 @@ import torch
 
 from ..models.kv_cache import KVCache, cache_bytes
 from ..models.lora import AdapterBank, Lora, UnknownAdapter, lora_pass
+from ..protocol import version
 from ..protocol.version import __version__
 from ..protocol.wire import tensor_codec
 from ..protocol.wire.node_client import NodeInfo
@@ -138,6 +139,8 @@ class SpanBackend:
             batch_size=self.speed.batch_size,
             queue_length=self.scheduler.queue_length,
             adapters=self.adapters.names if self.adapters else (),
+            protocol=version.protocol(),
+            asyncio_tasks=_loop_tasks(),
         )
 
     def refresh_throughput(self) -> float:
@@ -322,3 +325,11 @@ def _settle(future: asyncio.Future, result: torch.Tensor | BaseException) -> Non
         future.set_exception(result)
     else:
         future.set_result(result)
+
+
+def _loop_tasks() -> int:
+    """Tasks alive in the running event loop (0 outside one): a count that grows over days is a leak."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0

@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from torchnode.protocol.version import protocol
+
 from .cli_options import (
     AllowKeys,
     Insecure,
@@ -44,24 +46,41 @@ def swarm(
         err.print(f"[red]error:[/] the swarm has no record of {name!r}" + (f" ({state.error})" if state.error else ""))
         raise typer.Exit(1)
     table = Table(title=f"{view.name} · {view.total_blocks} blocks")
-    for column in ("peer", "address", "via", "blocks", "state", "health", "tokens/s", "RTT ms", "link"):
+    columns = ("peer", "address", "via", "blocks", "state", "health", "tokens/s", "RTT ms", "link", "protocol")
+    for column in columns:
         table.add_column(column, justify="right" if column in ("tokens/s", "RTT ms") else "left")
     for n in view.nodes:
         rtt = f"{n.rtt_ms:.1f}" if n.rtt_ms is not None else "[red]-[/]"
         health = n.health if n.problem is None else f"{n.health}: {n.problem}"
         link = "-" if n.encrypted is None else "TLS" if n.encrypted else "[red]plaintext[/]"
         via = f"relay {n.relay[:12]}" if n.relay else "direct"  # behind a NAT: reached through that relay
+        speaks = protocol_cell(n.protocol, n.outdated, n.newer)
         table.add_row(
-            n.short_id, n.address, via, f"{n.start}:{n.end}", n.state, health, f"{n.throughput:.1f}", rtt, link
+            n.short_id, n.address, via, f"{n.start}:{n.end}", n.state, health, f"{n.throughput:.1f}", rtt, link, speaks
         )
     console = Console()
     console.print(table)
+    if any(n.outdated or n.newer for n in view.nodes):
+        console.print(f"protocol: this torchnode speaks {protocol()}; nodes of another major serve no client of it")
     if view.ready:
         console.print(f"[green]all {view.total_blocks} blocks covered[/]")
     else:
         console.print(
             f"[red]not covered:[/] blocks {view.missing_ranges or '(unknown model size)'}; generation is not possible"
         )
+
+
+def protocol_cell(speaks: str, outdated: bool, newer: bool) -> str:
+    """A node's protocol version, marked when this release cannot use it."""
+    if outdated:
+        return f"[red]{speaks} outdated[/]"
+    return f"[yellow]{speaks} newer: upgrade[/]" if newer else speaks
+
+
+def outdated_note(nodes: list) -> str:
+    """How many of a model's nodes speak an older (or newer) protocol major than this release, if any."""
+    old, new = sum(n.outdated for n in nodes), sum(n.newer for n in nodes)
+    return (f" [red]{old} outdated[/]" if old else "") + (f" [yellow]{new} newer: upgrade[/]" if new else "")
 
 
 def models_command(
@@ -89,7 +108,7 @@ def models_command(
             m.name,
             m.family or "-",
             f"{covered}/{m.total_blocks}",
-            f"{healthy}/{len(m.nodes)}",
+            f"{healthy}/{len(m.nodes)}{outdated_note(m.nodes)}",
             f"{m.bottleneck_throughput:.1f}",
             ready,
         )

@@ -22,6 +22,7 @@ from typing import Protocol, TypeGuard, TypeVar
 
 import msgpack
 
+from ..version import UNSAID_PROTOCOL, protocol_major
 from ..wire.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, peer_id_of, verify
 
 STATES = ("joining", "online", "draining")
@@ -100,6 +101,7 @@ class ServerRecord:
     total_blocks: int = 0  # blocks in the whole model; 0 = not said (records of older nodes)
     relay: str = ""  # peer id of the relay `address` belongs to ("reachable through relay R"); "" = direct
     adapters: tuple[str, ...] = ()  # names of the LoRA adapters the node serves (--adapters)
+    protocol: str = UNSAID_PROTOCOL  # protocol version "MAJOR.MINOR" the node speaks (protocol/version.py)
 
     @property
     def blocks(self) -> range:
@@ -120,6 +122,7 @@ _OPTIONAL_FIELDS = {
     "total_blocks": 0,
     "relay": "",
     "adapters": [],
+    "protocol": UNSAID_PROTOCOL,
 }  # added after the first release: absent in older records
 _FIELD_NAMES = tuple(f.name for f in fields(ServerRecord) if f.name not in _OPTIONAL_FIELDS)
 
@@ -237,6 +240,7 @@ def _check_fields(raw: dict) -> ServerRecord:
         total_blocks=total_blocks,
         relay=_relay_peer_id(raw["relay"]),
         adapters=adapter_names(raw["adapters"]),
+        protocol=_protocol(raw["protocol"]),
     )
 
 
@@ -281,6 +285,15 @@ def adapter_names(adapters: object) -> tuple[str, ...]:
         except ValueError:
             raise RecordError(f"adapter name {name!r} is malformed") from None
     return tuple(adapters)
+
+
+def _protocol(protocol: object) -> str:
+    """The `protocol` field: "MAJOR.MINOR" (a node of another major is skipped by clients, not refused here)."""
+    try:
+        protocol_major(protocol)
+    except ValueError as e:
+        raise RecordError(str(e)) from None
+    return protocol
 
 
 def _relay_peer_id(relay: object) -> str:

@@ -18,6 +18,8 @@ import grpc
 import torch
 from grpc import aio
 
+from .. import version
+from ..version import UNSAID_PROTOCOL
 from . import signing, tensor_codec, tls
 from . import torchnode_pb2 as pb
 from . import torchnode_pb2_grpc as pb_grpc
@@ -153,7 +155,12 @@ class GrpcNodeClient(NodeClient):
             self.encrypted = False
         if reply.public_key != reply.auth.public_key:
             raise NodeError(self.address, "Info names a public key other than the one that signed it")
-        return NodeInfo(**{name: getattr(reply, name) for name in INFO_FIELDS} | {"adapters": tuple(reply.adapters)})
+        said = {"adapters": tuple(reply.adapters), "protocol": reply.protocol or UNSAID_PROTOCOL}
+        try:
+            version.protocol_major(said["protocol"])
+        except ValueError as e:
+            raise NodeError(self.address, f"Info: {e}") from None
+        return NodeInfo(**{name: getattr(reply, name) for name in INFO_FIELDS} | said)
 
     async def audience(self, timeout: float | None) -> bytes:
         """The node's key, to address requests to; over plaintext with no key given, its first Info tells."""
@@ -313,6 +320,7 @@ class GrpcNodeSession(NodeSession):
             request.max_length, request.batch_size = s.max_length, s.batch_size
             request.start_block, request.end_block = s.start, s.end
             request.adapter = s.adapter
+            request.protocol = version.protocol()  # a node of another major refuses the session
         self.next_step += 1
         return request
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..version import UNSAID_PROTOCOL
+
 DEFAULT_PROBE_TIMEOUT = 5.0
 
 
@@ -46,6 +48,8 @@ class NodeInfo:
     batch_size: int = 0  # sequences in the node's latest batch (0: idle)
     queue_length: int = 0  # steps waiting for the next batch
     adapters: tuple[str, ...] = ()  # names of the LoRA adapters the node serves
+    protocol: str = UNSAID_PROTOCOL  # protocol version "MAJOR.MINOR" (protocol/version.py)
+    asyncio_tasks: int = 0  # tasks alive in the node's event loop (scripts/soak.py watches it for leaks)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ class InfoRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "revision", "start_block", "end_block", "total_blocks", "hidden_size", "dtype", "throughput", "cache_bytes_free", "sessions_free", "version", "public_key", "max_message_bytes", "auth", "batch_size", "queue_length", "adapters")
+    __slots__ = ("model", "revision", "start_block", "end_block", "total_blocks", "hidden_size", "dtype", "throughput", "cache_bytes_free", "sessions_free", "version", "public_key", "max_message_bytes", "auth", "batch_size", "queue_length", "adapters", "protocol", "asyncio_tasks")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,8 @@ class InfoResponse(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    ASYNCIO_TASKS_FIELD_NUMBER: _ClassVar[int]
     model: str
     revision: str
     start_block: int
@@ -74,7 +76,9 @@ class InfoResponse(_message.Message):
     batch_size: int
     queue_length: int
     adapters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., total_blocks: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_bytes_free: _Optional[int] = ..., sessions_free: _Optional[int] = ..., version: _Optional[str] = ..., public_key: _Optional[bytes] = ..., max_message_bytes: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., batch_size: _Optional[int] = ..., queue_length: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+    protocol: str
+    asyncio_tasks: int
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., total_blocks: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_bytes_free: _Optional[int] = ..., sessions_free: _Optional[int] = ..., version: _Optional[str] = ..., public_key: _Optional[bytes] = ..., max_message_bytes: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., batch_size: _Optional[int] = ..., queue_length: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ..., protocol: _Optional[str] = ..., asyncio_tasks: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("hidden", "start_block", "end_block", "wire_dtype", "lora", "lora_scale", "auth")
@@ -141,7 +145,7 @@ class ForwardResponse(_message.Message):
     def __init__(self, hidden: _Optional[_Union[Tensor, _Mapping]] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("session_id", "step", "max_length", "start_block", "end_block", "batch_size", "hidden", "position", "wire_dtype", "adapter", "push_to", "push_token", "push_from", "auth")
+    __slots__ = ("session_id", "step", "max_length", "start_block", "end_block", "batch_size", "hidden", "position", "wire_dtype", "adapter", "push_to", "push_token", "push_from", "protocol", "auth")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +159,7 @@ class Step(_message.Message):
     PUSH_TO_FIELD_NUMBER: _ClassVar[int]
     PUSH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PUSH_FROM_FIELD_NUMBER: _ClassVar[int]
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     AUTH_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     step: int
@@ -169,8 +174,9 @@ class Step(_message.Message):
     push_to: PushTarget
     push_token: bytes
     push_from: bytes
+    protocol: str
     auth: Auth
-    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., max_length: _Optional[int] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., adapter: _Optional[str] = ..., push_to: _Optional[_Union[PushTarget, _Mapping]] = ..., push_token: _Optional[bytes] = ..., push_from: _Optional[bytes] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., max_length: _Optional[int] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., batch_size: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., position: _Optional[int] = ..., wire_dtype: _Optional[str] = ..., adapter: _Optional[str] = ..., push_to: _Optional[_Union[PushTarget, _Mapping]] = ..., push_token: _Optional[bytes] = ..., push_from: _Optional[bytes] = ..., protocol: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class PushTarget(_message.Message):
     __slots__ = ("address", "public_key", "token")
