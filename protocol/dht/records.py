@@ -289,6 +289,8 @@ def adapter_names(adapters: object) -> tuple[str, ...]:
 
 def _protocol(protocol: object) -> str:
     """The `protocol` field: "MAJOR.MINOR" (a node of another major is skipped by clients, not refused here)."""
+    if not isinstance(protocol, str):
+        raise RecordError(f"protocol must be a string MAJOR.MINOR, got {protocol!r}")
     try:
         protocol_major(protocol)
     except ValueError as e:

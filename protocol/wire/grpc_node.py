@@ -155,11 +155,12 @@ class GrpcNodeClient(NodeClient):
             self.encrypted = False
         if reply.public_key != reply.auth.public_key:
             raise NodeError(self.address, "Info names a public key other than the one that signed it")
-        said = {"adapters": tuple(reply.adapters), "protocol": reply.protocol or UNSAID_PROTOCOL}
+        speaks = reply.protocol or UNSAID_PROTOCOL
         try:
-            version.protocol_major(said["protocol"])
+            version.protocol_major(speaks)
         except ValueError as e:
             raise NodeError(self.address, f"Info: {e}") from None
+        said = {"adapters": tuple(reply.adapters), "protocol": speaks}
         return NodeInfo(**{name: getattr(reply, name) for name in INFO_FIELDS} | said)
 
     async def audience(self, timeout: float | None) -> bytes:
