@@ -31,6 +31,27 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
+class SpeedPolicy:
+    """How a client weighs what nodes announce against what it measures (client/speed_book.py; `speed=`)."""
+
+    measure: bool = True  # False: route on announced throughput alone (trusted, private swarms)
+    trust_steps: int = 4  # timed steps after which a node's measurement alone counts (before: blended)
+    ema_weight: float = 0.2  # weight of the newest timed step in a node's average
+    reroute_gap: float = 4.0  # a hop this many times slower than it claims is re-routed around mid-session
+    reroute_slack: float = 0.05  # seconds per step a hop may exceed its claim by before the gap counts
+    reroute_after: int = 3  # timed steps of a hop before a session may re-route around it
+    forget_after: float = 600.0  # seconds after which a node's measurement is dropped: a new fair trial
+
+    def __post_init__(self) -> None:
+        if self.trust_steps < 1 or self.reroute_after < 1:
+            raise ValueError("trust_steps and reroute_after must be >= 1")
+        if not 0 < self.ema_weight <= 1:
+            raise ValueError(f"ema_weight must be in (0, 1], got {self.ema_weight}")
+        if self.reroute_gap < 1 or self.reroute_slack < 0 or self.forget_after <= 0:
+            raise ValueError("reroute_gap must be >= 1, reroute_slack >= 0 and forget_after > 0")
+
+
+@dataclass(frozen=True)
 class ClientConfig:
     """Connection and trust: what the client sends, how long it waits, what it checks, where its head runs."""
 
@@ -68,6 +89,7 @@ class ClientConfig:
             " token instead of 2 x hops); --no-push: the client drives every hop"
         },
     )
+    speed: SpeedPolicy = field(default_factory=SpeedPolicy)  # routing on measured speed (client/speed_book.py)
 
     @property
     def torch_wire_dtype(self) -> torch.dtype:
@@ -156,6 +178,7 @@ DEFAULT_WINDOW: int = ClientConfig.verify_window
 DEFAULT_DRAFT_TOKENS: int = GenerationOptions.draft_tokens
 DEFAULT_PREFILL_CHUNK: int = GenerationOptions.prefill_chunk
 DEFAULT_RETRY = RetryPolicy()  # frozen: one shared default
+DEFAULT_SPEED_POLICY = SpeedPolicy()
 
 
 def split_options(

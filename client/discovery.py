@@ -5,12 +5,17 @@ the client expects (from the DHT record, or pinned on first use for static peers
 and current throughput. Nodes serving another revision of the checkpoint are dropped, and so are nodes of
 another protocol major (their DHT record, or their Info, says which): those are kept in `unspoken`, so that
 when no route is left the client can say who serves the missing blocks and which side must upgrade.
+
+Probes run at once, and the client does not wait for stragglers: once the nodes that answered cover every
+block, the rest get `probe_grace` seconds more and are then left out of this route (a flood of records
+naming addresses that never answer must not hold every client for a whole probe timeout).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -24,12 +29,13 @@ from ..protocol.dht.records import latest_per_peer
 from ..protocol.version import protocol, protocol_major, speaks, upgrade_advice
 from ..protocol.wire.grpc_node import GrpcNodeClient
 from ..protocol.wire.identity import Identity
-from ..protocol.wire.node_client import NodeClient, probe
+from ..protocol.wire.node_client import NodeClient, NodeError, Probe, probe
 from .routing import Candidate, NoRouteError
 
 log = logging.getLogger(__name__)
 
 REPORT_STORE_TIMEOUT = 10.0  # seconds `close` waits for fraud reports still being stored
+DEFAULT_PROBE_GRACE = 1.0  # seconds unanswered probes still get once the answered ones cover every block
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class PeerSource:
     """Base: subclasses say which NodeClients exist; probing and filtering are shared."""
 
     allow_keys: frozenset[bytes] | None = None  # private swarm (--allow-keys): use only nodes with these keys
+    probe_grace: float = DEFAULT_PROBE_GRACE  # see the module's docstring
 
     def __init__(self, identity: Identity, insecure: bool = False):
         self.identity, self.insecure = identity, insecure  # insecure: plaintext channels (--insecure)
@@ -94,7 +101,7 @@ class PeerSource:
         addresses in `exclude` are not even probed; nodes of another protocol major end in `unspoken`."""
         self.unspoken = {}
         nodes = [n for n in await self.nodes(model, total_blocks) if n.address not in exclude]
-        probes = await asyncio.gather(*(probe(n) for n in nodes))
+        probes = await self._probe_all(nodes, total_blocks)
         for p in probes:  # why a node is skipped (not encrypted, a man in the middle, down), once per reason
             if p.error is not None and self.reported.get(p.error.address) != str(p.error):
                 self.reported[p.error.address] = str(p.error)
@@ -125,6 +132,28 @@ class PeerSource:
             and (self.allow_keys is None or p.info.public_key in self.allow_keys)
             and (not adapter or adapter in p.info.adapters)
             and node.address not in self.unspoken
+        ]
+
+    async def _probe_all(self, nodes: list[NodeClient], total_blocks: int) -> list[Probe]:
+        """Probes of `nodes`, in order; those still unanswered `probe_grace` seconds after the answered ones
+        covered blocks [0, total_blocks) are given up (an error Probe)."""
+        tasks = [asyncio.ensure_future(probe(n)) for n in nodes]
+        pending, covered_at = set(tasks), None
+        while pending:
+            wait = None if covered_at is None else covered_at + self.probe_grace - time.monotonic()
+            if wait is not None and wait <= 0:
+                break
+            _, pending = await asyncio.wait(pending, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if covered_at is None and _covers([t.result() for t in tasks if t.done()], total_blocks):
+                covered_at = time.monotonic()
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.info("%d nodes did not answer within %.1f s of a full route; left out", len(pending), self.probe_grace)
+        late = f"no answer within {self.probe_grace:.1f} s of the others"
+        return [
+            t.result() if t.done() and not t.cancelled() else Probe(None, None, NodeError(n.address, late))
+            for t, n in zip(tasks, nodes, strict=True)
         ]
 
     def publish(self, report: FraudReport | None) -> None:
@@ -183,3 +212,9 @@ class DhtPeers(PeerSource):
                     "fraud reports not stored in the DHT (%d of %d): %s", len(failed), len(self.reports), failed
                 )
         await asyncio.to_thread(self.dht.shutdown)
+
+
+def _covers(answered: list[Probe], total_blocks: int) -> bool:
+    """Whether the nodes that answered serve every block of [0, total_blocks) between them."""
+    served = {b for p in answered if p.info is not None for b in range(p.info.start_block, p.info.end_block)}
+    return served >= set(range(total_blocks))

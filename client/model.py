@@ -36,6 +36,7 @@ from .routing import Candidate, NoRouteError, find_route
 from .sampling import SamplingParams
 from .session import Hop, InferenceSession
 from .speculative import Drafter, load_drafter
+from .speed_book import SpeedBook
 from .text_stream import TextPiece, text_only, text_pieces
 from .verification.evidence import fraud_report, write_evidence
 from .verification.opinions import adapter_files, holds_blocks
@@ -68,6 +69,7 @@ class AsyncDistributedModel:
         self.config, self.generation = split_options(options, config, generation)
         self.ckpt, self.source = ckpt, source
         self.bans = BanList()
+        self.speeds = SpeedBook(self.config.speed)  # each node's speed as this client timed it: routing weighs it
         self.dishonest: set[str] = set()  # addresses caught lying: never used again by this client
         # where the head (embeddings, final norm, LM head) computes, in float32 (exact logits) wherever it is
         self.device = resolve_device(self.config.device)
@@ -120,11 +122,15 @@ class AsyncDistributedModel:
         self, exclude: AbstractSet[str] = frozenset(), adapter: str | None = None
     ) -> list[tuple[Candidate, NodeClient]]:
         """The live nodes of this checkpoint routing may use: allowed keys, none that failed recently or lied,
-        nor in `exclude`; with `adapter`, only those serving it."""
+        nor in `exclude`; with `adapter`, only those serving it. Their throughput is what this client believes
+        (client/speed_book.py: measured, or a fair trial), not what they announce."""
         exclude = self.bans.banned() | self.dishonest | exclude
-        return await self.source.candidates(
+        found = await self.source.candidates(
             self.ckpt.name, self.ckpt.revision, self.total_blocks, exclude=exclude, adapter=adapter
         )
+        for candidate, _ in found:
+            self.speeds.observe(candidate)
+        return [(self.speeds.believed(candidate), node) for candidate, node in found]
 
     async def route(
         self,
@@ -171,6 +177,7 @@ class AsyncDistributedModel:
             prefill_chunk=options.prefill_chunk,
             adapter=adapter,
             push=config.push and not config.verify,  # a fraud proof needs every input in the node's signed request
+            speeds=self.speeds,
         )
         if config.verify:
             local = self.ckpt if config.verify_local and holds_blocks(self.ckpt) else None

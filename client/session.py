@@ -6,13 +6,19 @@ blocks only, and the history is replayed through it to rebuild the KV caches the
 goes on. The caller sees the same tokens as an undisturbed run, and a log line. Retries are bounded in
 count and time (tenacity, exponential backoff with jitter); the last error names the blocks no live
 node serves.
+
+Every hop's steps are timed into the client's speed book (client/speed_book.py): routing weighs what was
+measured, not what nodes announce. A hop measured far slower than it claims is re-routed around after the
+step that showed it, the same way (its history replayed on the new route), when routing finds another way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -38,6 +44,7 @@ from ..protocol.wire.node_client import (
 )
 from .config import DEFAULT_PREFILL_CHUNK, DEFAULT_PUSH, DEFAULT_RETRY, DEFAULT_STEP_TIMEOUT, RetryPolicy
 from .routing import NoRouteError
+from .speed_book import MAX_TIMED_TOKENS, SpeedBook
 
 __all__ = ["Hop", "InferenceSession", "RetryPolicy", "Router", "SessionVerifier"]  # RetryPolicy: client/config.py
 
@@ -51,9 +58,10 @@ class Hop:
     end: int
     stream: NodeSession | None = None
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, inputs) sent so far
+    speed_checked: bool = False  # re-routing around this hop for slowness was tried (once per hop)
 
 
-Router = Callable[[int, int], Awaitable[list[Hop]]]  # (start, end) -> fresh hops covering [start, end)
+Router = Callable[..., Awaitable[list[Hop]]]  # (start, end[, addresses to avoid]) -> fresh hops covering [start, end)
 
 
 class SessionVerifier(Protocol):
@@ -84,8 +92,11 @@ class InferenceSession:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         adapter: str = "",
         push: bool = DEFAULT_PUSH,
+        speeds: SpeedBook | None = None,
     ):
         self.hops, self.max_length, self.batch_size = hops, max_length, batch_size
+        self.speeds = speeds  # where hops' step times go; None: steps are not timed (no re-routing for speed)
+        self.reroutes = 0  # hops re-routed around for being far slower than they claim
         self.push = push  # node-to-node push for steps: hops + 1 one-way legs per step instead of 2 x hops
         self.node_pushes = 0  # hop inputs that came straight from the previous node (not from the client)
         self.prefill_chunk = prefill_chunk
@@ -108,7 +119,43 @@ class InferenceSession:
         else:
             out = await self._hop_by_hop(hidden, position, rewind)
         self.position = position + tokens
+        await self._leave_slow_hops()
         return out
+
+    async def _leave_slow_hops(self) -> None:
+        """Re-routes around each hop the speed book finds far slower than its claim (a route that avoids it,
+        whatever the others claim: they get measured there), replaying its history on the new route; a hop
+        whose blocks nobody else serves, or whose replacement fails, stays."""
+        if self.speeds is None or self.router is None:
+            return
+        for hop in list(self.hops):
+            if hop.speed_checked or not self.speeds.far_slower(hop.node.address, hop.end - hop.start):
+                continue
+            hop.speed_checked = True
+            try:
+                hops = await self.router(hop.start, hop.end, {hop.node.address})
+                inputs = torch.cat([h for _, h in hop.history], dim=1)  # positions 0.. in order
+                await self._replay(hops, inputs)
+            except (NodeError, NoRouteError) as error:
+                log.info("keeping slow node %s on blocks %d:%d (%s)", hop.node.address, hop.start, hop.end, error)
+                continue
+            log.warning(
+                "node %s serves blocks %d:%d far slower than it claims; re-routed to %s",
+                hop.node.address,
+                hop.start,
+                hop.end,
+                ", ".join(h.node.address for h in hops),
+            )
+            at = next(i for i, h in enumerate(self.hops) if h is hop)
+            self.hops[at : at + 1] = hops
+            self.reroutes += 1
+            if hop.stream is not None:
+                await hop.stream.close()
+                hop.stream = None
+
+    def _timed(self, hop: Hop, tokens: int, seconds: float, round_trips: float = 1.0) -> None:
+        if self.speeds is not None and tokens <= MAX_TIMED_TOKENS:
+            self.speeds.record(hop.node.address, hop.end - hop.start, seconds, round_trips)
 
     async def _hop_by_hop(self, hidden: torch.Tensor, position: int, rewind: bool) -> torch.Tensor:
         """The client drives every hop in turn: 2 x hops one-way legs per step; a failed hop is replaced."""
@@ -209,6 +256,8 @@ class InferenceSession:
         hops, n = list(self.hops), len(self.hops)
         links = [os.urandom(16) for _ in range(n - 1)]  # the token hop i + 1 waits for, pushed by hop i
         pending = []
+        arrived = [0.0] * n  # time.perf_counter() at which each hop's reply came: a hop's time is the gap
+        started = time.perf_counter()
         for i, hop in enumerate(hops):
             stream = self._open(hop)
             target = PushTarget(hops[i + 1].node.address, keys[i + 1], links[i]) if i + 1 < n else None
@@ -216,6 +265,7 @@ class InferenceSession:
             first = hidden if i == 0 else None
             task = asyncio.ensure_future(stream.pushed_step(first, position, timeout, target, *upstream))
             task.add_done_callback(_retrieved)  # a hop's error is handled where it is awaited, or when it is next used
+            task.add_done_callback(functools.partial(_arrival, arrived, i))
             pending.append(task)
         x, supply = hidden, False  # supply: the client sends hop i its input (its predecessor did not push it)
         try:
@@ -235,6 +285,10 @@ class InferenceSession:
                         out, supply = await self._send(hop, x, position), i + 1 < n
                     else:
                         self.node_pushes += bool(i) and not supply
+                        if not supply:  # its input came by push the moment the previous reply came back
+                            self._timed(
+                                hop, tokens, arrived[i] - (arrived[i - 1] if i else started), 1.0 if i == 0 else 0.5
+                            )
                         out, supply = reply.hidden, bool(reply.push_error) and i + 1 < n
                         if supply:
                             log.info(
@@ -267,7 +321,10 @@ class InferenceSession:
         return hop.stream
 
     async def _send(self, hop: Hop, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        out = await self._open(hop).step(hidden, position, self.step_timeout)
+        stream = self._open(hop)
+        started = time.perf_counter()
+        out = await stream.step(hidden, position, self.step_timeout)
+        self._timed(hop, hidden.shape[1], time.perf_counter() - started)
         if self.verifier is not None:  # client/verification/verifier.py: checks every output before it is used
             self.verifier.observe(hop, position, out)
         return out
@@ -346,6 +403,10 @@ class InferenceSession:
             if hop.stream is not None:
                 await hop.stream.close()
                 hop.stream = None
+
+
+def _arrival(arrived: list[float], i: int, task: asyncio.Future) -> None:
+    arrived[i] = time.perf_counter()
 
 
 def _retrieved(task: asyncio.Future) -> None:

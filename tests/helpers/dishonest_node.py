@@ -1,11 +1,12 @@
 """A dishonest node, for tests only (never a production flag): the real span backend, with outputs corrupted
-by one of three policies:
+by one of three policies, or only its speed a lie:
 
   decode     lies on every single-token (decode) step, answers prefills honestly
   random     lies on a random quarter of its steps (seeded)
   unchecked  lies only where it believes nobody checks: on decode steps of sessions that look like plain
              generation (one prefill, then single tokens), after a few honest steps; any session with a
              multi-token step after its first (what a verifier's prefill would look like) gets the truth
+  slow       honest outputs, but sleeps SLOW_STEP_S before every step and stateless pass
 
 All of them claim to be 100x faster than they are, to attract clients. In-process:
 `dishonest_memory_node(ckpt, start, end, address, mode)` (tests/helpers/memory_node.py's node). As a process:
@@ -15,6 +16,7 @@ this backend in place of the honest one.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import sys
 
@@ -22,7 +24,9 @@ import torch
 
 from torchnode.node.span_backend import Session, SpanBackend
 
-MODES = ("decode", "random", "unchecked")
+MODES = ("decode", "random", "unchecked")  # the lying ones
+SLOW = "slow"
+SLOW_STEP_S = 0.25  # `slow` sleeps this long before each step (the node's own speed figure never sees it)
 LIE_PROBABILITY = 0.25
 TRUST_STEPS = 3  # `unchecked` answers this many steps of each session honestly first
 CLAIMED_SPEEDUP = 100  # the tokens/s it announces, over what it measures or serves
@@ -39,8 +43,8 @@ def corrupt(out: torch.Tensor) -> torch.Tensor:
 class DishonestBackend(SpanBackend):
     def __init__(self, *args, mode: str = "decode", seed: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode not in (*MODES, SLOW):
+            raise ValueError(f"mode must be one of {(*MODES, SLOW)}, got {mode!r}")
         self.mode, self.rng = mode, random.Random(seed)
         self.looks_checked: set[str] = set()  # sessions with a multi-token step after the first
         self.steps_seen: dict[str, int] = {}
@@ -48,6 +52,8 @@ class DishonestBackend(SpanBackend):
         self.lie_positions: list[int] = []  # where each lie started (benchmarks: how soon it is caught)
 
     def _lies(self, session: Session, x: torch.Tensor, step: int) -> bool:
+        if self.mode == SLOW:
+            return False
         if self.mode == "decode":
             return x.shape[1] == 1
         if self.mode == "random":
@@ -69,7 +75,14 @@ class DishonestBackend(SpanBackend):
         self.throughput = self.speed.current(self.throughput / CLAIMED_SPEEDUP) * CLAIMED_SPEEDUP
         return self.throughput
 
+    async def forward(self, x, start: int, end: int, reply_dtype=None, client: bytes = b""):
+        if self.mode == SLOW:
+            await asyncio.sleep(SLOW_STEP_S)
+        return await super().forward(x, start, end, reply_dtype, client)
+
     async def step(self, session: Session, step: int, x, position: int, reply_dtype=None):
+        if self.mode == SLOW and x is not None:
+            await asyncio.sleep(SLOW_STEP_S)
         out = await super().step(session, step, x, position, reply_dtype)
         if out is not None and self._lies(session, x, step):
             self.lies += 1

@@ -7,6 +7,7 @@ a network does: a node that is down (every call fails), or that dies after a num
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import torch
@@ -60,6 +61,7 @@ class MemoryNode(NodeClient):
         self.down = False
         self.steps_left: int | None = None  # dies after this many more steps (None: never)
         self.steps_served = 0
+        self.step_delay = 0.0  # seconds each step sleeps before it runs (a node slower than it announces)
         self.sessions: list[MemorySession] = []
         self.pushes = PushBox()  # node-to-node push: inputs waiting for their steps (node/push.py)
         self.unreachable: set[str] = set()  # addresses this node cannot push to
@@ -145,6 +147,8 @@ class MemorySession(NodeSession):
     ) -> PushedStep:
         node, s = self.node, self.spec
         node._check_up()
+        if node.step_delay:
+            await asyncio.sleep(node.step_delay)
         try:
             hidden, digest = await step_input(node.pushes, hidden, push_token, push_from, CLIENT_KEY, timeout or 30.0)
             node._check_up()  # it may have died while waiting
