@@ -26,3 +26,9 @@ class FailedPrecondition(RequestError):
 
 class IdleTimeout(RequestError):
     status = "DEADLINE_EXCEEDED"
+
+
+class Evicted(RequestError):
+    """The session was closed to give another client key its fair share (node/fair_share.py)."""
+
+    status = "ABORTED"

@@ -44,6 +44,14 @@ class Limits:
     )  # to open a Push stream to the next node (TLS included) and write to it
     push_wait: float = field(default=60.0, metadata={"help": "seconds a pushed input waits for the client's step"})
     max_pushed: int = field(default=4096, metadata={"help": "pushed inputs kept while their steps have not arrived"})
+    fair_share: bool = field(
+        default=True,
+        metadata={
+            "help": "divide session slots, KV cache and compute among client keys: a full node evicts the least"
+            " recently used idle session of the key holding the most beyond its share for a newcomer;"
+            " --no-fair-share: first come, first served (a private swarm)"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in (

@@ -7,6 +7,10 @@ asks for the next batch and gets every queued step that fits `max_batch_tokens`,
 - then the rest in arrival order, in chunks of whatever budget is left: a long prefill advances a
   chunk per batch while the others' decode steps keep running beside it (chunked prefill).
 
+With `fair` (the node's fair share, node/fair_share.py), both passes take the client keys in turn: each
+key's first step (in the order above), then each key's second, and so on, so a client sending many or
+large steps takes no more of a batch than its turn while another key is waiting.
+
 Steps in one batch run the same blocks (a session may use only part of a node's span); the oldest
 step's blocks are served first, so no group waits forever. A step's output is handed back once all its
 chunks have run. This module only decides: the node's runner (node/span_backend.py) executes a batch.
@@ -44,6 +48,7 @@ class Work:
     caches: list[KVCache]  # one per block of [start, end)
     deliver: Deliver
     session_id: str | None = None  # None: a stateless pass
+    client: bytes = b""  # the key of the client that sent it (its turn in a fair batch)
     done: int = 0  # tokens already run (chunked prefill)
     outputs: list[torch.Tensor] = field(default_factory=list)  # (B, chunk, hidden) each
     seq: int = 0  # arrival order
@@ -88,8 +93,15 @@ class Batch:
 class Scheduler:
     """A thread-safe queue of steps; `next_batch` (the runner's thread) blocks until there is work."""
 
-    def __init__(self, max_batch_tokens: int, batch_wait: float, active_sessions: Callable[[], int] = lambda: 1):
+    def __init__(
+        self,
+        max_batch_tokens: int,
+        batch_wait: float,
+        active_sessions: Callable[[], int] = lambda: 1,
+        fair: bool = False,
+    ):
         self.max_batch_tokens, self.batch_wait = max_batch_tokens, batch_wait
+        self.fair = fair  # client keys take turns in each batch
         self.active_sessions = active_sessions  # how many steps could arrive at most: no use waiting for more
         self._queue: list[Work] = []  # by arrival
         self._running: list[Work] = []  # the batch the runner holds now
@@ -184,14 +196,26 @@ class Scheduler:
         group = [w for w in self._queue if (w.start, w.end) == (oldest.start, oldest.end)]
         budget = self.max_batch_tokens
         taken: dict[int, int] = {}  # id(work) -> tokens this batch
-        for work in sorted(group, key=lambda w: (w.rows * w.remaining, w.seq)):  # whole steps, smallest first
+        for work in self._turns(group, key=lambda w: (w.rows * w.remaining, w.seq)):  # whole steps, smallest first
             if work.rows * work.remaining <= budget:
                 taken[id(work)] = work.remaining
                 budget -= work.rows * work.remaining
-        for work in group:  # then chunks of the rest, oldest first
+        for work in self._turns(group, key=lambda w: w.seq):  # then chunks of the rest, oldest first
             if id(work) not in taken and budget >= work.rows:
                 taken[id(work)] = min(work.remaining, budget // work.rows)
                 budget -= taken[id(work)] * work.rows
         if not taken:  # one step wider than the whole budget (batch_size > max_batch_tokens): a token at a time
             taken[id(oldest)] = 1
         return Batch(oldest.start, oldest.end, [Chunk(w, taken[id(w)]) for w in group if id(w) in taken])
+
+    def _turns(self, works: list[Work], key: Callable[[Work], tuple | int]) -> list[Work]:
+        """`works` ordered by `key`; when fair, the client keys in turn (each one's first, then each one's second)."""
+        ordered = sorted(works, key=key)
+        if not self.fair:
+            return ordered
+        turn: dict[int, int] = {}
+        seen: dict[bytes, int] = {}
+        for work in ordered:
+            turn[id(work)] = seen.get(work.client, 0)
+            seen[work.client] = turn[id(work)] + 1
+        return sorted(ordered, key=lambda w: turn[id(w)])  # stable: within a turn, still by `key`

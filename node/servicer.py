@@ -48,7 +48,9 @@ class NodeServicer(pb_grpc.NodeServicer):
                     backend, x, request.start_block, request.end_block, lora, request.lora_scale
                 )
             else:
-                out = await backend.forward(x, request.start_block, request.end_block, reply_dtype)
+                out = await backend.forward(
+                    x, request.start_block, request.end_block, reply_dtype, client=request.auth.public_key
+                )
         except (RequestError, tensor_codec.TensorFormatError) as e:
             await context.abort(_status(e), str(e))
         return pb.ForwardResponse(hidden=tensor_codec.encode(out, reply_dtype))
@@ -100,6 +102,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                         step.batch_size or 1,
                         step.max_length,
                         step.adapter,
+                        client=step.auth.public_key,  # checked by the auth interceptor: its fair share
                     )
                 elif step.session_id != session.id:
                     raise NotFound(f"unknown session {step.session_id!r}: this stream serves {session.id!r}")

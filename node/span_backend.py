@@ -22,7 +22,8 @@ from ..protocol import version
 from ..protocol.version import __version__
 from ..protocol.wire import tensor_codec
 from ..protocol.wire.node_client import NodeInfo
-from .errors import NotFound, OutOfRange, RequestError, ResourceExhausted
+from . import fair_share
+from .errors import Evicted, NotFound, OutOfRange, RequestError, ResourceExhausted
 from .limits import Limits
 from .scheduler import Batch, Scheduler, Work
 
@@ -44,6 +45,10 @@ class Session:
     length: int = 0  # tokens in the cache
     next_step: int = 0
     lora: Lora | None = None  # the adapter this session named (models/lora.py), applied to its rows of each batch
+    client: bytes = b""  # the key of the client that opened it (its fair share: node/fair_share.py)
+    last_used: float = field(default_factory=time.monotonic)  # time.monotonic() of its latest step
+    busy: bool = False  # a step of it is queued or running
+    evicted: str = ""  # why the node evicted it (its next step is refused with this)
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,10 @@ class SpanBackend:
         self.cache_bytes_used = 0
         self.throughput = 0.0  # tokens/s announced: measured after start-up, then `refresh_throughput`
         self.speed = ServedSpeed(info.end - info.start)
-        self.scheduler = Scheduler(limits.max_batch_tokens, limits.batch_wait, lambda: max(1, len(self.sessions)))
+        self.scheduler = Scheduler(
+            limits.max_batch_tokens, limits.batch_wait, lambda: max(1, len(self.sessions)), fair=limits.fair_share
+        )
+        self.evictions = 0  # sessions evicted to give other client keys their fair share
         self._runner = threading.Thread(target=self._run_batches, name="torchnode-runner", daemon=True)
         self._runner.start()
         config = span.config
@@ -183,7 +191,14 @@ class SpanBackend:
 
     # ---- running: the scheduler decides what runs together, the runner thread executes batches
     async def _submit(
-        self, x: torch.Tensor, position: int, start: int, end: int, caches: list, session_id: str | None = None
+        self,
+        x: torch.Tensor,
+        position: int,
+        start: int,
+        end: int,
+        caches: list,
+        session_id: str | None = None,
+        client: bytes = b"",
     ) -> torch.Tensor:
         """Queues a step and waits for its output (B, T, hidden), however the scheduler batches or cuts it."""
         loop = asyncio.get_running_loop()
@@ -195,7 +210,7 @@ class SpanBackend:
             except RuntimeError:  # the caller's event loop is gone: nobody is waiting
                 pass
 
-        self.scheduler.submit(Work(x, position, start, end, caches, deliver, session_id))
+        self.scheduler.submit(Work(x, position, start, end, caches, deliver, session_id, client))
         return await future
 
     def _run_batches(self) -> None:
@@ -224,19 +239,28 @@ class SpanBackend:
 
     # ---- stateless pass
     async def forward(
-        self, x: torch.Tensor, start: int, end: int, reply_dtype: torch.dtype | None = None
+        self, x: torch.Tensor, start: int, end: int, reply_dtype: torch.dtype | None = None, client: bytes = b""
     ) -> torch.Tensor:
+        """client: the caller's key, for its share of compute (node/scheduler.py)."""
         self.check_span(start, end)
         self.check_hidden(x)
         self.check_reply(x, reply_dtype or x.dtype)
         caches = self.span.new_caches(start, end, x.shape[0], x.shape[1])  # its own, so it can run in chunks
-        return await self._submit(x, 0, start, end, caches)
+        return await self._submit(x, 0, start, end, caches, client=client)
 
     # ---- sessions
     def open_session(
-        self, session_id: str, start: int, end: int, batch: int, max_length: int, adapter: str = ""
+        self,
+        session_id: str,
+        start: int,
+        end: int,
+        batch: int,
+        max_length: int,
+        adapter: str = "",
+        client: bytes = b"",
     ) -> Session:
-        """adapter: the name of a served LoRA adapter this session runs with (empty: the base model)."""
+        """adapter: the name of a served LoRA adapter this session runs with (empty: the base model).
+        client: the key of the client opening it; on a full node it gets its fair share (node/fair_share.py)."""
         lora = self.lora(adapter) if adapter else None
         if not session_id or len(session_id) > 128:
             raise RequestError("session_id must be 1..128 characters")
@@ -249,16 +273,17 @@ class SpanBackend:
             )
         if session_id in self.sessions:
             raise RequestError(f"session {session_id!r} is already open on this node")
-        if len(self.sessions) >= self.limits.max_sessions:
-            raise ResourceExhausted(f"node is full: {len(self.sessions)} sessions open (--max-sessions)")
         nbytes = cache_bytes(layers=end - start, batch=batch, max_length=max_length, **self._kv_shape)
+        why = self._make_room(client, nbytes) if self.limits.fair_share else ""
+        if len(self.sessions) >= self.limits.max_sessions:
+            raise ResourceExhausted(f"node is full: {len(self.sessions)} sessions open (--max-sessions){why}")
         free = self.limits.cache_bytes - self.cache_bytes_used
         if nbytes > free:
             raise ResourceExhausted(
                 f"KV cache budget exhausted: session needs {nbytes} bytes, {free} of {self.limits.cache_bytes} "
-                "free (--cache-memory)"
+                f"free (--cache-memory){why}"
             )
-        session = Session(session_id, start, end, batch, max_length, nbytes, lora=lora)
+        session = Session(session_id, start, end, batch, max_length, nbytes, lora=lora, client=client)
         session.caches = self.span.new_caches(start, end, batch, max_length)
         self.sessions[session_id] = session
         self.cache_bytes_used += nbytes
@@ -273,6 +298,35 @@ class SpanBackend:
         except UnknownAdapter as e:
             raise NotFound(str(e)) from None
 
+    def _make_room(self, client: bytes, nbytes: int) -> str:
+        """Evicts other keys' sessions beyond their fair share until a session of `nbytes` for `client` fits
+        (node/fair_share.py); returns why it could not ("" when it fits or nothing was beyond a share)."""
+        limits = self.limits
+        while True:
+            need_slot = len(self.sessions) >= limits.max_sessions
+            need_bytes = nbytes > limits.cache_bytes - self.cache_bytes_used
+            if not (need_slot or need_bytes):
+                return ""
+            open_ = list(self.sessions.values())
+            holdings = [fair_share.Holding(s.client, s.nbytes, s.last_used, s.busy) for s in open_]
+            refused = fair_share.refusal(holdings, client, nbytes, limits.max_sessions, limits.cache_bytes)
+            if refused:
+                return f": {refused}"
+            i = fair_share.victim(holdings, client, need_slot, need_bytes, limits.max_sessions, limits.cache_bytes)
+            if i is None:
+                return ""
+            self.evict(
+                open_[i],
+                "its client held more than its fair share of this node (--max-sessions, "
+                "--cache-memory); another client key needed room",
+            )
+
+    def evict(self, session: Session, why: str) -> None:
+        """Closes `session` for another client: its stream stays, and its next step is refused with `why`."""
+        session.evicted = why
+        self.evictions += 1
+        self.close_session(session)
+
     def close_session(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is not None:
             self.scheduler.drop(session.id)
@@ -283,6 +337,8 @@ class SpanBackend:
         self, session: Session, step: int, x: torch.Tensor | None, position: int, reply_dtype: torch.dtype | None = None
     ) -> torch.Tensor | None:
         """Runs new tokens at `position` (<= cached length: a smaller one rewinds, for speculative decoding)."""
+        if session.evicted:
+            raise Evicted(f"session {session.id!r} evicted: {session.evicted}")
         if step != session.next_step:
             raise RequestError(f"step out of order: expected step {session.next_step}, got {step}")
         session.next_step += 1
@@ -298,7 +354,13 @@ class SpanBackend:
                 f"session max_length {session.max_length} exceeded: position {position} + {x.shape[1]} tokens"
             )
         self.check_reply(x, reply_dtype or x.dtype)
-        out = await self._submit(x, position, session.start, session.end, list(session.caches), session.id)
+        session.busy = True
+        try:
+            out = await self._submit(
+                x, position, session.start, session.end, list(session.caches), session.id, session.client
+            )
+        finally:
+            session.busy, session.last_used = False, time.monotonic()
         session.length = position + x.shape[1]
         return out
 

@@ -307,6 +307,9 @@ class LimitFlags:
     push_timeout: Annotated[float, typer.Option(min=0.001, help=_limit("push_timeout"))] = Limits.push_timeout
     push_wait: Annotated[float, typer.Option(min=0.001, help=_limit("push_wait"))] = Limits.push_wait
     max_pushed: Annotated[int, typer.Option(min=1, help=_limit("max_pushed"))] = Limits.max_pushed
+    fair_share: Annotated[bool, typer.Option("--fair-share/--no-fair-share", help=_limit("fair_share"))] = (
+        Limits.fair_share
+    )
 
     def limits(self) -> Limits:
         return Limits(
@@ -320,6 +323,7 @@ class LimitFlags:
             push_timeout=self.push_timeout,
             push_wait=self.push_wait,
             max_pushed=self.max_pushed,
+            fair_share=self.fair_share,
         )
 
 
