@@ -16,9 +16,10 @@ import pytest
 import torch
 from greedy import hf_greedy
 from nat_lab import HOME_IP, PUBLIC_IP, nat_lab, unavailable
-from swarm import TORCHNODE, NodeProcess, spawn, start_node, stop_all, wait_ready
+from swarm import TORCHNODE, NodeProcess, free_port, spawn, start_coordinator, start_node, stop_all, wait_ready
 from transformers import AutoModelForCausalLM
 
+from torchnode.client.sync_model import DistributedModel
 from torchnode.node.relay import RelayServer
 from torchnode.protocol.wire.grpc_node import GrpcNodeClient
 from torchnode.protocol.wire.identity import Identity
@@ -200,6 +201,29 @@ class FlippingRelay(RelayServer):
             return data
 
         return through
+
+
+def test_reachable_no_serves_a_real_generation_through_the_relay_on_loopback(tiny_llama):
+    """No namespaces needed: `join --reachable no` registers with the coordinator's relay and announces the
+    relay's port, not its own; a client that finds it in the DHT gets transformers' exact tokens through it."""
+    relay_port = free_port()
+    coordinator, maddr = start_coordinator("--relay", "--relay-port", str(relay_port))
+    procs = [coordinator]
+    try:
+        coordinator.wait_for(RELAY_READY, 30)
+        node = start_node(str(tiny_llama), "--initial-peers", maddr, "--reachable", "no", "--blocks", "0:4")
+        procs.append(node)
+        _, host, port = node.wait_for(RELAYED, 60).groups()
+        relayed = f"{host}:{port}"
+        assert relayed != node.address
+        ids = torch.tensor(PROMPT)
+        hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+        with DistributedModel.from_pretrained(str(tiny_llama), initial_peers=[maddr]) as model:
+            hops = model.run(model.async_model.route())
+            assert [h.node.address for h in hops] == [relayed]  # the only address it announced: the relay's
+            assert model.generate(ids, max_new_tokens=16).tolist() == hf_greedy(hf, ids, 16).tolist()
+    finally:
+        stop_all(procs)
 
 
 @pytest.mark.asyncio
