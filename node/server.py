@@ -82,10 +82,13 @@ def weight_budget(max_memory: int | None, cache_bytes: int, device: torch.device
 
 def blocks_that_fit(ckpt: Checkpoint, dtype: torch.dtype, weight_bytes: int, quant: str = "none") -> int:
     """How many blocks' weights fit in `weight_bytes` (what `weight_budget` leaves for them), at `quant`'s
-    bytes per weight (norms, scales and zeros are a rounding error)."""
+    bytes per weight (norms, scales and zeros are a rounding error). A quantized span is loaded block by block,
+    each read in `dtype` and then quantized, so one block in `dtype` is reserved for that."""
     itemsize = {"int8": 1.0, "int4": 0.5 + 4 / GROUP_SIZE, "nf4": 0.5}.get(quant, dtype.itemsize)
-    per_block = ckpt.parameter_count(lambda k: k.startswith(f"{LAYER_PREFIX}0.")) * itemsize
-    fits = weight_bytes // max(per_block, 1)
+    params = ckpt.parameter_count(lambda k: k.startswith(f"{LAYER_PREFIX}0."))
+    per_block = params * itemsize
+    loading = 0 if quant == "none" else params * dtype.itemsize
+    fits = (weight_bytes - loading) // max(per_block, 1)
     if fits < 1:
         raise ValueError(
             f"--max-memory leaves {weight_bytes / 2**20:.0f} MiB for weights, less than one block "
