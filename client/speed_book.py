@@ -65,7 +65,8 @@ class SpeedBook:
             return
         record = self._record(address)
         rtt = record.rtt if record.rtt < float("inf") else 0.0
-        served = max(seconds - round_trips * rtt, seconds / 10) / blocks
+        # a probe's RTT may include a TLS set-up (a first contact): it never takes more than half of a step
+        served = max(seconds - round_trips * rtt, seconds / 2) / blocks
         w = self.policy.ema_weight
         record.measured = served if record.measured is None else (1 - w) * record.measured + w * served
         record.steps, record.at = record.steps + 1, time.monotonic()

@@ -31,6 +31,7 @@ class DashboardConfig:
     refresh: float = DEFAULT_REFRESH  # seconds between scans
     probe_timeout: float = DEFAULT_PROBE_TIMEOUT
     insecure: bool = False  # probe nodes over plaintext (--insecure)
+    speed_probe: bool = True  # time a one-token pass through each healthy node per scan (--no-speed-probe: off)
 
     def __post_init__(self):
         object.__setattr__(self, "models", tuple(dict.fromkeys(model_name(m) for m in self.models)))
@@ -50,12 +51,13 @@ async def run_dashboard(
     on_status: Callable[[str], None] = print,
     insecure: bool = False,
     allow_keys: frozenset[bytes] | None = None,
+    speed_probe: bool = True,
 ) -> None:
     """A standalone dashboard: joins the swarm as a DHT client, serves until SIGINT/SIGTERM. `models`
     filters what it shows; empty: every model in the DHT model index."""
     if not initial_peers:
         raise ValueError("give the multiaddr of any swarm peer (--initial-peers)")
-    config = DashboardConfig(tuple(models), host, http_port, refresh, insecure=insecure)
+    config = DashboardConfig(tuple(models), host, http_port, refresh, insecure=insecure, speed_probe=speed_probe)
     sock = bind_http(host, http_port)  # before the DHT: a busy port fails fast
     try:
         dht = await asyncio.to_thread(start_dht, list(initial_peers), client_mode=True, allow_keys=allow_keys)
@@ -80,7 +82,13 @@ async def serve_dashboard(
     """Monitor + HTTP server on an already started `dht`, until `stop` completes."""
     sock = sock or bind_http(config.host, config.http_port)
     monitor = HealthMonitor(
-        dht, config.models, config.refresh, config.probe_timeout, dht_maddrs=dht_maddrs, insecure=config.insecure
+        dht,
+        config.models,
+        config.refresh,
+        config.probe_timeout,
+        dht_maddrs=dht_maddrs,
+        insecure=config.insecure,
+        speed_probe=config.speed_probe,
     )
     scans = asyncio.create_task(monitor.run_forever())
 

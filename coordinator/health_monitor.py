@@ -11,6 +11,11 @@ as not ready), or only those named by `models` (a filter). Then, for each watche
      common value wins, so one lying node cannot stretch the model), looks up the blocks beyond the
      first window if N turned out larger, and computes each block's coverage.
 
+  4. measures each healthy node itself (`speed_probe`): a signed one-token `Forward` over its whole span,
+     timed less the Info round trip, as a moving average over scans. A node's announced throughput is a
+     claim; the state shows the claim and the measurement side by side, and `overclaims` flags a node whose
+     pass takes more than OVERCLAIM_GAP times what its claim promises (plus OVERCLAIM_SLACK_S).
+
 Nodes whose records expire are simply not found any more and vanish from the state; a node that is
 unreachable, answers with a key other than its record's, or whose Info contradicts its record stays in
 the state, marked unhealthy with the reason, and does not count towards coverage. `state` always holds
@@ -27,6 +32,7 @@ from collections import Counter
 from collections.abc import Sequence
 
 import hivemind
+import torch
 from hivemind.utils.timed_storage import get_dht_time
 
 from ..protocol.dht.coverage import block_ranges, coverage
@@ -37,7 +43,7 @@ from ..protocol.dht.records import MAX_BLOCKS, ServerRecord, latest_per_peer, va
 from ..protocol.version import __version__, protocol, protocol_major
 from ..protocol.wire.grpc_node import GrpcNodeClient
 from ..protocol.wire.identity import Identity
-from ..protocol.wire.node_client import NodeClient, NodeInfo, Probe, probe
+from ..protocol.wire.node_client import NodeClient, NodeError, NodeInfo, Probe, probe
 from .history import DEFAULT_WINDOW, History
 from .state_schema import BlockState, ModelState, NodeState, SwarmState
 
@@ -49,6 +55,9 @@ DEFAULT_PROBE_TIMEOUT = 3.0
 DISCOVERY_WINDOW = 128  # blocks looked up while a model's block count is unknown
 LOOKUP_BATCH = 32  # DHT keys per get_many
 LOOKUP_TIMEOUT = 30.0  # seconds for all DHT lookups of one model in one scan
+OVERCLAIM_GAP = 4.0  # a measured pass this many times slower than the claim promises flags the node...
+OVERCLAIM_SLACK_S = 0.05  # ...beyond this many seconds (the wire's own cost, which a claim does not include)
+MEASURE_WEIGHT = 0.3  # weight of the newest probe pass in a node's measured speed
 
 
 def model_name(model: str) -> str:
@@ -69,8 +78,10 @@ class HealthMonitor:
         dht_maddrs: Sequence[str] = (),
         history_window: float = DEFAULT_WINDOW,
         insecure: bool = False,
+        speed_probe: bool = True,
     ):
-        """`models`: names to watch, a filter; empty: every model in the DHT model index."""
+        """`models`: names to watch, a filter; empty: every model in the DHT model index. `speed_probe`: time a
+        one-token pass through every healthy node each scan (its measured speed beside its claim)."""
         if refresh <= 0 or probe_timeout <= 0:
             raise ValueError("refresh and probe_timeout must be positive")
         self.dht, self.refresh, self.probe_timeout = dht, refresh, probe_timeout
@@ -82,6 +93,8 @@ class HealthMonitor:
         self.total: dict[str, int] = {}  # block count per model learned from healthy nodes; absent = unknown
         self.history = History(history_window)
         self.first_seen: dict[tuple[str, str], float] = {}  # (model, peer id) -> unix time
+        self.speed_probe = speed_probe
+        self.measured: dict[tuple[str, str], float] = {}  # (model, peer id) -> seconds per one-token pass, averaged
         self.clients: dict[tuple[str, bytes], NodeClient] = {}  # (address, expected key) -> channel
         self.state = SwarmState(
             generated_at=0.0,
@@ -145,10 +158,13 @@ class HealthMonitor:
             records |= more
             total, known = self._learn_total(model, records, probes)
         reports = await self._reports(records)
+        if self.speed_probe:
+            await self._measure_all(records, probes)
         now, dht_now = time.time(), get_dht_time()
         seen = {(model, peer) for peer in records}
         for key in [k for k in self.first_seen if k[0] == model and k not in seen]:
             del self.first_seen[key]  # a node that comes back later starts a new uptime
+            self.measured.pop(key, None)
         nodes = [
             self._node_state(records[peer], probes[peer], now, dht_now, reports.get(peer, ()))
             for peer in sorted(records, key=lambda p: (records[p].start, records[p].end, p))
@@ -182,6 +198,25 @@ class HealthMonitor:
             self.clients[key] = GrpcNodeClient(record.address, self.identity, record.public_key, insecure=self.insecure)
         return await probe(self.clients[key], self.probe_timeout)
 
+    async def _measure_all(self, records: dict[str, ServerRecord], probes: dict[str, Probe]) -> None:
+        """One timed one-token pass through every healthy node's whole span, all at once."""
+        healthy = [p for p in records if _health(records[p], probes[p])[0] == "healthy"]
+        await asyncio.gather(*(self._measure(records[p], probes[p]) for p in healthy))
+
+    async def _measure(self, record: ServerRecord, probe: Probe) -> None:
+        info, client = probe.info, self.clients[record.address, record.public_key]
+        x = torch.zeros(1, 1, info.hidden_size)  # (B, T, H): one token, fp32 on the wire
+        started = time.perf_counter()
+        try:
+            await client.train_forward(x, info.start_block, info.end_block, {}, 1.0, self.probe_timeout)
+        except (NodeError, NotImplementedError) as e:  # not measured this scan; Info decides health
+            log.info("speed probe of %s failed: %s", record.address, e)
+            return
+        seconds = max(time.perf_counter() - started - (probe.rtt or 0.0), 1e-6)
+        key = (record.model, record.peer_id)
+        old = self.measured.get(key)
+        self.measured[key] = seconds if old is None else (1 - MEASURE_WEIGHT) * old + MEASURE_WEIGHT * seconds
+
     def _learn_total(self, model: str, records: dict[str, ServerRecord], probes: dict[str, Probe]) -> tuple[int, bool]:
         """(block count, whether a healthy node said it). Votes of healthy nodes only; the most common
         value wins (ties: the larger). With no healthy node this scan, the last count learned stays."""
@@ -203,6 +238,9 @@ class HealthMonitor:
         info = probe.info
         health, problem = _health(record, probe)
         live = info if health == "healthy" else None  # an unhealthy node's Info is not to be believed
+        claimed = live.throughput if live else record.throughput
+        pass_s = self.measured.get((record.model, record.peer_id))
+        overclaims = pass_s is not None and pass_s > OVERCLAIM_GAP / max(claimed, 1e-9) + OVERCLAIM_SLACK_S
         return NodeState(
             peer_id=record.peer_id,
             short_id=record.peer_id[:12],
@@ -217,7 +255,9 @@ class HealthMonitor:
             health=health,
             problem=problem,
             encrypted=getattr(self.clients.get((record.address, record.public_key)), "encrypted", None),
-            throughput=live.throughput if live else record.throughput,
+            throughput=claimed,
+            measured_throughput=1 / pass_s if pass_s is not None else None,
+            overclaims=overclaims,
             rtt_ms=probe.rtt * 1000 if probe.rtt is not None else None,
             cache_bytes_free=live.cache_bytes_free if live else record.cache_bytes_free,
             sessions_free=live.sessions_free if live else None,

@@ -37,7 +37,20 @@ class NodeState(BaseModel):
         "its record's, or its Info contradicts its record (see `problem`)"
     )
     problem: str | None = Field(None, description="why the node is not healthy")
-    throughput: float = Field(description="tokens/s: from Info when healthy, else as announced")
+    throughput: float = Field(
+        description="tokens/s the node claims: from Info when healthy, else as announced (nobody checks a claim: "
+        "see measured_throughput)"
+    )
+    measured_throughput: float | None = Field(
+        None,
+        description="tokens/s over the node's span as the monitor measured it: a signed one-token Forward pass "
+        "each scan, less the Info round trip, averaged over scans; null until measured (or with --no-speed-probe)",
+    )
+    overclaims: bool = Field(
+        False,
+        description="the node claims far more than it serves: the monitor's pass took more than 4x what its "
+        "claimed throughput promises, plus 50 ms (clients route on what they measure themselves)",
+    )
     rtt_ms: float | None = Field(None, description="round trip of the signed Info call; null when it failed")
     encrypted: bool | None = Field(
         None,

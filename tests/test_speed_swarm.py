@@ -1,7 +1,8 @@
 """Process tier: speed measured, not claimed. Real `torchnode` processes found through a coordinator's DHT:
 
 - a slow liar (tests/helpers/dishonest_node.py `slow`: honest outputs, announces 100x its speed, sleeps before
-  every step) beside an honest chain: a long-lived SDK client routes through it only until it has timed it;
+  every step) beside an honest chain: a long-lived SDK client routes through it only until it has timed it,
+  and the coordinator's dashboard shows its claim beside what it measured, flagged;
 - a flood of validly signed records from 50 fresh keys announcing great speed for every block at addresses
   that never answer, written to the real DHT: a client still gets its first token within 10 s.
 """
@@ -9,13 +10,16 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from dishonest_node import SLOW_STEP_S
 from hivemind.utils.timed_storage import get_dht_time
 from swarm import free_port, spawn, start_coordinator, start_nodes, stop_all, wait_ready
 from transformers import AutoModelForCausalLM
@@ -59,7 +63,8 @@ async def generation(model: AsyncDistributedModel) -> tuple[list[int], list[str]
 
 async def test_a_long_lived_client_stops_routing_through_a_slow_liar(tiny_llama, expected):
     model = str(tiny_llama)
-    coordinator, maddr = start_coordinator()
+    coordinator, maddr = start_coordinator("--dashboard", "--http-port", "0", "--refresh", "1")
+    url = coordinator.wait_for(r"dashboard: (http://127\.0\.0\.1:\d+/)", 60)[1]
     nodes = []
     try:
         port = free_port()
@@ -76,6 +81,7 @@ async def test_a_long_lived_client_stops_routing_through_a_slow_liar(tiny_llama,
             runs = [await generation(client) for _ in range(6)]
         finally:
             await client.close()
+        shown = await asyncio.to_thread(measured_nodes, url, 3, timeout=60)
     finally:
         stop_all(nodes)
         coordinator.stop()
@@ -86,6 +92,25 @@ async def test_a_long_lived_client_stops_routing_through_a_slow_liar(tiny_llama,
     assert liar.address not in last and reroutes == 1  # left mid-session once timed, history replayed
     for _, first, last, _ in runs[1:]:  # every later session routes around it
         assert liar.address not in first + last, runs
+    by_address = {n["address"]: n for n in shown}
+    claimed, measured = by_address[liar.address]["throughput"], by_address[liar.address]["measured_throughput"]
+    assert by_address[liar.address]["overclaims"] and measured < claimed / 10, by_address[liar.address]
+    assert measured < 1 / SLOW_STEP_S
+    honest = [n for a, n in by_address.items() if a != liar.address]
+    assert len(honest) == 2 and not any(n["overclaims"] for n in honest), honest
+
+
+def measured_nodes(url: str, count: int, timeout: float) -> list[dict]:
+    """The dashboard's nodes once `count` of them show a measured speed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(url + "api/v1/state", timeout=10) as r:
+            nodes = [n for m in json.load(r)["models"] for n in m["nodes"]]
+        if sum(n["measured_throughput"] is not None for n in nodes) >= count:
+            return nodes
+        if time.monotonic() > deadline:
+            raise AssertionError(f"fewer than {count} nodes measured within {timeout} s: {nodes}")
+        time.sleep(0.5)
 
 
 async def test_a_flood_of_fake_fast_records_does_not_delay_the_first_token(tiny_llama, expected):

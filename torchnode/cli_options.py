@@ -198,6 +198,13 @@ ShownModels = Annotated[
     list[str] | None, typer.Option(help="show only this model (repeatable) [default: every model in the swarm's index]")
 ]
 Refresh = Annotated[float, typer.Option(min=0.1, help="seconds between health scans")]
+SpeedProbe = Annotated[
+    bool,
+    typer.Option(
+        "--speed-probe/--no-speed-probe",
+        help="time a one-token pass through every healthy node each scan: its measured tokens/s beside its claim",
+    ),
+]
 
 
 # ---- option groups: each a dataclass of flags a command takes as one parameter (torchnode/cli_groups.py)

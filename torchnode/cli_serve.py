@@ -23,6 +23,7 @@ from .cli_options import (
     Refresh,
     RelayFlags,
     ShownModels,
+    SpeedProbe,
     SwarmFlags,
     allow_keys_of,
     err,
@@ -131,6 +132,7 @@ def coordinator(
     refresh: Refresh = 5.0,
     insecure: Insecure = False,
     allow_keys: AllowKeys = None,
+    speed_probe: SpeedProbe = True,
     *,
     relay: RelayFlags,
     identity: Annotated[
@@ -147,7 +149,9 @@ def coordinator(
         if dashboard:
             from torchnode.coordinator.dashboard import DashboardConfig
 
-            board = DashboardConfig(tuple(model or ()), http_host, http_port, refresh, insecure=insecure)
+            board = DashboardConfig(
+                tuple(model or ()), http_host, http_port, refresh, insecure=insecure, speed_probe=speed_probe
+            )
         relay_setup = None
         relay_limits = relay.limits()
         if relay_limits is not None:
@@ -178,6 +182,7 @@ def dashboard_command(
     refresh: Refresh = 5.0,
     insecure: Insecure = False,
     allow_keys: AllowKeys = None,
+    speed_probe: SpeedProbe = True,
 ) -> None:
     """Run the health monitor and web dashboard (/, /api/v1/state, /metrics) on its own DHT client."""
     warn_if_insecure(insecure)
@@ -196,5 +201,6 @@ def dashboard_command(
                 on_status=status,
                 insecure=insecure,
                 allow_keys=allow_keys_of(allow_keys),
+                speed_probe=speed_probe,
             )
         )
