@@ -345,14 +345,21 @@ class InferenceSession:
             retry=retry_if_exception_type((NodeError, NoRouteError)),
             reraise=True,
         )
-        async for attempt in retrying:
-            with attempt:
-                hops = await self.router(failed.start, failed.end)
-                out = await self._replay(hops, inputs)
-                log.warning(
-                    "blocks %d:%d recovered on %s", failed.start, failed.end, ", ".join(h.node.address for h in hops)
-                )
-                return hops, out
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    hops = await self.router(failed.start, failed.end)
+                    out = await self._replay(hops, inputs)
+                    log.warning(
+                        "blocks %d:%d recovered on %s",
+                        failed.start,
+                        failed.end,
+                        ", ".join(h.node.address for h in hops),
+                    )
+                    return hops, out
+        except NoRouteError as e:  # say why the node that served these blocks failed: often the user can fix it
+            e.args = (f"{e}; it failed with: {error}",)
+            raise
         raise AssertionError("unreachable: tenacity reraises the last error")
 
     async def _replay(self, hops: list[Hop], inputs: torch.Tensor) -> torch.Tensor:

@@ -147,25 +147,24 @@ def build_checkpoint(shape: str, layers: int | None, root: Path) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
-    names = tensor_shapes(config)
-    shards, current, size = [], {}, 0
-    for name, dims in names:
+    weight_map, total, shard = {}, 0, {}
+
+    def write(shard: dict) -> None:  # each shard as soon as it is full: memory stays at one shard
+        file = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+        shard.clear()
+
+    for name, dims in tensor_shapes(config):
         if name.endswith("norm.weight"):
             t = torch.ones(dims, dtype=torch.bfloat16)
         else:
             t = torch.empty(dims, dtype=torch.float32).normal_(0.0, 0.02, generator=generator).to(torch.bfloat16)
-        current[name], size = t, size + t.nbytes
-        if size >= SHARD_BYTES:
-            shards.append(current)
-            current, size = {}, 0
-    if current:
-        shards.append(current)  # (held in memory until written: at most one model in bf16; fine for <= 4B)
-    weight_map, total = {}, 0
-    for k, shard in enumerate(shards, 1):
-        file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
-        for name, t in shard.items():
-            weight_map[name], total = file, total + t.nbytes
+        shard[name], total = t, total + t.nbytes
+        if sum(v.nbytes for v in shard.values()) >= SHARD_BYTES:
+            write(shard)
+    if shard:
+        write(shard)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     config.torch_dtype = "bfloat16"
     config.save_pretrained(folder)

