@@ -13,7 +13,8 @@ import shutil
 
 import pytest
 import torch
-from greedy import PROMPTS, chat_ids, span_greedy
+from greedy import PROMPTS, chat_ids, hf_greedy, span_greedy
+from swarm import run_cli, start_node, stop_all
 from transformers import AutoTokenizer
 
 from torchnode.models.checkpoint import default_gguf
@@ -144,3 +145,39 @@ def test_int4_from_gguf_codes_answers_as_fp32_up_to_a_near_tie(default_checkpoin
         assert margins[first] < NEAR_TIE, (
             f"int4 left fp32's answer at token {first}, where fp32's margin is {margins[first]:.3f}"
         )
+
+
+@pytest.mark.swarm
+@pytest.mark.slow
+def test_join_quant_int4_serves_the_gguf_codes_and_generate_answers_as_fp32_to_its_first_near_tie(
+    default_checkpoint, default_reference
+):
+    """End to end: `torchnode join default --quant int4` serves all 30 blocks from the GGUF's own codes (it
+    says so), and `torchnode generate` through it answers fp32's tokens up to fp32's first near-tie."""
+    hf, tokenizer = default_reference
+    ids = chat_ids(tokenizer, PROMPTS[0])
+    with torch.inference_mode():
+        expected = hf_greedy(hf, ids, GREEDY_TOKENS)
+        top2 = hf(expected).logits[0, ids.shape[1] - 1 : -1].topk(2, -1).values  # the logits that chose each token
+    margins = (top2[:, 0] - top2[:, 1]).tolist()
+    sure = next((i for i, m in enumerate(margins) if m < NEAR_TIE), len(margins))  # tokens before the first tie
+    assert sure >= 4, f"fp32 nearly ties at token {sure}: the prompt proves too little"
+    prefix = tokenizer.decode(expected[0, ids.shape[1] : ids.shape[1] + sure], skip_special_tokens=True)
+    node = start_node("default", "--blocks", "0:30", "--quant", "int4")
+    try:
+        assert "int4: 210 of 210 linears served from the GGUF's own Q4_1 codes" in node.log
+        result = run_cli(
+            "generate",
+            "default",
+            "--peers",
+            node.address,
+            "--greedy",
+            "--chat",
+            "--max-new-tokens",
+            str(GREEDY_TOKENS),
+            PROMPTS[0],
+        )
+    finally:
+        stop_all([node])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(prefix), f"{result.stdout!r} does not start with fp32's {prefix!r}"
