@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from greedy import STORY, chat_ids
-from swarm import start_coordinator, start_node, start_nodes, stop_all
+from greedy import STORY, chat_ids, hf_greedy
+from swarm import free_port, spawn, start_coordinator, start_node, start_nodes, stop_all, wait_ready
+from transformers import AutoModelForCausalLM
 
 from torchnode.client.routing import NoRouteError
 from torchnode.client.sampling import SamplingParams
@@ -109,3 +113,42 @@ def test_missing_span_raises_clear_error_then_recovers(tiny_llama):
     finally:
         stop_all(nodes)
         coordinator.stop()
+
+
+def test_a_node_that_starts_signing_wrongly_mid_session_is_replaced(tiny_llama, caplog):
+    """The node serving blocks 2:4 signs its replies with another key from its 6th on (a swapped key, or
+    forged replies): the client refuses them, bans it, rebuilds the cache on a spare, and the tokens are
+    transformers' own."""
+    model = str(tiny_llama)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 27]])
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    expected = hf_greedy(hf, ids, 16)[0, ids.shape[1] :].tolist()
+    script = str(Path(__file__).parent / "helpers" / "bad_signer_node.py")
+    bad_port, spare_port = free_port(), free_port()
+    nodes = start_nodes(model, ["0:2"])
+    try:
+        nodes.append(
+            wait_ready(
+                spawn(
+                    [sys.executable, script, "5", "join", model, "--port", str(bad_port), "--blocks", "2:4"],
+                    bad_port,
+                    None,
+                )
+            )
+        )
+        peers = [nodes[0].address, nodes[1].address, f"127.0.0.1:{spare_port}"]  # the spare starts later
+        with DistributedModel.from_pretrained(model, peers=peers, step_timeout=STEP_TIMEOUT) as client:
+            core = client.async_model
+            session = client.run(core.open_session(ids.shape[1] + 16))
+            assert session.hops[-1].node.address == nodes[1].address  # the only 2:4 node up: the bad signer
+            nodes.append(start_node(model, "--blocks", "2:4", port=spare_port))
+            tokens = []
+            with caplog.at_level(logging.WARNING):
+                for new in client.iterate(core.generate_ids(ids, SamplingParams(max_new_tokens=16), session)):
+                    tokens.append(int(new[0]))
+            client.run(session.close())
+        assert tokens == expected
+        assert session.hops[-1].node.address == nodes[2].address  # the spare finished the generation
+        assert any("rejected reply" in r.message and nodes[1].address in r.message for r in caplog.records)
+    finally:
+        stop_all(nodes)

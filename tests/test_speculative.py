@@ -10,6 +10,7 @@ Process tier: the `torchnode generate --draft` CLI against real node processes.
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -291,6 +292,45 @@ async def test_pipelined_prefill_equals_one_shot_prefill(three_hops):
     assert (await piped.step(y) - await one.step(y)).abs().max() < 1e-4
     await one.close()
     await piped.close()
+
+
+def record_step_times(node: MemoryNode, log: list[tuple[str, int, str, float]]) -> None:
+    """Node side: (address, position, "start" | "end", time) of every step the node serves, in `log`."""
+    open_session = node.open_session
+
+    def timed_open(spec):
+        session = open_session(spec)
+        pushed_step = session.pushed_step
+
+        async def timed(hidden, position, *args, **kwargs):
+            log.append((node.address, position, "start", time.monotonic()))
+            try:
+                return await pushed_step(hidden, position, *args, **kwargs)
+            finally:
+                log.append((node.address, position, "end", time.monotonic()))
+
+        session.pushed_step = timed
+        return session
+
+    node.open_session = timed_open
+
+
+async def test_pipelined_prefill_overlaps_the_hops(three_hops):
+    """The first node works on chunk k + 1 while the second still works on chunk k (the nodes' own times):
+    a prefill that sent the chunks one after the other through the chain would never do that."""
+    ckpt, nodes = three_hops
+    log: list[tuple[str, int, str, float]] = []
+    for node in nodes[:3]:
+        node.step_delay = 0.02  # a network leg per step: each hop's step awaits, as over gRPC
+        record_step_times(node, log)
+    model = AsyncDistributedModel(ckpt, MemoryPeers(nodes[:3]))
+    session = await model.open_session(64)
+    await session.prefill(torch.randn(1, 48, 64, generator=torch.Generator().manual_seed(0)), chunk=8)
+    await session.close()
+    when = {(address, position, edge): t for address, position, edge, t in log}
+    first, second = (hop.node.address for hop in session.hops[:2])
+    overlaps = [k for k in range(0, 40, 8) if when[first, k + 8, "start"] < when[second, k, "end"]]
+    assert overlaps == list(range(0, 40, 8)), f"chunks whose successor started on hop 1 in time: {overlaps}"
 
 
 async def test_pipelined_prefill_falls_back_when_a_node_fails_midway(three_hops):
