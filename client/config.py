@@ -91,6 +91,21 @@ class ClientConfig:
     )
     speed: SpeedPolicy = field(default_factory=SpeedPolicy)  # routing on measured speed (client/speed_book.py)
 
+    fp32_only: bool = field(
+        default=False,
+        metadata={
+            "help": "route only through nodes computing in float32 with unquantized weights (the exact model);"
+            " bf16, fp16 and --quant nodes are skipped"
+        },
+    )
+    report_to: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "with --verify: upload each fraud proof to this health monitor (its dashboard URL; repeatable),"
+            " which serves it and re-checks it"
+        },
+    )
+
     @property
     def torch_wire_dtype(self) -> torch.dtype:
         """wire_dtype as a torch dtype (__post_init__ turned a name into one)."""
@@ -106,6 +121,7 @@ class ClientConfig:
             import torch
 
             object.__setattr__(self, "wire_dtype", getattr(torch, self.wire_dtype))
+        object.__setattr__(self, "report_to", tuple(self.report_to))
         if self.verify_window < 1:
             raise ValueError(f"verify_window must be >= 1 token, got {self.verify_window}")
         if self.step_timeout <= 0:

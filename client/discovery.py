@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
@@ -30,6 +30,7 @@ from ..protocol.version import protocol, protocol_major, speaks, upgrade_advice
 from ..protocol.wire.grpc_node import GrpcNodeClient
 from ..protocol.wire.identity import Identity
 from ..protocol.wire.node_client import NodeClient, NodeError, Probe, probe
+from .precision import Precision
 from .routing import Candidate, NoRouteError
 
 log = logging.getLogger(__name__)
@@ -96,9 +97,11 @@ class PeerSource:
         total_blocks: int,
         exclude: AbstractSet[str] = frozenset(),
         adapter: str | None = None,
+        precision: Callable[[Precision], bool] = lambda _: True,
     ) -> list[tuple[Candidate, NodeClient]]:
-        """Probed nodes serving exactly this checkpoint (and `adapter`, if named, as their Info says);
-        addresses in `exclude` are not even probed; nodes of another protocol major end in `unspoken`."""
+        """Probed nodes serving exactly this checkpoint (and `adapter`, if named, as their Info says) in a
+        `precision` that suits the caller (client/precision.py); addresses in `exclude` are not even probed;
+        nodes of another protocol major end in `unspoken`."""
         self.unspoken = {}
         nodes = [n for n in await self.nodes(model, total_blocks) if n.address not in exclude]
         probes = await self._probe_all(nodes, total_blocks)
@@ -132,6 +135,7 @@ class PeerSource:
             and (self.allow_keys is None or p.info.public_key in self.allow_keys)
             and (not adapter or adapter in p.info.adapters)
             and node.address not in self.unspoken
+            and precision(Precision.of(p.info))
         ]
 
     async def _probe_all(self, nodes: list[NodeClient], total_blocks: int) -> list[Probe]:

@@ -35,7 +35,7 @@ async def generate_ids(
     plainly.
     """
     verifier = session.verifier  # client/verification/verifier.py: tokens are released once their window is checked
-    if drafter is not None and draft_tokens > 0 and input_ids.shape[0] == 1 and verifier is None:
+    if drafter is not None and draft_tokens > 0 and input_ids.shape[0] == 1:
         async for new in speculative_ids(head, session, input_ids, params, eos_ids, drafter, draft_tokens, cached):
             yield new
         return

@@ -32,13 +32,14 @@ from .config import ClientConfig, GenerationOptions, split_options
 from .discovery import DhtPeers, PeerSource, StaticPeers, unspoken_route_error
 from .generation import generate_ids
 from .head_batcher import HeadBatcher
+from .precision import Precision
 from .routing import Candidate, NoRouteError, find_route
 from .sampling import SamplingParams
 from .session import Hop, InferenceSession
 from .speculative import Drafter, load_drafter
 from .speed_book import SpeedBook
 from .text_stream import TextPiece, text_only, text_pieces
-from .verification.evidence import fraud_report, write_evidence
+from .verification.evidence import DEFAULT_UPLOAD_TIMEOUT, fraud_report, upload_evidence, write_evidence
 from .verification.opinions import adapter_files, holds_blocks
 from .verification.verifier import Finding, Verifier
 
@@ -70,6 +71,7 @@ class AsyncDistributedModel:
         self.ckpt, self.source = ckpt, source
         self.bans = BanList()
         self.speeds = SpeedBook(self.config.speed)  # each node's speed as this client timed it: routing weighs it
+        self.uploads: list[asyncio.Future] = []  # fraud proofs being uploaded (config.report_to), awaited on close
         self.dishonest: set[str] = set()  # addresses caught lying: never used again by this client
         # where the head (embeddings, final norm, LM head) computes, in float32 (exact logits) wherever it is
         self.device = resolve_device(self.config.device)
@@ -103,7 +105,8 @@ class AsyncDistributedModel:
         tokens, default 32; verify_local=False never computes blocks on this client); device ("auto": CUDA,
         else MPS, else CPU; or "cpu", "cuda:N", "mps") for the head; push (default True): each node sends its
         output straight to the next (hops + 1 one-way legs per token instead of 2 x hops; False: the client
-        drives every hop, as it always does with verify); and the defaults of every generation: draft ("ngram"
+        drives every hop); fp32_only: only float32 nodes with unquantized weights; report_to: health monitors
+        (dashboard URLs) each fraud proof is uploaded to; and the defaults of every generation: draft ("ngram"
         or a draft model), draft_tokens, prefill_chunk, adapter (a LoRA adapter served by nodes started with
         --adapters).
         """
@@ -119,14 +122,20 @@ class AsyncDistributedModel:
 
     # ---- routing and sessions
     async def candidates(
-        self, exclude: AbstractSet[str] = frozenset(), adapter: str | None = None
+        self, exclude: AbstractSet[str] = frozenset(), adapter: str | None = None, like: Precision | None = None
     ) -> list[tuple[Candidate, NodeClient]]:
         """The live nodes of this checkpoint routing may use: allowed keys, none that failed recently or lied,
-        nor in `exclude`; with `adapter`, only those serving it. Their throughput is what this client believes
-        (client/speed_book.py: measured, or a fair trial), not what they announce."""
+        nor in `exclude`; with `adapter`, only those serving it; with `like`, only those whose outputs compare
+        with a node of that precision (the verifier's opinions); with `fp32_only`, only exact float32 nodes. Their
+        throughput is what this client believes (client/speed_book.py: measured, or a fair trial), not what they
+        announce."""
         exclude = self.bans.banned() | self.dishonest | exclude
+
+        def suits(p: Precision) -> bool:
+            return (p.exact or not self.config.fp32_only) and (like is None or like.comparable(p))
+
         found = await self.source.candidates(
-            self.ckpt.name, self.ckpt.revision, self.total_blocks, exclude=exclude, adapter=adapter
+            self.ckpt.name, self.ckpt.revision, self.total_blocks, exclude=exclude, adapter=adapter, precision=suits
         )
         for candidate, _ in found:
             self.speeds.observe(candidate)
@@ -137,11 +146,13 @@ class AsyncDistributedModel:
         start: int = 0,
         end: int | None = None,
         exclude: AbstractSet[str] = frozenset(),
+        like: Precision | None = None,
         adapter: str | None = None,
     ) -> list[Hop]:
         """Fresh hops covering blocks [start, end), avoiding nodes that failed recently or lied, and `exclude`;
-        with `adapter`, only nodes that serve that LoRA adapter."""
-        found = await self.candidates(exclude, adapter)
+        with `like`, only nodes of a precision comparable with it; with `adapter`, only nodes that serve that
+        LoRA adapter."""
+        found = await self.candidates(exclude, adapter, like)
         nodes = {candidate.key: node for candidate, node in found}
         end = self.total_blocks if end is None else end
         try:
@@ -150,6 +161,8 @@ class AsyncDistributedModel:
             e = unspoken_route_error(no_route, list(self.source.unspoken.values()))
             if adapter:
                 e.args = (f"{e} with adapter {adapter!r} (a node serves it when started with --adapters)",)
+            if self.config.fp32_only:
+                e.args = (f"{e.args[0]} in float32 with unquantized weights (fp32_only)",)
             raise e from None
         return [Hop(nodes[r.key], r.start, r.end) for r in route]
 
@@ -176,7 +189,7 @@ class AsyncDistributedModel:
             retry=config.retry,
             prefill_chunk=options.prefill_chunk,
             adapter=adapter,
-            push=config.push and not config.verify,  # a fraud proof needs every input in the node's signed request
+            push=config.push,  # with --verify too: a pushed step's proof ships the client's copy of its input
             speeds=self.speeds,
         )
         if config.verify:
@@ -187,7 +200,7 @@ class AsyncDistributedModel:
     def caught(self, finding: Finding) -> None:
         """A node returned wrong outputs: banned for good, named in a warning, its signed replies kept."""
         self.dishonest.add(finding.node.address)
-        where = f" at position {finding.position}" if finding.position >= 0 else " while checking another node"
+        where = f" at position {finding.position}" + (" while checking another node" if finding.checker else "")
         log.warning(
             "dishonest node %s (peer %s) returned wrong outputs for blocks %d:%d%s (error %.3g > tolerance %.3g, "
             "judged by %s); banned, re-routing",
@@ -206,6 +219,8 @@ class AsyncDistributedModel:
                 "evidence against peer %s written to %s (torchnode check-evidence FILE MODEL)", finding.peer_id, path
             )
             self.source.publish(fraud_report(finding, self.ckpt.name, path, self.source.identity))  # DHT only
+            for monitor in self.config.report_to:  # the proof itself, to monitors that serve and re-check it
+                self.uploads.append(asyncio.ensure_future(asyncio.to_thread(upload_evidence, monitor, path)))
 
     def drafter(self, options: GenerationOptions) -> tuple[Drafter | None, int]:
         """The drafter and K of `options` (None, 0: plain decoding).
@@ -349,6 +364,15 @@ class AsyncDistributedModel:
             await session.close()
 
     async def close(self) -> None:
+        if self.uploads:
+            done, pending = await asyncio.wait(self.uploads, timeout=DEFAULT_UPLOAD_TIMEOUT)
+            for task in pending:
+                task.cancel()
+            failed = [str(t.exception()) for t in done if t.exception() is not None] + ["timed out"] * len(pending)
+            if failed:
+                log.warning("fraud proofs not uploaded (%d of %d): %s", len(failed), len(self.uploads), failed)
+            else:
+                log.warning("fraud proofs uploaded to %s", ", ".join(self.config.report_to))
         await self.source.close()
 
     async def __aenter__(self) -> AsyncDistributedModel:

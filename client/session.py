@@ -68,7 +68,7 @@ class SessionVerifier(Protocol):
     """What a session asks of `--verify` (client/verification/verifier.py implements it): the session reports
     every hop output it uses; the caller asks for a check and gets the position to rewind to, if any."""
 
-    def observe(self, hop: Hop, position: int, out: torch.Tensor) -> None: ...
+    def observe(self, hop: Hop, position: int, out: torch.Tensor, pushed: torch.Tensor | None = None) -> None: ...
 
     async def check(self, final: bool = False) -> int | None: ...
 
@@ -294,8 +294,8 @@ class InferenceSession:
                             log.info(
                                 "%s could not push (%s); sending its output on", hop.node.address, reply.push_error
                             )
-                        if self.verifier is not None:
-                            self.verifier.observe(hop, position, out)
+                        if self.verifier is not None:  # with the input the node signed the digest of, if pushed
+                            self.verifier.observe(hop, position, out, x.to(self.wire_dtype) if i else None)
                 except NodeError as error:
                     if not pending[i].done():
                         pending[i].cancel()
@@ -318,6 +318,8 @@ class InferenceSession:
                 self.id, hop.start, hop.end, self.max_length, self.batch_size, self.wire_dtype, self.adapter
             )
             hop.stream = hop.node.open_session(spec)
+            if self.verifier is not None:
+                hop.stream.keep_exchanges()  # a fraud proof's parts
         return hop.stream
 
     async def _send(self, hop: Hop, hidden: torch.Tensor, position: int) -> torch.Tensor:

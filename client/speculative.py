@@ -270,35 +270,66 @@ async def speculative_ids(
     cached: int = 0,
     stats: SpeculationStats | None = None,
 ) -> AsyncIterator[torch.Tensor]:
-    """Like generation.generate_ids for one sequence (input_ids (1, T)): yields next ids (1,), several per pass."""
+    """Like generation.generate_ids for one sequence (input_ids (1, T)): yields next ids (1,), several per pass.
+
+    With `session.verifier` (--verify), a token is released only once the output it came from is checked
+    (the token at index j of the sequence came from the output at position j - 1); when a check finds a
+    lie at position r, the tokens from r on are drafted and decided again, from the state (sampling
+    generator included) of the pass that first produced one of them. Greedy output is then exactly
+    plain greedy's; sampled output keeps the target's distribution.
+    """
     if input_ids.shape[0] != 1:
         raise ValueError("speculative decoding runs one sequence per session (batch size 1)")
     stats = stats if stats is not None else SpeculationStats()
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
     eos = set() if params.ignore_eos else set(eos_ids)
     state, length = drafter.start(), DraftLength(max_draft)
+    verifier = session.verifier
     ids = input_ids[0].tolist()
+    prompt = released = len(ids)  # ids[:released] are the prompt or already yielded
     position, pending = cached, ids[cached:]  # tokens not in the nodes' caches yet go first, at `position`
-    generated = 0
-    while generated < params.max_new_tokens:
-        k = min(length.next(), params.max_new_tokens - generated - 1)  # the pass adds one token of its own
-        draft = state.propose(ids, k, params, generator) if k > 0 else Draft([])
-        hidden = head.embed(torch.tensor([pending + draft.tokens]))  # (1, T, H)
-        out = await session.prefill(hidden, position=position)  # one step unless a long prompt is chunked
-        # (K + 1, V), in one LM-head pass with other sessions' (head_batcher.py)
-        logits = (await HeadBatcher.of(head).logits(out[:, -len(draft.tokens) - 1 :]))[0]
-        new = accept(logits, draft, params, ids, generator)
-        length.update(len(draft.tokens), len(new) - 1)
-        stats.passes, stats.drafted, stats.accepted = (
-            stats.passes + 1,
-            stats.drafted + len(draft.tokens),
-            stats.accepted + len(new) - 1,
-        )
-        stats.lengths.append(k)
-        position, pending = position + len(pending) + len(new) - 1, new[-1:]
-        for token in new:
-            ids.append(token)
-            generated += 1
+    passes: list[tuple[int, torch.Tensor | None]] = []  # (len(ids) before each pass, the generator's state then)
+    stopped = False  # an EOS token was accepted
+    while True:
+        if not stopped and len(ids) - prompt < params.max_new_tokens:
+            passes.append((len(ids), generator.get_state() if generator is not None else None))
+            # the pass adds one token of its own
+            k = min(length.next(), params.max_new_tokens - (len(ids) - prompt) - 1)
+            draft = state.propose(ids, k, params, generator) if k > 0 else Draft([])
+            hidden = head.embed(torch.tensor([pending + draft.tokens]))  # (1, T, H)
+            out = await session.prefill(hidden, position=position)  # one step unless a long prompt is chunked
+            # (K + 1, V), in one LM-head pass with other sessions' (head_batcher.py)
+            logits = (await HeadBatcher.of(head).logits(out[:, -len(draft.tokens) - 1 :]))[0]
+            new = accept(logits, draft, params, ids, generator)
+            length.update(len(draft.tokens), len(new) - 1)
+            stats.passes, stats.drafted, stats.accepted = (
+                stats.passes + 1,
+                stats.drafted + len(draft.tokens),
+                stats.accepted + len(new) - 1,
+            )
+            stats.lengths.append(k)
+            position, pending = position + len(pending) + len(new) - 1, new[-1:]
+            if any(t in eos for t in new):
+                new, stopped = new[: next(j for j, t in enumerate(new) if t in eos) + 1], True
+            ids += new
+        done = stopped or len(ids) - prompt >= params.max_new_tokens
+        checked = len(ids)
+        if verifier is not None:
+            rewind = await verifier.check(final=done)
+            if rewind is not None:  # outputs from `rewind` on were a liar's: the tokens they gave are void
+                keep = min(max(rewind + 1, prompt), len(ids))
+                while len(passes) > 1 and passes[-1][0] > keep:
+                    passes.pop()
+                start, saved = passes[-1]
+                if generator is not None and saved is not None:
+                    generator.set_state(saved)
+                del ids[max(start, released) :]
+                position = min(rewind, len(ids) - 1)
+                pending, stopped = ids[position:], False
+                continue
+            checked = min(len(ids), verifier.verified + 1)
+        for token in ids[released:checked]:
             yield torch.tensor([token])
-            if token in eos:
-                return
+        released = max(released, checked)
+        if done and released == len(ids):
+            return

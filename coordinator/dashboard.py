@@ -11,13 +11,16 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import hivemind
 
 from ..protocol.dht.network import start_dht
 from ..protocol.serving import bind_tcp, bounded, serve_http, until_signal, url_of
+from ..protocol.wire.identity import torchnode_home
 from .dashboard_app import create_app
+from .evidence_store import EvidenceLimits, EvidenceStore
 from .health_monitor import DEFAULT_PROBE_TIMEOUT, DEFAULT_REFRESH, HealthMonitor, model_name
 
 DEFAULT_HTTP_PORT = 8080
@@ -32,6 +35,9 @@ class DashboardConfig:
     probe_timeout: float = DEFAULT_PROBE_TIMEOUT
     insecure: bool = False  # probe nodes over plaintext (--insecure)
     speed_probe: bool = True  # time a one-token pass through each healthy node per scan (--no-speed-probe: off)
+    check_models: tuple[str, ...] = ()  # --check-model: checkpoints uploaded fraud proofs are re-checked with
+    evidence: EvidenceLimits = field(default_factory=EvidenceLimits)  # --evidence-max-bytes, --evidence-max-files
+    evidence_folder: Path | None = None  # where uploaded proofs are kept [default: $TORCHNODE_HOME/monitor-evidence]
 
     def __post_init__(self):
         object.__setattr__(self, "models", tuple(dict.fromkeys(model_name(m) for m in self.models)))
@@ -52,12 +58,24 @@ async def run_dashboard(
     insecure: bool = False,
     allow_keys: frozenset[bytes] | None = None,
     speed_probe: bool = True,
+    check_models: Sequence[str] = (),
+    evidence: EvidenceLimits | None = None,
 ) -> None:
     """A standalone dashboard: joins the swarm as a DHT client, serves until SIGINT/SIGTERM. `models`
-    filters what it shows; empty: every model in the DHT model index."""
+    filters what it shows; empty: every model in the DHT model index. `check_models`: checkpoints uploaded
+    fraud proofs are re-checked with; `evidence`: the limits on what it keeps of them."""
     if not initial_peers:
         raise ValueError("give the multiaddr of any swarm peer (--initial-peers)")
-    config = DashboardConfig(tuple(models), host, http_port, refresh, insecure=insecure, speed_probe=speed_probe)
+    config = DashboardConfig(
+        tuple(models),
+        host,
+        http_port,
+        refresh,
+        insecure=insecure,
+        speed_probe=speed_probe,
+        check_models=tuple(check_models),
+        evidence=evidence or EvidenceLimits(),
+    )
     sock = bind_http(host, http_port)  # before the DHT: a busy port fails fast
     try:
         dht = await asyncio.to_thread(start_dht, list(initial_peers), client_mode=True, allow_keys=allow_keys)
@@ -81,6 +99,8 @@ async def serve_dashboard(
 ) -> None:
     """Monitor + HTTP server on an already started `dht`, until `stop` completes."""
     sock = sock or bind_http(config.host, config.http_port)
+    folder = config.evidence_folder or torchnode_home() / "monitor-evidence"
+    evidence = EvidenceStore(folder, config.check_models, config.evidence)
     monitor = HealthMonitor(
         dht,
         config.models,
@@ -89,8 +109,10 @@ async def serve_dashboard(
         dht_maddrs=dht_maddrs,
         insecure=config.insecure,
         speed_probe=config.speed_probe,
+        evidence=evidence,
     )
     scans = asyncio.create_task(monitor.run_forever())
+    checks = asyncio.create_task(evidence.run_checks())
 
     def ready() -> None:
         watching = ", ".join(monitor.filter) or "every model in the index"
@@ -102,7 +124,8 @@ async def serve_dashboard(
             scans.result()  # a crashed monitor raises here
     finally:
         scans.cancel()
-        await asyncio.gather(scans, return_exceptions=True)
+        checks.cancel()
+        await asyncio.gather(scans, checks, return_exceptions=True)
         await bounded(monitor.close(), "closing probe channels")
         sock.close()
 

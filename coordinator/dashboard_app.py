@@ -5,6 +5,11 @@
     GET /api/v1/state   `SwarmState` as JSON (its schema: /openapi.json)
     GET /api/v1/history?model=NAME   the model's samples over the last hour, for charts
     GET /api/v1/nodes/{peer_id}      one node now, and its throughput and RTT over the last hour
+    POST /api/v1/evidence            a fraud proof's file (raw bytes), uploaded by the client that caught a
+                                     node; 201 with its state (coordinator/evidence_store.py), 413 too large,
+                                     400 not an evidence file, 503 too many waiting for a re-check
+    GET /api/v1/evidence             every proof held, with its status (proven, not proven, invalid, ...)
+    GET /api/v1/evidence/{sha256}    the file itself, for anyone to re-check (torchnode check-evidence)
     GET /metrics        Prometheus text format
     GET /healthz        "ok": the monitor process is up
 
@@ -16,18 +21,20 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Protocol
 
-from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import HTMLResponse, PlainTextResponse, Response
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..protocol.version import __version__
+from .evidence_store import EvidenceRejected, EvidenceStore
 from .history import History
-from .state_schema import ModelHistory, NodeDetail, SwarmState
+from .state_schema import EvidenceState, ModelHistory, NodeDetail, SwarmState
 
 PAGE = Path(__file__).parent / "static" / "dashboard.html"
 
@@ -74,6 +81,36 @@ def create_app(source: StateSource) -> FastAPI:
         if found is None:
             raise HTTPException(404, f"no node with peer id {peer_id!r} in the swarm's state")
         return NodeDetail(node=found, window_s=source.history.window, samples=source.history.node(peer_id))
+
+    def store() -> EvidenceStore:
+        evidence = getattr(source, "evidence", None)
+        if evidence is None:
+            raise HTTPException(404, "this monitor keeps no fraud proofs")
+        return evidence
+
+    @app.post("/api/v1/evidence", status_code=201, response_model=EvidenceState, summary="Upload a fraud proof")
+    async def upload_evidence(request: Request) -> EvidenceState:
+        evidence = store()
+        data = bytearray()
+        async for chunk in request.stream():  # read no more than the limit, whatever Content-Length says
+            data += chunk
+            if len(data) > evidence.limits.max_bytes:
+                raise HTTPException(413, f"evidence larger than {evidence.limits.max_bytes} bytes")
+        try:
+            return EvidenceState(**asdict(evidence.add(bytes(data))))
+        except EvidenceRejected as e:
+            raise HTTPException(e.status, str(e)) from None
+
+    @app.get("/api/v1/evidence", response_model=list[EvidenceState], summary="Fraud proofs held, with their status")
+    def list_evidence() -> list[EvidenceState]:
+        return [EvidenceState(**asdict(e)) for e in store().entries.values()]
+
+    @app.get("/api/v1/evidence/{sha256}", summary="One fraud proof's file")
+    def evidence_file(sha256: str) -> FileResponse:
+        evidence = store()
+        if sha256 not in evidence.entries:
+            raise HTTPException(404, f"no evidence with sha256 {sha256!r} here")
+        return FileResponse(evidence.path(sha256), media_type="application/octet-stream")
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
@@ -131,6 +168,11 @@ class StateCollector(Collector):
             "Signed fraud reports in the DHT naming the node (claims)",
             labels=node_labels,
         )
+        proven = GaugeMetricFamily(
+            "torchnode_node_proven_fraud_reports",
+            "Fraud proofs about the node this monitor re-checked and found proven",
+            labels=node_labels,
+        )
         for m in s.models:
             counts = Counter((n.state, n.health) for n in m.nodes)
             for (state, health), count in sorted(counts.items()):
@@ -147,13 +189,14 @@ class StateCollector(Collector):
                 cache.add_metric(labels, n.cache_bytes_free)
                 uptime.add_metric(labels, n.uptime_s)
                 reports.add_metric(labels, n.reports)
+                proven.add_metric(labels, n.proven_reports)
                 if n.rtt_ms is not None:
                     rtt.add_metric(labels, n.rtt_ms / 1000)
                 if n.batch_size is not None:
                     batch.add_metric(labels, n.batch_size)
                     queue.add_metric(labels, n.queue_length)
         yield from (nodes, blocks, covered, replicated, ready, bottleneck, throughput, healthy, rtt, cache, uptime)
-        yield from (batch, queue, reports)
+        yield from (batch, queue, reports, proven)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

@@ -30,6 +30,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import asdict
 
 import hivemind
 import torch
@@ -44,8 +45,9 @@ from ..protocol.version import __version__, protocol, protocol_major
 from ..protocol.wire.grpc_node import GrpcNodeClient
 from ..protocol.wire.identity import Identity
 from ..protocol.wire.node_client import NodeClient, NodeError, NodeInfo, Probe, probe
+from .evidence_store import EvidenceStore
 from .history import DEFAULT_WINDOW, History
-from .state_schema import BlockState, ModelState, NodeState, SwarmState
+from .state_schema import BlockState, EvidenceState, ModelState, NodeState, SwarmState
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +81,12 @@ class HealthMonitor:
         history_window: float = DEFAULT_WINDOW,
         insecure: bool = False,
         speed_probe: bool = True,
+        evidence: EvidenceStore | None = None,
     ):
         """`models`: names to watch, a filter; empty: every model in the DHT model index. `speed_probe`: time a
-        one-token pass through every healthy node each scan (its measured speed beside its claim)."""
+        one-token pass through every healthy node each scan (its measured speed beside its claim). `evidence`:
+        uploaded fraud proofs and their re-checks (coordinator/evidence_store.py), shown per node."""
+        self.evidence = evidence
         if refresh <= 0 or probe_timeout <= 0:
             raise ValueError("refresh and probe_timeout must be positive")
         self.dht, self.refresh, self.probe_timeout = dht, refresh, probe_timeout
@@ -274,7 +279,14 @@ class HealthMonitor:
             expires_in_s=max(0.0, record.expiration - dht_now),
             reports=len(reports),
             report_evidence=sorted({r.evidence_sha256 for r in reports}),
+            **self._proofs(record.peer_id),
         )
+
+    def _proofs(self, peer_id: str) -> dict:
+        """The node's uploaded fraud proofs; only those re-checked as proven mark it dishonest."""
+        found = self.evidence.about(peer_id) if self.evidence is not None else []
+        proven = sum(e.status == "proven" for e in found)
+        return dict(proven_reports=proven, dishonest=proven > 0, evidence=[EvidenceState(**asdict(e)) for e in found])
 
 
 async def scan_once(

@@ -14,6 +14,24 @@ Health = Literal["healthy", "starting", "unhealthy"]
 Coverage = Literal["uncovered", "single", "replicated"]
 
 
+class EvidenceState(BaseModel):
+    """A fraud proof a reporter uploaded (POST /api/v1/evidence) and what this monitor's re-check found."""
+
+    sha256: str = Field(description="sha256 (hex) of the file: GET /api/v1/evidence/{sha256} serves it")
+    node_peer_id: str = Field(description="the node it accuses (whose key signed the replies in it)")
+    reporter_peer_id: str = Field(description="the client that wrote it")
+    model: str
+    start: int
+    end: int
+    received: float = Field(description="unix time of the upload")
+    status: str = Field(
+        description="proven: `torchnode check-evidence` found a wrong output the node signed; not proven: every "
+        "signed output is right; invalid: not a proof; unchecked: this monitor holds no weights for it; "
+        "pending: waiting for its re-check"
+    )
+    message: str = Field("", description="check-evidence's verdict line, or why it was not checked")
+
+
 class NodeState(BaseModel):
     """One node, as its signed DHT record announces it and as it answered the monitor's signed `Info`."""
 
@@ -82,6 +100,11 @@ class NodeState(BaseModel):
         "proof; the evidence file with one of `report_evidence` proves it (torchnode check-evidence FILE MODEL)",
     )
     report_evidence: list[str] = Field([], description="sha256 (hex) of the evidence file each report names")
+    proven_reports: int = Field(
+        0, description="evidence files about this node that this monitor re-checked and found proven (not claims)"
+    )
+    dishonest: bool = Field(False, description="a proven fraud proof names this node; claims alone never set it")
+    evidence: list[EvidenceState] = Field([], description="fraud proofs uploaded about this node, with their status")
 
 
 class BlockState(BaseModel):

@@ -26,7 +26,7 @@ from ..protocol.dht.network import find_servers, start_dht, visible_maddrs
 from ..protocol.dht.records import ServerRecord, latest_per_peer
 from ..protocol.serving import bounded, until_signal
 from ..protocol.version import __version__
-from ..protocol.wire import tls
+from ..protocol.wire import tensor_codec, tls
 from ..protocol.wire import torchnode_pb2_grpc as pb_grpc
 from ..protocol.wire.identity import Identity, default_identity_path
 from ..protocol.wire.signing import ReplayGuard
@@ -137,7 +137,9 @@ class Node:
         span = place(
             load_span(self.ckpt, start, end, c.dtype, c.quant, c.device, self.on_status), c.device
         )  # KV caches too
-        info = SpanInfo(self.ckpt.name, self.ckpt.revision, start, end, self.total, span.config.hidden_size, c.dtype)
+        info = SpanInfo(
+            self.ckpt.name, self.ckpt.revision, start, end, self.total, span.config.hidden_size, c.dtype, c.quant
+        )
         adapters = AdapterBank(span, start, end, self.adapters) if self.adapters else None  # their span's tensors only
         backend = SpanBackend(span, info, self.config.limits, adapters)
         self.on_status(f"measured {backend.measure_throughput():.1f} tokens/s over blocks {start}:{end} on {c.device}")
@@ -165,6 +167,8 @@ class Node:
             dht_maddrs=self.dht_maddrs,
             adapters=tuple(a.name for a in self.adapters),
             protocol=version.protocol(),
+            dtype=tensor_codec.dtype_name(self.config.dtype),
+            quant=self.config.quant,
         )
 
     async def servers(self) -> dict[int, list[ServerRecord]]:

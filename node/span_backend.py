@@ -60,6 +60,7 @@ class SpanInfo:
     total_blocks: int
     hidden_size: int
     dtype: torch.dtype
+    quant: str = "none"  # weight quantization (--quant): what a verifying client must recompute with
 
 
 class ServedSpeed:
@@ -138,6 +139,7 @@ class SpanBackend:
             total_blocks=i.total_blocks,
             hidden_size=i.hidden_size,
             dtype=tensor_codec.dtype_name(i.dtype),
+            quant=i.quant,
             throughput=self.throughput,
             cache_bytes_free=self.cache_bytes_free,
             sessions_free=self.limits.max_sessions - len(self.sessions),

@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM
 from verify_nodes import WINDOW, honest, liar, model_over, named
 
 from torchnode.client.model import AsyncDistributedModel
+from torchnode.client.precision import dtype_tolerance as tolerance
 from torchnode.client.sampling import SamplingParams
-from torchnode.client.verification.verifier import VerificationError, first_mismatch, tolerance
+from torchnode.client.verification.verifier import VerificationError, first_mismatch
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 300, 12]])
 NEW = 24

@@ -205,6 +205,26 @@ SpeedProbe = Annotated[
         help="time a one-token pass through every healthy node each scan: its measured tokens/s beside its claim",
     ),
 ]
+CheckModels = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--check-model",
+        help="re-check uploaded fraud proofs with this model's weights (torchnode check-evidence; repeatable); "
+        "only proven ones mark a node dishonest [default: none: proofs are kept and served, unchecked]",
+    ),
+]
+EvidenceMaxBytes = Annotated[str, typer.Option(help="largest fraud proof file the monitor accepts")]
+EvidenceMaxFiles = Annotated[int, typer.Option(min=1, help="fraud proof files the monitor keeps (oldest go first)")]
+
+
+def evidence_limits(max_bytes: str, max_files: int):
+    """The monitor's bounds on uploaded fraud proofs (--evidence-max-bytes, --evidence-max-files)."""
+    from torchnode.coordinator.evidence_store import EvidenceLimits
+
+    size = parse_size(max_bytes, "--evidence-max-bytes")
+    if size < 1:
+        raise typer.BadParameter("must be at least 1 byte", param_hint="--evidence-max-bytes")
+    return EvidenceLimits(max_bytes=size, max_files=max_files)
 
 
 # ---- option groups: each a dataclass of flags a command takes as one parameter (torchnode/cli_groups.py)
@@ -232,6 +252,8 @@ class ClientFlags:
     verify: Annotated[bool, typer.Option("--verify", help=_client("verify"))] = ClientConfig.verify
     verify_window: Annotated[int, typer.Option(min=1, help=_client("verify_window"))] = ClientConfig.verify_window
     push: Annotated[bool, typer.Option("--push/--no-push", help=_client("push"))] = ClientConfig.push
+    fp32_only: Annotated[bool, typer.Option("--fp32-only", help=_client("fp32_only"))] = ClientConfig.fp32_only
+    report_to: Annotated[list[str] | None, typer.Option(help=_client("report_to"))] = None
     draft: Annotated[str | None, typer.Option(help=_generation("draft"))] = GenerationOptions.draft
     draft_tokens: Annotated[int, typer.Option(min=1, help=_generation("draft_tokens"))] = GenerationOptions.draft_tokens
     draft_quant: Annotated[str, typer.Option(help=_generation("draft_quant") + " [choices: none, int8, int4]")] = (
@@ -265,6 +287,8 @@ class ClientFlags:
             verify=self.verify,
             verify_window=self.verify_window,
             push=self.push,
+            fp32_only=self.fp32_only,
+            report_to=tuple(self.report_to or ()),
         )
         check_draft_quant(self.draft, self.draft_quant)
         generation = GenerationOptions(

@@ -11,11 +11,16 @@ from typing import Annotated
 
 import typer
 
+from torchnode.coordinator.evidence_store import DEFAULT_MAX_BYTES as DEFAULT_EVIDENCE_BYTES
+from torchnode.coordinator.evidence_store import DEFAULT_MAX_FILES as DEFAULT_EVIDENCE_FILES
 from torchnode.node.config import NodeConfig
 
 from .cli_groups import flag_help, option_groups
 from .cli_options import (
     AllowKeys,
+    CheckModels,
+    EvidenceMaxBytes,
+    EvidenceMaxFiles,
     HttpHost,
     HttpPort,
     Insecure,
@@ -27,15 +32,19 @@ from .cli_options import (
     SwarmFlags,
     allow_keys_of,
     err,
+    evidence_limits,
     parse_adapters,
     parse_blocks,
     parse_device,
     parse_dtype,
+    size_text,
     split_peers,
     swarm_peers,
     user_errors,
     warn_if_insecure,
 )
+
+EVIDENCE_BYTES_TEXT = size_text(DEFAULT_EVIDENCE_BYTES)  # --evidence-max-bytes' default
 
 
 def _node(name: str) -> str:
@@ -130,6 +139,9 @@ def coordinator(
     http_port: HttpPort = 8080,
     model: ShownModels = None,
     refresh: Refresh = 5.0,
+    check_model: CheckModels = None,
+    evidence_max_bytes: EvidenceMaxBytes = EVIDENCE_BYTES_TEXT,
+    evidence_max_files: EvidenceMaxFiles = DEFAULT_EVIDENCE_FILES,
     insecure: Insecure = False,
     allow_keys: AllowKeys = None,
     speed_probe: SpeedProbe = True,
@@ -150,7 +162,14 @@ def coordinator(
             from torchnode.coordinator.dashboard import DashboardConfig
 
             board = DashboardConfig(
-                tuple(model or ()), http_host, http_port, refresh, insecure=insecure, speed_probe=speed_probe
+                tuple(model or ()),
+                http_host,
+                http_port,
+                refresh,
+                insecure=insecure,
+                speed_probe=speed_probe,
+                check_models=tuple(check_model or ()),
+                evidence=evidence_limits(evidence_max_bytes, evidence_max_files),
             )
         relay_setup = None
         relay_limits = relay.limits()
@@ -180,6 +199,9 @@ def dashboard_command(
     http_port: HttpPort = 8080,
     model: ShownModels = None,
     refresh: Refresh = 5.0,
+    check_model: CheckModels = None,
+    evidence_max_bytes: EvidenceMaxBytes = EVIDENCE_BYTES_TEXT,
+    evidence_max_files: EvidenceMaxFiles = DEFAULT_EVIDENCE_FILES,
     insecure: Insecure = False,
     allow_keys: AllowKeys = None,
     speed_probe: SpeedProbe = True,
@@ -202,5 +224,7 @@ def dashboard_command(
                 insecure=insecure,
                 allow_keys=allow_keys_of(allow_keys),
                 speed_probe=speed_probe,
+                check_models=check_model or (),
+                evidence=evidence_limits(evidence_max_bytes, evidence_max_files),
             )
         )

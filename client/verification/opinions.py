@@ -16,6 +16,7 @@ from ...models.checkpoint import Checkpoint
 from ...models.families import LAYER_PREFIX, load_span
 from ...models.lora import AdapterBank, AdapterError, AdapterSource, Lora, find_adapter, lora_pass
 from ...protocol.wire.node_client import NodeClient
+from ..precision import Precision
 from ..session import InferenceSession
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,9 @@ class Opinion:
         """Who holds this opinion, for messages."""
         return ""
 
-    def __init__(self, dtype: torch.dtype):
-        self.dtype, self.valid, self.lock = dtype, 0, asyncio.Lock()  # valid: positions it holds that still stand
+    def __init__(self, precisions: list[Precision]):
+        self.precisions = precisions  # of every node it runs on (one quantization: routing picks them so)
+        self.valid, self.lock = 0, asyncio.Lock()  # valid: positions it holds that still stand
 
     async def outputs(self, inputs: torch.Tensor, start: int) -> torch.Tensor:
         """Outputs (B, L - start, H) at positions [start, L) of inputs (B, L, H)."""
@@ -96,8 +98,8 @@ class Opinion:
 class RemoteOpinion(Opinion):
     """An ordinary inference session on other nodes: to them, a client prefilling W tokens at a time."""
 
-    def __init__(self, session: InferenceSession, dtype: torch.dtype):
-        super().__init__(dtype)
+    def __init__(self, session: InferenceSession, precisions: list[Precision]):
+        super().__init__(precisions)
         self.session = session
 
     @property
@@ -117,19 +119,32 @@ class RemoteOpinion(Opinion):
 
 class LocalOpinion(Opinion):
     """The client's own copy of the blocks (read from its local checkpoint on first need), in float32, with
-    the session's adapter applied (only its blocks' LoRA tensors are read, as a node does)."""
+    the session's adapter applied (only its blocks' LoRA tensors are read, as a node does), and its weights
+    quantized as `quant` says: a node with int8 weights is judged by the same int8 weights
+    (models/quantization.py rounds a checkpoint the same way wherever it runs)."""
 
     trusted = True
-    name = "this client"
 
     def __init__(
-        self, ckpt: Checkpoint, start: int, end: int, batch: int, max_length: int, adapter: AdapterSource | None = None
+        self,
+        ckpt: Checkpoint,
+        start: int,
+        end: int,
+        batch: int,
+        max_length: int,
+        adapter: AdapterSource | None = None,
+        quant: str = "none",
     ):
-        super().__init__(torch.float32)
-        self.span = load_span(ckpt, start, end, torch.float32)
+        super().__init__([Precision("float32", quant)])
+        self.quant = quant
+        self.span = load_span(ckpt, start, end, torch.float32, quant)
         self.start, self.end = start, end
         self.lora = AdapterBank(self.span, start, end, [adapter]).get(adapter.name) if adapter is not None else None
         self.caches = self.span.new_caches(start, end, batch, max_length)
+
+    @property
+    def name(self) -> str:
+        return "this client" if self.quant == "none" else f"this client (with {self.quant} weights)"
 
     async def _run(self, x: torch.Tensor, position: int) -> torch.Tensor:
         x = x.to(torch.float32)

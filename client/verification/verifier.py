@@ -5,8 +5,10 @@ here (`observe`). Once W new positions have gone through the chain, each hop's k
 (`Hop.history`) are run as ONE prefill by an *opinion*: an ordinary inference session on another node
 or chain covering the same blocks (the checked node never sees anything unusual, so a node that lies
 only on decode steps, at random, or when it thinks nobody looks is caught all the same), or the
-client's own copy of the blocks when it holds the weights. The two are compared within a tolerance
-derived from the dtypes on both sides (`tolerance`). A mismatch gets a third opinion (the client's own
+client's own copy of the blocks when it holds the weights. Opinions are of like precision (client/precision.py):
+an int8 node is judged by int8 nodes or by the client recomputing in int8, never by float32 weights, whose
+outputs differ from any int8 node's far beyond rounding. The two are compared within a tolerance derived
+from the dtypes on both sides (`precision.tolerance`). A mismatch gets a third opinion (the client's own
 computation if it can, else another route); whoever disagrees with it lied. The liar is reported to
 the caller (`on_dishonest`: ban, warning, evidence), its hop is re-routed, and `check` returns the
 first wrong position so that generation rewinds there. Nothing is released before its window passed.
@@ -26,6 +28,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -35,25 +38,25 @@ from ...protocol.wire import tensor_codec
 from ...protocol.wire.identity import peer_id_of
 from ...protocol.wire.node_client import NodeClient, NodeError, NodeInfo
 from ..config import DEFAULT_WINDOW  # tokens per check: each hop's window is one prefill on another node
+from ..precision import Precision, tolerance
 from ..routing import NoRouteError
 from ..session import Hop, InferenceSession
 from .opinions import LocalOpinion, Opinion, RemoteOpinion
 
 log = logging.getLogger(__name__)
 
-EPS_FACTOR = 32  # tolerance = EPS_FACTOR * machine epsilon of the coarsest dtype involved + FLOOR
-FLOOR = 1e-4  # float32 prefill vs decode differ by up to ~5e-6 (relative) on SmolLM2's 15 blocks
+UNKNOWN = Precision("bfloat16")  # a node whose Info cannot be read: the loosest float tolerance
 
-Router = Callable[[int, int, set[str]], Awaitable[list[Hop]]]  # (start, end, addresses to avoid) -> hops
+
+class Router(Protocol):
+    """Hops over blocks [start, end) avoiding the addresses in `avoid`, through nodes whose precision is
+    comparable with `like` (client/precision.py)."""
+
+    def __call__(self, start: int, end: int, avoid: set[str], like: Precision) -> Awaitable[list[Hop]]: ...
 
 
 class VerificationError(RuntimeError):
     """Outputs could not be verified: no other opinion exists, or opinions disagree with no way to decide."""
-
-
-def tolerance(*dtypes: torch.dtype) -> float:
-    """Largest relative error (see `first_mismatch`) that honest computations in these dtypes can show."""
-    return EPS_FACTOR * max(torch.finfo(d).eps for d in dtypes) + FLOOR
 
 
 def first_mismatch(claimed: torch.Tensor, reference: torch.Tensor, tol: float) -> tuple[int | None, float]:
@@ -77,7 +80,8 @@ class Record:
     hop: Hop
     first: int
     outputs: list[torch.Tensor] = field(default_factory=list)  # outputs[i]: position first + i
-    exchanges: list[tuple[bytes, bytes]] = field(default_factory=list)  # (signed request, signed reply) per step
+    # (signed request, signed reply, the input as tensor_codec bytes if the step's came by push, else b"")
+    exchanges: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
 
     @property
     def end(self) -> int:
@@ -88,7 +92,10 @@ class Record:
         self.outputs.extend(out[:, i : i + 1] for i in range(out.shape[1]))
 
     def forget_from(self, position: int) -> None:
+        """Drops outputs from `position` on; a rewind below `first` (speculative decoding steps back over rejected
+        drafts that were already checked) makes the outputs from `position` on the ones to check again."""
         del self.outputs[max(position - self.first, 0) :]
+        self.first = min(self.first, position)
 
     def drop_before(self, position: int) -> None:
         cut = min(max(position - self.first, 0), len(self.outputs))
@@ -117,9 +124,12 @@ class Finding:
     judge: str  # who decided (the third opinion)
     public_key: bytes = b""
     dtype: str = "float32"  # what the node says it computes in (its Info)
-    exchanges: tuple[tuple[bytes, bytes], ...] = ()  # its signed requests and replies, for a fraud proof
+    exchanges: tuple[tuple[bytes, ...], ...] = ()  # its signed requests, replies (and pushed inputs): a fraud proof
     adapter: str = ""  # the session's LoRA adapter ("": the base model): the right outputs depend on it
     adapter_files: AdapterSource | None = None  # the client's copy of it, if it had one (evidence: its digest)
+    quant: str = "none"  # its weights' quantization (its Info): the proof is replayed with the same
+    signed_info: bytes = b""  # its Info reply as it signed it (what a proof's replay trusts for dtype and quant)
+    checker: bool = False  # caught while checking another node (its own session's replies are not kept)
 
 
 class Verifier:
@@ -147,21 +157,25 @@ class Verifier:
         self.verified = 0  # outputs at positions < verified are checked, or were never used
         self.records: dict[int, Record] = {}  # id(hop) -> what it answered
         self.checkers: dict[tuple[int, int, str], Opinion] = {}  # (start, end, checked node) -> opinion
-        self.locals: dict[tuple[int, int], LocalOpinion] = {}
+        self.locals: dict[tuple[int, int, str], LocalOpinion] = {}  # (start, end, quantization) -> own copy
         self.infos: dict[str, NodeInfo] = {}
 
     # ---- the session's hook
-    def observe(self, hop: Hop, position: int, out: torch.Tensor) -> None:
-        """Called by the session with every output a hop returns (steps and replays alike)."""
+    def observe(self, hop: Hop, position: int, out: torch.Tensor, pushed: torch.Tensor | None = None) -> None:
+        """Called by the session with every output a hop returns (steps and replays alike); `pushed`: the
+        client's copy of the step's input when the node got it by push (its signed reply names its digest)."""
         record = self.records.get(id(hop))
         if record is None:
             first = max(position, self.verified)  # a replay's older outputs were never used downstream
             record = self.records[id(hop)] = Record(hop, first)
         elif position < record.end:
             self.forget_from(position)  # the session rewound
-        exchange = getattr(hop.stream, "last_exchange", None)
-        if exchange is not None:
-            record.exchanges.append(exchange)
+        exchanges = hop.stream.take_exchanges() if hop.stream is not None else []
+        for i, (request, reply) in enumerate(exchanges):  # earlier ones: a pushed step the session stepped again
+            last = i == len(exchanges) - 1
+            record.exchanges.append(
+                (request, reply, tensor_codec.to_bytes(pushed) if last and pushed is not None else b"")
+            )
         skip = max(record.first - position, 0)
         if skip < out.shape[1]:
             record.add(position + skip, out[:, skip:])
@@ -214,10 +228,10 @@ class Verifier:
             return None
         hop = record.hop
         inputs, claimed = record.inputs(stop), record.claimed(start, stop)
-        node_dtype = await self._dtype(hop.node)
-        checker = await self._checker(hop)
+        precision = await self._precision(hop.node)
+        checker = await self._checker(hop, precision)
         reference = await checker.outputs(inputs, start)
-        tol = tolerance(node_dtype, checker.dtype, self.session.wire_dtype)
+        tol = self._tolerance(precision, checker)
         wrong, error = first_mismatch(claimed, reference, tol)
         if wrong is None:
             return None
@@ -234,17 +248,17 @@ class Verifier:
         )
         if checker.trusted:
             return await self._finding(record, start, start + wrong, error, tol, checker.name)
-        third = await self._third(hop, checker)
+        third = await self._third(hop, checker, precision)
         try:
             judged = await third.outputs(inputs, start)
         finally:
             if not third.trusted:
                 await third.close()
-        tol3 = tolerance(node_dtype, checker.dtype, third.dtype, self.session.wire_dtype)
+        tol3 = self._tolerance(precision, checker, third)
         node_wrong, node_error = first_mismatch(claimed, judged, tol3)
-        checker_wrong, _ = first_mismatch(reference, judged, tol3)
+        checker_wrong, checker_error = first_mismatch(reference, judged, tol3)
         if checker_wrong is not None and (node_wrong is None or third.trusted):
-            await self._checker_lied(hop, checker, third.name)
+            await self._checker_lied(hop, checker, third.name, start + checker_wrong, checker_error, tol3)
         if node_wrong is not None and (checker_wrong is None or third.trusted):
             return await self._finding(record, start, start + node_wrong, node_error, tol3, third.name)
         if node_wrong is not None:
@@ -272,45 +286,55 @@ class Verifier:
             tuple(record.exchanges),
             self.session.adapter,
             self.adapter,
+            quant=Precision.of(info).quant if info is not None else "none",
+            signed_info=getattr(node, "signed_info", b""),
         )
 
-    async def _dtype(self, node: NodeClient) -> torch.dtype:
-        """The dtype a node computes in, from its Info (an ordinary call), asked once."""
+    async def _precision(self, node: NodeClient) -> Precision:
+        """What a node computes in, from its Info (an ordinary call), asked once."""
         if node.address not in self.infos:
             try:
                 self.infos[node.address] = await node.info()
             except NodeError:
-                return torch.bfloat16  # unknown: the loosest dtype we accept, never a false accusation
-        return tensor_codec.dtype_from_name(self.infos[node.address].dtype)
+                return UNKNOWN  # unknown: the loosest dtype we accept, never a false accusation
+        return Precision.of(self.infos[node.address])
 
-    async def _checker(self, hop: Hop) -> Opinion:
+    def _tolerance(self, precision: Precision, *opinions: Opinion) -> float:
+        """The tolerance between a node of `precision` and `opinions` (all of its quantization, as routed)."""
+        tol = tolerance(precision, *(p for o in opinions for p in o.precisions), wire=self.session.wire_dtype)
+        if tol is None:
+            raise AssertionError(f"opinions of another quantization than {precision.name}: routing let them in")
+        return tol
+
+    async def _checker(self, hop: Hop, precision: Precision) -> Opinion:
         key = (hop.start, hop.end, hop.node.address)
         if key not in self.checkers:
-            self.checkers[key] = await self._opinion(hop, {hop.node.address}, prefer_local=False)
+            self.checkers[key] = await self._opinion(hop, precision, {hop.node.address}, prefer_local=False)
         return self.checkers[key]
 
-    async def _third(self, hop: Hop, checker: Opinion) -> Opinion:
+    async def _third(self, hop: Hop, checker: Opinion, precision: Precision) -> Opinion:
         avoid = {hop.node.address} | {n.address for n in getattr(checker, "nodes", [])}
         try:
-            return await self._opinion(hop, avoid, prefer_local=True)
+            return await self._opinion(hop, precision, avoid, prefer_local=True)
         except VerificationError:
             raise VerificationError(
                 f"{hop.node.address} and {checker.name} disagree on blocks {hop.start}:{hop.end} and there is no "
-                "third opinion (no other node serves these blocks and the client holds no local weights"
-                f"{self._with_adapter()}); refusing to return an unverified answer"
+                f"third opinion (no other node serves these blocks{_with_weights(precision)} and the client holds "
+                f"no local weights{self._with_adapter()}); refusing to return an unverified answer"
             ) from None
 
-    async def _opinion(self, hop: Hop, avoid: set[str], prefer_local: bool) -> Opinion:
+    async def _opinion(self, hop: Hop, precision: Precision, avoid: set[str], prefer_local: bool) -> Opinion:
+        """Someone to recompute `hop`'s blocks with the weights of `precision`: other nodes, or this client."""
         if prefer_local and self.local is not None:
-            return self._local(hop, self.local)
+            return self._local(hop, self.local, precision)
         try:
-            hops = await self.route(hop.start, hop.end, avoid)
+            hops = await self.route(hop.start, hop.end, avoid, precision)
         except NoRouteError:
             if self.local is not None:
-                return self._local(hop, self.local)
+                return self._local(hop, self.local, precision)
             raise VerificationError(
-                f"cannot verify blocks {hop.start}:{hop.end} served by {hop.node.address}: no other node serves them "
-                f"and the client holds no local weights for them{self._with_adapter()}"
+                f"cannot verify blocks {hop.start}:{hop.end} served by {hop.node.address}: no other node serves them"
+                f"{_with_weights(precision)} and the client holds no local weights for them{self._with_adapter()}"
             ) from None
         s = self.session
         session = InferenceSession(
@@ -319,19 +343,21 @@ class Verifier:
             s.batch_size,
             s.wire_dtype,
             s.step_timeout,
-            router=lambda a, b: self.route(a, b, avoid),
+            router=lambda a, b: self.route(a, b, avoid, precision),
             on_failure=s.on_failure,
             retry=s.retry,
             adapter=s.adapter,
         )
-        dtypes = [await self._dtype(h.node) for h in hops]
-        return RemoteOpinion(session, max(dtypes, key=lambda d: torch.finfo(d).eps))
+        return RemoteOpinion(session, [await self._precision(h.node) for h in hops])
 
-    def _local(self, hop: Hop, local: Checkpoint) -> LocalOpinion:
-        key = (hop.start, hop.end)
+    def _local(self, hop: Hop, local: Checkpoint, precision: Precision) -> LocalOpinion:
+        """The client's own copy of the hop's blocks, in float32, with weights quantized as the node's are."""
+        key = (hop.start, hop.end, precision.quant)
         if key not in self.locals:
             s = self.session
-            self.locals[key] = LocalOpinion(local, hop.start, hop.end, s.batch_size, s.max_length, self.adapter)
+            self.locals[key] = LocalOpinion(
+                local, hop.start, hop.end, s.batch_size, s.max_length, self.adapter, precision.quant
+            )
         return self.locals[key]
 
     def _with_adapter(self) -> str:
@@ -341,12 +367,15 @@ class Verifier:
         missing = "" if self.adapter else ", which it has no copy of (give --adapter as its directory or hub id)"
         return f" with adapter {self.session.adapter!r}{missing}"
 
-    async def _checker_lied(self, hop: Hop, checker: Opinion, judge: str) -> None:
-        """The checker, not the checked node, was wrong: a lone checker node is named; a chain is dropped."""
+    async def _checker_lied(
+        self, hop: Hop, checker: Opinion, judge: str, position: int, error: float, tol: float
+    ) -> None:
+        """The checker, not the checked node, was wrong (first at `position`, by `error` > `tol`): a lone checker
+        node is named; a chain is dropped."""
         nodes = getattr(checker, "nodes", [])
         if len(nodes) == 1:
             node = nodes[0]
-            await self._dtype(node)
+            precision = await self._precision(node)
             info = self.infos.get(node.address)
             peer = peer_id_of(info.public_key) if info is not None else "unknown"
             self.on_dishonest(
@@ -355,11 +384,14 @@ class Verifier:
                     peer,
                     hop.start,
                     hop.end,
-                    -1,
-                    float("nan"),
-                    float("nan"),
+                    position,
+                    error,
+                    tol,
                     judge,
                     info.public_key if info else b"",
+                    precision.dtype,
+                    quant=precision.quant,
+                    checker=True,
                 )
             )
         else:
@@ -383,3 +415,8 @@ class Verifier:
             await opinion.close()
         self.checkers.clear()
         self.locals.clear()
+
+
+def _with_weights(precision: Precision) -> str:
+    """For error messages: the only nodes that can judge a quantized node have its quantization."""
+    return "" if precision.quant == "none" else f" with {precision.quant} weights (only those compare with it)"

@@ -39,6 +39,8 @@ class SignerNamed(Protocol):
 
 
 T = TypeVar("T", bound=SignerNamed)
+DTYPES = ("", "float32", "bfloat16", "float16")  # a span's compute dtype ("": a record too old to say)
+QUANTS = ("", "none", "int8", "int4", "nf4")  # its weight quantization (models/quantization.py QUANT_MODES)
 MAX_BLOCKS = 1024  # no model has this many blocks; bounds the work a validator does per record
 MAX_RECORD_BYTES = 16 * 1024
 MAX_DHT_MADDRS = 16
@@ -102,6 +104,8 @@ class ServerRecord:
     relay: str = ""  # peer id of the relay `address` belongs to ("reachable through relay R"); "" = direct
     adapters: tuple[str, ...] = ()  # names of the LoRA adapters the node serves (--adapters)
     protocol: str = UNSAID_PROTOCOL  # protocol version "MAJOR.MINOR" the node speaks (protocol/version.py)
+    dtype: str = ""  # compute dtype of the span ("float32", "bfloat16", "float16"; "": not said)
+    quant: str = ""  # weight quantization ("none", "int8", "int4", "nf4"; "": not said)
 
     @property
     def blocks(self) -> range:
@@ -123,6 +127,8 @@ _OPTIONAL_FIELDS = {
     "relay": "",
     "adapters": [],
     "protocol": UNSAID_PROTOCOL,
+    "dtype": "",
+    "quant": "",
 }  # added after the first release: absent in older records
 _FIELD_NAMES = tuple(f.name for f in fields(ServerRecord) if f.name not in _OPTIONAL_FIELDS)
 
@@ -241,6 +247,8 @@ def _check_fields(raw: dict) -> ServerRecord:
         relay=_relay_peer_id(raw["relay"]),
         adapters=adapter_names(raw["adapters"]),
         protocol=_protocol(raw["protocol"]),
+        dtype=_one_of(raw, "dtype", DTYPES),
+        quant=_one_of(raw, "quant", QUANTS),
     )
 
 
@@ -296,6 +304,10 @@ def _protocol(protocol: object) -> str:
     except ValueError as e:
         raise RecordError(str(e)) from None
     return protocol
+def _one_of(raw: dict, name: str, allowed: tuple[str, ...]) -> str:
+    if raw[name] not in allowed:
+        raise RecordError(f"{name} must be one of {allowed}, got {raw[name]!r}")
+    return raw[name]
 
 
 def _relay_peer_id(relay: object) -> str:

@@ -61,6 +61,7 @@ class GrpcNodeClient(NodeClient):
         self._stub: pb_grpc.NodeStub | None = None
         self._connecting = asyncio.Lock()
         self._push_call: aio.StreamStreamCall | None = None  # the Push stream to this node, opened by the first push
+        self.signed_info = b""  # its latest Info reply, serialized with its signature
         self._pushing = asyncio.Lock()
 
     async def stub(self, timeout: float | None = tls.DEFAULT_FETCH_TIMEOUT) -> pb_grpc.NodeStub:
@@ -155,6 +156,7 @@ class GrpcNodeClient(NodeClient):
             self.encrypted = False
         if reply.public_key != reply.auth.public_key:
             raise NodeError(self.address, "Info names a public key other than the one that signed it")
+        self.signed_info = reply.SerializeToString()  # a fraud proof says what the node claimed to compute in
         speaks = reply.protocol or UNSAID_PROTOCOL
         try:
             version.protocol_major(speaks)
@@ -285,6 +287,15 @@ class GrpcNodeSession(NodeSession):
         self.node, self.spec = node, spec
         self.call: aio.StreamStreamCall | None = None
         self.next_step = 0
+        self.kept: list[tuple[bytes, bytes]] | None = None  # signed exchanges not taken yet (None: none kept)
+
+    def keep_exchanges(self) -> None:
+        if self.kept is None:
+            self.kept = []
+
+    def take_exchanges(self) -> list[tuple[bytes, bytes]]:
+        taken, self.kept = self.kept or [], [] if self.kept is not None else None
+        return taken
 
     async def step(self, hidden: torch.Tensor, position: int, timeout: float | None) -> torch.Tensor:
         return self._hidden(await self._exchange(self._request(hidden, position), timeout))
@@ -350,7 +361,8 @@ class GrpcNodeSession(NodeSession):
             raise NodeError(address, f"reply to step {reply.step}, expected {request.step}")
         if not reply.HasField("hidden"):
             raise NodeError(address, f"reply to step {request.step} carries no hidden states")
-        self.last_exchange = (request.SerializeToString(), reply.SerializeToString())  # signed: a fraud proof's parts
+        if self.kept is not None:  # signed by both ends: a fraud proof's parts
+            self.kept.append((request.SerializeToString(), reply.SerializeToString()))
         return reply
 
     def _hidden(self, reply: pb.StepResult) -> torch.Tensor:

@@ -50,6 +50,7 @@ class NodeInfo:
     adapters: tuple[str, ...] = ()  # names of the LoRA adapters the node serves
     protocol: str = UNSAID_PROTOCOL  # protocol version "MAJOR.MINOR" (protocol/version.py)
     asyncio_tasks: int = 0  # tasks alive in the node's event loop (scripts/soak.py watches it for leaks)
+    quant: str = ""  # weight quantization: "none", "int8", "int4", "nf4" ("": a node too old to say; none)
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,14 @@ def tensor_digest(tensor: torch.Tensor) -> bytes:
 
 class NodeSession(ABC):
     """One inference session on one node; steps run in order, the node keeps the KV cache."""
+
+    def keep_exchanges(self) -> None:
+        """From now on keep every signed (request, reply) of the stream until `take_exchanges` (a fraud proof's
+        parts: --verify). A session that signs nothing (an in-process node) keeps nothing."""
+
+    def take_exchanges(self) -> list[tuple[bytes, bytes]]:
+        """The signed (request, reply) pairs kept since the last call, serialized, in step order."""
+        return []
 
     @abstractmethod
     async def step(self, hidden: torch.Tensor, position: int, timeout: float | None) -> torch.Tensor:

@@ -71,3 +71,17 @@ def decode(message: pb.Tensor) -> torch.Tensor:
     storage_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
     flat = torch.frombuffer(bytearray(message.data), dtype=storage_dtype)
     return flat.view(dtype).reshape(shape)
+
+
+def to_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor as the bytes of its wire message, to keep beside signed messages (a fraud proof's pushed inputs)."""
+    return encode(tensor).SerializeToString()
+
+
+def from_bytes(data: bytes) -> torch.Tensor:
+    """The inverse of `to_bytes`, checked as `decode` checks a tensor from the wire."""
+    try:
+        message = pb.Tensor.FromString(data)
+    except Exception as e:  # protobuf's DecodeError and friends: not a tensor message
+        raise TensorFormatError(f"not a tensor message: {e}") from None
+    return decode(message)

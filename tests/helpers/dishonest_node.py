@@ -91,12 +91,14 @@ class DishonestBackend(SpanBackend):
         return out
 
 
-def dishonest_memory_node(ckpt, start: int, end: int, address: str, mode: str, seed: int = 1, adapters=()):
+def dishonest_memory_node(
+    ckpt, start: int, end: int, address: str, mode: str, seed: int = 1, adapters=(), quant: str = "none"
+):
     """tests/helpers/memory_node.py's in-memory node, lying with `mode` (also on sessions with one of its
-    `adapters`)."""
+    `adapters`), with `quant` weights."""
     from memory_node import MemoryNode
 
-    node = MemoryNode(ckpt, start, end, address, adapters=adapters)
+    node = MemoryNode(ckpt, start, end, address, adapters=adapters, quant=quant)
     honest = node.backend
     node.backend = DishonestBackend(honest.span, honest.info, honest.limits, honest.adapters, mode=mode, seed=seed)
     node.backend.throughput = honest.throughput

@@ -49,9 +49,13 @@ class MemoryNode(NodeClient):
         address: str,
         throughput: float = 100.0,
         adapters: Sequence[str] = (),
+        dtype: torch.dtype = torch.float32,
+        quant: str = "none",
     ):
-        span = load_span(ckpt, start, end, torch.float32)
-        info = SpanInfo(ckpt.name, ckpt.revision, start, end, num_blocks(ckpt), span.config.hidden_size, torch.float32)
+        """dtype, quant: what the span computes in, as `join --dtype --quant` would load it."""
+        span = load_span(ckpt, start, end, dtype, quant)
+        blocks = num_blocks(ckpt)
+        info = SpanInfo(ckpt.name, ckpt.revision, start, end, blocks, span.config.hidden_size, dtype, quant)
         bank = (
             AdapterBank(span, start, end, [find_adapter(a) for a in adapters]) if adapters else None
         )  # LoRA (--adapters)
