@@ -40,7 +40,8 @@ def test_cli_verify_catches_a_dishonest_process_and_its_evidence_proves_it(tiny_
     env = {"TORCHNODE_HOME": str(home)}
     script = str(Path(__file__).parent / "helpers" / "dishonest_node.py")
     coordinator = spawn(
-        [*TORCHNODE, "coordinator", "--port", str(free_port()), "--dashboard", "--http-port", "0", "--refresh", "1"],
+        [*TORCHNODE, "coordinator", "--port", str(free_port()), "--dashboard", "--http-port", "0", "--refresh", "1"]
+        + ["--check-model", model],  # the monitor holds the weights: it re-checks uploaded proofs
         0,
         env,
     )
@@ -58,7 +59,7 @@ def test_cli_verify_catches_a_dishonest_process_and_its_evidence_proves_it(tiny_
         args = ("generate", model, PROMPT, "--initial-peers", maddr, "--max-new-tokens", str(NEW), "--greedy")
         for _ in range(6):  # routing may pick the honest chain (RTTs on a busy machine); the liar, as a
             # checker, answers prefills honestly and goes unnoticed then: the answer must be right all the same
-            result = run_cli(*args, "--verify", "--verify-window", "4", env=env)
+            result = run_cli(*args, "--verify", "--verify-window", "4", "--report-to", url, env=env)
             assert result.returncode == 0, result.stderr
             assert result.stdout.strip() == expected.strip()
             if "dishonest" in result.stderr:
@@ -73,6 +74,12 @@ def test_cli_verify_catches_a_dishonest_process_and_its_evidence_proves_it(tiny_
         assert reported["reports"] == 1 and reported["report_evidence"] == [digest]
         honest = [n for m in state(url)["models"] for n in m["nodes"] if n["peer_id"] != liar.peer_id]
         assert honest and all(n["reports"] == 0 for n in honest)
+        # the proof itself, uploaded by the client (--report-to), served back and re-checked by the monitor
+        with urllib.request.urlopen(url + f"api/v1/evidence/{digest}", timeout=10) as r:
+            assert r.read() == evidence[0].read_bytes()
+        proven = wait_node(url, liar.peer_id, lambda n: n["evidence"] and n["evidence"][0]["status"] != "pending", 300)
+        assert proven["dishonest"] and proven["proven_reports"] == 1, proven["evidence"]
+        assert all(not n["dishonest"] for m in state(url)["models"] for n in m["nodes"] if n["peer_id"] != liar.peer_id)
     finally:
         stop_all(nodes)
         coordinator.stop()
@@ -94,6 +101,18 @@ def test_cli_verify_catches_a_dishonest_process_and_its_evidence_proves_it(tiny_
 def state(url: str) -> dict:
     with urllib.request.urlopen(url + "api/v1/state", timeout=10) as r:
         return json.load(r)
+
+
+def wait_node(url: str, peer_id: str, ready, timeout: float) -> dict:
+    """The dashboard's state of node `peer_id` once `ready(node)` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        node = next((n for m in state(url)["models"] for n in m["nodes"] if n["peer_id"] == peer_id), None)
+        if node is not None and ready(node):
+            return node
+        if time.monotonic() > deadline:
+            raise AssertionError(f"node {peer_id} not as expected within {timeout} s: {node}")
+        time.sleep(1.0)
 
 
 def wait_reports(url: str, peer_id: str, timeout: float) -> dict:
