@@ -304,6 +304,8 @@ def _protocol(protocol: object) -> str:
     except ValueError as e:
         raise RecordError(str(e)) from None
     return protocol
+
+
 def _one_of(raw: dict, name: str, allowed: tuple[str, ...]) -> str:
     if raw[name] not in allowed:
         raise RecordError(f"{name} must be one of {allowed}, got {raw[name]!r}")

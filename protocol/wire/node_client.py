@@ -98,6 +98,7 @@ class NodeSession(ABC):
     def keep_exchanges(self) -> None:
         """From now on keep every signed (request, reply) of the stream until `take_exchanges` (a fraud proof's
         parts: --verify). A session that signs nothing (an in-process node) keeps nothing."""
+        return None
 
     def take_exchanges(self) -> list[tuple[bytes, bytes]]:
         """The signed (request, reply) pairs kept since the last call, serialized, in step order."""
