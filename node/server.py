@@ -61,6 +61,9 @@ def grpc_options(limits: Limits) -> list[tuple[str, int]]:
 # --max-batch-tokens (a 256-token chunk against a long context); on a GPU, activations and the allocator's
 # slack on the device (the process's RAM is the host's, outside --max-memory).
 RUNTIME_ALLOWANCE = {"cpu": 768 << 20, "cuda": 1 << 30, "mps": 768 << 20}
+# A quantized node reads each block in its float dtype, then rounds it: the block as read and as converted and
+# the rounding's temporaries peak near two float blocks (Llama-3.2-3B's shape: +0.45 GiB over one reserved).
+QUANT_LOADING_BLOCKS = 2
 
 
 def weight_budget(max_memory: int | None, cache_bytes: int, device: torch.device | str = "cpu") -> int:
@@ -83,11 +86,11 @@ def weight_budget(max_memory: int | None, cache_bytes: int, device: torch.device
 def blocks_that_fit(ckpt: Checkpoint, dtype: torch.dtype, weight_bytes: int, quant: str = "none") -> int:
     """How many blocks' weights fit in `weight_bytes` (what `weight_budget` leaves for them), at `quant`'s
     bytes per weight (norms, scales and zeros are a rounding error). A quantized span is loaded block by block,
-    each read in `dtype` and then quantized, so one block in `dtype` is reserved for that."""
+    each read in `dtype` and then quantized, so QUANT_LOADING_BLOCKS blocks in `dtype` are reserved for that."""
     itemsize = {"int8": 1.0, "int4": 0.5 + 4 / GROUP_SIZE, "nf4": 0.5}.get(quant, dtype.itemsize)
     params = ckpt.parameter_count(lambda k: k.startswith(f"{LAYER_PREFIX}0."))
     per_block = params * itemsize
-    loading = 0 if quant == "none" else params * dtype.itemsize
+    loading = 0 if quant == "none" else QUANT_LOADING_BLOCKS * params * dtype.itemsize
     fits = (weight_bytes - loading) // max(per_block, 1)
     if fits < 1:
         raise ValueError(

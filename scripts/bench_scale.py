@@ -318,7 +318,7 @@ def gpu_memory() -> dict[int, int]:
 
 
 def run_swarm(args, quant: str, config) -> dict:
-    from torchnode.node.server import RUNTIME_ALLOWANCE
+    from torchnode.node.server import QUANT_LOADING_BLOCKS, RUNTIME_ALLOWANCE
 
     device_type = "cuda" if args.device.startswith("cuda") else "cpu"
     if device_type == "cpu":
@@ -328,8 +328,8 @@ def run_swarm(args, quant: str, config) -> dict:
     per_node = math.ceil(config.num_hidden_layers / args.nodes) + 1
     cache = args.cache_memory
     weights = per_node * block_bytes(config, itemsize) + block_bytes(config, itemsize) // 2  # half a block of slack
-    if quant != "none":  # a quantized span loads block by block: one block in the compute dtype at a time
-        weights += block_bytes(config, 4.0 if device_type == "cpu" else 2.0)
+    if quant != "none":  # a quantized span loads block by block, each read in the compute dtype, then rounded
+        weights += QUANT_LOADING_BLOCKS * block_bytes(config, 4.0 if device_type == "cpu" else 2.0)
     max_memory = RUNTIME_ALLOWANCE[device_type] + cache + weights
     coordinator, addr = start_coordinator()
     nodes, spawned = [], []
@@ -355,6 +355,7 @@ def run_swarm(args, quant: str, config) -> dict:
             spawned.append(time.perf_counter())
             nodes.append(node)
             node.wait_for(r"loading blocks", 300)  # announced `joining` with its span: the next one sees it
+            time.sleep(args.settle)  # ...once the DHT has it everywhere (a busy machine is slow at that)
         ready = []
         for node in nodes:
             wait_ready(node, timeout=900)
@@ -443,6 +444,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="greedy tokens (16)")
     parser.add_argument("--prompt-tokens", type=int, default=32, help="prompt length (32)")
     parser.add_argument("--cache-memory", type=int, default=256 * MiB, help="each node's --cache-memory, bytes")
+    parser.add_argument("--settle", type=float, default=10.0, help="seconds between one node's span and the next's")
     parser.add_argument("--threads", type=int, default=0, help="each node's --threads (0: torch's default)")
     parser.add_argument("--cache-dir", default=None, help="where the checkpoint is kept")
     parser.add_argument("--json", default=None, help="also write the figures here")
