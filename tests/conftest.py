@@ -142,13 +142,21 @@ def unit_tier_starts_no_nodes(request, monkeypatch) -> None:
 EXPECTED_SKIP = re.compile(r"CUDA|GPU")
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
+def fail_unexpected_skip(report) -> None:
+    """Turns a skip `report` (of a test, or of a whole module) into a failure under TORCHNODE_CI=1."""
     if os.environ.get("TORCHNODE_CI") != "1" or not report.skipped or hasattr(report, "wasxfail"):
         return
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
     if not EXPECTED_SKIP.search(reason):
         report.outcome = "failed"
         report.longrepr = f"skipped under TORCHNODE_CI=1, where only GPU tests may skip: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    fail_unexpected_skip((yield).get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    fail_unexpected_skip((yield).get_result())  # a module-level skip (importorskip) skips all its tests
