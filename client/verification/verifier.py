@@ -204,8 +204,11 @@ class Verifier:
             self._advance(stop)
             return None
         rewind = min(f.position for _, f in liars)
+        named: set[str] = set()
         for record, finding in liars:
-            self.on_dishonest(finding)
+            if finding.node.address not in named:  # one node may hold several hops of the window (re-routed back)
+                named.add(finding.node.address)
+                self.on_dishonest(finding)
             await self._drop_checkers_of(finding.node)
             if any(hop is record.hop for hop in self.session.hops):
                 await self.session.replace(record.hop, rewind)
