@@ -22,6 +22,7 @@ from ..protocol.wire.identity import torchnode_home
 from .dashboard_app import create_app
 from .evidence_store import EvidenceLimits, EvidenceStore
 from .health_monitor import DEFAULT_PROBE_TIMEOUT, DEFAULT_REFRESH, HealthMonitor, model_name
+from .volunteers import DEFAULT_CAP_FACTOR, VolunteerLedger
 
 DEFAULT_HTTP_PORT = 8080
 
@@ -38,6 +39,9 @@ class DashboardConfig:
     check_models: tuple[str, ...] = ()  # --check-model: checkpoints uploaded fraud proofs are re-checked with
     evidence: EvidenceLimits = field(default_factory=EvidenceLimits)  # --evidence-max-bytes, --evidence-max-files
     evidence_folder: Path | None = None  # where uploaded proofs are kept [default: $TORCHNODE_HOME/monitor-evidence]
+    chat_url: str | None = None  # a `torchnode api` chat page to link ready models to (--chat-url)
+    volunteers_file: Path | None = None  # where credit for volunteers persists (--volunteers-file); None: memory
+    credit_cap_factor: float = DEFAULT_CAP_FACTOR  # --credit-cap-factor (volunteers.py)
 
     def __post_init__(self):
         object.__setattr__(self, "models", tuple(dict.fromkeys(model_name(m) for m in self.models)))
@@ -46,6 +50,10 @@ class DashboardConfig:
         if not self.refresh > 0 or not self.probe_timeout > 0:
             raise ValueError("--refresh and the probe timeout must be positive")
         ipaddress.ip_address(self.host)  # ValueError: the HTTP host must be an IP address
+        if not self.credit_cap_factor > 0:
+            raise ValueError("--credit-cap-factor must be positive")
+        if self.chat_url is not None and not self.chat_url.startswith(("http://", "https://", "/")):
+            raise ValueError(f"--chat-url must be an http(s) URL or a path, got {self.chat_url!r}")
 
 
 async def run_dashboard(
@@ -60,6 +68,9 @@ async def run_dashboard(
     speed_probe: bool = True,
     check_models: Sequence[str] = (),
     evidence: EvidenceLimits | None = None,
+    chat_url: str | None = None,
+    volunteers_file: Path | None = None,
+    credit_cap_factor: float = DEFAULT_CAP_FACTOR,
 ) -> None:
     """A standalone dashboard: joins the swarm as a DHT client, serves until SIGINT/SIGTERM. `models`
     filters what it shows; empty: every model in the DHT model index. `check_models`: checkpoints uploaded
@@ -75,6 +86,9 @@ async def run_dashboard(
         speed_probe=speed_probe,
         check_models=tuple(check_models),
         evidence=evidence or EvidenceLimits(),
+        chat_url=chat_url,
+        volunteers_file=volunteers_file,
+        credit_cap_factor=credit_cap_factor,
     )
     sock = bind_http(host, http_port)  # before the DHT: a busy port fails fast
     try:
@@ -101,6 +115,7 @@ async def serve_dashboard(
     sock = sock or bind_http(config.host, config.http_port)
     folder = config.evidence_folder or torchnode_home() / "monitor-evidence"
     evidence = EvidenceStore(folder, config.check_models, config.evidence)
+    ledger = VolunteerLedger(config.volunteers_file, config.credit_cap_factor)  # a bad file fails here, at start
     monitor = HealthMonitor(
         dht,
         config.models,
@@ -110,6 +125,7 @@ async def serve_dashboard(
         insecure=config.insecure,
         speed_probe=config.speed_probe,
         evidence=evidence,
+        volunteers=ledger,
     )
     scans = asyncio.create_task(monitor.run_forever())
     checks = asyncio.create_task(evidence.run_checks())
@@ -119,7 +135,7 @@ async def serve_dashboard(
         on_status(f"dashboard: {url_of(sock)} watching {watching} (refresh {config.refresh:g}s)")
 
     try:
-        await serve_http(create_app(monitor), sock, _first(stop, scans), on_ready=ready)
+        await serve_http(create_app(monitor, chat_url=config.chat_url), sock, _first(stop, scans), on_ready=ready)
         if scans.done():
             scans.result()  # a crashed monitor raises here
     finally:

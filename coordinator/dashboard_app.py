@@ -10,6 +10,7 @@
                                      400 not an evidence file, 503 too many waiting for a re-check
     GET /api/v1/evidence             every proof held, with its status (proven, not proven, invalid, ...)
     GET /api/v1/evidence/{sha256}    the file itself, for anyone to re-check (torchnode check-evidence)
+    GET /api/v1/volunteers           credit: per volunteer name and node, tokens served over time (volunteers.py)
     GET /metrics        Prometheus text format
     GET /healthz        "ok": the monitor process is up
 
@@ -19,6 +20,7 @@ is tested with a hand-made state and served by `dashboard.py` next to a live `He
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -28,13 +30,14 @@ from typing import Protocol
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from ..protocol.version import __version__
 from .evidence_store import EvidenceRejected, EvidenceStore
 from .history import History
 from .state_schema import EvidenceState, ModelHistory, NodeDetail, SwarmState
+from .volunteers import VolunteerLedger, VolunteersState
 
 PAGE = Path(__file__).parent / "static" / "dashboard.html"
 
@@ -46,8 +49,12 @@ class StateSource(Protocol):
     @property
     def history(self) -> History: ...
 
+    @property
+    def volunteers(self) -> VolunteerLedger: ...
 
-def create_app(source: StateSource) -> FastAPI:
+
+def create_app(source: StateSource, chat_url: str | None = None) -> FastAPI:
+    """chat_url: a `torchnode api` chat page (`--chat-url`) the page links every ready model to."""
     page = PAGE.read_text(encoding="utf-8")  # read once: a broken install fails at start, not per request
     registry = CollectorRegistry(auto_describe=True)
     registry.register(StateCollector(source))
@@ -63,6 +70,18 @@ def create_app(source: StateSource) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def dashboard() -> HTMLResponse:
         return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
+
+    @app.get("/api/v1/links", summary="Where the page links to: the chat page (--chat-url), or null")
+    def links() -> dict:
+        return {"chat_url": chat_url}
+
+    @app.get(
+        "/api/v1/volunteers",
+        response_model=VolunteersState,
+        summary="Who serves the swarm: tokens served, sessions, uptime per volunteer name and node, over time",
+    )
+    def volunteers() -> VolunteersState:
+        return source.volunteers.state(time.time())
 
     @app.get("/api/v1/state", response_model=SwarmState, summary="The swarm's current state, model by model")
     def state() -> SwarmState:
@@ -197,6 +216,26 @@ class StateCollector(Collector):
                     queue.add_metric(labels, n.queue_length)
         yield from (nodes, blocks, covered, replicated, ready, bottleneck, throughput, healthy, rtt, cache, uptime)
         yield from (batch, queue, reports, proven)
+        yield from _credit_metrics(self.source.volunteers.state(time.time()))
+
+
+def _credit_metrics(v: VolunteersState) -> Iterator[Metric]:
+    """Counters of credited work (volunteers.py): per node (with its volunteer name) and per name."""
+    labels = ["peer_id", "name"]
+    tokens = CounterMetricFamily("torchnode_node_served_tokens", "Tokens credited to the node", labels=labels)
+    sessions = CounterMetricFamily("torchnode_node_served_sessions", "Sessions credited to the node", labels=labels)
+    up = CounterMetricFamily("torchnode_node_credited_uptime_seconds", "Healthy online time watched", labels=labels)
+    by_name = CounterMetricFamily(
+        "torchnode_volunteer_served_tokens", "Tokens credited per volunteer name (named volunteers)", labels=["name"]
+    )
+    for volunteer in v.volunteers:
+        for n in volunteer.nodes:
+            tokens.add_metric([n.peer_id, volunteer.name], n.tokens)
+            sessions.add_metric([n.peer_id, volunteer.name], n.sessions)
+            up.add_metric([n.peer_id, volunteer.name], n.uptime_s)
+        if volunteer.name:
+            by_name.add_metric([volunteer.name], volunteer.tokens)
+    yield from (tokens, sessions, up, by_name)
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

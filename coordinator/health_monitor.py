@@ -48,6 +48,7 @@ from ..protocol.wire.node_client import NodeClient, NodeError, NodeInfo, Probe, 
 from .evidence_store import EvidenceStore
 from .history import DEFAULT_WINDOW, History
 from .state_schema import BlockState, EvidenceState, ModelState, NodeState, SwarmState
+from .volunteers import VolunteerLedger
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,12 @@ class HealthMonitor:
         insecure: bool = False,
         speed_probe: bool = True,
         evidence: EvidenceStore | None = None,
+        volunteers: VolunteerLedger | None = None,
     ):
         """`models`: names to watch, a filter; empty: every model in the DHT model index. `speed_probe`: time a
         one-token pass through every healthy node each scan (its measured speed beside its claim). `evidence`:
-        uploaded fraud proofs and their re-checks (coordinator/evidence_store.py), shown per node."""
+        uploaded fraud proofs and their re-checks (coordinator/evidence_store.py), shown per node. `volunteers`: the
+        ledger that credits nodes for what they served (coordinator/volunteers.py); default: in memory."""
         self.evidence = evidence
         if refresh <= 0 or probe_timeout <= 0:
             raise ValueError("refresh and probe_timeout must be positive")
@@ -97,6 +100,7 @@ class HealthMonitor:
         self.identity = Identity.generate()  # probing needs a signature, not a reputation: no key on disk
         self.total: dict[str, int] = {}  # block count per model learned from healthy nodes; absent = unknown
         self.history = History(history_window)
+        self.volunteers = volunteers or VolunteerLedger()
         self.first_seen: dict[tuple[str, str], float] = {}  # (model, peer id) -> unix time
         self.speed_probe = speed_probe
         self.measured: dict[tuple[str, str], float] = {}  # (model, peer id) -> seconds per one-token pass, averaged
@@ -136,6 +140,7 @@ class HealthMonitor:
         self.scans += 1
         self.models = names
         self.history.record(models)
+        self.volunteers.record((n for m in models for n in m.nodes), time.time())
         self.state = SwarmState(
             generated_at=time.time(),
             refresh_s=self.refresh,
@@ -280,6 +285,11 @@ class HealthMonitor:
             reports=len(reports),
             report_evidence=sorted({r.evidence_sha256 for r in reports}),
             **self._proofs(record.peer_id),
+            public_name=record.public_name,
+            contact=record.contact,
+            served_tokens=record.served_tokens,
+            served_sessions=record.served_sessions,
+            node_uptime_s=record.uptime,
         )
 
     def _proofs(self, peer_id: str) -> dict:

@@ -105,6 +105,11 @@ class NodeState(BaseModel):
     )
     dishonest: bool = Field(False, description="a proven fraud proof names this node; claims alone never set it")
     evidence: list[EvidenceState] = Field([], description="fraud proofs uploaded about this node, with their status")
+    public_name: str = Field("", description="the volunteer's display name (join --public-name), signed in the record")
+    contact: str = Field("", description="the volunteer's URL or e-mail address (join --contact)")
+    served_tokens: int = Field(0, description="tokens the node says its blocks computed since it started (a claim)")
+    served_sessions: int = Field(0, description="sessions the node says it opened since it started (a claim)")
+    node_uptime_s: float = Field(0.0, description="seconds the node says it has been up")
 
 
 class BlockState(BaseModel):

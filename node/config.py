@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..protocol.dht.credit import validate_contact, validate_public_name
 from .limits import Limits, RelayLimits
 
 if TYPE_CHECKING:
@@ -54,10 +55,22 @@ class SwarmConfig:
         default=None, metadata={"help": "also relay for nodes that cannot be dialled (behind a NAT)"}
     )  # None: no relay
     relay_port: int = field(default=0, metadata={"help": "the relay's control port (with --relay); 0 picks a free one"})
+    public_name: str = field(
+        default="",
+        metadata={
+            "help": "a display name (1-32 letters, digits, spaces, - _ . ') announced, signed, with what this node"
+            " serves: dashboards credit it [default: anonymous]"
+        },
+    )
+    contact: str = field(
+        default="", metadata={"help": "an http(s) URL or e-mail address shown with --public-name [default: none]"}
+    )
 
     def __post_init__(self) -> None:
         if self.reachable not in REACHABLE_MODES:
             raise ValueError(f"reachable must be one of {', '.join(REACHABLE_MODES)}, got {self.reachable!r}")
+        validate_public_name(self.public_name)  # ValueError: shown on dashboards, so checked (protocol/dht/credit.py)
+        validate_contact(self.contact)
 
 
 DEFAULT_EXPIRATION: float = SwarmConfig.expiration

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -128,6 +129,7 @@ class Node:
         self.announcer: Announcer | None = None
         self.planned: tuple[int, int] = (0, 0)  # the span being loaded, announced while `joining`
         self.relayed = None  # protocol.relay_link.Registration while served through a relay
+        self.created = time.monotonic()  # the uptime the record announces counts from here
 
     # ---- span
     def load_backend(self, start: int, end: int) -> SpanBackend:
@@ -172,6 +174,11 @@ class Node:
             protocol=version.protocol(),
             dtype=tensor_codec.dtype_name(self.config.dtype),
             quant=self.config.quant,
+            public_name=swarm.public_name if swarm else "",
+            contact=swarm.contact if swarm else "",
+            served_tokens=b.served_tokens if b else 0,
+            served_sessions=b.served_sessions if b else 0,
+            uptime=time.monotonic() - self.created,
         )
 
     async def servers(self) -> dict[int, list[ServerRecord]]:

@@ -119,6 +119,8 @@ class SpanBackend:
             limits.max_batch_tokens, limits.batch_wait, lambda: max(1, len(self.sessions)), fair=limits.fair_share
         )
         self.evictions = 0  # sessions evicted to give other client keys their fair share
+        self.served_tokens = 0  # tokens its blocks computed since start (each sequence's, once per pass): credit
+        self.served_sessions = 0  # sessions opened since start
         self._runner = threading.Thread(target=self._run_batches, name="torchnode-runner", daemon=True)
         self._runner.start()
         config = span.config
@@ -232,6 +234,8 @@ class SpanBackend:
                     )
             except Exception as e:  # handed to every step of the batch; the runner carries on
                 outputs = e
+            else:
+                self.served_tokens += sum(c.tokens * c.work.rows for c in chunks)
             self.speed.record(batch, time.perf_counter() - started)
             self.scheduler.finish(batch, outputs)
 
@@ -289,6 +293,7 @@ class SpanBackend:
         session.caches = self.span.new_caches(start, end, batch, max_length)
         self.sessions[session_id] = session
         self.cache_bytes_used += nbytes
+        self.served_sessions += 1
         return session
 
     def lora(self, adapter: str) -> Lora:

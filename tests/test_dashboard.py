@@ -34,6 +34,7 @@ from torchnode.coordinator.dashboard_app import create_app
 from torchnode.coordinator.health_monitor import DEFAULT_MODEL_NAME, HealthMonitor, Probe, build_model_state
 from torchnode.coordinator.history import History
 from torchnode.coordinator.state_schema import NodeState, SwarmState
+from torchnode.coordinator.volunteers import VolunteerLedger
 from torchnode.protocol.dht.network import announce, start_dht
 from torchnode.protocol.dht.records import ServerRecord
 from torchnode.protocol.wire.identity import Identity
@@ -155,7 +156,13 @@ def test_app_serves_page_json_schema_and_metrics():
     )
     history = History()
     history.record(state.models, now=1.0)
-    client = TestClient(create_app(SimpleNamespace(state=state, history=history)))
+    client = TestClient(create_app(SimpleNamespace(state=state, history=history, volunteers=VolunteerLedger())))
+    assert client.get("/api/v1/links").json() == {"chat_url": None}  # no --chat-url: no chat link
+    chat = "http://127.0.0.1:8000/chat"
+    linked = TestClient(
+        create_app(SimpleNamespace(state=state, history=history, volunteers=VolunteerLedger()), chat_url=chat)
+    )
+    assert linked.get("/api/v1/links").json() == {"chat_url": chat}
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "api/v1/state" in page.text
@@ -178,7 +185,13 @@ def test_app_serves_page_json_schema_and_metrics():
 def test_dashboard_config_checks_its_values_and_busy_ports_fail_fast():
     assert DashboardConfig(models=("default", "org/m", "default")).models == (DEFAULT_MODEL_NAME, "org/m")
     assert DashboardConfig().models == ()  # no filter: every model in the index
-    for bad in [dict(models=("bad name",)), dict(http_port=70000), dict(refresh=0), dict(host="localhost")]:
+    for bad in [
+        dict(models=("bad name",)),
+        dict(http_port=70000),
+        dict(refresh=0),
+        dict(host="localhost"),
+        dict(chat_url="javascript:alert(1)"),
+    ]:
         with pytest.raises(ValueError):
             DashboardConfig(**bad)
     taken = bind_http("127.0.0.1", 0)
@@ -247,6 +260,8 @@ def swarm(tiny_llama, tiny_qwen2):
             "0",
             "--refresh",
             str(REFRESH),
+            "--chat-url",
+            "http://127.0.0.1:8000/chat",
         ],
         0,
         None,
@@ -389,6 +404,8 @@ def test_page_in_a_real_browser(swarm, tmp_path):
                 "single",
             ]
             assert card.locator('.badge[data-ready="true"]').inner_text() == "Ready to generate"
+            chat = card.locator("a.chat-link")  # --chat-url: each ready model links to the API's chat page
+            assert chat.get_attribute("href") == "http://127.0.0.1:8000/chat?model=" + urllib.parse.quote(swarm.model)
             rows = card.locator("tbody tr[data-peer-id]")
             assert sorted(rows.nth(i).get_attribute("data-peer-id") for i in range(rows.count())) == sorted(
                 n.peer_id for n in swarm.nodes
@@ -449,6 +466,8 @@ def test_standalone_dashboard_sees_the_same_swarm_and_exits_on_sigterm(swarm):
             swarm.model,
             "--refresh",
             str(REFRESH),
+            "--chat-url",
+            "http://127.0.0.1:8000/chat",
         ],
         0,
         None,

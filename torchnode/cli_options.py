@@ -227,6 +227,25 @@ def evidence_limits(max_bytes: str, max_files: int):
     return EvidenceLimits(max_bytes=size, max_files=max_files)
 
 
+VolunteersFile = Annotated[
+    Path | None,
+    typer.Option(help="JSON file where the credit for volunteers persists across restarts [default: memory only]"),
+]
+CreditCapFactor = Annotated[
+    float,
+    typer.Option(
+        min=0.001, help="credit a node at most this x its tokens/s x the seconds between scans (see /api/v1/volunteers)"
+    ),
+]
+ChatUrl = Annotated[
+    str | None,
+    typer.Option(
+        help="the chat page the dashboard links to for every ready model, e.g. http://HOST:8000/chat "
+        "(`torchnode api`); ?model=NAME is added, or {model} in the URL is replaced [default: no link]"
+    ),
+]
+
+
 # ---- option groups: each a dataclass of flags a command takes as one parameter (torchnode/cli_groups.py)
 def _client(name: str) -> str:
     return flag_help(ClientConfig, name)
@@ -408,6 +427,8 @@ class SwarmFlags:
         SwarmConfig.rebalance_threshold
     )
     reachable: Annotated[str, typer.Option(help=_swarm("reachable"))] = SwarmConfig.reachable
+    public_name: Annotated[str, typer.Option(help=_swarm("public_name"))] = SwarmConfig.public_name
+    contact: Annotated[str, typer.Option(help=_swarm("contact"))] = SwarmConfig.contact
 
     def config(self, relay: RelayFlags) -> SwarmConfig | None:
         """The node's swarm (None: it serves alone, for --peers clients); contradictions name their flag."""
@@ -416,7 +437,21 @@ class SwarmFlags:
             raise typer.BadParameter(
                 "either join a swarm (--initial-peers) or start one (--new-swarm)", param_hint="--new-swarm"
             )
+        from torchnode.protocol.dht.credit import validate_contact, validate_public_name
+
+        for value, check, flag in (
+            (self.public_name, validate_public_name, "--public-name"),
+            (self.contact, validate_contact, "--contact"),
+        ):
+            try:
+                check(value)
+            except ValueError as e:
+                raise typer.BadParameter(str(e), param_hint=flag) from None
         if not peers and not self.new_swarm:
+            if self.public_name or self.contact:
+                raise typer.BadParameter(
+                    "a name is announced in a swarm: add --initial-peers or --new-swarm", param_hint="--public-name"
+                )
             if relay.relay or self.reachable != "auto":
                 raise typer.BadParameter(
                     "relays and reachability need a swarm (--initial-peers or --new-swarm)",
@@ -435,4 +470,6 @@ class SwarmFlags:
             reachable=parse_reachable(self.reachable),
             relay_port=relay.relay_port,
             relay=relay.limits(),
+            public_name=self.public_name,
+            contact=self.contact,
         )

@@ -18,7 +18,9 @@ from torchnode.node.config import NodeConfig
 from .cli_groups import flag_help, option_groups
 from .cli_options import (
     AllowKeys,
+    ChatUrl,
     CheckModels,
+    CreditCapFactor,
     EvidenceMaxBytes,
     EvidenceMaxFiles,
     HttpHost,
@@ -30,6 +32,7 @@ from .cli_options import (
     ShownModels,
     SpeedProbe,
     SwarmFlags,
+    VolunteersFile,
     allow_keys_of,
     err,
     evidence_limits,
@@ -142,6 +145,9 @@ def coordinator(
     check_model: CheckModels = None,
     evidence_max_bytes: EvidenceMaxBytes = EVIDENCE_BYTES_TEXT,
     evidence_max_files: EvidenceMaxFiles = DEFAULT_EVIDENCE_FILES,
+    chat_url: ChatUrl = None,
+    volunteers_file: VolunteersFile = None,
+    credit_cap_factor: CreditCapFactor = 64.0,
     insecure: Insecure = False,
     allow_keys: AllowKeys = None,
     speed_probe: SpeedProbe = True,
@@ -170,6 +176,9 @@ def coordinator(
                 speed_probe=speed_probe,
                 check_models=tuple(check_model or ()),
                 evidence=evidence_limits(evidence_max_bytes, evidence_max_files),
+                chat_url=chat_url,
+                volunteers_file=volunteers_file,
+                credit_cap_factor=credit_cap_factor,
             )
         relay_setup = None
         relay_limits = relay.limits()
@@ -202,6 +211,9 @@ def dashboard_command(
     check_model: CheckModels = None,
     evidence_max_bytes: EvidenceMaxBytes = EVIDENCE_BYTES_TEXT,
     evidence_max_files: EvidenceMaxFiles = DEFAULT_EVIDENCE_FILES,
+    chat_url: ChatUrl = None,
+    volunteers_file: VolunteersFile = None,
+    credit_cap_factor: CreditCapFactor = 64.0,
     insecure: Insecure = False,
     allow_keys: AllowKeys = None,
     speed_probe: SpeedProbe = True,
@@ -226,5 +238,8 @@ def dashboard_command(
                 speed_probe=speed_probe,
                 check_models=check_model or (),
                 evidence=evidence_limits(evidence_max_bytes, evidence_max_files),
+                chat_url=chat_url,
+                volunteers_file=volunteers_file,
+                credit_cap_factor=credit_cap_factor,
             )
         )

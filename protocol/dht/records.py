@@ -24,6 +24,7 @@ import msgpack
 
 from ..version import UNSAID_PROTOCOL, protocol_major
 from ..wire.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, Identity, peer_id_of, verify
+from .credit import validate_contact, validate_count, validate_public_name
 
 STATES = ("joining", "online", "draining")
 
@@ -106,6 +107,12 @@ class ServerRecord:
     protocol: str = UNSAID_PROTOCOL  # protocol version "MAJOR.MINOR" the node speaks (protocol/version.py)
     dtype: str = ""  # compute dtype of the span ("float32", "bfloat16", "float16"; "": not said)
     quant: str = ""  # weight quantization ("none", "int8", "int4", "nf4"; "": not said)
+    # credit for volunteers (credit.py): `join --public-name/--contact`, and what the node served since it started
+    public_name: str = ""
+    contact: str = ""
+    served_tokens: int = 0  # sessions' tokens its blocks computed (each token of each sequence, once per pass)
+    served_sessions: int = 0  # inference sessions opened
+    uptime: float = 0.0  # seconds since the node started serving
 
     @property
     def blocks(self) -> range:
@@ -129,6 +136,11 @@ _OPTIONAL_FIELDS = {
     "protocol": UNSAID_PROTOCOL,
     "dtype": "",
     "quant": "",
+    "public_name": "",
+    "contact": "",
+    "served_tokens": 0,
+    "served_sessions": 0,
+    "uptime": 0.0,
 }  # added after the first release: absent in older records
 _FIELD_NAMES = tuple(f.name for f in fields(ServerRecord) if f.name not in _OPTIONAL_FIELDS)
 
@@ -140,6 +152,7 @@ def encode_record(identity: Identity, record: ServerRecord) -> bytes:
     body_fields["expiration"] = float(record.expiration)
     body_fields["dht_maddrs"] = list(record.dht_maddrs)
     body_fields["adapters"] = list(record.adapters)
+    body_fields["uptime"] = float(record.uptime)
     return encode_signed(identity, record, body_fields, _check_fields)
 
 
@@ -249,7 +262,22 @@ def _check_fields(raw: dict) -> ServerRecord:
         protocol=_protocol(raw["protocol"]),
         dtype=_one_of(raw, "dtype", DTYPES),
         quant=_one_of(raw, "quant", QUANTS),
+        **_credit_fields(raw),
     )
+
+
+def _credit_fields(raw: dict) -> dict:
+    """The volunteer's name, contact and counters of a record (credit.py), checked."""
+    try:
+        return dict(
+            public_name=validate_public_name(raw["public_name"]),
+            contact=validate_contact(raw["contact"]),
+            served_tokens=validate_count(raw["served_tokens"], "served_tokens"),
+            served_sessions=validate_count(raw["served_sessions"], "served_sessions"),
+            uptime=non_negative_float(raw["uptime"], "uptime"),
+        )
+    except ValueError as e:
+        raise RecordError(str(e)) from None
 
 
 def signer_key(raw: dict) -> bytes:
