@@ -119,7 +119,7 @@ class SpanBackend:
             limits.max_batch_tokens, limits.batch_wait, lambda: max(1, len(self.sessions)), fair=limits.fair_share
         )
         self.evictions = 0  # sessions evicted to give other client keys their fair share
-        self.served_tokens = 0  # tokens its blocks computed since start (each sequence's, once per pass): credit
+        self.served_tokens = 0  # sessions' tokens its blocks computed since start (once per pass): credit
         self.served_sessions = 0  # sessions opened since start
         self._runner = threading.Thread(target=self._run_batches, name="torchnode-runner", daemon=True)
         self._runner.start()
@@ -235,7 +235,8 @@ class SpanBackend:
             except Exception as e:  # handed to every step of the batch; the runner carries on
                 outputs = e
             else:
-                self.served_tokens += sum(c.tokens * c.work.rows for c in chunks)
+                # credit: sessions' tokens only (a stateless Forward is a probe or a check, not a user's text)
+                self.served_tokens += sum(c.tokens * c.work.rows for c in chunks if c.work.session_id is not None)
             self.speed.record(batch, time.perf_counter() - started)
             self.scheduler.finish(batch, outputs)
 
