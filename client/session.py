@@ -123,9 +123,10 @@ class InferenceSession:
         return out
 
     async def _leave_slow_hops(self) -> None:
-        """Re-routes around each hop the speed book finds far slower than its claim (a route that avoids it,
-        whatever the others claim: they get measured there), replaying its history on the new route; a hop
-        whose blocks nobody else serves, or whose replacement fails, stays."""
+        """Re-routes around each hop the speed book finds far slower than its claim, to a route that avoids it
+        (whatever its untried nodes claim: they get a trial) unless its nodes were measured less than twice as
+        fast, replaying its history there; a hop whose blocks nobody else serves faster, or whose replacement
+        fails, stays."""
         if self.speeds is None or self.router is None:
             return
         for hop in list(self.hops):
@@ -134,6 +135,9 @@ class InferenceSession:
             hop.speed_checked = True
             try:
                 hops = await self.router(hop.start, hop.end, {hop.node.address})
+                now = self.speeds.measured_step(hop.node.address, hop.end - hop.start) or 0.0
+                if sum(self.speeds.measured_step(h.node.address, h.end - h.start) or 0.0 for h in hops) > now / 2:
+                    continue  # measured no faster (a loaded machine slows every node); untried nodes get a trial
                 inputs = torch.cat([h for _, h in hop.history], dim=1)  # positions 0.. in order
                 await self._replay(hops, inputs)
             except (NodeError, NoRouteError) as error:

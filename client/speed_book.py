@@ -80,22 +80,29 @@ class SpeedBook:
         """The candidate with the throughput routing should weigh (see the module's docstring)."""
         if not self.policy.measure:
             return candidate
-        record = self._record(candidate.key)
         blocks = candidate.end - candidate.start
-        prior = _per_block(candidate.throughput, blocks)
+        seconds = self._per_block(candidate.key, _per_block(candidate.throughput, blocks))
+        return replace(candidate, throughput=1 / (seconds * blocks))
+
+    def measured_step(self, address: str, blocks: int) -> float | None:
+        """Seconds a step of `blocks` blocks took at `address` as measured (None: not measured)."""
+        record = self._record(address)
+        return None if record.measured is None else record.measured * blocks
+
+    def _per_block(self, address: str, claim: float) -> float:
+        record = self._record(address)
+        prior = claim
         others = [
             r.measured
             for a, r in self._nodes.items()
-            if a != candidate.key and r.measured is not None and not self._breaks_claim(r, r.blocks)
+            if a != address and r.measured is not None and not self._breaks_claim(r, r.blocks)
         ]
         if others:  # a fair trial: no better than the median node measured (that keeps its claim)
             prior = max(prior, statistics.median(others))
         if record.measured is None:
-            seconds = prior
-        else:
-            trust = min(1.0, record.steps / self.policy.trust_steps)
-            seconds = trust * record.measured + (1 - trust) * prior
-        return replace(candidate, throughput=1 / (seconds * blocks))
+            return prior
+        trust = min(1.0, record.steps / self.policy.trust_steps)
+        return trust * record.measured + (1 - trust) * prior
 
     def far_slower(self, address: str, blocks: int) -> bool:
         """Whether a step of `blocks` blocks at `address` takes far longer than its claim promises."""
