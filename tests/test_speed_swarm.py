@@ -95,7 +95,7 @@ async def test_a_long_lived_client_stops_routing_through_a_slow_liar(tiny_llama,
     by_address = {n["address"]: n for n in shown}
     claimed, measured = by_address[liar.address]["throughput"], by_address[liar.address]["measured_throughput"]
     assert by_address[liar.address]["overclaims"] and measured < claimed / 10, by_address[liar.address]
-    assert measured < 1 / SLOW_STEP_S
+    assert measured < 2 / SLOW_STEP_S  # the sleep shows (less the RTT the monitor takes off)
     honest = [n for a, n in by_address.items() if a != liar.address]
     assert len(honest) == 2 and not any(n["overclaims"] for n in honest), honest
 
