@@ -369,12 +369,13 @@ def run_swarm(args, quant: str, config) -> dict:
                 "peak_rss": peak_rss(n.proc.pid),
                 "helpers_rss": helper_rss(n.proc.pid),
                 "gpu_bytes": gpus.get(n.proc.pid, 0),
+                "moved": [line.strip() for line in n.lines if "rebalancing: moving" in line],
             }
             for n, s, r in zip(nodes, spawned, ready, strict=True)
         ]
     finally:
         stop_all([*nodes, coordinator])
-    covered = set()
+    covered = set()  # as the nodes chose at joining (a rebalance check may move one later: "moved")
     for n in nodes:
         covered |= set(range(n.start, n.end))
     return {
@@ -408,30 +409,37 @@ def report(args, config, ref: dict, swarms: list[dict]) -> None:
         + (f", GPU {ref['gpu_bytes'] / GiB:.2f} GiB" if ref["gpu_bytes"] else "")
     )
     for s in swarms:
-        c = s["client"]
-        same = sum(a == b for a, b in zip(c["tokens"], ref["tokens"], strict=False))
+        report_swarm(args, config, ref, s)
+
+
+def report_swarm(args, config, ref: dict, s: dict) -> None:
+    c = s["client"]
+    same = sum(a == b for a, b in zip(c["tokens"], ref["tokens"], strict=False))
+    print(
+        f"\n### {args.nodes} nodes, --quant {s['quant']}, --max-memory {s['max_memory'] / GiB:.2f} GiB each "
+        f"(--cache-memory {s['cache_memory'] / MiB:.0f} MiB), spans chosen through the DHT; "
+        f"cover every block: {'yes' if s['covered'] else 'NO'}"
+    )
+    print("| node | span | load s | peak RSS GiB | vs --max-memory | DHT helpers RSS MiB | GPU GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for k, n in enumerate(s["nodes"]):
         print(
-            f"\n### {args.nodes} nodes, --quant {s['quant']}, --max-memory {s['max_memory'] / GiB:.2f} GiB each "
-            f"(--cache-memory {s['cache_memory'] / MiB:.0f} MiB), spans chosen through the DHT; "
-            f"cover every block: {'yes' if s['covered'] else 'NO'}"
+            f"| {k} | {n['span']} | {n['load_s']:.1f} | {n['peak_rss'] / GiB:.2f} | "
+            f"{n['peak_rss'] / s['max_memory']:.2f} | {n['helpers_rss'] / MiB:.0f} | {n['gpu_bytes'] / GiB:.2f} |"
         )
-        print("| node | span | load s | peak RSS GiB | vs --max-memory | DHT helpers RSS MiB | GPU GiB |")
-        print("|---|---|---|---|---|---|---|")
-        for k, n in enumerate(s["nodes"]):
-            print(
-                f"| {k} | {n['span']} | {n['load_s']:.1f} | {n['peak_rss'] / GiB:.2f} | "
-                f"{n['peak_rss'] / s['max_memory']:.2f} | {n['helpers_rss'] / MiB:.0f} | {n['gpu_bytes'] / GiB:.2f} |"
-            )
-        print(
-            f"client: first token {c['first_token_s'] * 1000:.0f} ms ({c['first_token_s'] / ref['first_token_s']:.2f}x "
-            f"transformers'), {c['tokens_per_s']:.2f} tokens/s ({c['tokens_per_s'] / ref['tokens_per_s']:.2f}x), "
-            f"{c['per_token_s'] * 1000:.0f} ms/token after the first; peak RSS {c['peak_rss'] / GiB:.2f} GiB for a "
-            f"{c['head_bytes'] / GiB:.2f} GiB head (+{(c['peak_rss'] - c['head_bytes']) / MiB:.0f} MiB runtime)"
-        )
-        print(
-            f"greedy tokens equal to transformers': {same} of {len(ref['tokens'])}"
-            + (" (all)" if same == len(ref["tokens"]) else "")
-        )
+    for k, n in enumerate(s["nodes"]):
+        for line in n["moved"]:
+            print(f"node {k} later: {line}")
+    print(
+        f"client: first token {c['first_token_s'] * 1000:.0f} ms ({c['first_token_s'] / ref['first_token_s']:.2f}x "
+        f"transformers'), {c['tokens_per_s']:.2f} tokens/s ({c['tokens_per_s'] / ref['tokens_per_s']:.2f}x), "
+        f"{c['per_token_s'] * 1000:.0f} ms/token after the first; peak RSS {c['peak_rss'] / GiB:.2f} GiB for a "
+        f"{c['head_bytes'] / GiB:.2f} GiB head (+{(c['peak_rss'] - c['head_bytes']) / MiB:.0f} MiB runtime)"
+    )
+    print(
+        f"greedy tokens equal to transformers': {same} of {len(ref['tokens'])}"
+        + (" (all)" if same == len(ref["tokens"]) else "")
+    )
 
 
 def main() -> None:
@@ -467,27 +475,19 @@ def main() -> None:
     print(f"checkpoint {args.model} ready in {time.perf_counter() - started:.0f} s", flush=True)
     ref = run_child("reference", args, [])
     print(f"transformers: {ref['tokens_per_s']:.2f} tokens/s", flush=True)
+    report(args, config, ref, [])
     swarms = []
     for quant in args.quants.split(","):
         try:
             swarms.append(run_swarm(args, quant, config))
-            print(f"swarm --quant {quant}: {swarms[-1]['client']['tokens_per_s']:.2f} tokens/s", flush=True)
         except Exception as e:  # one mode failing (nf4 without bitsandbytes) leaves the others' figures
             print(f"swarm --quant {quant} failed: {e}", flush=True)
-    report(args, config, ref, swarms)
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "shape": args.shape,
-                    "layers": config.num_hidden_layers,
-                    "device": args.device,
-                    "reference": ref,
-                    "swarms": swarms,
-                },
-                default=list,
-            )
-        )
+            continue
+        report_swarm(args, config, ref, swarms[-1])  # each as it comes: a run cut short keeps what it measured
+        sys.stdout.flush()
+        if args.json:
+            record = {"shape": args.shape, "layers": config.num_hidden_layers, "device": args.device}
+            Path(args.json).write_text(json.dumps({**record, "reference": ref, "swarms": swarms}, default=list))
 
 
 if __name__ == "__main__":
