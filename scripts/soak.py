@@ -26,6 +26,7 @@ import csv
 import itertools
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -254,6 +255,7 @@ async def soak(options: Options) -> tuple[list[dict], Tally, int | None, list[st
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        shutil.rmtree(home, ignore_errors=True)  # the node's and the clients' throwaway keys
     return rows, at_rest, tally, proc.returncode, log
 
 
