@@ -86,5 +86,5 @@ fi
 echo "== bench_scale on $DEVICE" | tee -a "$OUT/gpu.txt"
 "$PY" -c 'import bitsandbytes' 2>/dev/null || echo "nf4: bitsandbytes is not installed, its swarm will fail with that reason" | tee -a "$OUT/gpu.txt"
 PYTHONUNBUFFERED=1 timeout 420 "$PY" "$REPO/scripts/bench_scale.py" --device "$DEVICE" --shape llama-3.2-3b \
-    --cache-dir "$WORK" --settle 3 --json "$OUT/scale.json" "${EXTRA[@]}" 2>&1 | grep -v "Loading weights" | tee "$OUT/scale.txt"
+    --cache-dir "$WORK" --settle 3 --json "$OUT/scale.json" "${EXTRA[@]}" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/scale.txt"
 echo "gpu_check: done (results in $OUT)"
