@@ -235,6 +235,7 @@ def test_metrics_show_each_nodes_batch_size_and_queue():
     from torchnode.coordinator.dashboard_app import create_app
     from torchnode.coordinator.history import History
     from torchnode.coordinator.state_schema import ModelState, NodeState, SwarmState
+    from torchnode.coordinator.volunteers import VolunteerLedger
 
     node = NodeState(
         peer_id="ab" * 16,
@@ -271,7 +272,7 @@ def test_metrics_show_each_nodes_batch_size_and_queue():
     state = SwarmState(
         generated_at=1.0, refresh_s=1.0, scan_duration_s=0.1, monitor_version="0.1.0", dht_maddrs=[], models=[model]
     )
-    client = TestClient(create_app(SimpleNamespace(state=state, history=History())))
+    client = TestClient(create_app(SimpleNamespace(state=state, history=History(), volunteers=VolunteerLedger())))
     values = {
         sample.name: sample.value
         for family in text_string_to_metric_families(client.get("/metrics").text)

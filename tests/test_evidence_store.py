@@ -17,6 +17,7 @@ from torchnode.coordinator.evidence_store import EvidenceLimits, EvidenceRejecte
 from torchnode.coordinator.health_monitor import HealthMonitor
 from torchnode.coordinator.history import History
 from torchnode.coordinator.state_schema import SwarmState
+from torchnode.coordinator.volunteers import VolunteerLedger
 from torchnode.models.checkpoint import resolve
 from torchnode.protocol.wire.identity import Identity
 
@@ -57,6 +58,7 @@ def test_proofs_are_uploaded_over_http_and_served_back(ckpt, home, tmp_path):
         state=SwarmState(generated_at=0, refresh_s=5, scan_duration_s=0, monitor_version="x", dht_maddrs=[], models=[]),
         history=History(3600),
         evidence=store,
+        volunteers=VolunteerLedger(),
     )
     client = TestClient(create_app(source))
     data = evidence_file(ckpt, Identity.generate(), Identity.generate(), lie=True).read_bytes()
