@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from greedy import new_greedy_tokens
 from memory_node import MemoryNode, MemoryPeers
-from transformers import AutoModelForCausalLM
 
 from torchnode.client.model import AsyncDistributedModel
 from torchnode.client.sampling import SamplingParams
 from torchnode.client.speed_book import SpeedPolicy
-from torchnode.models.checkpoint import resolve
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 300, 12]])
 NEW = 8
@@ -20,15 +19,8 @@ SLOW_STEP_S = 0.1
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_llama):
-    return resolve(str(tiny_llama))
-
-
-@pytest.fixture(scope="module")
 def expected(tiny_llama) -> list[int]:
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    out = hf.generate(PROMPT, max_new_tokens=NEW, do_sample=False, attention_mask=torch.ones_like(PROMPT))
-    return out[0, PROMPT.shape[1] :].tolist()
+    return new_greedy_tokens(tiny_llama, PROMPT, NEW)
 
 
 @pytest.fixture

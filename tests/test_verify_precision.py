@@ -10,15 +10,14 @@ import logging
 import pytest
 import torch
 from dishonest_node import dishonest_memory_node
+from greedy import new_greedy_tokens
 from memory_node import MemoryNode, MemoryPeers
-from transformers import AutoModelForCausalLM
 
 from torchnode.client.model import AsyncDistributedModel
 from torchnode.client.precision import EXACT, Precision, tolerance
 from torchnode.client.routing import NoRouteError
 from torchnode.client.sampling import SamplingParams
 from torchnode.client.session import RetryPolicy
-from torchnode.models.checkpoint import resolve
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 300, 12]])
 NEW = 16
@@ -28,15 +27,8 @@ FAST_RETRY = RetryPolicy(max_attempts=3, max_seconds=5.0, backoff_initial=0.01, 
 
 
 @pytest.fixture(scope="module")
-def ckpt(tiny_llama):
-    return resolve(str(tiny_llama))
-
-
-@pytest.fixture(scope="module")
 def expected(tiny_llama) -> list[int]:
-    hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-    out = hf.generate(PROMPT, max_new_tokens=NEW, do_sample=False, attention_mask=torch.ones_like(PROMPT))
-    return out[0, PROMPT.shape[1] :].tolist()
+    return new_greedy_tokens(tiny_llama, PROMPT, NEW)
 
 
 @pytest.fixture
