@@ -29,13 +29,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import msgpack
-
+from ..protocol.dht.fraud_reports import unpack_evidence
 from ..protocol.wire.identity import PUBLIC_KEY_BYTES, peer_id_of
 
 log = logging.getLogger(__name__)
 
-FORMAT = "torchnode-evidence/1"  # client/verification/evidence.py FORMAT
 DEFAULT_MAX_BYTES = 64 << 20
 DEFAULT_MAX_FILES = 256
 DEFAULT_MAX_PENDING = 16
@@ -175,11 +173,9 @@ def _pair(entry: Evidence) -> tuple[str, str]:
 def _header(data: bytes, sha: str) -> Evidence:
     """Who a file accuses and who wrote it: enough to keep and bound it. Signatures are check-evidence's job."""
     try:
-        record = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as e:
-        raise EvidenceRejected(f"not an evidence file: {e}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise EvidenceRejected(f"not an evidence file (format {FORMAT!r})")
+        record = unpack_evidence(data)
+    except ValueError as e:
+        raise EvidenceRejected(str(e)) from None
     node, reporter = record.get("public_key"), record.get("reporter")
     if not all(isinstance(k, bytes) and len(k) == PUBLIC_KEY_BYTES for k in (node, reporter)):
         raise EvidenceRejected("the evidence must name the node's and the reporter's 32-byte public keys")

@@ -14,7 +14,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import torch
-from hivemind.utils.timed_storage import get_dht_time
+from node_records import record_of
 from swarm import free_port, run_cli, spawn, start_coordinator, stop_all, wait_ready
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -30,21 +30,7 @@ NEW = 12
 
 
 def record(identity: Identity, **kw) -> ServerRecord:
-    fields = dict(
-        peer_id=identity.peer_id,
-        public_key=identity.public_key,
-        address="127.0.0.1:31337",
-        model="tiny",
-        revision="main",
-        start=0,
-        end=4,
-        state="online",
-        throughput=1.0,
-        cache_bytes_free=1,
-        version="0.1.0",
-        expiration=get_dht_time() + 30,
-    )
-    return ServerRecord(**(fields | kw))
+    return record_of(identity, **({"model": "tiny", "revision": "main", "end": 4, "cache_bytes_free": 1} | kw))
 
 
 def test_same_major_talks_other_majors_do_not():

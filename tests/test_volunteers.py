@@ -11,13 +11,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from node_records import record_of
 from prometheus_client.parser import text_string_to_metric_families
 from swarm import free_port, run_cli, spawn, start_nodes, stop_all
 
 from torchnode.coordinator.state_schema import NodeState
 from torchnode.coordinator.volunteers import VolunteerLedger
 from torchnode.protocol.dht.credit import validate_contact, validate_public_name
-from torchnode.protocol.dht.records import RecordError, ServerRecord, decode_record, encode_record
+from torchnode.protocol.dht.records import RecordError, decode_record, encode_record
 from torchnode.protocol.wire.identity import Identity
 
 TORCHNODE = [sys.executable, "-m", "torchnode"]
@@ -70,22 +71,8 @@ def test_names_and_contacts_are_checked():
 
 def test_record_carries_name_contact_and_counters_signed():
     me = Identity.generate()
-    base = dict(
-        peer_id=me.peer_id,
-        public_key=me.public_key,
-        address="127.0.0.1:1",
-        model="m",
-        revision="r",
-        start=0,
-        end=2,
-        state="online",
-        throughput=1.0,
-        cache_bytes_free=0,
-        version="0",
-        expiration=1.0,
-    )
-    record = ServerRecord(
-        **base,
+    record = record_of(
+        me,
         public_name="Ada Lovelace",
         contact="https://ada.example",
         served_tokens=1234,
@@ -93,11 +80,11 @@ def test_record_carries_name_contact_and_counters_signed():
         uptime=60.5,
     )
     assert decode_record(encode_record(me, record)) == record
-    assert decode_record(encode_record(me, ServerRecord(**base))).public_name == ""  # optional: older records
+    assert decode_record(encode_record(me, record_of(me))).public_name == ""  # optional: older records
     with pytest.raises(RecordError, match="public name"):
-        encode_record(me, ServerRecord(**base, public_name="<b>x</b>"))
+        encode_record(me, record_of(me, public_name="<b>x</b>"))
     with pytest.raises(RecordError, match="served_tokens"):
-        encode_record(me, ServerRecord(**base, served_tokens=-1))
+        encode_record(me, record_of(me, served_tokens=-1))
 
 
 # ---- the ledger

@@ -8,7 +8,7 @@ its own copy of the blocks exactly as the node received them, and says at which 
 output differs from the right one beyond the tolerance of the node's dtype.
 
 File: `$TORCHNODE_HOME/evidence/{peer id}-{UTC time}.evidence`, msgpack (no pickle):
-    {"format": FORMAT, "model", "revision", "address", "public_key", "dtype", "quant", "info", "start", "end",
+    {"format": EVIDENCE_FORMAT, "model", "revision", "address", "public_key", "dtype", "quant", "info", "start", "end",
      "position", "reporter", "created", "exchanges": [[request bytes, reply bytes, pushed input bytes], ...],
      "adapter", "adapter_sha256"}
 
@@ -45,7 +45,7 @@ from ...models.checkpoint import Checkpoint
 from ...models.families import load_span
 from ...models.lora import AdapterBank, AdapterSource, find_adapter
 from ...models.quantization import QUANT_MODES
-from ...protocol.dht.fraud_reports import DEFAULT_REPORT_LIFETIME, FraudReport
+from ...protocol.dht.fraud_reports import DEFAULT_REPORT_LIFETIME, EVIDENCE_FORMAT, FraudReport, unpack_evidence
 from ...protocol.wire import signing, tensor_codec
 from ...protocol.wire import torchnode_pb2 as pb
 from ...protocol.wire.identity import Identity, peer_id_of, torchnode_home
@@ -54,7 +54,6 @@ from ..precision import Precision, tolerance
 from .opinions import run_span
 from .verifier import Finding, first_mismatch
 
-FORMAT = "torchnode-evidence/1"
 MAX_EVIDENCE_BYTES = 1 << 30
 
 
@@ -71,7 +70,7 @@ def write_evidence(finding: Finding, model: str, revision: str, reporter: bytes)
     if not finding.exchanges:
         return None
     record = {
-        "format": FORMAT,
+        "format": EVIDENCE_FORMAT,
         "model": model,
         "revision": revision,
         "address": finding.node.address,
@@ -152,12 +151,9 @@ def read_evidence(path: Path) -> dict:
     if len(data) > MAX_EVIDENCE_BYTES:
         raise EvidenceError(f"{path} is larger than {MAX_EVIDENCE_BYTES} bytes")
     try:
-        record = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as e:
-        raise EvidenceError(f"{path} is not an evidence file: {e}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise EvidenceError(f"{path} is not an evidence file (format {FORMAT!r})")
-    return record
+        return unpack_evidence(data)
+    except ValueError as e:
+        raise EvidenceError(f"{path} is {e}") from None
 
 
 def _exchanges(record: dict) -> list[tuple[pb.Step, pb.StepResult, torch.Tensor | None]]:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, fields
 from functools import partial
 
 import hivemind
+import msgpack
 from hivemind.dht.node import DHTNode
 from hivemind.utils.timed_storage import DHTExpiration, get_dht_time
 
@@ -38,6 +39,21 @@ from .records import (
     signer_key,
 )
 from .store import read_signed, store_signed
+
+EVIDENCE_FORMAT = "torchnode-evidence/1"  # the file a report names (client/verification/evidence.py writes it)
+
+
+def unpack_evidence(data: bytes) -> dict:
+    """An evidence file's record, read by the client's check-evidence and by a monitor's evidence store alike;
+    ValueError (starting "not an evidence file") for anything else. Signatures are check-evidence's job."""
+    try:
+        record = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, msgpack.UnpackException, msgpack.ExtraData) as e:
+        raise ValueError(f"not an evidence file: {e}") from None
+    if not isinstance(record, dict) or record.get("format") != EVIDENCE_FORMAT:
+        raise ValueError(f"not an evidence file (format {EVIDENCE_FORMAT!r})")
+    return record
+
 
 REPORT_PREFIX = "_torchnode.reports:"  # never a block key (those end in ".{digits}"), nor another fixed key
 DEFAULT_REPORT_LIFETIME = 24 * 3600.0  # seconds a client's report lives in the DHT
