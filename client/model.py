@@ -281,6 +281,8 @@ class AsyncDistributedModel:
         options: speculative decoding (see `drafter`; greedy output is plain greedy's) and, for the session
         opened here, the adapter (a given session has its own); None: this model's generation options.
         """
+        if input_ids.shape[1] <= cached:
+            raise ValueError(f"nothing to generate from: {input_ids.shape[1]} prompt tokens, {cached} of them cached")
         options = options or self.generation
         drafter, k = self.drafter(options)
         own = session is None

@@ -110,7 +110,7 @@ class InferenceSession:
     async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Sends hidden states (B, T, H) of tokens at `position` (default: next) through every hop."""
         position = self.position if position is None else position
-        tokens = hidden.shape[1]
+        tokens = _checked_tokens(hidden)
         if position + tokens > self.max_length:
             raise ValueError(f"session max_length {self.max_length} exceeded at position {position}")
         rewind = position < self.position
@@ -190,7 +190,7 @@ class InferenceSession:
         """
         chunk = self.prefill_chunk if chunk is None else chunk
         position = self.position if position is None else position
-        tokens = hidden.shape[1]
+        tokens = _checked_tokens(hidden)
         if chunk <= 0 or tokens <= chunk or len(self.hops) < 2:
             return await self.step(hidden, position)
         if position + tokens > self.max_length:
@@ -431,3 +431,12 @@ def _retrieved(task: asyncio.Future) -> None:
 def _forget_from(hop: Hop, position: int) -> None:
     """Forgets the hop's inputs from `position` on, cutting an entry that straddles it (a replay is one entry)."""
     hop.history = [(p, h[:, : position - p]) for p, h in hop.history if p < position]
+
+
+def _checked_tokens(hidden: torch.Tensor) -> int:
+    """The number of tokens in hidden states (B, T, H). An empty input is the caller's mistake (an empty prompt,
+    or `cached` covering the whole prompt): said here, before any node sees it, because a node's refusal would
+    read as the node failing and send the session looking for another route."""
+    if hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[1] == 0:
+        raise ValueError(f"nothing to send: hidden states of shape {list(hidden.shape)} (an empty prompt?)")
+    return hidden.shape[1]

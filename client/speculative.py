@@ -13,11 +13,20 @@ probability min(1, p(d) / q(d)), else a token is drawn from max(0, p - q) renorm
 the output distributed exactly as the target's p. `DraftLength` adapts K to the acceptance rate, down
 to no drafts at all (with an occasional one-token probe), so text with nothing to copy costs what
 plain decoding costs.
+
+A draft model costs real time per token, and over a long link the client would otherwise sit idle while a
+pass is in flight. So in greedy decoding the next draft is written during the pass (`DraftAhead`, a thread):
+it continues from the pass's own draft as if every token of it were accepted. When they all are, and the
+target's extra token is the one the draft guessed, the next pass leaves at once with that draft; otherwise
+it is dropped (the thread stops at its next token) and the next draft is written as before. Either way the
+output is plain greedy's: a draft only decides how many tokens a pass may keep.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -44,9 +53,18 @@ class Draft:
 class DraftState(ABC):
     """One generation's drafter (a draft model keeps its own KV cache per generation)."""
 
+    costly = False  # a draft token takes real compute: worth writing the next draft while a pass is in flight
+
     @abstractmethod
-    def propose(self, ids: list[int], k: int, params: SamplingParams, generator: torch.Generator | None) -> Draft:
-        """Up to k tokens likely to follow `ids` (fewer, or none, if nothing fits)."""
+    def propose(
+        self,
+        ids: list[int],
+        k: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        stop: threading.Event | None = None,
+    ) -> Draft:
+        """Up to k tokens likely to follow `ids` (fewer, or none, if nothing fits; fewer once `stop` is set)."""
 
 
 class Drafter(ABC):
@@ -66,7 +84,14 @@ class NgramDrafter(Drafter, DraftState):
     def start(self) -> DraftState:
         return self  # stateless
 
-    def propose(self, ids: list[int], k: int, params: SamplingParams, generator: torch.Generator | None) -> Draft:
+    def propose(
+        self,
+        ids: list[int],
+        k: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        stop: threading.Event | None = None,
+    ) -> Draft:
         for n in range(min(self.max_ngram, len(ids) - 1), 0, -1):
             tail = ids[-n:]
             for at in range(len(ids) - n - 1, -1, -1):  # latest occurrence first: the most recent context
@@ -89,6 +114,8 @@ class ModelDrafter(Drafter):
 
 
 class _ModelDraftState(DraftState):
+    costly = True
+
     def __init__(self, drafter: ModelDrafter):
         from transformers import DynamicCache
 
@@ -96,7 +123,14 @@ class _ModelDraftState(DraftState):
         self.fed: list[int] = []  # tokens whose keys/values are in self.cache
 
     @torch.inference_mode()
-    def propose(self, ids: list[int], k: int, params: SamplingParams, generator: torch.Generator | None) -> Draft:
+    def propose(
+        self,
+        ids: list[int],
+        k: int,
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        stop: threading.Event | None = None,
+    ) -> Draft:
         common = 0
         while common < min(len(ids) - 1, len(self.fed)) and ids[common] == self.fed[common]:
             common += 1
@@ -115,6 +149,8 @@ class _ModelDraftState(DraftState):
                 probs.append(q)
             tokens.append(token)
             context.append(token)
+            if stop is not None and stop.is_set():
+                break
             if i + 1 < k:
                 logits = self._feed([token])
         return Draft(tokens, torch.stack(probs) if probs else None)
@@ -212,6 +248,41 @@ class DraftLength:
             self.rejected = self.rejected * self.DECAY + (accepted < proposed)
 
 
+# ---- the next draft, written while a pass is in flight
+
+
+class DraftAhead:
+    """A greedy draft of `k` tokens after `base` (a pass's context and its draft), written in a thread.
+
+    `base` is what the sequence becomes if the pass keeps its whole draft; the sequence continues as the draft
+    foresees only if the target's extra token is also the draft's first. One DraftAhead at a time: the draft
+    state is not shared between threads, so every path awaits (`take` or `drop`) before drafting again.
+    """
+
+    def __init__(self, state: DraftState, base: list[int], k: int, params: SamplingParams):
+        self.base, self.stop = base, threading.Event()
+        self.task = asyncio.ensure_future(asyncio.to_thread(state.propose, base, k, params, None, self.stop))
+
+    def fits(self, ids: list[int]) -> bool:
+        """Whether the draft continues `ids`: the pass kept all of `base` and one more token, the draft's first."""
+        return len(ids) > len(self.base) and ids[: len(self.base)] == self.base
+
+    async def take(self, ids: list[int], k: int) -> Draft | None:
+        """The next up-to-k tokens after `ids` from this draft, or None (it does not continue `ids`)."""
+        if not self.fits(ids):
+            await self.drop()
+            return None
+        drafted = self.base + (await self.task).tokens
+        if drafted[: len(ids)] != ids or len(drafted) <= len(ids):
+            return None
+        return Draft(drafted[len(ids) : len(ids) + k])
+
+    async def drop(self) -> None:
+        """Stops the thread at its next token and waits for it, so that the draft state is free again."""
+        self.stop.set()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
 # ---- verification
 
 
@@ -257,6 +328,7 @@ class SpeculationStats:
     drafted: int = 0
     accepted: int = 0
     lengths: list[int] = field(default_factory=list)  # K chosen for each pass
+    ahead: int = 0  # passes that left with a draft written while the previous pass was in flight
 
 
 async def speculative_ids(
@@ -290,46 +362,66 @@ async def speculative_ids(
     position, pending = cached, ids[cached:]  # tokens not in the nodes' caches yet go first, at `position`
     passes: list[tuple[int, torch.Tensor | None]] = []  # (len(ids) before each pass, the generator's state then)
     stopped = False  # an EOS token was accepted
-    while True:
-        if not stopped and len(ids) - prompt < params.max_new_tokens:
-            passes.append((len(ids), generator.get_state() if generator is not None else None))
-            # the pass adds one token of its own
-            k = min(length.next(), params.max_new_tokens - (len(ids) - prompt) - 1)
-            draft = state.propose(ids, k, params, generator) if k > 0 else Draft([])
-            hidden = head.embed(torch.tensor([pending + draft.tokens]))  # (1, T, H)
-            out = await session.prefill(hidden, position=position)  # one step unless a long prompt is chunked
-            # (K + 1, V), in one LM-head pass with other sessions' (head_batcher.py)
-            logits = (await HeadBatcher.of(head).logits(out[:, -len(draft.tokens) - 1 :]))[0]
-            new = accept(logits, draft, params, ids, generator)
-            length.update(len(draft.tokens), len(new) - 1)
-            stats.passes, stats.drafted, stats.accepted = (
-                stats.passes + 1,
-                stats.drafted + len(draft.tokens),
-                stats.accepted + len(new) - 1,
-            )
-            stats.lengths.append(k)
-            position, pending = position + len(pending) + len(new) - 1, new[-1:]
-            if any(t in eos for t in new):
-                new, stopped = new[: next(j for j, t in enumerate(new) if t in eos) + 1], True
-            ids += new
-        done = stopped or len(ids) - prompt >= params.max_new_tokens
-        checked = len(ids)
-        if verifier is not None:
-            rewind = await verifier.check(final=done)
-            if rewind is not None:  # outputs from `rewind` on were a liar's: the tokens they gave are void
-                keep = min(max(rewind + 1, prompt), len(ids))
-                while len(passes) > 1 and passes[-1][0] > keep:
-                    passes.pop()
-                start, saved = passes[-1]
-                if generator is not None and saved is not None:
-                    generator.set_state(saved)
-                del ids[max(start, released) :]
-                position = min(rewind, len(ids) - 1)
-                pending, stopped = ids[position:], False
-                continue
-            checked = min(len(ids), verifier.verified + 1)
-        for token in ids[released:checked]:
-            yield torch.tensor([token])
-        released = max(released, checked)
-        if done and released == len(ids):
-            return
+    ahead: DraftAhead | None = None  # the next pass's draft, written while a pass is in flight (greedy only)
+    try:
+        while True:
+            if not stopped and len(ids) - prompt < params.max_new_tokens:
+                passes.append((len(ids), generator.get_state() if generator is not None else None))
+                # the pass adds one token of its own
+                k = min(length.next(), params.max_new_tokens - (len(ids) - prompt) - 1)
+                draft = await ahead.take(ids, k) if ahead is not None and k > 0 else None
+                stats.ahead += draft is not None and len(draft.tokens) > 0
+                if ahead is not None:
+                    await ahead.drop()  # taken or not, the draft state is this thread's again
+                    ahead = None
+                if draft is None:
+                    draft = state.propose(ids, k, params, generator) if k > 0 else Draft([])
+                elif len(draft.tokens) < k:  # written for a shorter pass: the rest now, on top of it
+                    more = state.propose(ids + draft.tokens, k - len(draft.tokens), params, generator)
+                    draft = Draft(draft.tokens + more.tokens)
+                hidden = head.embed(torch.tensor([pending + draft.tokens]))  # (1, T, H)
+                # one step unless a long prompt is chunked
+                sent = asyncio.ensure_future(session.prefill(hidden, position=position))
+                if params.greedy and state.costly and draft.tokens:
+                    ahead = DraftAhead(state, ids + draft.tokens, k + 1, params)
+                out = await sent
+                # (K + 1, V), in one LM-head pass with other sessions' (head_batcher.py)
+                logits = (await HeadBatcher.of(head).logits(out[:, -len(draft.tokens) - 1 :]))[0]
+                new = accept(logits, draft, params, ids, generator)
+                if ahead is not None and not ahead.fits(ids + new):
+                    ahead.stop.set()  # the next draft starts elsewhere: stop writing this one
+                length.update(len(draft.tokens), len(new) - 1)
+                stats.passes, stats.drafted, stats.accepted = (
+                    stats.passes + 1,
+                    stats.drafted + len(draft.tokens),
+                    stats.accepted + len(new) - 1,
+                )
+                stats.lengths.append(k)
+                position, pending = position + len(pending) + len(new) - 1, new[-1:]
+                if any(t in eos for t in new):
+                    new, stopped = new[: next(j for j, t in enumerate(new) if t in eos) + 1], True
+                ids += new
+            done = stopped or len(ids) - prompt >= params.max_new_tokens
+            checked = len(ids)
+            if verifier is not None:
+                rewind = await verifier.check(final=done)
+                if rewind is not None:  # outputs from `rewind` on were a liar's: the tokens they gave are void
+                    keep = min(max(rewind + 1, prompt), len(ids))
+                    while len(passes) > 1 and passes[-1][0] > keep:
+                        passes.pop()
+                    start, saved = passes[-1]
+                    if generator is not None and saved is not None:
+                        generator.set_state(saved)
+                    del ids[max(start, released) :]
+                    position = min(rewind, len(ids) - 1)
+                    pending, stopped = ids[position:], False
+                    continue
+                checked = min(len(ids), verifier.verified + 1)
+            for token in ids[released:checked]:
+                yield torch.tensor([token])
+            released = max(released, checked)
+            if done and released == len(ids):
+                return
+    finally:
+        if ahead is not None:
+            await ahead.drop()

@@ -124,7 +124,7 @@ def bench_hops(args, hops: int, long_ids: torch.Tensor) -> dict:
                         flush=True,
                     )
         for link, model in models.items():
-            for chunk in (0, args.prefill_chunk):
+            for chunk in (0, args.prefill_chunk) if long_ids.shape[1] else ():
                 latency = first_token_latency(model, long_ids, chunk, args.runs)
                 results[link, "prefill", chunk] = latency
                 print(
@@ -193,7 +193,7 @@ def report(args, hops: int, r: dict) -> None:
         f"with push ({hops + 1} legs): {bound:.2f} tokens/s "
         f"(compute {compute * 1000:.0f} ms/token from loopback plain)"
     )
-    for link in ("loopback", delayed):
+    for link in [link for link in ("loopback", delayed) if (link, "prefill", 0) in r]:
         one, piped = r[link, "prefill", 0], r[link, "prefill", args.prefill_chunk]
         print(
             f"first token, {args.long_tokens}-token prompt, {link}: one step {one * 1000:.0f} ms, "
@@ -221,7 +221,7 @@ def main() -> None:
     )
     parser.add_argument("--draft-quant", default="int4", help="the cheap draft's weights: int8 or int4 (int4)")
     parser.add_argument("--draft-model", default="default", help="draft model; '' skips it (default: the target)")
-    parser.add_argument("--long-tokens", type=int, default=1000, help="prompt length for first-token latency (1000)")
+    parser.add_argument("--long-tokens", type=int, default=1000, help="prompt length for first-token latency (1000; 0: none)")
     parser.add_argument("--prefill-chunk", type=int, default=128, help="chunk of the pipelined prefill (128)")
     parser.add_argument("--runs", type=int, default=3, help="first-token latency: median of this many (3)")
     parser.add_argument("--repeats", type=int, default=1, help="decoding: median tokens/s of this many runs (1)")

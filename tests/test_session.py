@@ -52,6 +52,20 @@ async def test_generation_equals_transformers(ckpt, swarm, expected):
 
 
 @pytest.mark.swarm
+async def test_empty_input_is_the_callers_error_not_a_node_failure(ckpt, swarm):
+    model = model_over(ckpt, swarm)
+    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    with pytest.raises(ValueError, match="nothing to generate from: 0 prompt tokens"):
+        async for _ in model.generate_ids(PROMPT[:, :0], params):
+            pass
+    session = await model.open_session(PROMPT.shape[1] + NEW)
+    with pytest.raises(ValueError, match=r"nothing to send: hidden states of shape \[1, 0, "):
+        await session.prefill(model.heads.embed(PROMPT[:, :0]))
+    assert session.reroutes == 0  # no node was blamed
+    await session.close()
+
+
+@pytest.mark.swarm
 async def test_failover_replays_history_on_a_replica(ckpt, swarm, expected):
     model = model_over(ckpt, swarm)
     session = await model.open_session(PROMPT.shape[1] + NEW)
