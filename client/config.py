@@ -153,6 +153,9 @@ class GenerationOptions:
             " greedy output"
         },
     )
+    # greedy decoding with a draft model writes the next draft while a pass is in flight (client/speculative.py);
+    # False: only between passes (one thread fewer busy while the chain works)
+    draft_ahead: bool = True
     prefill_chunk: int = 128  # tokens per chunk of a pipelined prefill of a longer input; 0 = one step
     adapter: str | None = field(
         default=None,

@@ -26,17 +26,20 @@ async def generate_ids(
     cached: int = 0,
     drafter: Drafter | None = None,
     draft_tokens: int = 0,
+    draft_ahead: bool = True,
 ) -> AsyncIterator[torch.Tensor]:
     """Yields the next token ids (B,) one step at a time; sequences that hit EOS keep yielding EOS.
 
     The first `cached` tokens of `input_ids` are already in the session's KV caches (an earlier turn):
     only the rest is sent, at position `cached` (rewinding the session if it holds more). With a
-    `drafter` and `draft_tokens` > 0, a single sequence (B = 1) decodes speculatively; a batch decodes
-    plainly.
+    `drafter` and `draft_tokens` > 0, a single sequence (B = 1) decodes speculatively (`draft_ahead`: see
+    speculative.DraftAhead); a batch decodes plainly.
     """
     verifier = session.verifier  # client/verification/verifier.py: tokens are released once their window is checked
     if drafter is not None and draft_tokens > 0 and input_ids.shape[0] == 1:
-        async for new in speculative_ids(head, session, input_ids, params, eos_ids, drafter, draft_tokens, cached):
+        async for new in speculative_ids(
+            head, session, input_ids, params, eos_ids, drafter, draft_tokens, cached, ahead=draft_ahead
+        ):
             yield new
         return
     generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None

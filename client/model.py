@@ -289,7 +289,9 @@ class AsyncDistributedModel:
         if session is None:
             session = await self.open_session(input_ids.shape[1] + params.max_new_tokens, input_ids.shape[0], options)
         try:
-            async for new in generate_ids(self.heads, session, input_ids, params, self.eos_ids, cached, drafter, k):
+            async for new in generate_ids(
+                self.heads, session, input_ids, params, self.eos_ids, cached, drafter, k, options.draft_ahead
+            ):
                 yield new
         finally:
             if own:

@@ -341,6 +341,7 @@ async def speculative_ids(
     max_draft: int,
     cached: int = 0,
     stats: SpeculationStats | None = None,
+    ahead: bool = True,
 ) -> AsyncIterator[torch.Tensor]:
     """Like generation.generate_ids for one sequence (input_ids (1, T)): yields next ids (1,), several per pass.
 
@@ -348,7 +349,8 @@ async def speculative_ids(
     (the token at index j of the sequence came from the output at position j - 1); when a check finds a
     lie at position r, the tokens from r on are drafted and decided again, from the state (sampling
     generator included) of the pass that first produced one of them. Greedy output is then exactly
-    plain greedy's; sampled output keeps the target's distribution.
+    plain greedy's; sampled output keeps the target's distribution. `ahead`: greedy decoding with a costly
+    drafter writes each next draft while the pass is in flight (DraftAhead).
     """
     if input_ids.shape[0] != 1:
         raise ValueError("speculative decoding runs one sequence per session (batch size 1)")
@@ -362,18 +364,19 @@ async def speculative_ids(
     position, pending = cached, ids[cached:]  # tokens not in the nodes' caches yet go first, at `position`
     passes: list[tuple[int, torch.Tensor | None]] = []  # (len(ids) before each pass, the generator's state then)
     stopped = False  # an EOS token was accepted
-    ahead: DraftAhead | None = None  # the next pass's draft, written while a pass is in flight (greedy only)
+    write_ahead = ahead and params.greedy and state.costly
+    pending_draft: DraftAhead | None = None  # the next pass's draft, written while a pass is in flight
     try:
         while True:
             if not stopped and len(ids) - prompt < params.max_new_tokens:
                 passes.append((len(ids), generator.get_state() if generator is not None else None))
                 # the pass adds one token of its own
                 k = min(length.next(), params.max_new_tokens - (len(ids) - prompt) - 1)
-                draft = await ahead.take(ids, k) if ahead is not None and k > 0 else None
+                draft = await pending_draft.take(ids, k) if pending_draft is not None and k > 0 else None
                 stats.ahead += draft is not None and len(draft.tokens) > 0
-                if ahead is not None:
-                    await ahead.drop()  # taken or not, the draft state is this thread's again
-                    ahead = None
+                if pending_draft is not None:
+                    await pending_draft.drop()  # taken or not, the draft state is this thread's again
+                    pending_draft = None
                 if draft is None:
                     draft = state.propose(ids, k, params, generator) if k > 0 else Draft([])
                 elif len(draft.tokens) < k:  # written for a shorter pass: the rest now, on top of it
@@ -382,14 +385,14 @@ async def speculative_ids(
                 hidden = head.embed(torch.tensor([pending + draft.tokens]))  # (1, T, H)
                 # one step unless a long prompt is chunked
                 sent = asyncio.ensure_future(session.prefill(hidden, position=position))
-                if params.greedy and state.costly and draft.tokens:
-                    ahead = DraftAhead(state, ids + draft.tokens, k + 1, params)
+                if write_ahead and draft.tokens:
+                    pending_draft = DraftAhead(state, ids + draft.tokens, k + 1, params)
                 out = await sent
                 # (K + 1, V), in one LM-head pass with other sessions' (head_batcher.py)
                 logits = (await HeadBatcher.of(head).logits(out[:, -len(draft.tokens) - 1 :]))[0]
                 new = accept(logits, draft, params, ids, generator)
-                if ahead is not None and not ahead.fits(ids + new):
-                    ahead.stop.set()  # the next draft starts elsewhere: stop writing this one
+                if pending_draft is not None and not pending_draft.fits(ids + new):
+                    pending_draft.stop.set()  # the next draft starts elsewhere: stop writing this one
                 length.update(len(draft.tokens), len(new) - 1)
                 stats.passes, stats.drafted, stats.accepted = (
                     stats.passes + 1,
@@ -423,5 +426,5 @@ async def speculative_ids(
             if done and released == len(ids):
                 return
     finally:
-        if ahead is not None:
-            await ahead.drop()
+        if pending_draft is not None:
+            await pending_draft.drop()

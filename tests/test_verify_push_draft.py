@@ -16,7 +16,7 @@ from memory_node import MemoryNode, MemoryPeers
 from torchnode.client.model import AsyncDistributedModel
 from torchnode.client.sampling import SamplingParams
 from torchnode.client.session import RetryPolicy
-from torchnode.client.speculative import NgramDrafter, SpeculationStats, speculative_ids
+from torchnode.client.speculative import ModelDrafter, NgramDrafter, SpeculationStats, speculative_ids
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 300, 12, 17, 42, 99, 7, 300]])  # repeats: prompt lookup drafts
 NEW = 24
@@ -111,3 +111,21 @@ async def test_generate_with_verify_and_draft_takes_the_speculative_path(ckpt, s
     assert out[0, PROMPT.shape[1] :].tolist() == expected
     assert named(caplog, bad)
     assert drafter.drafted > 0, "a verifying client speculates too"
+
+
+async def test_verify_with_drafts_written_ahead_catches_the_liar_and_equals_greedy(ckpt, tiny_llama, swarm, expected):
+    """A draft model's next draft is written while a pass is in flight (DraftAhead); when a check voids tokens,
+    the pending draft is dropped with them, and the output is still the all-honest greedy one."""
+    from transformers import AutoModelForCausalLM
+
+    bad = with_liar(swarm, ckpt, "random")  # it lies on multi-token passes too
+    model = client(ckpt, swarm)
+    drafter = ModelDrafter(AutoModelForCausalLM.from_pretrained(tiny_llama), ckpt.hf_config.vocab_size)
+    session = await model.open_session(PROMPT.shape[1] + NEW)
+    params, stats = SamplingParams(max_new_tokens=NEW, ignore_eos=True), SpeculationStats()
+    ids = speculative_ids(model.heads, session, PROMPT, params, model.eos_ids, drafter, 4, 0, stats)
+    tokens = [int(t[0]) async for t in ids]
+    await session.close()
+    assert tokens == expected
+    assert bad.backend.lies and model.dishonest == {bad.address}
+    assert stats.ahead > 0  # the target drafting for itself: most passes leave with a draft written ahead
