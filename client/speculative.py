@@ -174,8 +174,8 @@ def load_drafter(spec: str, tokenizer, vocab_size: int, quant: str = "none") -> 
     """'ngram', or a draft model ('default', a local directory, a .gguf, a hub id) with the target's tokenizer.
 
     quant ("int8" / "int4", models/quantization.py): the draft model's linear layers, LM head included, in 8 or
-    4 bits, so a draft token costs less than the target's blocks would here (SmolLM2 on one CPU thread: 67 ms
-    per token in fp32, 53 in int8, 24-27 in int4). A draft only proposes: greedy output stays plain greedy's,
+    4 bits, so a draft token costs less than the target's blocks would here (SmolLM2 on one CPU thread: 56 ms
+    per token in fp32, 41 in int8, 24 in int4). A draft only proposes: greedy output stays plain greedy's,
     and a rougher draft only costs acceptance. int4 from a Q4_0/Q4_1 GGUF (as `default`) uses the file's own
     codes, the weights an int4 node would serve."""
     if quant not in DRAFT_QUANT_MODES:
