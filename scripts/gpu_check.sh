@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check: the CUDA tests, then scripts/bench_scale.py on the GPU, in one command, at most 9.5 minutes (pytest <= 2, bench_scale <= 7) on an
-# H200; results (logs, JSON) go to $OUT (default ./gpu-check-out).
+# GPU check: the CUDA tests, then scripts/bench_scale.py on the GPU, in one command, at most 9 minutes (pytest <= 1.7,
+# SmolLM2 <= 2.5 where installed, bench_scale <= 6.5) on an H200; results (logs, JSON) go to $OUT (default ./gpu-check-out).
 #
 #   bash scripts/gpu_check.sh                      # from the repository root, with .venv set up
 #   PY=python3 bash scripts/gpu_check.sh           # a lent GPU machine, after installing .whl/ (device-kit)
@@ -11,7 +11,8 @@
 #    embedded model is installed (it does not travel to a lent machine: 98 MB);
 # 3. scripts/bench_scale.py --device cuda: a Llama-3.2-3B-shaped random checkpoint (bf16 shards, built there,
 #    nothing downloaded), transformers in one process vs 4 nodes under --max-memory choosing their spans, for
-#    --quant none, int8, int4 and nf4 (nf4 needs bitsandbytes; skipped with the reason otherwise).
+#    --quant none, int4, int8 (in that order: each swarm reports as it finishes) and nf4 where bitsandbytes is
+#    installed.
 # On a machine without a CUDA GPU (and without GPU_CHECK_DRY_RUN) it says so and exits 0.
 set -uo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -31,7 +32,9 @@ elif ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else
     exit 0
 else
     "$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"gpu_check: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}, CUDA {torch.version.cuda}")' | tee "$OUT/gpu.txt"
-    EXTRA=(--quants none,int8,int4,nf4 --tokens 32 --prompt-tokens 128)
+    QUANTS=none,int4,int8
+    "$PY" -c 'import bitsandbytes' 2>/dev/null && QUANTS="$QUANTS,nf4" || echo "gpu_check: nf4 left out: bitsandbytes is not installed" | tee -a "$OUT/gpu.txt"
+    EXTRA=(--quants "$QUANTS" --tokens 32 --prompt-tokens 128)
 fi
 # Run from a folder outside the checkout: its torchnode/ folder (the CLI alone) must not shadow the installed
 # package for `python -m torchnode` and pytest.
@@ -39,7 +42,8 @@ WORK="$(mktemp -d)"
 cd "$WORK"
 
 echo "== CUDA tests" | tee -a "$OUT/gpu.txt"
-timeout 120 "$PY" -m pytest -q -rs -p no:cacheprovider "$REPO/tests/test_devices.py" 2>&1 | tail -15 | tee -a "$OUT/gpu.txt"
+# -rfEs: every failure's and skip's name and reason in the summary, which the tail keeps
+timeout 100 "$PY" -m pytest -q -rfEs --tb=line -p no:cacheprovider "$REPO/tests/test_devices.py" 2>&1 | tail -40 | tee -a "$OUT/gpu.txt"
 
 if [ "$DEVICE" = cuda ] && "$PY" -c 'from torchnode.models.checkpoint import resolve; resolve("default")' 2>/dev/null; then
     echo "== SmolLM2 on the GPU" | tee -a "$OUT/gpu.txt"
@@ -84,7 +88,6 @@ else
 fi
 
 echo "== bench_scale on $DEVICE" | tee -a "$OUT/gpu.txt"
-"$PY" -c 'import bitsandbytes' 2>/dev/null || echo "nf4: bitsandbytes is not installed, its swarm will fail with that reason" | tee -a "$OUT/gpu.txt"
-PYTHONUNBUFFERED=1 timeout 420 "$PY" "$REPO/scripts/bench_scale.py" --device "$DEVICE" --shape llama-3.2-3b \
+PYTHONUNBUFFERED=1 timeout 390 "$PY" "$REPO/scripts/bench_scale.py" --device "$DEVICE" --shape llama-3.2-3b \
     --cache-dir "$WORK" --settle 3 --json "$OUT/scale.json" "${EXTRA[@]}" 2>&1 | grep --line-buffered -v "Loading weights" | tee "$OUT/scale.txt"
 echo "gpu_check: done (results in $OUT)"
