@@ -149,10 +149,17 @@ def test_quantized_spans_run_on_cuda(tiny, quant):
         pytest.importorskip(
             "bitsandbytes", reason="nf4 on a CUDA GPU needs bitsandbytes, no dev dependency (pip install bitsandbytes)"
         )
+    """The CUDA span of each mode against the same mode's CPU span, in bf16 both (the same codes; kernels and
+    bf16 rounding differ: 2.8 % between the CPU's own two int4 paths on this model, measured). nf4 has no CPU
+    path: it is held to fp32. int4 is not, on these random weights: 6 blocks of 16-level rounding put it 42-48 %
+    away from fp32 on the CPU as on the GPU (a real model loses far less: test_int4.py)."""
     cuda = resolve_device("cuda")
     span = place(load_span(tiny, 0, 6, torch.bfloat16, quant, cuda), cuda)
-    reference = load_span(tiny, 0, 6)
     x = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(2))
-    got, expected = span(x, 0, 0, 6), reference(x, 0, 0, 6)
+    if quant == "nf4":
+        expected, tolerance = load_span(tiny, 0, 6)(x, 0, 0, 6), 0.2
+    else:
+        expected, tolerance = load_span(tiny, 0, 6, torch.bfloat16, quant)(x.bfloat16(), 0, 0, 6).float(), 0.1
+    got = span(x, 0, 0, 6).float()
     relative = ((got - expected).norm() / expected.norm()).item()
-    assert relative < 0.2, f"{quant} on CUDA: relative error {relative:.3f}"
+    assert relative < tolerance, f"{quant} on CUDA: relative error {relative:.3f}"
