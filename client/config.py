@@ -86,7 +86,15 @@ class ClientConfig:
         default=True,
         metadata={
             "help": "node-to-node push: each node sends its output straight to the next (hops + 1 one-way legs per"
-            " token instead of 2 x hops); --no-push: the client drives every hop"
+            " token instead of 2 x hops) where that saves time (--push-min-rtt-ms); --no-push: the client drives"
+            " every hop"
+        },
+    )
+    push_min_rtt_ms: float = field(
+        default=5.0,
+        metadata={
+            "help": "push into a hop only if this client's probe round trip to its node is at least this many ms:"
+            " on shorter links the push's extra messages cost more than the leg it saves; 0: push into every hop"
         },
     )
     speed: SpeedPolicy = field(default_factory=SpeedPolicy)  # routing on measured speed (client/speed_book.py)
@@ -126,6 +134,8 @@ class ClientConfig:
             raise ValueError(f"verify_window must be >= 1 token, got {self.verify_window}")
         if self.step_timeout <= 0:
             raise ValueError(f"step_timeout must be > 0 seconds, got {self.step_timeout}")
+        if not self.push_min_rtt_ms >= 0:  # NaN too
+            raise ValueError(f"push_min_rtt_ms must be >= 0 ms (0: push into every hop), got {self.push_min_rtt_ms}")
 
 
 @dataclass(frozen=True)
@@ -193,6 +203,7 @@ def chosen_adapter(asked: str | None, default: str | None) -> str:
 # defaults other modules name (each is its field's default above, not a second copy)
 DEFAULT_STEP_TIMEOUT: float = ClientConfig.step_timeout
 DEFAULT_PUSH: bool = ClientConfig.push
+DEFAULT_PUSH_MIN_RTT_S: float = ClientConfig.push_min_rtt_ms / 1000
 DEFAULT_WINDOW: int = ClientConfig.verify_window
 DEFAULT_DRAFT_TOKENS: int = GenerationOptions.draft_tokens
 DEFAULT_PREFILL_CHUNK: int = GenerationOptions.prefill_chunk

@@ -164,7 +164,7 @@ class AsyncDistributedModel:
             if self.config.fp32_only:
                 e.args = (f"{e.args[0]} in float32 with unquantized weights (fp32_only)",)
             raise e from None
-        return [Hop(nodes[r.key], r.start, r.end) for r in route]
+        return [Hop(nodes[r.key], r.start, r.end, rtt=self.speeds.rtt(r.key)) for r in route]
 
     async def open_session(
         self, max_length: int = DEFAULT_MAX_LENGTH, batch_size: int = 1, options: GenerationOptions | None = None
@@ -191,6 +191,7 @@ class AsyncDistributedModel:
             adapter=adapter,
             push=config.push,  # with --verify too: a pushed step's proof ships the client's copy of its input
             speeds=self.speeds,
+            push_min_rtt=config.push_min_rtt_ms / 1000,
         )
         if config.verify:
             local = self.ckpt if config.verify_local and holds_blocks(self.ckpt) else None

@@ -42,7 +42,14 @@ from ..protocol.wire.node_client import (
     SessionSpec,
     tensor_digest,
 )
-from .config import DEFAULT_PREFILL_CHUNK, DEFAULT_PUSH, DEFAULT_RETRY, DEFAULT_STEP_TIMEOUT, RetryPolicy
+from .config import (
+    DEFAULT_PREFILL_CHUNK,
+    DEFAULT_PUSH,
+    DEFAULT_PUSH_MIN_RTT_S,
+    DEFAULT_RETRY,
+    DEFAULT_STEP_TIMEOUT,
+    RetryPolicy,
+)
 from .routing import NoRouteError
 from .speed_book import MAX_TIMED_TOKENS, SpeedBook
 
@@ -59,6 +66,7 @@ class Hop:
     stream: NodeSession | None = None
     history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, inputs) sent so far
     speed_checked: bool = False  # re-routing around this hop for slowness was tried (once per hop)
+    rtt: float = 0.0  # seconds: this client's shortest probe round trip to the node (0: not measured)
 
 
 Router = Callable[..., Awaitable[list[Hop]]]  # (start, end[, addresses to avoid]) -> fresh hops covering [start, end)
@@ -93,11 +101,13 @@ class InferenceSession:
         adapter: str = "",
         push: bool = DEFAULT_PUSH,
         speeds: SpeedBook | None = None,
+        push_min_rtt: float = DEFAULT_PUSH_MIN_RTT_S,
     ):
         self.hops, self.max_length, self.batch_size = hops, max_length, batch_size
         self.speeds = speeds  # where hops' step times go; None: steps are not timed (no re-routing for speed)
         self.reroutes = 0  # hops re-routed around for being far slower than they claim
         self.push = push  # node-to-node push for steps: hops + 1 one-way legs per step instead of 2 x hops
+        self.push_min_rtt = push_min_rtt  # seconds: a hop whose node is nearer gets its input from the client
         self.node_pushes = 0  # hop inputs that came straight from the previous node (not from the client)
         self.prefill_chunk = prefill_chunk
         self.adapter = adapter  # the LoRA adapter every hop applies, "" none (its router finds only nodes serving it)
@@ -114,7 +124,7 @@ class InferenceSession:
         if position + tokens > self.max_length:
             raise ValueError(f"session max_length {self.max_length} exceeded at position {position}")
         rewind = position < self.position
-        if self.push and len(self.hops) > 1:
+        if self.push and any(self._pushed_into(hop) for hop in self.hops[1:]):
             out = await self._pushed(hidden, position, rewind)
         else:
             out = await self._hop_by_hop(hidden, position, rewind)
@@ -243,12 +253,20 @@ class InferenceSession:
             outputs.append(item[1])
         return torch.cat(outputs, dim=1)  # (B, T, H)
 
+    def _pushed_into(self, hop: Hop) -> bool:
+        """Whether `hop` gets its input pushed by the previous node rather than sent by this client: where the
+        client's probe round trip to its node is at least `push_min_rtt`. A push saves the leg from the client
+        to the node but costs messages of its own (the pushing node writes twice, the client reads its copy),
+        about a millisecond of Python gRPC each: more than the leg saves on loopback or a LAN."""
+        return hop.rtt >= self.push_min_rtt
+
     async def _pushed(self, hidden: torch.Tensor, position: int, rewind: bool) -> torch.Tensor:
-        """`step` by node-to-node push: every hop gets its step at once, hop 0 with the input, each next hop
-        waiting for the previous one to push its output; the client takes every hop's output (its copy, kept
-        as the next hop's input in its history, and verified) and waits only for the last. A hop that could
-        not push gets its input from the client instead; a hop that fails is replaced as in `step`, and the
-        client then sends its replacement's output on to the next hop itself."""
+        """`step` by node-to-node push: hop 0 gets the input, and every hop `_pushed_into` gets its step at
+        once, waiting for the previous hop to push its output; any other hop gets its step from the client once
+        the previous hop's reply is here. The client takes every hop's output (its copy, kept as the next hop's
+        input in its history, and verified) and waits only for the last. A hop whose predecessor could not push
+        gets its input from the client instead; a hop that fails is replaced as in `step`, and the client then
+        sends its replacement's output on to the next hop itself."""
         tokens, timeout = hidden.shape[1], self.step_timeout
         try:
             keys = [await hop.node.audience(timeout) for hop in self.hops]
@@ -258,19 +276,24 @@ class InferenceSession:
         except NodeError:  # a hop is unreachable: driven hop by hop, which fails over
             return await self._hop_by_hop(hidden, position, rewind)
         hops, n = list(self.hops), len(self.hops)
+        into = [False] + [self._pushed_into(hop) for hop in hops[1:]]  # hop i's input comes by push from hop i - 1
         links = [os.urandom(16) for _ in range(n - 1)]  # the token hop i + 1 waits for, pushed by hop i
-        pending = []
+        pending: list[asyncio.Future | None] = [None] * n
         arrived = [0.0] * n  # time.perf_counter() at which each hop's reply came: a hop's time is the gap
-        started = time.perf_counter()
-        for i, hop in enumerate(hops):
-            stream = self._open(hop)
-            target = PushTarget(hops[i + 1].node.address, keys[i + 1], links[i]) if i + 1 < n else None
-            upstream = (links[i - 1], keys[i - 1]) if i else (b"", b"")
-            first = hidden if i == 0 else None
-            task = asyncio.ensure_future(stream.pushed_step(first, position, timeout, target, *upstream))
+        sent = [0.0] * n  # time.perf_counter() at which each hop's step left this client
+
+        def send(i: int, first: torch.Tensor | None) -> None:
+            target = PushTarget(hops[i + 1].node.address, keys[i + 1], links[i]) if i + 1 < n and into[i + 1] else None
+            upstream = (links[i - 1], keys[i - 1]) if into[i] else (b"", b"")
+            sent[i] = time.perf_counter()
+            task = asyncio.ensure_future(self._open(hops[i]).pushed_step(first, position, timeout, target, *upstream))
             task.add_done_callback(_retrieved)  # a hop's error is handled where it is awaited, or when it is next used
             task.add_done_callback(functools.partial(_arrival, arrived, i))
-            pending.append(task)
+            pending[i] = task
+
+        for i in range(n):
+            if i == 0 or into[i]:
+                send(i, hidden if i == 0 else None)
         x, supply = hidden, False  # supply: the client sends hop i its input (its predecessor did not push it)
         try:
             for i, hop in enumerate(hops):
@@ -278,31 +301,36 @@ class InferenceSession:
                     _forget_from(hop, position)
                 hop.history.append((position, x))
                 try:
-                    if supply:
+                    task = pending[i]
+                    if task is None:  # not pushed into: the client sends this hop its input now
+                        send(i, x)
+                        task = pending[i]
+                        assert task is not None
+                    elif supply:
                         await hop.node.push(links[i - 1], x, timeout)
-                    reply: PushedStep = await pending[i]
-                    if i and reply.input_digest and reply.input_digest != tensor_digest(x.to(self.wire_dtype)):
+                    reply: PushedStep = await task
+                    if into[i] and reply.input_digest and reply.input_digest != tensor_digest(x.to(self.wire_dtype)):
                         # the previous node pushed something else than it returned (or this one says so): no
                         # more pushing in this session; this hop steps again from the client's copy (a rewind)
                         log.warning("%s got another input by push than the previous hop returned", hop.node.address)
                         self.push = False
                         out, supply = await self._send(hop, x, position), i + 1 < n
                     else:
-                        self.node_pushes += bool(i) and not supply
-                        if not supply:  # its input came by push the moment the previous reply came back
-                            self._timed(
-                                hop, tokens, arrived[i] - (arrived[i - 1] if i else started), 1.0 if i == 0 else 0.5
-                            )
+                        pushed = into[i] and not supply  # its input came by push the moment the previous reply came
+                        self.node_pushes += pushed
+                        if not supply:
+                            began, legs = (arrived[i - 1], 0.5) if pushed else (sent[i], 1.0)
+                            self._timed(hop, tokens, arrived[i] - began, legs)
                         out, supply = reply.hidden, bool(reply.push_error) and i + 1 < n
                         if supply:
                             log.info(
                                 "%s could not push (%s); sending its output on", hop.node.address, reply.push_error
                             )
                         if self.verifier is not None:  # with the input the node signed the digest of, if pushed
-                            self.verifier.observe(hop, position, out, x.to(self.wire_dtype) if i else None)
+                            self.verifier.observe(hop, position, out, x.to(self.wire_dtype) if into[i] else None)
                 except NodeError as error:
-                    if not pending[i].done():
-                        pending[i].cancel()
+                    if task is not None and not task.done():
+                        task.cancel()
                     replacement, out = await self._recover(hop, error)
                     at = next(j for j, h in enumerate(self.hops) if h is hop)
                     self.hops[at : at + 1] = replacement
@@ -310,7 +338,7 @@ class InferenceSession:
                 x = out
         finally:
             for i, task in enumerate(pending):
-                if not task.done():  # given up: that hop's stream is out of lock step
+                if task is not None and not task.done():  # given up: that hop's stream is out of lock step
                     task.cancel()
                     self._abandon(hops[i])
         return x

@@ -59,6 +59,11 @@ class SpeedBook:
         record.blocks = max(1, candidate.end - candidate.start)
         record.claim, record.rtt = _per_block(candidate.throughput, record.blocks), min(record.rtt, candidate.rtt)
 
+    def rtt(self, address: str) -> float:
+        """Seconds: the shortest probe round trip to `address` (0 if it was never probed)."""
+        record = self._nodes.get(address)
+        return 0.0 if record is None or record.rtt == float("inf") else record.rtt
+
     def record(self, address: str, blocks: int, seconds: float, round_trips: float = 1.0) -> None:
         """A step of `blocks` blocks took `seconds` at `address`, including `round_trips` of its probe RTT."""
         if not self.policy.measure or blocks <= 0 or seconds <= 0:

@@ -84,7 +84,8 @@ class NodeServicer(pb_grpc.NodeServicer):
         try:
             while True:
                 try:
-                    step = await asyncio.wait_for(anext(request_iterator, None), backend.limits.session_idle_timeout)
+                    async with asyncio.timeout(backend.limits.session_idle_timeout):  # no task per step (wait_for)
+                        step = await anext(request_iterator, None)
                 except TimeoutError:
                     raise IdleTimeout(
                         f"session idle for {backend.limits.session_idle_timeout:.0f}s (--session-timeout); closed"

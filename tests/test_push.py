@@ -5,6 +5,7 @@ processes: the CLI with --push, and a node killed mid-generation."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 
 import pytest
@@ -35,8 +36,11 @@ class LyingPusher(MemoryNode):
         return super().push_to(target, out + 1.0)
 
 
-async def run(ckpt, nodes, push: bool = True) -> tuple[list[int], object]:
-    model = AsyncDistributedModel(ckpt, MemoryPeers(nodes), step_timeout=5.0, retry=FAST_RETRY, push=push)
+async def run(ckpt, nodes, push: bool = True, push_min_rtt_ms: float = 0.0) -> tuple[list[int], object]:
+    """Memory nodes answer probes in microseconds: push_min_rtt_ms=0 pushes into every hop all the same."""
+    model = AsyncDistributedModel(
+        ckpt, MemoryPeers(nodes), step_timeout=5.0, retry=FAST_RETRY, push=push, push_min_rtt_ms=push_min_rtt_ms
+    )
     session = await model.open_session(PROMPT.shape[1] + NEW)
     params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
     tokens = [int(new[0]) async for new in model.generate_ids(PROMPT, params, session)]
@@ -83,6 +87,34 @@ async def test_a_node_dying_mid_generation_with_push_fails_over(ckpt, expected, 
     assert session.node_pushes > 0
 
 
+class FarNode(MemoryNode):
+    """Answers probes after FAR_S: a node this client reaches over a long link."""
+
+    async def info(self, timeout=10.0):
+        await asyncio.sleep(FAR_S)
+        return await super().info(timeout)
+
+
+FAR_S = 0.02
+
+
+async def test_push_goes_only_into_hops_whose_round_trip_is_long_enough(ckpt, expected):
+    """The default rule (push_min_rtt_ms 5): the near hop (probe round trip in microseconds) gets its input from
+    the client, the far one (20 ms) by push from its predecessor; the output is the same."""
+    nodes = [MemoryNode(ckpt, 0, 1, "near-0:1"), MemoryNode(ckpt, 1, 3, "near-1:1"), FarNode(ckpt, 3, 4, "far-2:1")]
+    tokens, session = await run(ckpt, nodes, push_min_rtt_ms=5.0)
+    assert tokens == expected
+    assert [h.rtt >= 0.005 for h in session.hops] == [False, False, True]
+    assert nodes[0].pushed == 0 and nodes[1].pushed == NEW  # only 1 -> 2 was pushed
+    assert session.node_pushes == NEW
+
+
+async def test_push_into_no_hop_when_every_node_is_near(ckpt, expected):
+    nodes = chain(ckpt, (0, 2), (2, 4))
+    tokens, session = await run(ckpt, nodes, push_min_rtt_ms=5.0)
+    assert tokens == expected and nodes[0].pushed == 0 and session.node_pushes == 0
+
+
 async def test_pushed_input_that_differs_from_the_copy_stops_push(ckpt, expected):
     nodes = chain(ckpt, (0, 2), (2, 4), cls=LyingPusher)
     tokens, session = await run(ckpt, nodes)
@@ -107,7 +139,18 @@ def test_cli_generate_with_push_equals_transformers(smol_nodes, default_referenc
     expected = tokenizer.decode(hf_greedy(hf, ids, 24)[0, ids.shape[1] :], skip_special_tokens=True)
     peers = ",".join(n.address for n in smol_nodes[:2])
     result = run_cli(
-        "generate", "default", "--peers", peers, "--max-new-tokens", "24", "--greedy", "--chat", "--push", prompt
+        "generate",
+        "default",
+        "--peers",
+        peers,
+        "--max-new-tokens",
+        "24",
+        "--greedy",
+        "--chat",
+        "--push",
+        "--push-min-rtt-ms",
+        "0",  # loopback: push into every hop all the same
+        prompt,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected.strip()
@@ -118,7 +161,7 @@ def test_node_killed_mid_generation_with_push_gives_exact_output(smol_nodes, def
     ids, tokens_wanted = chat_ids(tokenizer, "Tell me about the sea."), 32
     expected = hf_greedy(hf, ids, tokens_wanted)[0, ids.shape[1] :].tolist()
     with DistributedModel.from_pretrained(
-        "default", [n.address for n in smol_nodes], step_timeout=5.0, push=True
+        "default", [n.address for n in smol_nodes], step_timeout=5.0, push=True, push_min_rtt_ms=0
     ) as model:
         core = model.async_model
         session = model.run(core.open_session(ids.shape[1] + tokens_wanted))

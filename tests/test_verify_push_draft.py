@@ -46,7 +46,7 @@ def with_liar(swarm, ckpt, mode: str) -> MemoryNode:
 
 
 def client(ckpt, nodes, **kwargs) -> AsyncDistributedModel:
-    kwargs = {"verify": True, "verify_window": WINDOW, **kwargs}
+    kwargs = {"verify": True, "verify_window": WINDOW, "push_min_rtt_ms": 0, **kwargs}  # memory nodes are near
     return AsyncDistributedModel(ckpt, MemoryPeers(nodes), step_timeout=5.0, retry=FAST_RETRY, **kwargs)
 
 

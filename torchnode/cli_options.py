@@ -271,6 +271,9 @@ class ClientFlags:
     verify: Annotated[bool, typer.Option("--verify", help=_client("verify"))] = ClientConfig.verify
     verify_window: Annotated[int, typer.Option(min=1, help=_client("verify_window"))] = ClientConfig.verify_window
     push: Annotated[bool, typer.Option("--push/--no-push", help=_client("push"))] = ClientConfig.push
+    push_min_rtt_ms: Annotated[float, typer.Option(min=0.0, help=_client("push_min_rtt_ms"))] = (
+        ClientConfig.push_min_rtt_ms
+    )
     fp32_only: Annotated[bool, typer.Option("--fp32-only", help=_client("fp32_only"))] = ClientConfig.fp32_only
     report_to: Annotated[list[str] | None, typer.Option(help=_client("report_to"))] = None
     draft: Annotated[str | None, typer.Option(help=_generation("draft"))] = GenerationOptions.draft
@@ -306,6 +309,7 @@ class ClientFlags:
             verify=self.verify,
             verify_window=self.verify_window,
             push=self.push,
+            push_min_rtt_ms=self.push_min_rtt_ms,
             fp32_only=self.fp32_only,
             report_to=tuple(self.report_to or ()),
         )

@@ -247,7 +247,8 @@ class GrpcNodeClient(NodeClient):
                     self._push_call = stub.Push()
                     asyncio.get_running_loop().create_task(self._drain_acks(self._push_call))
                 message = self.sign("Push", pb.Pushed(token=token, hidden=tensor_codec.encode(hidden)))
-                await asyncio.wait_for(self._push_call.write(message), timeout)
+                async with asyncio.timeout(timeout):  # no task per write, as wait_for would make
+                    await self._push_call.write(message)
             except aio.AioRpcError as e:
                 self._push_call = None
                 raise await self.call_error(e) from None
@@ -345,8 +346,9 @@ class GrpcNodeSession(NodeSession):
                 stub = await node.stub(timeout)
                 await node.audience(timeout)
                 call = self.call = stub.Inference()
-            await asyncio.wait_for(call.write(node.sign("Inference", request)), timeout)
-            reply = await asyncio.wait_for(call.read(), timeout)
+            async with asyncio.timeout(timeout):  # one timer for the exchange; wait_for would make two tasks
+                await call.write(node.sign("Inference", request))
+                reply = await call.read()
         except aio.AioRpcError as e:
             raise await node.call_error(e) from None
         except asyncio.InvalidStateError:  # the stream already ended: the node closed it or died
