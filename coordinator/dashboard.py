@@ -58,39 +58,15 @@ class DashboardConfig:
 
 async def run_dashboard(
     initial_peers: list[str],
-    models: Sequence[str] = (),
-    host: str = "127.0.0.1",
-    http_port: int = DEFAULT_HTTP_PORT,
-    refresh: float = DEFAULT_REFRESH,
+    config: DashboardConfig,
     on_status: Callable[[str], None] = print,
-    insecure: bool = False,
     allow_keys: frozenset[bytes] | None = None,
-    speed_probe: bool = True,
-    check_models: Sequence[str] = (),
-    evidence: EvidenceLimits | None = None,
-    chat_url: str | None = None,
-    volunteers_file: Path | None = None,
-    credit_cap_factor: float = DEFAULT_CAP_FACTOR,
 ) -> None:
-    """A standalone dashboard: joins the swarm as a DHT client, serves until SIGINT/SIGTERM. `models`
-    filters what it shows; empty: every model in the DHT model index. `check_models`: checkpoints uploaded
-    fraud proofs are re-checked with; `evidence`: the limits on what it keeps of them."""
+    """A standalone dashboard: joins the swarm as a DHT client (a private one's with `allow_keys`), serves
+    `config` until SIGINT/SIGTERM."""
     if not initial_peers:
         raise ValueError("give the multiaddr of any swarm peer (--initial-peers)")
-    config = DashboardConfig(
-        tuple(models),
-        host,
-        http_port,
-        refresh,
-        insecure=insecure,
-        speed_probe=speed_probe,
-        check_models=tuple(check_models),
-        evidence=evidence or EvidenceLimits(),
-        chat_url=chat_url,
-        volunteers_file=volunteers_file,
-        credit_cap_factor=credit_cap_factor,
-    )
-    sock = bind_http(host, http_port)  # before the DHT: a busy port fails fast
+    sock = bind_http(config.host, config.http_port)  # before the DHT: a busy port fails fast
     try:
         dht = await asyncio.to_thread(start_dht, list(initial_peers), client_mode=True, allow_keys=allow_keys)
     except BaseException:

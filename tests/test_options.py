@@ -12,7 +12,9 @@ from typer.testing import CliRunner
 
 from torchnode.cli import app
 from torchnode.cli_options import ClientFlags, LimitFlags, RelayFlags, SwarmFlags, size_text
+from torchnode.cli_serve import DashboardFlags
 from torchnode.client.config import ClientConfig, GenerationOptions, chosen_adapter, split_options
+from torchnode.coordinator.dashboard import DashboardConfig
 from torchnode.node.config import SwarmConfig
 from torchnode.node.limits import Limits, RelayLimits, parse_bytes
 
@@ -64,10 +66,18 @@ def test_flag_defaults_are_the_dataclasses_defaults():
     assert ClientFlags().sdk_options()["config"] == ClientConfig()
     assert ClientFlags().sdk_options()["generation"] == GenerationOptions()
     assert size_text(1 << 30) == "1GiB" and size_text(1000) == "1000"
+    assert DashboardFlags().config(insecure=False) == DashboardConfig()  # the dashboard's flags at their defaults
 
 
 def test_each_group_is_one_parameter_of_the_command_and_its_flags_for_typer():
-    for group, command in ((LimitFlags, "join"), (RelayFlags, "coordinator"), (ClientFlags, "api")):
+    groups = (
+        (LimitFlags, "join"),
+        (RelayFlags, "coordinator"),
+        (ClientFlags, "api"),
+        (DashboardFlags, "coordinator"),
+        (DashboardFlags, "dashboard"),
+    )
+    for group, command in groups:
         flags = {p.name for p in COMMANDS[command].params}
         assert {f.name for f in dataclasses.fields(group)} <= flags
 

@@ -6,14 +6,18 @@ import asyncio
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from torchnode.coordinator.evidence_store import DEFAULT_MAX_BYTES as DEFAULT_EVIDENCE_BYTES
 from torchnode.coordinator.evidence_store import DEFAULT_MAX_FILES as DEFAULT_EVIDENCE_FILES
 from torchnode.node.config import NodeConfig
+
+if TYPE_CHECKING:
+    from torchnode.coordinator.dashboard import DashboardConfig
 
 from .cli_groups import flag_help, option_groups
 from .cli_options import (
@@ -48,6 +52,42 @@ from .cli_options import (
 )
 
 EVIDENCE_BYTES_TEXT = size_text(DEFAULT_EVIDENCE_BYTES)  # --evidence-max-bytes' default
+
+
+@dataclass(frozen=True)
+class DashboardFlags:
+    """The dashboard's flags, on `coordinator --dashboard` and on `dashboard`: declared once, made into the
+    DashboardConfig both run (coordinator/dashboard.py; tests/test_options.py holds these defaults to its own)."""
+
+    http_host: HttpHost = "127.0.0.1"
+    http_port: HttpPort = 8080
+    model: ShownModels = None
+    refresh: Refresh = 5.0
+    check_model: CheckModels = None
+    evidence_max_bytes: EvidenceMaxBytes = EVIDENCE_BYTES_TEXT
+    evidence_max_files: EvidenceMaxFiles = DEFAULT_EVIDENCE_FILES
+    chat_url: ChatUrl = None
+    volunteers_file: VolunteersFile = None
+    credit_cap_factor: CreditCapFactor = 64.0
+    speed_probe: SpeedProbe = True
+
+    def config(self, insecure: bool) -> DashboardConfig:
+        """The monitor's and dashboard's settings; a bad value raises naming its flag."""
+        from torchnode.coordinator.dashboard import DashboardConfig
+
+        return DashboardConfig(
+            tuple(self.model or ()),
+            self.http_host,
+            self.http_port,
+            self.refresh,
+            insecure=insecure,
+            speed_probe=self.speed_probe,
+            check_models=tuple(self.check_model or ()),
+            evidence=evidence_limits(self.evidence_max_bytes, self.evidence_max_files),
+            chat_url=self.chat_url,
+            volunteers_file=self.volunteers_file,
+            credit_cap_factor=self.credit_cap_factor,
+        )
 
 
 def _node(name: str) -> str:
@@ -138,20 +178,10 @@ def coordinator(
     dashboard: Annotated[
         bool, typer.Option("--dashboard", help="also run the health monitor and web dashboard")
     ] = False,
-    http_host: HttpHost = "127.0.0.1",
-    http_port: HttpPort = 8080,
-    model: ShownModels = None,
-    refresh: Refresh = 5.0,
-    check_model: CheckModels = None,
-    evidence_max_bytes: EvidenceMaxBytes = EVIDENCE_BYTES_TEXT,
-    evidence_max_files: EvidenceMaxFiles = DEFAULT_EVIDENCE_FILES,
-    chat_url: ChatUrl = None,
-    volunteers_file: VolunteersFile = None,
-    credit_cap_factor: CreditCapFactor = 64.0,
     insecure: Insecure = False,
     allow_keys: AllowKeys = None,
-    speed_probe: SpeedProbe = True,
     *,
+    board: DashboardFlags,
     relay: RelayFlags,
     identity: Annotated[
         Path | None, typer.Option(help="the relay's Ed25519 key file [default: ~/.torchnode/relay-PORT.key]")
@@ -163,23 +193,7 @@ def coordinator(
 
     status = lambda m: err.print(f"[bold magenta]coordinator[/] {m}", soft_wrap=True)  # noqa: E731
     with user_errors():
-        board = None
-        if dashboard:
-            from torchnode.coordinator.dashboard import DashboardConfig
-
-            board = DashboardConfig(
-                tuple(model or ()),
-                http_host,
-                http_port,
-                refresh,
-                insecure=insecure,
-                speed_probe=speed_probe,
-                check_models=tuple(check_model or ()),
-                evidence=evidence_limits(evidence_max_bytes, evidence_max_files),
-                chat_url=chat_url,
-                volunteers_file=volunteers_file,
-                credit_cap_factor=credit_cap_factor,
-            )
+        dashboard_config = board.config(insecure) if dashboard else None
         relay_setup = None
         relay_limits = relay.limits()
         if relay_limits is not None:
@@ -195,28 +209,20 @@ def coordinator(
                 announce_host,
                 split_peers(initial_peers),
                 on_status=status,
-                dashboard=board,
+                dashboard=dashboard_config,
                 allow_keys=allow_keys_of(allow_keys),
                 relay=relay_setup,
             )
         )
 
 
+@option_groups
 def dashboard_command(
     initial_peers: Annotated[str, typer.Option(help="multiaddrs of swarm peers")] = "",
-    http_host: HttpHost = "127.0.0.1",
-    http_port: HttpPort = 8080,
-    model: ShownModels = None,
-    refresh: Refresh = 5.0,
-    check_model: CheckModels = None,
-    evidence_max_bytes: EvidenceMaxBytes = EVIDENCE_BYTES_TEXT,
-    evidence_max_files: EvidenceMaxFiles = DEFAULT_EVIDENCE_FILES,
-    chat_url: ChatUrl = None,
-    volunteers_file: VolunteersFile = None,
-    credit_cap_factor: CreditCapFactor = 64.0,
     insecure: Insecure = False,
     allow_keys: AllowKeys = None,
-    speed_probe: SpeedProbe = True,
+    *,
+    board: DashboardFlags,
 ) -> None:
     """Run the health monitor and web dashboard (/, /api/v1/state, /metrics) on its own DHT client."""
     warn_if_insecure(insecure)
@@ -226,20 +232,5 @@ def dashboard_command(
     status = lambda m: err.print(f"[bold magenta]dashboard[/] {m}", soft_wrap=True)  # noqa: E731
     with user_errors():
         asyncio.run(
-            run_dashboard(
-                peers,
-                model or [],
-                http_host,
-                http_port,
-                refresh,
-                on_status=status,
-                insecure=insecure,
-                allow_keys=allow_keys_of(allow_keys),
-                speed_probe=speed_probe,
-                check_models=check_model or (),
-                evidence=evidence_limits(evidence_max_bytes, evidence_max_files),
-                chat_url=chat_url,
-                volunteers_file=volunteers_file,
-                credit_cap_factor=credit_cap_factor,
-            )
+            run_dashboard(peers, board.config(insecure), on_status=status, allow_keys=allow_keys_of(allow_keys))
         )
