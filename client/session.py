@@ -282,7 +282,7 @@ class InferenceSession:
         arrived = [0.0] * n  # time.perf_counter() at which each hop's reply came: a hop's time is the gap
         sent = [0.0] * n  # time.perf_counter() at which each hop's step left this client
 
-        def send(i: int, first: torch.Tensor | None) -> None:
+        def send(i: int, first: torch.Tensor | None) -> asyncio.Future:
             target = PushTarget(hops[i + 1].node.address, keys[i + 1], links[i]) if i + 1 < n and into[i + 1] else None
             upstream = (links[i - 1], keys[i - 1]) if into[i] else (b"", b"")
             sent[i] = time.perf_counter()
@@ -290,6 +290,7 @@ class InferenceSession:
             task.add_done_callback(_retrieved)  # a hop's error is handled where it is awaited, or when it is next used
             task.add_done_callback(functools.partial(_arrival, arrived, i))
             pending[i] = task
+            return task
 
         for i in range(n):
             if i == 0 or into[i]:
@@ -303,9 +304,7 @@ class InferenceSession:
                 try:
                     task = pending[i]
                     if task is None:  # not pushed into: the client sends this hop its input now
-                        send(i, x)
-                        task = pending[i]
-                        assert task is not None
+                        task = send(i, x)
                     elif supply:
                         await hop.node.push(links[i - 1], x, timeout)
                     reply: PushedStep = await task

@@ -268,9 +268,9 @@ class DraftAhead:
         return len(ids) > len(self.base) and ids[: len(self.base)] == self.base
 
     async def take(self, ids: list[int], k: int) -> Draft | None:
-        """The next up-to-k tokens after `ids` from this draft, or None (it does not continue `ids`)."""
+        """The next up-to-k tokens after `ids` from this draft, or None (it does not continue `ids`); either
+        way the caller then `drop`s it."""
         if not self.fits(ids):
-            await self.drop()
             return None
         drafted = self.base + (await self.task).tokens
         if drafted[: len(ids)] != ids or len(drafted) <= len(ids):

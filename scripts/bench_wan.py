@@ -102,7 +102,7 @@ def bench_hops(args, hops: int, long_ids: torch.Tensor) -> dict:
                 kind = mode.removeprefix("push+")
                 drafts = {"ngram": "ngram", "draft-model": args.draft_model, "cheap-draft": args.draft_model}
                 draft = drafts.get(kind.removesuffix("-serial"))
-                if kind != "ngram" and draft is not None and not args.draft_model:
+                if draft == "":  # a draft-model mode, but --draft-model '' skips them
                     continue
                 runs = {link: [] for link in links}
                 for _ in range(args.repeats):
