@@ -21,6 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
 from swarm import start_nodes, stop_all  # noqa: E402
 
+from torchnode.client.config import ClientConfig  # noqa: E402
+
 PROMPT = "Write a long story about a dragon who learns to paint."
 
 
@@ -81,6 +83,7 @@ def measure(links: str, ids: torch.Tensor, hf, args) -> tuple[list, list]:
             wire_dtype=getattr(torch, args.wire_dtype),
             insecure=insecure,
             push=args.push,
+            push_min_rtt_ms=args.push_min_rtt_ms,
         )
         time_swarm(model, ids, 4), time_local(hf, ids, 4)  # warm-up both
         swarm, local = [], []
@@ -125,7 +128,14 @@ def main() -> None:
         "--push",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="node-to-node push (the default) or client-driven hops (--no-push)",
+        help="node-to-node push where a hop is at least --push-min-rtt-ms away (the default: none on loopback) or "
+        "client-driven hops (--no-push)",
+    )
+    parser.add_argument(
+        "--push-min-rtt-ms",
+        type=float,
+        default=ClientConfig.push_min_rtt_ms,
+        help="push into a hop only if its probe round trip is at least this many ms (the client's default); 0: all",
     )
     args = parser.parse_args()
 

@@ -1,8 +1,9 @@
 """What --verify costs and how soon it catches a liar, on SmolLM2 split 0:15 / 15:30 with two replicas each.
 
 1. Throughput: 4 node processes (two per span, --threads 1), 64 greedy tokens from a client without and
-   with --verify (window W), in each mode a user may pick: node-to-node push (the default), --no-push, and
-   --draft ngram (with push); tokens/s over the whole generation, median of --runs alternating runs, and the
+   with --verify (window W), in each mode a user may pick: the default (push into hops at least
+   --push-min-rtt-ms away: none on loopback), push into every hop (--push-min-rtt-ms 0), --no-push, and
+   --draft ngram; tokens/s over the whole generation, median of --runs alternating runs, and the
    overhead of --verify against the same mode unverified (goal: at most 25 % on this CPU).
    Also the cost of one W-token prefill against one decode step on a span here, and the overhead one
    would see where a W-token prefill costs about one decode step (as on a GPU): ~1/W of a chain step.
@@ -61,7 +62,8 @@ def prefill_vs_decode(window: int) -> float:
 
 
 MODES = {  # what a user may run with; --verify is measured against the same mode without it
-    "push (default)": {},
+    "default": {},
+    "push into every hop": {"push_min_rtt_ms": 0.0},
     "--no-push": {"push": False},
     "--draft ngram": {"draft": "ngram"},
 }
