@@ -97,6 +97,13 @@ class ClientConfig:
             " on shorter links the push's extra messages cost more than the leg it saves; 0: push into every hop"
         },
     )
+    batch_steps: bool = field(
+        default=True,
+        metadata={
+            "help": "send the steps of all this client's sessions on a node together, one message per node per token"
+            " (StepBatches); --no-batch-steps: a stream per session, as nodes before protocol 1.1 take them"
+        },
+    )
     speed: SpeedPolicy = field(default_factory=SpeedPolicy)  # routing on measured speed (client/speed_book.py)
 
     fp32_only: bool = field(
@@ -204,6 +211,7 @@ def chosen_adapter(asked: str | None, default: str | None) -> str:
 DEFAULT_STEP_TIMEOUT: float = ClientConfig.step_timeout
 DEFAULT_PUSH: bool = ClientConfig.push
 DEFAULT_PUSH_MIN_RTT_S: float = ClientConfig.push_min_rtt_ms / 1000
+DEFAULT_BATCH_STEPS: bool = ClientConfig.batch_steps
 DEFAULT_WINDOW: int = ClientConfig.verify_window
 DEFAULT_DRAFT_TOKENS: int = GenerationOptions.draft_tokens
 DEFAULT_PREFILL_CHUNK: int = GenerationOptions.prefill_chunk

@@ -8,9 +8,10 @@ all of them and their next steps leave together.
 
 How: `logits(hidden)` queues the request. One pass at a time runs per event loop, over everything
 queued when it starts; requests made while it runs (other sessions' node replies arriving meanwhile)
-join the next pass, so the batch follows the load without a timer. The pass runs in a worker thread
-(`off_loop`) so the event loop keeps serving the other sessions' gRPC I/O during it; a lone session
-pays one thread hop (~0.1 ms against a ~10 ms head pass).
+join the next pass, so the batch follows the load without a timer. The pass runs on the process's compute
+thread (`off_loop`; models/torch_threads.py: always the same thread, so torch keeps one pool of CPU threads
+for it) so the event loop keeps serving the other sessions' gRPC I/O during it; a lone session pays one
+thread hop (~0.1 ms against a ~10 ms head pass).
 
 Sessions in their decode loop join as `decoding()` members, and a pass waits (a bounded while) until every
 member has its request queued. Why: left alone, concurrent sessions split into groups that take turns -
@@ -32,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from ..models import torch_threads
 
 MAX_WAIT_S = 0.25  # the longest a pass waits for members' requests
 
@@ -140,7 +143,11 @@ class HeadBatcher:
                 if not batch:
                     continue
                 hiddens = [r.hidden for r in batch]
-                results = await asyncio.to_thread(self._compute, hiddens) if self.off_loop else self._compute(hiddens)
+                results = (
+                    await asyncio.get_running_loop().run_in_executor(torch_threads.COMPUTE, self._compute, hiddens)
+                    if self.off_loop
+                    else self._compute(hiddens)
+                )
                 for request, result in zip(batch, results, strict=True):
                     if request.done.done():
                         continue

@@ -7,14 +7,20 @@ import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from typing import Any, TypeVar
 
+from ..models import torch_threads
+
 T = TypeVar("T")
 
 
 class LoopThread:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="torchnode-client", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="torchnode-client", daemon=True)
         self._thread.start()
+
+    def _run(self) -> None:
+        torch_threads.keep_thread_light()  # its torch work is small; the head's passes run on the compute thread
+        self.loop.run_forever()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoTokenizer
 from typing_extensions import TypeIs
 
+from ..models import torch_threads
 from ..models.checkpoint import Checkpoint, resolve
 from ..models.devices import place, resolve_device
 from ..models.families import load_head, num_blocks
@@ -118,7 +119,7 @@ class AsyncDistributedModel:
         else:
             source = StaticPeers(identity, peers, expected_keys, insecure)
         source.allow_keys = allowed
-        return cls(await asyncio.to_thread(resolve, model), source, **options)
+        return cls(await torch_threads.in_passing_thread(resolve, model), source, **options)
 
     # ---- routing and sessions
     async def candidates(
@@ -192,6 +193,7 @@ class AsyncDistributedModel:
             push=config.push,  # with --verify too: a pushed step's proof ships the client's copy of its input
             speeds=self.speeds,
             push_min_rtt=config.push_min_rtt_ms / 1000,
+            batch_steps=config.batch_steps,
         )
         if config.verify:
             local = self.ckpt if config.verify_local and holds_blocks(self.ckpt) else None

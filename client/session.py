@@ -43,6 +43,7 @@ from ..protocol.wire.node_client import (
     tensor_digest,
 )
 from .config import (
+    DEFAULT_BATCH_STEPS,
     DEFAULT_PREFILL_CHUNK,
     DEFAULT_PUSH,
     DEFAULT_PUSH_MIN_RTT_S,
@@ -102,12 +103,14 @@ class InferenceSession:
         push: bool = DEFAULT_PUSH,
         speeds: SpeedBook | None = None,
         push_min_rtt: float = DEFAULT_PUSH_MIN_RTT_S,
+        batch_steps: bool = DEFAULT_BATCH_STEPS,
     ):
         self.hops, self.max_length, self.batch_size = hops, max_length, batch_size
         self.speeds = speeds  # where hops' step times go; None: steps are not timed (no re-routing for speed)
         self.reroutes = 0  # hops re-routed around for being far slower than they claim
         self.push = push  # node-to-node push for steps: hops + 1 one-way legs per step instead of 2 x hops
         self.push_min_rtt = push_min_rtt  # seconds: a hop whose node is nearer gets its input from the client
+        self.batch_steps = batch_steps  # steps share a message per node per round with the client's other sessions'
         self.node_pushes = 0  # hop inputs that came straight from the previous node (not from the client)
         self.prefill_chunk = prefill_chunk
         self.adapter = adapter  # the LoRA adapter every hop applies, "" none (its router finds only nodes serving it)
@@ -346,7 +349,14 @@ class InferenceSession:
         """The hop's session on its node, opened on first use."""
         if hop.stream is None:
             spec = SessionSpec(
-                self.id, hop.start, hop.end, self.max_length, self.batch_size, self.wire_dtype, self.adapter
+                self.id,
+                hop.start,
+                hop.end,
+                self.max_length,
+                self.batch_size,
+                self.wire_dtype,
+                self.adapter,
+                self.batch_steps,
             )
             hop.stream = hop.node.open_session(spec)
             if self.verifier is not None:

@@ -7,7 +7,9 @@ A request must be addressed to this node (its `audience` is our public key), so 
 to another node is refused here. `Info` may name no node: a client that reaches a node by address over
 plaintext (--insecure) learns the node's key from its first Info reply; Info does nothing and reveals
 only what the node announces. Each reply names the request it answers (its signature); the servicer
-answers a stream's steps one by one, in order, so replies are matched to requests first in, first out.
+answers a stream's steps one by one, in order, so replies are matched to requests first in, first out. A
+StepBatches stream answers steps as they finish, several batches' in one reply or one batch's over several:
+its replies name the latest request the node had read.
 
 Requests arrive here as raw bytes and are parsed here too: left to gRPC, bytes that are not a protobuf
 message would end the call with UNKNOWN and a traceback in the node's log, instead of INVALID_ARGUMENT.
@@ -27,6 +29,7 @@ from ..protocol.wire.identity import Identity
 
 class AuthInterceptor(aio.ServerInterceptor):
     UNADDRESSED_OK = frozenset({"Info"})  # methods whose requests may omit the audience
+    ANSWER_LATEST = frozenset({"StepBatches"})  # streams whose replies are not one per request
 
     def __init__(self, identity: Identity, replay_guard: signing.ReplayGuard):
         self.identity, self.replay_guard = identity, replay_guard
@@ -78,7 +81,8 @@ class AuthInterceptor(aio.ServerInterceptor):
 
     def _stream(self, method, parse, behavior):
         async def wrapped(request_iterator, context):
-            unanswered: deque[bytes] = deque()  # signatures of verified requests, oldest first
+            latest = method in self.ANSWER_LATEST
+            unanswered: deque[bytes] = deque(maxlen=1 if latest else None)  # verified requests' signatures
 
             async def verified():
                 async for raw in request_iterator:
@@ -88,7 +92,10 @@ class AuthInterceptor(aio.ServerInterceptor):
                     yield request
 
             async for response in behavior(verified(), context):
-                answers = unanswered.popleft() if unanswered else b""
+                if latest:
+                    answers = unanswered[-1] if unanswered else b""
+                else:
+                    answers = unanswered.popleft() if unanswered else b""
                 yield signing.sign(self.identity, method, response, in_reply_to=answers)
 
         return wrapped

@@ -8,10 +8,9 @@ training loop owns its LoRA and its optimizer. Both run off the event loop, besi
 
 from __future__ import annotations
 
-import asyncio
-
 import torch
 
+from ..models import torch_threads
 from ..models.lora import AdapterError, LoraHooks, LoraWeights, fit_lora, lora_pass
 from .errors import OutOfRange, RequestError
 from .span_backend import SpanBackend
@@ -74,7 +73,7 @@ async def forward(
         with torch.no_grad():
             return _span_pass(backend, x, start, end, lora)
 
-    return await asyncio.to_thread(run)
+    return await torch_threads.in_passing_thread(run)
 
 
 async def backward(
@@ -112,4 +111,4 @@ async def backward(
             named[f"{path}.lora_B"] = gb if gb is not None else torch.zeros_like(w.b)
         return grads[0], named
 
-    return await asyncio.to_thread(run)
+    return await torch_threads.in_passing_thread(run)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 from grpc import aio
 
+from ..models import torch_threads
 from ..models.checkpoint import Checkpoint, resolve
 from ..models.devices import free_memory, place
 from ..models.families import LAYER_PREFIX, load_span, num_blocks
@@ -225,7 +226,7 @@ class Node:
                 adapters=lambda: tuple(a.name for a in self.adapters),
             )
             await self.announcer.announce("joining")
-        self.backend = await asyncio.to_thread(self.load_backend, *self.planned)
+        self.backend = await torch_threads.in_passing_thread(self.load_backend, *self.planned)
         server = aio.server(
             interceptors=[
                 AuthInterceptor(self.identity, ReplayGuard(c.limits.max_clock_skew)),
@@ -330,7 +331,7 @@ class Node:
             return
         self.on_status(f"rebalancing: moving from blocks {b.start}:{b.end} to {start}:{start + n}")
         old = self.backend
-        self.backend = await asyncio.to_thread(self.load_backend, start, start + n)
+        self.backend = await torch_threads.in_passing_thread(self.load_backend, start, start + n)
         self.servicer.backend = self.backend  # new streams use the new span; open ones keep the old one
         await self.announcer.announce("online")
         self.on_status(f"ready: serving blocks {start}:{start + n} of {self.ckpt.name} on port {self.port}")

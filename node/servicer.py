@@ -19,7 +19,8 @@ from ..protocol.wire.grpc_node import info_message
 from ..protocol.wire.node_client import PushTarget
 from . import lora_training, push
 from .errors import FailedPrecondition, IdleTimeout, NotFound, RequestError
-from .span_backend import SpanBackend
+from .span_backend import Session, SpanBackend
+from .step_batches import StepBatchStream
 
 
 def _reply_dtype(requested: str, x_dtype):
@@ -52,7 +53,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                     x, request.start_block, request.end_block, reply_dtype, client=request.auth.public_key
                 )
         except (RequestError, tensor_codec.TensorFormatError) as e:
-            await context.abort(_status(e), str(e))
+            await context.abort(status(e), str(e))
         return pb.ForwardResponse(hidden=tensor_codec.encode(out, reply_dtype))
 
     async def Backward(self, request: pb.BackwardRequest, context: aio.ServicerContext) -> pb.BackwardResponse:
@@ -70,7 +71,7 @@ class NodeServicer(pb_grpc.NodeServicer):
                 request.lora_scale,
             )
         except (RequestError, tensor_codec.TensorFormatError) as e:
-            await context.abort(_status(e), str(e))
+            await context.abort(status(e), str(e))
         return pb.BackwardResponse(
             grad_hidden=tensor_codec.encode(grad_x, reply_dtype),
             lora_grads=[pb.LoraTensor(name=n, tensor=tensor_codec.encode(g, reply_dtype)) for n, g in grads.items()],
@@ -95,42 +96,55 @@ class NodeServicer(pb_grpc.NodeServicer):
                 if session is None:
                     if step.step != 0:
                         raise NotFound(f"unknown session {step.session_id!r}: a stream must open it with step 0")
-                    check_protocol(step.protocol or UNSAID_PROTOCOL)
-                    session = backend.open_session(
-                        step.session_id,
-                        step.start_block,
-                        step.end_block,
-                        step.batch_size or 1,
-                        step.max_length,
-                        step.adapter,
-                        client=step.auth.public_key,  # checked by the auth interceptor: its fair share
-                    )
+                    session = self.open_session(backend, step, client=step.auth.public_key)
                 elif step.session_id != session.id:
                     raise NotFound(f"unknown session {step.session_id!r}: this stream serves {session.id!r}")
-                x = tensor_codec.decode(step.hidden) if step.HasField("hidden") else None
-                x, digest = await push.step_input(
-                    self.pushes,
-                    x,
-                    step.push_token,
-                    step.push_from,
-                    step.auth.public_key,
-                    backend.limits.session_idle_timeout,
-                )
-                reply_dtype = _reply_dtype(step.wire_dtype, x.dtype if x is not None else None)
-                out = await backend.step(session, step.step, x, step.position, reply_dtype)
-                result = pb.StepResult(
-                    session_id=session.id, step=step.step, cached_length=session.length, input_digest=digest
-                )
-                if out is not None:
-                    result.hidden.CopyFrom(tensor_codec.encode(out, reply_dtype))
-                    if step.HasField("push_to"):
-                        result.push_error = await self._push(step.push_to, out.to(reply_dtype))
-                yield result
+                yield await self.run_step(backend, session, step, step.auth.public_key)
         except (RequestError, tensor_codec.TensorFormatError) as e:
-            await context.abort(_status(e), str(e))
+            await context.abort(status(e), str(e))
         finally:
             if session is not None:
                 backend.close_session(session)
+
+    @staticmethod
+    def open_session(backend: SpanBackend, step: pb.Step, client: bytes) -> Session:
+        """The session a step 0 opens (its client's key: its fair share), after the protocol check."""
+        check_protocol(step.protocol or UNSAID_PROTOCOL)
+        return backend.open_session(
+            step.session_id,
+            step.start_block,
+            step.end_block,
+            step.batch_size or 1,
+            step.max_length,
+            step.adapter,
+            client,
+        )
+
+    async def run_step(self, backend: SpanBackend, session: Session, step: pb.Step, client: bytes) -> pb.StepResult:
+        """One step of an open session (from an Inference stream or a StepBatch): its input (sent, or waited
+        for by push), the pass, the reply, and the push on when asked."""
+        x = tensor_codec.decode(step.hidden) if step.HasField("hidden") else None
+        x, digest = await push.step_input(
+            self.pushes, x, step.push_token, step.push_from, client, backend.limits.session_idle_timeout
+        )
+        reply_dtype = _reply_dtype(step.wire_dtype, x.dtype if x is not None else None)
+        out = await backend.step(session, step.step, x, step.position, reply_dtype)
+        result = pb.StepResult(session_id=session.id, step=step.step, cached_length=session.length, input_digest=digest)
+        if out is not None:
+            result.hidden.CopyFrom(tensor_codec.encode(out, reply_dtype))
+            if step.HasField("push_to"):
+                result.push_error = await self._push(step.push_to, out.to(reply_dtype))
+        return result
+
+    async def StepBatches(
+        self, request_iterator: AsyncIterator[pb.StepBatch], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.StepBatchResult]:
+        """Many sessions' steps per message (node/step_batches.py)."""
+        try:
+            async for reply in StepBatchStream(self, self.backend).serve(request_iterator):
+                yield reply
+        except RequestError as e:
+            await context.abort(status(e), str(e))
 
     async def _push(self, target: pb.PushTarget, out) -> str:
         if self.pusher is None:
@@ -170,5 +184,5 @@ def _lora_tensors(items) -> dict:
     return {t.name: tensor_codec.decode(t.tensor) for t in items}
 
 
-def _status(error: Exception) -> grpc.StatusCode:
+def status(error: Exception) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, getattr(error, "status", "INVALID_ARGUMENT"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..models import torch_threads
 from ..models.kv_cache import KVCache, cache_bytes
 from ..models.lora import AdapterBank, Lora, UnknownAdapter, lora_pass
 from ..protocol import version
@@ -218,6 +219,7 @@ class SpanBackend:
         return await future
 
     def _run_batches(self) -> None:
+        torch_threads.enter()  # the node's one long-lived compute thread
         while (batch := self.scheduler.next_batch()) is not None:
             chunks = batch.chunks
             started = time.perf_counter()

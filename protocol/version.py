@@ -18,8 +18,9 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+unknown"
 
-PROTOCOL = "1.0"  # read through `protocol()`, at call time (tests/helpers/versioned_cli.py runs another)
+PROTOCOL = "1.1"  # read through `protocol()`, at call time (tests/helpers/versioned_cli.py runs another)
 UNSAID_PROTOCOL = "1.0"  # what a DHT record or an Info without the field speaks
+STEP_BATCHES = "1.1"  # the first protocol with the StepBatches RPC (many sessions' steps per message)
 _PROTOCOL = re.compile(r"(0|[1-9][0-9]{0,3})\.(0|[1-9][0-9]{0,3})")
 
 
@@ -34,6 +35,17 @@ def protocol_major(protocol_version: str) -> int:
     if m is None:
         raise ValueError(f"protocol version {protocol_version!r} is not MAJOR.MINOR")
     return int(m[1])
+
+
+def supports(theirs: str, since: str) -> bool:
+    """Whether a peer speaking `theirs` has what the protocol gained in `since`: the same major, a minor at least
+    as new ("1.3" supports "1.1"; "2.0" does not: another major is another protocol)."""
+    return protocol_major(theirs) == protocol_major(since) and _minor(theirs) >= _minor(since)
+
+
+def _minor(protocol_version: str) -> int:
+    protocol_major(protocol_version)  # validates
+    return int(protocol_version.split(".")[1])
 
 
 def speaks(theirs: str, ours: str | None = None) -> bool:

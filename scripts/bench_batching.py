@@ -7,9 +7,10 @@ Two swarm figures per N:
 - `lockstep`: the same N sessions stepped together by this script (one head pass for all N per token,
   all steps sent at once): the upper bound of keeping them in step.
 Every figure is N x new tokens / wall time, prefill included. While the swarm runs, the nodes' Info is
-polled for their batch sizes (what the nodes actually did).
+polled for their batch sizes (what the nodes actually did). The reference runs in a process of its own,
+started before the swarm: in this one, the client's compute threads would slow it (models/torch_threads.py).
 
-    .venv/bin/python scripts/bench_batching.py [--sessions 1,2,4,8,16] [--tokens 32] [--node-threads 1]
+    .venv/bin/python scripts/bench_batching.py [--sessions 1,2,4,8,16] [--tokens 32] [--node-threads 0]
         [--max-batch-tokens 256] [--batch-wait-ms 5]
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -135,23 +137,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", default="1,2,4,8,16", help="comma-separated N")
     parser.add_argument("--tokens", type=int, default=32, help="new greedy tokens per session")
-    parser.add_argument("--node-threads", type=int, default=1, help="torch threads per node (2 nodes on one machine)")
+    parser.add_argument(
+        "--node-threads", type=int, default=0, help="the nodes' --threads (0: their default, torch's: the CPUs)"
+    )
     parser.add_argument("--reference-threads", type=int, default=0, help="torch threads of the reference (0: default)")
     parser.add_argument("--max-batch-tokens", type=int, default=256, help="the nodes' --max-batch-tokens")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="the nodes' --batch-wait-ms")
+    parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)  # the reference's process
     args = parser.parse_args()
     counts = [int(n) for n in args.sessions.split(",")]
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if args.reference_only:
+        for n, tokens_per_s in run_reference(counts, args.tokens, args.reference_threads).items():
+            print(f"reference {n} {tokens_per_s}", flush=True)
+        return
 
     from torchnode.client.sync_model import DistributedModel
-    from torchnode.models.checkpoint import resolve
 
-    if args.reference_threads:
-        torch.set_num_threads(args.reference_threads)
-    ckpt = resolve("default")
-    hf = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(ckpt.path, padding_side="left")
+    references = reference_in_own_process(args)
     node_flags = [
         "--threads",
         str(args.node_threads),
@@ -165,14 +167,13 @@ def main() -> None:
     try:
         model = DistributedModel.from_pretrained("default", [n.address for n in nodes])
         time_swarm(model, prompts(2), 4), time_lockstep(model, prompts(2), 4)  # warm-up
-        time_reference(hf, tokenizer, prompts(2), 4)
         for n in counts:
             texts = prompts(n)
             with BatchWatch([node.address for node in nodes]) as watch:
                 sdk = time_swarm(model, texts, args.tokens)
             with BatchWatch([node.address for node in nodes]) as watch_lockstep:
                 stepped = time_lockstep(model, texts, args.tokens)
-            reference = time_reference(hf, tokenizer, texts, args.tokens)
+            reference = references[n]
             batches = [_mean(watch.sizes), _mean(watch_lockstep.sizes)]
             rows.append((n, sdk, stepped, reference, batches))
             print(
@@ -200,6 +201,31 @@ def main() -> None:
             f"| {n} | {sdk:.1f} | {gains[0]} | {stepped:.1f} | {gains[1]} | {reference:.1f} | {sdk / reference:.2f} "
             f"| {stepped / reference:.2f} | {batch_sdk:.1f} / {batch_lockstep:.1f} |"
         )
+
+
+def run_reference(counts: list[int], tokens: int, threads: int) -> dict[int, float]:
+    """transformers' batched tokens/s for each N, in this process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from torchnode.models.checkpoint import resolve
+
+    if threads:
+        torch.set_num_threads(threads)
+    ckpt = resolve("default")
+    hf = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(ckpt.path, padding_side="left")
+    time_reference(hf, tokenizer, prompts(2), 4)  # warm-up
+    return {n: time_reference(hf, tokenizer, prompts(n), tokens) for n in counts}
+
+
+def reference_in_own_process(args: argparse.Namespace) -> dict[int, float]:
+    """run_reference in a fresh process of this script, alone on the machine (before the swarm starts)."""
+    command = [sys.executable, __file__, "--reference-only", "--sessions", args.sessions, "--tokens", str(args.tokens)]
+    command += ["--reference-threads", str(args.reference_threads)]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return {
+        int(n): float(v) for _, n, v in (line.split() for line in out.splitlines() if line.startswith("reference "))
+    }
 
 
 def _mean(values: list[int]) -> float:

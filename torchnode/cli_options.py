@@ -274,6 +274,9 @@ class ClientFlags:
     push_min_rtt_ms: Annotated[float, typer.Option(min=0.0, help=_client("push_min_rtt_ms"))] = (
         ClientConfig.push_min_rtt_ms
     )
+    batch_steps: Annotated[bool, typer.Option("--batch-steps/--no-batch-steps", help=_client("batch_steps"))] = (
+        ClientConfig.batch_steps
+    )
     fp32_only: Annotated[bool, typer.Option("--fp32-only", help=_client("fp32_only"))] = ClientConfig.fp32_only
     report_to: Annotated[list[str] | None, typer.Option(help=_client("report_to"))] = None
     draft: Annotated[str | None, typer.Option(help=_generation("draft"))] = GenerationOptions.draft
@@ -310,6 +313,7 @@ class ClientFlags:
             verify_window=self.verify_window,
             push=self.push,
             push_min_rtt_ms=self.push_min_rtt_ms,
+            batch_steps=self.batch_steps,
             fp32_only=self.fp32_only,
             report_to=tuple(self.report_to or ()),
         )

@@ -135,13 +135,12 @@ def join(
     swarm_config = swarm.config(relay)
     if swarm.num_blocks is not None and blocks is not None:
         raise typer.BadParameter("--num-blocks applies only when the swarm chooses the span", param_hint="--num-blocks")
+    from torchnode.models import torch_threads
     from torchnode.node.server import serve
     from torchnode.protocol.wire.identity import torchnode_home
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    torch_threads.set_threads(threads)
+    torch_threads.keep_thread_light()  # the event loop's thread: the runner computes (models/torch_threads.py)
     config = NodeConfig(
         model=model,
         start=start,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ...models import torch_threads
 from ...models.checkpoint import Checkpoint
 from ...models.families import LAYER_PREFIX, load_span
 from ...models.lora import AdapterBank, AdapterError, AdapterSource, Lora, find_adapter, lora_pass
@@ -148,4 +149,6 @@ class LocalOpinion(Opinion):
 
     async def _run(self, x: torch.Tensor, position: int) -> torch.Tensor:
         x = x.to(torch.float32)
-        return await asyncio.to_thread(run_span, self.span, self.lora, x, position, self.start, self.end, self.caches)
+        return await asyncio.get_running_loop().run_in_executor(
+            torch_threads.COMPUTE, run_span, self.span, self.lora, x, position, self.start, self.end, self.caches
+        )

@@ -25,6 +25,7 @@ from . import torchnode_pb2 as pb
 from . import torchnode_pb2_grpc as pb_grpc
 from .identity import Identity, peer_id_of
 from .node_client import NodeClient, NodeError, NodeInfo, NodeSession, PushedStep, PushTarget, SessionSpec
+from .step_batches import StepBatcher
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 INFO_FIELDS = tuple(f.name for f in fields(NodeInfo))
@@ -63,6 +64,13 @@ class GrpcNodeClient(NodeClient):
         self._push_call: aio.StreamStreamCall | None = None  # the Push stream to this node, opened by the first push
         self.signed_info = b""  # its latest Info reply, serialized with its signature
         self._pushing = asyncio.Lock()
+        self.protocol: str | None = None  # what the node speaks, from its Info (None: not asked yet)
+        self.step_batcher = StepBatcher(self)  # the StepBatches stream its batched sessions share
+
+    @property
+    def batches_steps(self) -> bool:
+        """Whether the node takes many sessions' steps per message (StepBatches, protocol 1.1); known from its Info."""
+        return self.protocol is not None and version.supports(self.protocol, version.STEP_BATCHES)
 
     async def stub(self, timeout: float | None = tls.DEFAULT_FETCH_TIMEOUT) -> pb_grpc.NodeStub:
         """The channel's stub, made on first use: over TLS, after the certificate's binding is checked."""
@@ -163,6 +171,7 @@ class GrpcNodeClient(NodeClient):
         except ValueError as e:
             raise NodeError(self.address, f"Info: {e}") from None
         said = {"adapters": tuple(reply.adapters), "protocol": speaks}
+        self.protocol = speaks
         return NodeInfo(**{name: getattr(reply, name) for name in INFO_FIELDS} | said)
 
     async def audience(self, timeout: float | None) -> bytes:
@@ -271,6 +280,7 @@ class GrpcNodeClient(NodeClient):
     async def close(self) -> None:
         if self._push_call is not None:
             self._push_call.cancel()
+        await self.step_batcher.close()
         if self.channel is not None:
             await self.channel.close()
 
@@ -280,13 +290,17 @@ def _lora_message(lora: dict[str, torch.Tensor]) -> list[pb.LoraTensor]:
 
 
 class GrpcNodeSession(NodeSession):
-    """The client end of one Inference stream: send a Step, read its StepResult, in lock step.
+    """The client end of one session: send a Step, read its StepResult, in lock step.
 
-    The stream opens with the first step (the channel may still have to be made then)."""
+    Its steps go on the node's shared StepBatches stream (one message for every session's step of a round)
+    when the spec allows it, the node speaks it and no fraud proof is kept (those need each step signed on
+    its own); otherwise on an Inference stream of its own. The choice is made at the first step, when the
+    stream opens (the channel may still have to be made then)."""
 
     def __init__(self, node: GrpcNodeClient, spec: SessionSpec):
         self.node, self.spec = node, spec
         self.call: aio.StreamStreamCall | None = None
+        self.batched: int | None = None  # the epoch of the StepBatches stream it opened on (None: its own stream)
         self.next_step = 0
         self.kept: list[tuple[bytes, bytes]] | None = None  # signed exchanges not taken yet (None: none kept)
 
@@ -341,6 +355,30 @@ class GrpcNodeSession(NodeSession):
         """Sends one signed step and reads its reply, checked to be the node's answer to it."""
         node, address = self.node, self.node.address
         try:
+            if request.step == 0 and self.spec.batched and self.kept is None and node.batches_steps:
+                self.batched = await node.step_batcher.open(timeout)
+            if self.batched is not None:
+                try:
+                    reply = await node.step_batcher.exchange(request, self.batched, timeout)
+                except NodeError:
+                    self.abort()
+                    raise
+            else:
+                reply = await self._own_exchange(request, timeout)
+        except aio.AioRpcError as e:
+            raise await node.call_error(e) from None
+        if reply.step != request.step:
+            raise NodeError(address, f"reply to step {reply.step}, expected {request.step}")
+        if not reply.HasField("hidden"):
+            raise NodeError(address, f"reply to step {request.step} carries no hidden states")
+        if self.kept is not None:  # signed by both ends: a fraud proof's parts
+            self.kept.append((request.SerializeToString(), reply.SerializeToString()))
+        return reply
+
+    async def _own_exchange(self, request: pb.Step, timeout: float | None) -> pb.StepResult:
+        """A step on the session's own Inference stream, its reply checked to be the node's answer to it."""
+        node, address = self.node, self.node.address
+        try:
             call = self.call
             if call is None:
                 stub = await node.stub(timeout)
@@ -349,8 +387,6 @@ class GrpcNodeSession(NodeSession):
             async with asyncio.timeout(timeout):  # one timer for the exchange; wait_for would make two tasks
                 await call.write(node.sign("Inference", request))
                 reply = await call.read()
-        except aio.AioRpcError as e:
-            raise await node.call_error(e) from None
         except asyncio.InvalidStateError:  # the stream already ended: the node closed it or died
             raise NodeError(address, *await self._ended()) from None
         except TimeoutError:
@@ -359,12 +395,6 @@ class GrpcNodeSession(NodeSession):
         if reply is aio.EOF:
             raise NodeError(address, *await self._ended())
         node.check("Inference", reply, request)
-        if reply.step != request.step:
-            raise NodeError(address, f"reply to step {reply.step}, expected {request.step}")
-        if not reply.HasField("hidden"):
-            raise NodeError(address, f"reply to step {request.step} carries no hidden states")
-        if self.kept is not None:  # signed by both ends: a fraud proof's parts
-            self.kept.append((request.SerializeToString(), reply.SerializeToString()))
         return reply
 
     def _hidden(self, reply: pb.StepResult) -> torch.Tensor:
@@ -381,9 +411,13 @@ class GrpcNodeSession(NodeSession):
         return f"stream ended: {code} {await self.call.details() or ''}".strip(), code.name
 
     def abort(self) -> None:
+        if self.batched is not None:
+            self.node.step_batcher.close_session(self.spec.session_id, self.batched)
         if self.call is not None:
             self.call.cancel()
 
     async def close(self) -> None:
+        if self.batched is not None:
+            self.node.step_batcher.close_session(self.spec.session_id, self.batched)
         if self.call is not None and not self.call.done():
             await self.call.done_writing()

@@ -64,6 +64,7 @@ class SessionSpec:
     batch_size: int = 1
     wire_dtype: torch.dtype = torch.float32
     adapter: str = ""  # a LoRA adapter the node serves, applied to this session (empty: the base model)
+    batched: bool = True  # its steps may share one message per round with the client's other sessions' (StepBatches)
 
 
 @dataclass(frozen=True)

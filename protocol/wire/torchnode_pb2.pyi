@@ -225,3 +225,35 @@ class StepResult(_message.Message):
     input_digest: bytes
     auth: Auth
     def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., cached_length: _Optional[int] = ..., push_error: _Optional[str] = ..., input_digest: _Optional[bytes] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+
+class StepBatch(_message.Message):
+    __slots__ = ("steps", "close", "auth")
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[Step]
+    close: _containers.RepeatedScalarFieldContainer[str]
+    auth: Auth
+    def __init__(self, steps: _Optional[_Iterable[_Union[Step, _Mapping]]] = ..., close: _Optional[_Iterable[str]] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+
+class StepBatchResult(_message.Message):
+    __slots__ = ("results", "errors", "auth")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[StepResult]
+    errors: _containers.RepeatedCompositeFieldContainer[StepError]
+    auth: Auth
+    def __init__(self, results: _Optional[_Iterable[_Union[StepResult, _Mapping]]] = ..., errors: _Optional[_Iterable[_Union[StepError, _Mapping]]] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+
+class StepError(_message.Message):
+    __slots__ = ("session_id", "step", "status", "message")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    step: int
+    status: str
+    message: str
+    def __init__(self, session_id: _Optional[str] = ..., step: _Optional[int] = ..., status: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...

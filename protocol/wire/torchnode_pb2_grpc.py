@@ -59,6 +59,11 @@ class NodeStub:
                 request_serializer=torchnode__pb2.Pushed.SerializeToString,
                 response_deserializer=torchnode__pb2.PushAck.FromString,
                 _registered_method=True)
+        self.StepBatches = channel.stream_stream(
+                '/torchnode.Node/StepBatches',
+                request_serializer=torchnode__pb2.StepBatch.SerializeToString,
+                response_deserializer=torchnode__pb2.StepBatchResult.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -94,6 +99,12 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StepBatches(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=torchnode__pb2.Pushed.FromString,
                     response_serializer=torchnode__pb2.PushAck.SerializeToString,
+            ),
+            'StepBatches': grpc.stream_stream_rpc_method_handler(
+                    servicer.StepBatches,
+                    request_deserializer=torchnode__pb2.StepBatch.FromString,
+                    response_serializer=torchnode__pb2.StepBatchResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class Node:
             '/torchnode.Node/Push',
             torchnode__pb2.Pushed.SerializeToString,
             torchnode__pb2.PushAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepBatches(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/torchnode.Node/StepBatches',
+            torchnode__pb2.StepBatch.SerializeToString,
+            torchnode__pb2.StepBatchResult.FromString,
             options,
             channel_credentials,
             insecure,

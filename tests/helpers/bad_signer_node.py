@@ -1,7 +1,7 @@
 """A node that starts signing wrongly mid-session, for tests only (never a production flag).
 
 `python tests/helpers/bad_signer_node.py N join MODEL ...` runs the real `torchnode join`; after its first N
-Inference replies it signs every further one with a fresh key instead of its own, as a node whose key was
+step replies (Inference or StepBatches) it signs every further one with a fresh key instead of its own, as a node whose key was
 swapped or whose replies are forged on the way would. Clients must refuse those replies and fail over.
 """
 
@@ -19,7 +19,7 @@ def main() -> None:
     real_sign, impostor, replies = signing.sign, Identity.generate(), [0]
 
     def sign(identity, method, message, **kwargs):
-        if method == "Inference" and kwargs.get("in_reply_to"):
+        if method in ("Inference", "StepBatches") and kwargs.get("in_reply_to"):
             replies[0] += 1
             if replies[0] > honest_replies:
                 identity = impostor  # the node's replies, from now on signed by another key

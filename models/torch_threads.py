@@ -1,0 +1,76 @@
+"""Which OS threads run torch's parallel CPU work, and with how many threads each.
+
+torch's CPU kernels parallelize with OpenMP (libgomp), whose thread pools belong to the OS thread that
+starts a parallel region: every thread that ever ran a big enough op keeps a pool of its own for as long
+as it lives. Once the pools of a process hold more threads than the machine has CPUs, libgomp makes every
+pool's workers go to sleep almost at once between regions instead of spinning, and a decode step, hundreds
+of short regions, runs about half as fast: a 15-block SmolLM2 span at batch 16 on 2 cores took 33 ms a
+step with one pool and 60 ms once the thread that had loaded the weights (an executor thread, alive after)
+kept a second one. So a process keeps one long-lived thread for its steady compute (a node's runner, a
+client's head passes), one-off work (loading weights) runs on a thread that exits and frees its pool, and
+each of those threads sets its pool's size itself: torch hands a new thread whatever count was set last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+DEFAULT_THREADS = torch.get_num_threads()  # torch's own default (the CPUs), read before anything changes it
+_threads = DEFAULT_THREADS
+
+
+def set_threads(threads: int) -> None:
+    """The pool size of every compute thread from now on (`--threads`; 0: torch's default)."""
+    global _threads
+    _threads = threads or DEFAULT_THREADS
+
+
+def enter() -> None:
+    """First call on a compute thread: its pool gets the process's thread count."""
+    torch.set_num_threads(_threads)
+
+
+def keep_thread_light() -> None:
+    """The calling thread (a node's event loop) runs its torch ops on itself alone and never makes a pool,
+    however large a prompt it decodes or checks."""
+    torch.set_num_threads(1)
+
+
+async def in_passing_thread(fn: Callable[..., T], *args: object) -> T:
+    """fn(*args) on a new thread that exits afterwards, taking its OpenMP pool with it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        enter()
+        try:
+            result = fn(*args)
+        except BaseException as e:  # handed to the awaiting task, whatever it is
+            loop.call_soon_threadsafe(_settle, future, None, e)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=run, name="torchnode-passing", daemon=True).start()
+    return await future
+
+
+# The process's one long-lived compute thread for work off an event loop (a client's head passes); its
+# thread starts with its first task.
+COMPUTE = ThreadPoolExecutor(1, thread_name_prefix="torchnode-compute", initializer=enter)
+
+
+def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    if future.done():  # the caller gave up
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

@@ -1,0 +1,157 @@
+"""StepBatches: a client's sessions on a node share one stream, one signed message per round (protocol 1.1).
+
+Against a real node process (the tiny llama, blocks 0:4): batched sessions give the outputs their own
+Inference streams give, in fewer messages; a failing step fails its own session only; closed sessions are
+freed on the node; a node of protocol 1.0 gets a stream per session; an unsigned batch is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+import torch
+from grpc import aio
+
+from torchnode.protocol.wire import torchnode_pb2 as pb
+from torchnode.protocol.wire.grpc_node import GrpcNodeClient
+from torchnode.protocol.wire.identity import Identity
+from torchnode.protocol.wire.node_client import NodeError, SessionSpec
+
+pytestmark = pytest.mark.swarm
+HIDDEN, TIMEOUT = 64, 30.0
+
+
+@pytest.fixture(scope="module")
+def node(tiny_llama):
+    from swarm import start_node
+
+    process = start_node(str(tiny_llama), "--blocks", "0:4")
+    yield process
+    process.stop()
+
+
+async def connected(node) -> GrpcNodeClient:
+    client = GrpcNodeClient(node.address, Identity.generate())
+    await client.info()  # what the client knows of a node before routing through it: its protocol too
+    return client
+
+
+def inputs(sessions: int, steps: int) -> list[list[torch.Tensor]]:
+    """Per session: a prompt of its own length, then one-token steps."""
+    gen = torch.Generator().manual_seed(0)
+    return [
+        [torch.randn(1, 3 + s if i == 0 else 1, HIDDEN, generator=gen) for i in range(steps)] for s in range(sessions)
+    ]
+
+
+async def run_sessions(client: GrpcNodeClient, batched: bool, xs: list[list[torch.Tensor]], tag: str):
+    """Every session's steps, all sessions at once each round; (outputs per session, the sessions)."""
+    sessions = [
+        client.open_session(SessionSpec(f"{tag}{i}", 0, 4, max_length=32, batched=batched)) for i in range(len(xs))
+    ]
+    outs: list[list[torch.Tensor]] = [[] for _ in xs]
+    positions = [0] * len(xs)
+    for step in range(len(xs[0])):
+        got = await asyncio.gather(
+            *(s.step(x[step], positions[i], TIMEOUT) for i, (s, x) in enumerate(zip(sessions, xs, strict=True)))
+        )
+        for i, out in enumerate(got):
+            outs[i].append(out)
+            positions[i] += xs[i][step].shape[1]
+    return outs, sessions
+
+
+def test_batched_sessions_equal_their_own_streams_in_fewer_messages(node):
+    async def main():
+        client = await connected(node)
+        try:
+            assert client.batches_steps
+            xs = inputs(sessions=4, steps=4)
+            alone, own = await run_sessions(client, False, xs, "own")
+            together, shared = await run_sessions(client, True, xs, "shared")
+            assert [s.batched for s in own] == [None] * 4  # an Inference stream each
+            assert [s.batched for s in shared] == [client.step_batcher.epoch] * 4  # one StepBatches stream
+            for a, b in zip(alone, together, strict=True):
+                for x, y in zip(a, b, strict=True):
+                    torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+            assert client.step_batcher.batches_sent <= 2 * 4  # 16 steps; a round's steps leave together
+            for s in own + shared:
+                await s.close()
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_failing_step_fails_its_own_session_only(node):
+    async def main():
+        client = await connected(node)
+        try:
+            xs = inputs(sessions=3, steps=1)
+            _, (a, b, c) = await run_sessions(client, True, xs, "fail")
+            x = torch.randn(1, 1, HIDDEN)
+            results = await asyncio.gather(
+                a.step(x, 3, TIMEOUT), b.step(x, 99, TIMEOUT), c.step(x, 5, TIMEOUT), return_exceptions=True
+            )
+            assert isinstance(results[1], NodeError) and results[1].status == "OUT_OF_RANGE", results[1]
+            assert "past the 4 cached tokens" in str(results[1])
+            assert all(isinstance(r, torch.Tensor) for r in (results[0], results[2])), results
+            more = await asyncio.gather(a.step(x, 4, TIMEOUT), c.step(x, 6, TIMEOUT))  # the others carry on
+            assert [m.shape for m in more] == [(1, 1, HIDDEN)] * 2
+            with pytest.raises(NodeError, match="unknown session|closed"):  # the failed one is gone on the node
+                await b.step(x, 4, TIMEOUT)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_closed_sessions_are_freed_on_the_node(node):
+    async def main():
+        client = await connected(node)
+        try:
+            free = (await client.info()).sessions_free
+            _, sessions = await run_sessions(client, True, inputs(sessions=3, steps=2), "free")
+            assert (await client.info()).sessions_free == free - 3
+            for s in sessions:
+                await s.close()
+            deadline = time.monotonic() + 10
+            while (await client.info()).sessions_free != free:
+                assert time.monotonic() < deadline, "closed sessions still held by the node"
+                await asyncio.sleep(0.05)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_a_node_of_protocol_1_0_gets_a_stream_per_session(node):
+    async def main():
+        client = await connected(node)
+        client.protocol = "1.0"  # as a node before StepBatches answers Info
+        try:
+            outs, sessions = await run_sessions(client, True, inputs(sessions=2, steps=2), "old")
+            assert [s.batched for s in sessions] == [None, None] and client.step_batcher.batches_sent == 0
+            assert all(o.shape[-1] == HIDDEN for per in outs for o in per)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_an_unsigned_batch_is_refused(node):
+    async def main():
+        client = await connected(node)
+        try:
+            call = (await client.stub()).StepBatches()
+            await call.write(pb.StepBatch(steps=[pb.Step(session_id="x", step=0, max_length=8, end_block=4)]))
+            with pytest.raises(aio.AioRpcError) as refused:
+                await call.read()
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "unsigned StepBatches message" in refused.value.details()
+        finally:
+            await client.close()
+
+    asyncio.run(main())
