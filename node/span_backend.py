@@ -122,6 +122,7 @@ class SpanBackend:
         self.evictions = 0  # sessions evicted to give other client keys their fair share
         self.served_tokens = 0  # sessions' tokens its blocks computed since start (once per pass): credit
         self.served_sessions = 0  # sessions opened since start
+        self._delivered: list[tuple[asyncio.AbstractEventLoop, asyncio.Future, torch.Tensor | BaseException]] = []
         self._runner = threading.Thread(target=self._run_batches, name="torchnode-runner", daemon=True)
         self._runner.start()
         config = span.config
@@ -209,11 +210,11 @@ class SpanBackend:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
-        def deliver(result: torch.Tensor | BaseException) -> None:  # on the runner thread
-            try:
-                loop.call_soon_threadsafe(_settle, future, result)
-            except RuntimeError:  # the caller's event loop is gone: nobody is waiting
-                pass
+        def deliver(result: torch.Tensor | BaseException) -> None:
+            if threading.current_thread() is self._runner:  # handed over with the batch's others (_hand_over)
+                self._delivered.append((loop, future, result))
+            else:  # a step still queued when the node shut down
+                _call_soon(loop, _settle_all, [(future, result)])
 
         self.scheduler.submit(Work(x, position, start, end, caches, deliver, session_id, client))
         return await future
@@ -241,6 +242,17 @@ class SpanBackend:
                 self.served_tokens += sum(c.tokens * c.work.rows for c in chunks if c.work.session_id is not None)
             self.speed.record(batch, time.perf_counter() - started)
             self.scheduler.finish(batch, outputs)
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """A batch's outputs go to their event loop in one callback, not one each: its steps' replies then
+        leave together (a StepBatches stream answers every step finished by the time the loop gets to it)."""
+        delivered, self._delivered = self._delivered, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for loop, future, result in delivered:
+            by_loop.setdefault(loop, []).append((future, result))
+        for loop, settled in by_loop.items():
+            _call_soon(loop, _settle_all, settled)
 
     def _lora_of(self, session_id: str | None) -> Lora | None:
         session = self.sessions.get(session_id) if session_id is not None else None
@@ -390,13 +402,21 @@ class SpanBackend:
         self._runner.join()
 
 
-def _settle(future: asyncio.Future, result: torch.Tensor | BaseException) -> None:
-    if future.done():  # the caller gave up (its stream closed)
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+def _call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:  # the caller's event loop is gone: nobody is waiting
+        pass
+
+
+def _settle_all(settled: list[tuple[asyncio.Future, torch.Tensor | BaseException]]) -> None:
+    for future, result in settled:
+        if future.done():  # the caller gave up (its stream closed)
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
 
 
 def _loop_tasks() -> int:

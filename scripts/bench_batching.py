@@ -30,6 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
 from swarm import start_nodes, stop_all  # noqa: E402
 
+from torchnode.models.torch_threads import COMPUTE  # noqa: E402
+
 SPANS = ["0:15", "15:30"]
 SUBJECTS = [
     "dragons",
@@ -107,7 +109,8 @@ async def lockstep(core, texts: list[str], tokens: int) -> None:
         )  # prefills
         last = torch.cat([o[:, -1:] for o in outs])  # (N, 1, hidden)
         for step in range(tokens):
-            new = core.head.logits(last)[:, -1].argmax(-1)  # (N,): one LM-head pass for every session
+            logits = await asyncio.get_running_loop().run_in_executor(COMPUTE, core.head.logits, last)
+            new = logits[:, -1].argmax(-1)  # (N,): one LM-head pass for every session, on the compute thread
             if step + 1 == tokens:
                 return
             embedded = core.head.embed(new[:, None])  # (N, 1, hidden)
@@ -143,6 +146,12 @@ def main() -> None:
     parser.add_argument("--reference-threads", type=int, default=0, help="torch threads of the reference (0: default)")
     parser.add_argument("--max-batch-tokens", type=int, default=256, help="the nodes' --max-batch-tokens")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="the nodes' --batch-wait-ms")
+    parser.add_argument(
+        "--batch-steps",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the client's steps to a node in one message per round (StepBatches, the default) or a stream each",
+    )
     parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)  # the reference's process
     args = parser.parse_args()
     counts = [int(n) for n in args.sessions.split(",")]
@@ -165,7 +174,7 @@ def main() -> None:
     nodes = start_nodes("default", SPANS, *node_flags)
     rows = []
     try:
-        model = DistributedModel.from_pretrained("default", [n.address for n in nodes])
+        model = DistributedModel.from_pretrained("default", [n.address for n in nodes], batch_steps=args.batch_steps)
         time_swarm(model, prompts(2), 4), time_lockstep(model, prompts(2), 4)  # warm-up
         for n in counts:
             texts = prompts(n)
@@ -188,7 +197,7 @@ def main() -> None:
     base = {"sdk": rows[0][1], "lockstep": rows[0][2]} if rows and rows[0][0] == 1 else None
     print(
         f"\n{len(SPANS)} nodes {', '.join(SPANS)}, {args.tokens} greedy tokens per session, "
-        f"node flags: {' '.join(node_flags)}"
+        f"node flags: {' '.join(node_flags)}, client: {'--batch-steps' if args.batch_steps else '--no-batch-steps'}"
     )
     print(
         "|  N | sdk tokens/s | x N=1 | lockstep tokens/s | x N=1 | transformers batched | sdk / tf | lockstep / tf "

@@ -1,5 +1,6 @@
 """Decode tokens/s of SmolLM2 split over 2 loopback nodes (0:15, 15:30) vs plain transformers in one
-process: same prompt, same 64 greedy tokens. Prints both, their ratio, first-token latency, and the
+process of its own (in this one, the client's compute threads would slow it: models/torch_threads.py):
+same prompt, same 64 greedy tokens, the two alternating. Prints both, their ratio, first-token latency, and the
 overhead per hop per token in ms ((1/swarm - 1/local) / hops).
 
 --links tls (the default, as users run it), insecure (plaintext, both sides --insecure), or both
@@ -11,6 +12,7 @@ overhead per hop per token in ms ((1/swarm - 1/local) / hops).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import sys
 import time
@@ -60,6 +62,34 @@ def time_local(hf, ids: torch.Tensor, tokens: int) -> tuple[float, float]:
     return t[0] - started, (len(t) - 1) / (t[-1] - t[0])
 
 
+class LocalProcess:
+    """Plain transformers in a process of its own, timed on request (`time_local` there)."""
+
+    def __init__(self, ids: torch.Tensor):
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve_local, args=(child, ids), daemon=True)
+        self.process.start()
+
+    def time(self, tokens: int) -> tuple[float, float]:
+        self.conn.send(tokens)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join()
+
+
+def _serve_local(conn, ids: torch.Tensor) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from torchnode.models.checkpoint import resolve
+
+    hf = AutoModelForCausalLM.from_pretrained(resolve("default").path, dtype=torch.float32).eval()
+    while (tokens := conn.recv()) is not None:
+        conn.send(time_local(hf, ids, tokens))
+
+
 def _params(tokens: int):
     from torchnode.client.sampling import SamplingParams
 
@@ -70,7 +100,7 @@ HOPS = 2
 SPANS = ["0:15", "15:30"]
 
 
-def measure(links: str, ids: torch.Tensor, hf, args) -> tuple[list, list]:
+def measure(links: str, ids: torch.Tensor, local: LocalProcess, args) -> tuple[list, list]:
     """Paired (swarm, local) runs, each a (first-token s, tokens/s), over nodes started with `links`."""
     from torchnode.client.sync_model import DistributedModel
 
@@ -85,15 +115,15 @@ def measure(links: str, ids: torch.Tensor, hf, args) -> tuple[list, list]:
             push=args.push,
             push_min_rtt_ms=args.push_min_rtt_ms,
         )
-        time_swarm(model, ids, 4), time_local(hf, ids, 4)  # warm-up both
-        swarm, local = [], []
+        time_swarm(model, ids, 4), local.time(4)  # warm-up both
+        swarm, here = [], []
         for _ in range(args.runs):  # alternate so drift on the machine hits both alike
             swarm.append(time_swarm(model, ids, args.tokens))
-            local.append(time_local(hf, ids, args.tokens))
+            here.append(local.time(args.tokens))
         model.close()
     finally:
         stop_all(nodes)
-    return swarm, local
+    return swarm, here
 
 
 def report(links: str, swarm: list, local: list) -> None:
@@ -139,7 +169,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from torchnode.models.checkpoint import resolve
 
@@ -149,10 +179,13 @@ def main() -> None:
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False
     )
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-    hf = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
 
     modes = ["tls", "insecure"] if args.links == "both" else [args.links]
-    results = {links: measure(links, ids, hf, args) for links in modes}
+    local = LocalProcess(ids)
+    try:
+        results = {links: measure(links, ids, local, args) for links in modes}
+    finally:
+        local.close()
     print(
         f"prompt {ids.shape[1]} tokens, {args.tokens} greedy tokens, median of {args.runs} runs, "
         f"wire {args.wire_dtype}, "

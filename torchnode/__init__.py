@@ -1,8 +1,10 @@
 """torchnode: run large language models across volunteer machines.
 
-The SDK's public names are imported lazily, so `torchnode --help` and node start-up stay fast.
+The SDK's public names are imported lazily, so `torchnode --help` and node start-up stay fast. Importing the
+package sets how long idle OpenMP threads spin (torchnode/openmp_env.py) unless torch is already loaded.
 """
 
+from . import openmp_env  # noqa: F401  (first: OpenMP's environment, before anything loads torch)
 from .protocol.version import __version__
 
 __all__ = [
