@@ -1,8 +1,9 @@
 """A node that starts signing wrongly mid-session, for tests only (never a production flag).
 
 `python tests/helpers/bad_signer_node.py N join MODEL ...` runs the real `torchnode join`; after its first N
-step replies (Inference or StepBatches) it signs every further one with a fresh key instead of its own, as a node whose key was
-swapped or whose replies are forged on the way would. Clients must refuse those replies and fail over.
+step replies (Inference or StepBatches) it signs every further one with a fresh key instead of its own, as a
+node whose key was swapped or whose replies are forged on the way would.
+Clients must refuse those replies and fail over.
 """
 
 from __future__ import annotations
