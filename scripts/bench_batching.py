@@ -25,11 +25,15 @@ import threading
 import time
 from pathlib import Path
 
+import torchnode  # noqa: F401  (first, as in the README's examples: it sets OpenMP's spin before torch loads)
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
 from swarm import start_nodes, stop_all  # noqa: E402
 
+from torchnode import openmp_env  # noqa: E402
 from torchnode.models.torch_threads import COMPUTE  # noqa: E402
 
 SPANS = ["0:15", "15:30"]
@@ -231,7 +235,8 @@ def reference_in_own_process(args: argparse.Namespace) -> dict[int, float]:
     """run_reference in a fresh process of this script, alone on the machine (before the swarm starts)."""
     command = [sys.executable, __file__, "--reference-only", "--sessions", args.sessions, "--tokens", str(args.tokens)]
     command += ["--reference-threads", str(args.reference_threads)]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    env = openmp_env.libgomp_default_env()  # plain transformers, as a user runs it
+    out = subprocess.run(command, capture_output=True, text=True, check=True, env=env).stdout
     return {
         int(n): float(v) for _, n, v in (line.split() for line in out.splitlines() if line.startswith("reference "))
     }

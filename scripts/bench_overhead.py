@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import torchnode  # noqa: F401  (first, as in the README's examples: it sets OpenMP's spin before torch loads)
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
 from swarm import start_nodes, stop_all  # noqa: E402
 
+from torchnode import openmp_env  # noqa: E402
 from torchnode.client.config import ClientConfig  # noqa: E402
 
 PROMPT = "Write a long story about a dragon who learns to paint."
@@ -69,7 +74,12 @@ class LocalProcess:
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_serve_local, args=(child, ids), daemon=True)
-        self.process.start()
+        ours = dict(os.environ)
+        os.environ.update(openmp_env.libgomp_default_env())  # plain transformers, as a user runs it
+        try:
+            self.process.start()
+        finally:
+            os.environ.update(ours)
 
     def time(self, tokens: int) -> tuple[float, float]:
         self.conn.send(tokens)

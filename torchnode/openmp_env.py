@@ -14,6 +14,14 @@ from __future__ import annotations
 import os
 
 SPIN_COUNT = "10000"
+LIBGOMP_SPIN_COUNT = "300000"  # libgomp's own default
 
-if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+set_here = "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ
+if set_here:
     os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+
+
+def libgomp_default_env() -> dict[str, str]:
+    """This process's environment as the user gave it: for a process that must run as plain torch would (a
+    benchmark's transformers reference), whatever torchnode imports first."""
+    return os.environ | ({"GOMP_SPINCOUNT": LIBGOMP_SPIN_COUNT} if set_here else {})
