@@ -155,3 +155,36 @@ def test_an_unsigned_batch_is_refused(node):
             await client.close()
 
     asyncio.run(main())
+
+
+def test_idle_sessions_are_freed_and_an_idle_stream_ends(tiny_llama):
+    """--session-timeout holds on a shared stream too: a session idle past it is freed (its next step is
+    refused, naming why), and the stream, once nothing is open on it, ends; the next session opens a new one."""
+    from swarm import start_node
+
+    node = start_node(str(tiny_llama), "--blocks", "0:4", "--session-timeout", "1")
+
+    async def main():
+        client = await connected(node)
+        try:
+            free = (await client.info()).sessions_free
+            _, (a, b) = await run_sessions(client, True, inputs(sessions=2, steps=1), "idle")
+            epoch = client.step_batcher.epoch
+            deadline = time.monotonic() + 10
+            while (await client.info()).sessions_free != free:  # both idle past 1 s: freed
+                assert time.monotonic() < deadline, "idle sessions still held by the node"
+                await asyncio.sleep(0.1)
+            with pytest.raises(NodeError, match="idle past --session-timeout|stream this session was opened on ended"):
+                await a.step(torch.randn(1, 1, HIDDEN), 3, TIMEOUT)
+            while client.step_batcher.epoch == epoch:  # the empty stream ends after another second
+                assert time.monotonic() < deadline, "an idle stream with nothing open was kept"
+                await asyncio.sleep(0.1)
+            outs, (c,) = await run_sessions(client, True, inputs(sessions=1, steps=2), "after")
+            assert c.batched == client.step_batcher.epoch and outs[0][1].shape == (1, 1, HIDDEN)
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        node.stop()
