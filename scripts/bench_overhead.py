@@ -124,6 +124,7 @@ def measure(links: str, ids: torch.Tensor, local: LocalProcess, args) -> tuple[l
             insecure=insecure,
             push=args.push,
             push_min_rtt_ms=args.push_min_rtt_ms,
+            batch_steps=args.batch_steps,
         )
         time_swarm(model, ids, 4), local.time(4)  # warm-up both
         swarm, here = [], []
@@ -176,6 +177,12 @@ def main() -> None:
         type=float,
         default=ClientConfig.push_min_rtt_ms,
         help="push into a hop only if its probe round trip is at least this many ms (the client's default); 0: all",
+    )
+    parser.add_argument(
+        "--batch-steps",
+        action=argparse.BooleanOptionalAction,
+        default=ClientConfig.batch_steps,
+        help="the session's steps on the node's shared StepBatches stream (the default) or on a stream of its own",
     )
     args = parser.parse_args()
 
