@@ -188,3 +188,36 @@ def test_idle_sessions_are_freed_and_an_idle_stream_ends(tiny_llama):
         asyncio.run(main())
     finally:
         node.stop()
+
+
+def test_sessions_routed_through_the_dht_share_each_nodes_stream(tiny_llama):
+    """Routing probes every node it finds (Info tells its protocol), so sessions of a swarm found through the
+    DHT step on each node's shared stream, and their tokens are still transformers' own."""
+    from greedy import hf_greedy
+    from swarm import start_coordinator, start_node, stop_all
+    from transformers import AutoModelForCausalLM
+
+    from torchnode.client.sampling import SamplingParams
+    from torchnode.client.sync_model import DistributedModel
+
+    coordinator, maddr = start_coordinator()
+    nodes = [start_node(str(tiny_llama), "--initial-peers", maddr, "--blocks", span) for span in ("0:2", "2:4")]
+    try:
+        ids = torch.tensor([[1, 5, 9, 14]])
+        hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+        expected = hf_greedy(hf, ids, 8)[0, ids.shape[1] :].tolist()
+        with DistributedModel.from_pretrained(str(tiny_llama), initial_peers=[maddr]) as model:
+            core = model.async_model
+            sessions = [model.run(core.open_session(16)) for _ in range(2)]
+            for session in sessions:
+                params = SamplingParams(max_new_tokens=8)
+                assert [int(t[0]) for t in model.iterate(core.generate_ids(ids, params, session))] == expected
+            hops = [hop for session in sessions for hop in session.hops]
+            assert [h.end - h.start for h in hops] == [2, 2, 2, 2]
+            assert all(h.stream.batched == h.node.step_batcher.epoch for h in hops)  # the shared stream
+            assert {h.node.step_batcher.batches_sent > 0 for h in hops} == {True}
+            for session in sessions:
+                model.run(session.close())
+    finally:
+        stop_all(nodes)
+        coordinator.stop()
