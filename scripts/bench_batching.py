@@ -1,5 +1,5 @@
-"""Aggregate tokens/s of N concurrent sessions through 2 SmolLM2 nodes (0:15, 15:30), against plain
-transformers running the same N prompts as one padded batch in this process (the reference).
+"""Aggregate tokens/s of N concurrent sessions through 2 SmolLM2 nodes (0:15, 15:30; --spans), against plain
+transformers running the same N prompts as one padded batch (the reference).
 
 Two swarm figures per N:
 - `sdk`: what a user writes, `model.generate([N prompts])`: one session each, run concurrently; the
@@ -11,7 +11,7 @@ polled for their batch sizes (what the nodes actually did). The reference runs i
 started before the swarm: in this one, the client's compute threads would slow it (models/torch_threads.py).
 
     .venv/bin/python scripts/bench_batching.py [--sessions 1,2,4,8,16] [--tokens 32] [--node-threads 0]
-        [--max-batch-tokens 256] [--batch-wait-ms 5]
+        [--spans 0:15,15:30] [--max-batch-tokens 256] [--batch-wait-ms 5] [--no-batch-steps]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from swarm import start_nodes, stop_all  # noqa: E402
 from torchnode import openmp_env  # noqa: E402
 from torchnode.models.torch_threads import COMPUTE  # noqa: E402
 
-SPANS = ["0:15", "15:30"]
+SPANS = "0:15,15:30"
 SUBJECTS = [
     "dragons",
     "the sea",
@@ -145,6 +145,9 @@ def main() -> None:
     parser.add_argument("--sessions", default="1,2,4,8,16", help="comma-separated N")
     parser.add_argument("--tokens", type=int, default=32, help="new greedy tokens per session")
     parser.add_argument(
+        "--spans", default=SPANS, help="the nodes' blocks (0:30: one node holding all, no hop between nodes)"
+    )
+    parser.add_argument(
         "--node-threads", type=int, default=0, help="the nodes' --threads (0: their default, torch's: the CPUs)"
     )
     parser.add_argument("--reference-threads", type=int, default=0, help="torch threads of the reference (0: default)")
@@ -175,7 +178,8 @@ def main() -> None:
         "--batch-wait-ms",
         str(args.batch_wait_ms),
     ]
-    nodes = start_nodes("default", SPANS, *node_flags)
+    spans = args.spans.split(",")
+    nodes = start_nodes("default", spans, *node_flags)
     rows = []
     try:
         model = DistributedModel.from_pretrained("default", [n.address for n in nodes], batch_steps=args.batch_steps)
@@ -200,7 +204,7 @@ def main() -> None:
 
     base = {"sdk": rows[0][1], "lockstep": rows[0][2]} if rows and rows[0][0] == 1 else None
     print(
-        f"\n{len(SPANS)} nodes {', '.join(SPANS)}, {args.tokens} greedy tokens per session, "
+        f"\n{len(spans)} nodes {', '.join(spans)}, {args.tokens} greedy tokens per session, "
         f"node flags: {' '.join(node_flags)}, client: {'--batch-steps' if args.batch_steps else '--no-batch-steps'}"
     )
     print(
