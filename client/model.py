@@ -72,6 +72,7 @@ class AsyncDistributedModel:
         self.ckpt, self.source = ckpt, source
         self.bans = BanList()
         self.speeds = SpeedBook(self.config.speed)  # each node's speed as this client timed it: routing weighs it
+        self._probing: dict[tuple, asyncio.Future] = {}  # candidates() in flight, shared by identical calls
         self.uploads: list[asyncio.Future] = []  # fraud proofs being uploaded (config.report_to), awaited on close
         self.dishonest: set[str] = set()  # addresses caught lying: never used again by this client
         # where the head (embeddings, final norm, LM head) computes, in float32 (exact logits) wherever it is
@@ -135,9 +136,28 @@ class AsyncDistributedModel:
         def suits(p: Precision) -> bool:
             return (p.exact or not self.config.fp32_only) and (like is None or like.comparable(p))
 
-        found = await self.source.candidates(
-            self.ckpt.name, self.ckpt.revision, self.total_blocks, exclude=exclude, adapter=adapter, precision=suits
-        )
+        def probe() -> asyncio.Future:
+            return asyncio.ensure_future(
+                self.source.candidates(
+                    self.ckpt.name,
+                    self.ckpt.revision,
+                    self.total_blocks,
+                    exclude=exclude,
+                    adapter=adapter,
+                    precision=suits,
+                )
+            )
+
+        # Sessions opened together (generate([...]), an API server's burst) share one probe of the swarm: they
+        # then get their routes, and send their prefills, at the same moment (the nodes batch them as one)
+        key = (frozenset(exclude), adapter) if like is None else None
+        probing = self._probing.get(key) if key is not None else None
+        if probing is None:
+            probing = probe()
+            if key is not None:
+                self._probing[key] = probing
+                probing.add_done_callback(lambda _: self._probing.pop(key, None))
+        found = await asyncio.shield(probing)  # a caller cancelled leaves the probe to the others
         for candidate, _ in found:
             self.speeds.observe(candidate)
         return [(self.speeds.believed(candidate), node) for candidate, node in found]

@@ -202,6 +202,25 @@ async def test_concurrent_sessions_equal_each_alone_in_memory(tiny_llama):
     assert any(max(b) > 1 and 1 in b for b in batches), batches  # a prefill chunk beside decode steps
 
 
+async def test_sessions_opened_together_share_one_probe(tiny_llama):
+    """generate([...]): the sessions' routes come from one probe of the swarm, not one each, so they are ready
+    at the same moment (over gRPC their first steps then leave in one StepBatch); each session's tokens are
+    still its own."""
+    ckpt = resolve(str(tiny_llama))
+    node = MemoryNode(ckpt, 0, 4, "a:1")
+    model = AsyncDistributedModel(ckpt, MemoryPeers([node]), step_timeout=10.0)
+    params = SamplingParams(max_new_tokens=4, ignore_eos=True)
+    prompts = [prompt(4 + i, seed=i) for i in range(6)]
+    try:
+        alone = [await tokens_of(model, ids, params) for ids in prompts]
+        probes = node.infos
+        together = await asyncio.gather(*(tokens_of(model, ids, params) for ids in prompts))
+    finally:
+        node.shutdown()
+    assert together == alone
+    assert node.infos - probes <= 2  # one probe (a first-contact probe asks twice), not one per session
+
+
 async def test_announced_throughput_follows_the_steps_served(tiny_llama):
     node = MemoryNode(resolve(str(tiny_llama)), 0, 4, "a:1", throughput=12345.0)  # a start-up figure far off
     backend = node.backend

@@ -70,6 +70,7 @@ class MemoryNode(NodeClient):
         self.pushes = PushBox()  # node-to-node push: inputs waiting for their steps (node/push.py)
         self.unreachable: set[str] = set()  # addresses this node cannot push to
         self.pushed = 0  # outputs pushed to the next node
+        self.infos = 0  # Info calls answered (routing's probes)
         MemoryNode.network[address] = self
 
     def fail_after(self, steps: int) -> None:
@@ -83,6 +84,7 @@ class MemoryNode(NodeClient):
 
     async def info(self, timeout: float | None = 10.0) -> NodeInfo:
         self._check_up()
+        self.infos += 1
         return self.backend.describe(self.identity.public_key)
 
     def open_session(self, spec: SessionSpec) -> NodeSession:
