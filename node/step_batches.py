@@ -23,7 +23,7 @@ from typing import Protocol
 
 from ..protocol.wire import tensor_codec
 from ..protocol.wire import torchnode_pb2 as pb
-from .errors import IdleTimeout, NotFound, RequestError
+from .errors import IdleTimeout, NotFound, RequestError, ResourceExhausted
 from .span_backend import Session, SpanBackend
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,14 @@ class StepBatchStream:
                 return
 
     def _take(self, batch: pb.StepBatch) -> None:
+        """Starts the batch's steps. A session has one step in flight at a time, so a client never has more
+        than --max-sessions in flight on a stream; more (a flood of tiny steps in one message) ends it."""
+        limit = self.backend.limits.max_sessions
+        if len(self.tasks) + len(batch.steps) > limit:
+            raise ResourceExhausted(
+                f"{len(self.tasks) + len(batch.steps)} steps in flight on one StepBatches stream: at most "
+                f"{limit}, one per session (--max-sessions)"
+            )
         client = batch.auth.public_key  # checked by the auth interceptor: the key of every step's fair share
         for session_id in batch.close:
             self._close(session_id, cancel=True)
