@@ -55,6 +55,7 @@ class StepBatchStream:
         self.errors: list[pb.StepError] = []
         self.replies: asyncio.Queue[pb.StepBatchResult | BaseException | None] = asyncio.Queue()
         self.last_batch = time.monotonic()
+        self.unsent = 0  # answers (results and errors) queued in `replies`, not yet written to the client
         self._flush_due = False
 
     async def serve(self, requests: AsyncIterator[pb.StepBatch]) -> AsyncIterator[pb.StepBatchResult]:
@@ -65,7 +66,8 @@ class StepBatchStream:
             while (reply := await self.replies.get()) is not None:
                 if isinstance(reply, BaseException):
                     raise reply
-                yield reply
+                yield reply  # waits while the client does not read (gRPC's flow control)
+                self.unsent -= len(reply.results) + len(reply.errors)
         finally:
             reader.cancel()
             sweeper.cancel()
@@ -104,12 +106,13 @@ class StepBatchStream:
 
     def _take(self, batch: pb.StepBatch) -> None:
         """Starts the batch's steps. A session has one step in flight at a time, so a client never has more
-        than --max-sessions in flight on a stream; more (a flood of tiny steps in one message) ends it."""
-        limit = self.backend.limits.max_sessions
-        if len(self.tasks) + len(batch.steps) > limit:
+        than --max-sessions in flight on a stream, and as many answers on their way back; more (a flood of
+        tiny steps in one message, or steps sent while the answers go unread) ends the stream."""
+        limit, in_flight = 2 * self.backend.limits.max_sessions, len(self.tasks) + self.unsent + len(batch.steps)
+        if in_flight > limit:
             raise ResourceExhausted(
-                f"{len(self.tasks) + len(batch.steps)} steps in flight on one StepBatches stream: at most "
-                f"{limit}, one per session (--max-sessions)"
+                f"{in_flight} steps on one StepBatches stream, in flight or answered but not yet read: at most "
+                f"{limit}, twice --max-sessions (a step per session, and its answer on the way)"
             )
         client = batch.auth.public_key  # checked by the auth interceptor: the key of every step's fair share
         for session_id in batch.close:
@@ -187,5 +190,6 @@ class StepBatchStream:
     def _flush(self) -> None:
         self._flush_due = False
         if self.results or self.errors:
+            self.unsent += len(self.results) + len(self.errors)
             self.replies.put_nowait(pb.StepBatchResult(results=self.results, errors=self.errors))
             self.results, self.errors = [], []

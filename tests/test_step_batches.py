@@ -158,19 +158,20 @@ def test_an_unsigned_batch_is_refused(node):
 
 
 def test_a_flood_of_steps_in_one_message_ends_the_stream(node):
-    """More steps in flight on one stream than --max-sessions (a session has one at a time) is not a client's
-    batch but a flood of tasks: the node ends the stream with RESOURCE_EXHAUSTED, naming the limit."""
+    """More steps on one stream than twice --max-sessions (a session has one in flight at a time, and its
+    answer on the way back) is not a client's batch but a flood of tasks: the node ends the stream with
+    RESOURCE_EXHAUSTED, naming the limit."""
 
     async def main():
         client = await connected(node)
         try:
             call = (await client.stub()).StepBatches()
-            steps = [pb.Step(session_id=f"f{i}", step=0, max_length=8, end_block=4) for i in range(65)]
+            steps = [pb.Step(session_id=f"f{i}", step=0, max_length=8, end_block=4) for i in range(129)]
             await call.write(client.sign("StepBatches", pb.StepBatch(steps=steps)))
             with pytest.raises(aio.AioRpcError) as refused:
                 await call.read()
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "at most 64, one per session (--max-sessions)" in refused.value.details()
+            assert "at most 128, twice --max-sessions" in refused.value.details()
             assert (await client.info()).sessions_free == 64  # nothing was opened
         finally:
             await client.close()
