@@ -144,7 +144,7 @@ class HeadBatcher:
                     continue
                 hiddens = [r.hidden for r in batch]
                 results = (
-                    await asyncio.get_running_loop().run_in_executor(torch_threads.COMPUTE, self._compute, hiddens)
+                    await torch_threads.on_compute_thread(self._compute, hiddens)
                     if self.off_loop
                     else self._compute(hiddens)
                 )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
@@ -46,20 +46,17 @@ def keep_thread_light() -> None:
 
 async def in_passing_thread(fn: Callable[..., T], *args: object) -> T:
     """fn(*args) on a new thread that exits afterwards, taking its OpenMP pool with it."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
+    future: Future[T] = Future()
 
     def run() -> None:
         enter()
         try:
-            result = fn(*args)
+            future.set_result(fn(*args))
         except BaseException as e:  # handed to the awaiting task, whatever it is
-            loop.call_soon_threadsafe(_settle, future, None, e)
-        else:
-            loop.call_soon_threadsafe(_settle, future, result, None)
+            future.set_exception(e)
 
     threading.Thread(target=run, name="torchnode-passing", daemon=True).start()
-    return await future
+    return await asyncio.wrap_future(future)
 
 
 # The process's one long-lived compute thread for work off an event loop (a client's head passes); its
@@ -67,10 +64,6 @@ async def in_passing_thread(fn: Callable[..., T], *args: object) -> T:
 COMPUTE = ThreadPoolExecutor(1, thread_name_prefix="torchnode-compute", initializer=enter)
 
 
-def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
-    if future.done():  # the caller gave up
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+async def on_compute_thread(fn: Callable[..., T], *args: object) -> T:
+    """fn(*args) on the process's compute thread (COMPUTE), awaited from an event loop."""
+    return await asyncio.get_running_loop().run_in_executor(COMPUTE, fn, *args)

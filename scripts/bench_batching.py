@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"
 from swarm import start_nodes, stop_all  # noqa: E402
 
 from torchnode import openmp_env  # noqa: E402
-from torchnode.models.torch_threads import COMPUTE  # noqa: E402
+from torchnode.models.torch_threads import on_compute_thread  # noqa: E402
 
 SPANS = "0:15,15:30"
 SUBJECTS = [
@@ -113,7 +113,7 @@ async def lockstep(core, texts: list[str], tokens: int) -> None:
         )  # prefills
         last = torch.cat([o[:, -1:] for o in outs])  # (N, 1, hidden)
         for step in range(tokens):
-            logits = await asyncio.get_running_loop().run_in_executor(COMPUTE, core.head.logits, last)
+            logits = await on_compute_thread(core.head.logits, last)
             new = logits[:, -1].argmax(-1)  # (N,): one LM-head pass for every session, on the compute thread
             if step + 1 == tokens:
                 return

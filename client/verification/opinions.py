@@ -149,6 +149,6 @@ class LocalOpinion(Opinion):
 
     async def _run(self, x: torch.Tensor, position: int) -> torch.Tensor:
         x = x.to(torch.float32)
-        return await asyncio.get_running_loop().run_in_executor(
-            torch_threads.COMPUTE, run_span, self.span, self.lora, x, position, self.start, self.end, self.caches
+        return await torch_threads.on_compute_thread(
+            run_span, self.span, self.lora, x, position, self.start, self.end, self.caches
         )
