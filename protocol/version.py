@@ -31,21 +31,22 @@ def protocol() -> str:
 
 def protocol_major(protocol_version: str) -> int:
     """3 for "3.1"; ValueError for anything not "MAJOR.MINOR" (each 0..9999, no sign or leading zeros)."""
-    m = _PROTOCOL.fullmatch(protocol_version) if isinstance(protocol_version, str) else None
-    if m is None:
-        raise ValueError(f"protocol version {protocol_version!r} is not MAJOR.MINOR")
-    return int(m[1])
+    return _parts(protocol_version)[0]
 
 
 def supports(theirs: str, since: str) -> bool:
     """Whether a peer speaking `theirs` has what the protocol gained in `since`: the same major, a minor at least
     as new ("1.3" supports "1.1"; "2.0" does not: another major is another protocol)."""
-    return protocol_major(theirs) == protocol_major(since) and _minor(theirs) >= _minor(since)
+    (major, minor), (since_major, since_minor) = _parts(theirs), _parts(since)
+    return major == since_major and minor >= since_minor
 
 
-def _minor(protocol_version: str) -> int:
-    protocol_major(protocol_version)  # validates
-    return int(protocol_version.split(".")[1])
+def _parts(protocol_version: str) -> tuple[int, int]:
+    """(MAJOR, MINOR); ValueError for anything not "MAJOR.MINOR"."""
+    m = _PROTOCOL.fullmatch(protocol_version) if isinstance(protocol_version, str) else None
+    if m is None:
+        raise ValueError(f"protocol version {protocol_version!r} is not MAJOR.MINOR")
+    return int(m[1]), int(m[2])
 
 
 def speaks(theirs: str, ours: str | None = None) -> bool:
