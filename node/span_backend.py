@@ -80,9 +80,11 @@ class ServedSpeed:
         self.usual_batch = 0.0  # sequences per busy batch, averaged
         self.busy_at = self.last_at = -float("inf")  # time.monotonic() of the last busy batch / any batch
         self.last_sequences = 0
+        self.batches = self.sequences = 0  # every batch run, and their sequences: a reader's mean batch size
 
     def record(self, batch: Batch, seconds: float) -> None:
         self.last_at, self.last_sequences = time.monotonic(), sum(c.work.rows for c in batch.chunks)
+        self.batches, self.sequences = self.batches + 1, self.sequences + self.last_sequences
         if any(c.tokens != 1 for c in batch.chunks) or seconds <= 0:
             return  # prefill chunks and multi-token steps are not decode speed
         speed = (batch.end - batch.start) / (seconds * self.span_blocks)  # tokens/s over the whole span
@@ -155,6 +157,8 @@ class SpanBackend:
             adapters=self.adapters.names if self.adapters else (),
             protocol=version.protocol(),
             asyncio_tasks=_loop_tasks(),
+            batches_run=self.speed.batches,
+            sequences_run=self.speed.sequences,
         )
 
     def refresh_throughput(self) -> float:

@@ -51,6 +51,8 @@ class NodeInfo:
     protocol: str = UNSAID_PROTOCOL  # protocol version "MAJOR.MINOR" (protocol/version.py)
     asyncio_tasks: int = 0  # tasks alive in the node's event loop (scripts/soak.py watches it for leaks)
     quant: str = ""  # weight quantization: "none", "int8", "int4", "nf4" ("": a node too old to say; none)
+    batches_run: int = 0  # passes over the span since the node started
+    sequences_run: int = 0  # sequences in those passes, summed (their change over batches_run's: the mean batch)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ class InfoRequest(_message.Message):
     def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "revision", "start_block", "end_block", "total_blocks", "hidden_size", "dtype", "throughput", "cache_bytes_free", "sessions_free", "version", "public_key", "max_message_bytes", "auth", "batch_size", "queue_length", "adapters", "protocol", "asyncio_tasks", "quant")
+    __slots__ = ("model", "revision", "start_block", "end_block", "total_blocks", "hidden_size", "dtype", "throughput", "cache_bytes_free", "sessions_free", "version", "public_key", "max_message_bytes", "auth", "batch_size", "queue_length", "adapters", "protocol", "asyncio_tasks", "quant", "batches_run", "sequences_run")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,8 @@ class InfoResponse(_message.Message):
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     ASYNCIO_TASKS_FIELD_NUMBER: _ClassVar[int]
     QUANT_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_RUN_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_RUN_FIELD_NUMBER: _ClassVar[int]
     model: str
     revision: str
     start_block: int
@@ -80,7 +82,9 @@ class InfoResponse(_message.Message):
     protocol: str
     asyncio_tasks: int
     quant: str
-    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., total_blocks: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_bytes_free: _Optional[int] = ..., sessions_free: _Optional[int] = ..., version: _Optional[str] = ..., public_key: _Optional[bytes] = ..., max_message_bytes: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., batch_size: _Optional[int] = ..., queue_length: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ..., protocol: _Optional[str] = ..., asyncio_tasks: _Optional[int] = ..., quant: _Optional[str] = ...) -> None: ...
+    batches_run: int
+    sequences_run: int
+    def __init__(self, model: _Optional[str] = ..., revision: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., total_blocks: _Optional[int] = ..., hidden_size: _Optional[int] = ..., dtype: _Optional[str] = ..., throughput: _Optional[float] = ..., cache_bytes_free: _Optional[int] = ..., sessions_free: _Optional[int] = ..., version: _Optional[str] = ..., public_key: _Optional[bytes] = ..., max_message_bytes: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., batch_size: _Optional[int] = ..., queue_length: _Optional[int] = ..., adapters: _Optional[_Iterable[str]] = ..., protocol: _Optional[str] = ..., asyncio_tasks: _Optional[int] = ..., quant: _Optional[str] = ..., batches_run: _Optional[int] = ..., sequences_run: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("hidden", "start_block", "end_block", "wire_dtype", "lora", "lora_scale", "auth")
