@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from .llama.config import LlamaConfig
 
 
+PADDED_ROWS = (5, 16)  # a CPU LM head pads this many rows [5, 16) to 16 (Head.logits)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -238,4 +241,16 @@ class Head(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden.to(self.norm.weight.dtype))).float()  # (B, T, vocab)
+        """(B, T, hidden) -> (B, T, vocab) float32.
+
+        On a CPU, 5 to 15 rows are padded to 16 for the vocab projection. Why: for a matrix this wide,
+        torch's CPU GEMM (MKL) takes a slow path at 8-15 rows. SmolLM2's head (576 x 49152), weights cold:
+        16 rows 10.6 ms, 8 rows 16.0, 12 rows 21.1, 14 rows 26.1, and 10.6 padded (scripts/bench_head_rows.py).
+        Those counts are common here: a batch of 8-15 sessions, a verify pass of 4-14 drafted tokens.
+        """
+        x = self.norm(hidden.to(self.norm.weight.dtype))  # (B, T, hidden)
+        rows = x.shape[:-1].numel()
+        if x.device.type != "cpu" or not PADDED_ROWS[0] <= rows < PADDED_ROWS[1]:
+            return self.lm_head(x).float()
+        padded = F.pad(x.reshape(rows, -1), (0, 0, 0, PADDED_ROWS[1] - rows))  # (16, hidden)
+        return self.lm_head(padded)[:rows].view(*x.shape[:-1], -1).float()
