@@ -121,7 +121,11 @@ class Scheduler:
             work.seq = next(self._seq)
             self._queue.append(work)
             self._last_arrival = time.monotonic()
-            self._cond.notify()
+            # the runner is told when its wait starts (first step) or can end (the batch is full): woken for
+            # every step of a burst, it took the GIL from the loop thread queueing the rest (16 steps: 1.6 ms
+            # from the first queued to the pass, 0.8 ms without)
+            if len(self._queue) == 1 or not self._worth_waiting():
+                self._cond.notify()
 
     def drop(self, session_id: str) -> None:
         """Forgets a closed session's steps; a chunk of it running now is thrown away when it ends."""
