@@ -52,9 +52,12 @@ async def generate_ids(
     with batcher.decoding() as member:  # passes wait for concurrent sessions: their steps leave together
         while ids.shape[1] - prompt < params.max_new_tokens:
             # (B, V): only the last position needs the LM head, run in one pass with other sessions' (head_batcher.py)
-            logits = (await batcher.logits(out[:, -1:], member))[:, -1]
             before = (generator.get_state() if generator is not None else None, finished.clone())
-            new = next_tokens(logits, params, ids, generator)
+            if params.plain_greedy:  # the argmax comes with the pass (taken once for every session in it)
+                new = (await batcher.greedy(out[:, -1:], member))[1][:, -1]
+            else:
+                logits = (await batcher.logits(out[:, -1:], member))[:, -1]
+                new = next_tokens(logits, params, ids, generator)
             if len(eos):
                 new = torch.where(finished, eos[0], new)
                 finished |= torch.isin(new, eos)

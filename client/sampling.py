@@ -36,6 +36,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE  # dividing logits by ~0 overflows: that limit *is* greedy
 
+    @property
+    def plain_greedy(self) -> bool:
+        """next_tokens is the logits' own argmax (greedy, no repetition penalty)."""
+        return self.greedy and self.repetition_penalty == 1.0
+
 
 def warped_logits(logits: torch.Tensor, params: SamplingParams, previous: torch.Tensor) -> torch.Tensor:
     """logits (B, V) float32, previous ids (B, T) -> the logits next_tokens chooses from (B, V).

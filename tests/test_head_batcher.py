@@ -104,6 +104,26 @@ async def test_requests_made_together_run_as_one_pass(tiny_llama):
         torch.testing.assert_close(got, head.logits(hidden), atol=1e-5, rtol=1e-5)
 
 
+async def test_greedy_requests_get_their_argmax_from_the_shared_pass(tiny_llama):
+    head = load_head(resolve(str(tiny_llama)))
+    rows = count_head_rows(head)
+    batcher = HeadBatcher(head)
+    hiddens = [torch.randn(b, t, head.norm.weight.shape[0]) for b, t in ((1, 1), (2, 3), (1, 1), (3, 1))]
+    asks = [batcher.greedy(h) if i % 2 == 0 else batcher.logits(h) for i, h in enumerate(hiddens)]
+    results = await asyncio.gather(*asks)
+    assert rows == [1 + 6 + 1 + 3] and batcher.passes == 1  # greedy and plain callers in one matrix product
+    for i, (hidden, got) in enumerate(zip(hiddens, results, strict=True)):
+        expected = head.logits(hidden)
+        if i % 2 == 0:
+            logits, ids = got
+            assert ids.shape == hidden.shape[:-1] and torch.equal(ids, logits.argmax(-1))
+        else:
+            logits = got
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    logits, ids = await batcher.greedy(hiddens[1])  # alone: its own pass, its own argmax
+    assert torch.equal(ids, head.logits(hiddens[1]).argmax(-1)) and batcher.passes == 2
+
+
 async def test_a_bad_request_fails_alone(tiny_llama):
     head = load_head(resolve(str(tiny_llama)))
     batcher = HeadBatcher(head)
