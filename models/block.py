@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .llama.config import LlamaConfig
 
 
-PADDED_ROWS = (5, 16)  # a CPU LM head pads this many rows [5, 16) to 16 (Head.logits)
+PADDED_ROWS = (7, 16)  # a CPU LM head pads this many rows [7, 16) to 16 (Head.logits)
 
 
 class RMSNorm(nn.Module):
@@ -243,10 +243,12 @@ class Head(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, T, hidden) -> (B, T, vocab) float32.
 
-        On a CPU, 5 to 15 rows are padded to 16 for the vocab projection. Why: for a matrix this wide,
-        torch's CPU GEMM (MKL) takes a slow path at 8-15 rows. SmolLM2's head (576 x 49152), weights cold:
-        16 rows 10.6 ms, 8 rows 16.0, 12 rows 21.1, 14 rows 26.1, and 10.6 padded (scripts/bench_head_rows.py).
-        Those counts are common here: a batch of 8-15 sessions, a verify pass of 4-14 drafted tokens.
+        On a CPU, 7 to 15 rows are padded to 16 for the vocab projection. Why: for a matrix this wide,
+        torch's CPU GEMM (MKL) takes a slow path at 7-15 rows. SmolLM2's head (576 x 49152), weights cold,
+        2 threads: 16 rows 10.6 ms, 8 rows 16.0, 12 rows 21.1, 14 rows 26.1, and 10.6-11.2 padded; 1 thread:
+        16 rows 27, 8 rows 32, 14 rows 54 (scripts/bench_head_rows.py [--threads 1]). 6 rows or fewer cost
+        less than 16 on one thread, so they are left alone. These counts are common: a batch of 7-15
+        sessions, a verify pass of 6-14 drafted tokens.
         """
         x = self.norm(hidden.to(self.norm.weight.dtype))  # (B, T, hidden)
         rows = x.shape[:-1].numel()

@@ -1,8 +1,9 @@
 """The client's LM head (final norm + vocab projection) per number of rows, as computed (Head.logits, which
-pads 5-15 rows to 16 on a CPU) and as a plain `lm_head` call, with the weights cold as in a decode loop
+pads 7-15 rows to 16 on a CPU) and as a plain `lm_head` call, with the weights cold as in a decode loop
 (a 400 MB buffer is rewritten before each pass, as the model's blocks would). Shows why Head.logits pads.
 
-    .venv/bin/python scripts/bench_head_rows.py [--model default] [--rows 1,2,4,5,6,8,10,12,14,15,16,24,32]
+    .venv/bin/python scripts/bench_head_rows.py [--model default] [--rows 1,2,4,6,7,8,10,12,14,15,16,24,32]
+        [--threads 1]
 """
 
 from __future__ import annotations
@@ -33,9 +34,12 @@ def cold_ms(fn, x: torch.Tensor, flush: torch.Tensor, runs: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--rows", default="1,2,4,5,6,8,10,12,14,15,16,24,32")
+    parser.add_argument("--rows", default="1,2,4,6,7,8,10,12,14,15,16,24,32")
     parser.add_argument("--runs", type=int, default=11)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, the CPUs)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     head = load_head(resolve(args.model))
     flush = torch.ones(100_000_000)
     hidden = head.norm.weight.shape[0]
