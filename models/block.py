@@ -260,4 +260,4 @@ class Head(nn.Module):
         if x.device.type != "cpu" or not PADDED_ROWS[0] <= rows < PADDED_ROWS[1]:
             return self.lm_head(x).float()
         padded = F.pad(x.reshape(rows, -1), (0, 0, 0, PADDED_ROWS[1] - rows))  # (16, hidden)
-        return self.lm_head(padded)[:rows].view(*x.shape[:-1], -1).float()
+        return self.lm_head(padded)[:rows].reshape(*x.shape[:-1], -1).float()

@@ -124,6 +124,19 @@ async def test_greedy_requests_get_their_argmax_from_the_shared_pass(tiny_llama)
     assert torch.equal(ids, head.logits(hiddens[1]).argmax(-1)) and batcher.passes == 2
 
 
+def test_padded_head_passes_equal_the_plain_projection(tiny_llama):
+    """Head.logits pads 7-15 rows to 16 on a CPU (MKL's slow path): every shape gives what the plain
+    norm + projection gives, row for row."""
+    head = load_head(resolve(str(tiny_llama)))
+    for shape in ((1, 1), (6, 1), (7, 1), (1, 9), (3, 4), (15, 1), (16, 1), (2, 9)):
+        hidden = torch.randn(*shape, head.norm.weight.shape[0])
+        with torch.inference_mode():
+            plain = head.lm_head(head.norm(hidden)).float()
+        got = head.logits(hidden)
+        assert got.shape == (*shape, head.lm_head.weight.shape[0])
+        torch.testing.assert_close(got, plain, atol=1e-5, rtol=1e-5)
+
+
 async def test_a_bad_request_fails_alone(tiny_llama):
     head = load_head(resolve(str(tiny_llama)))
     batcher = HeadBatcher(head)
