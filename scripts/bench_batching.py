@@ -29,7 +29,7 @@ import torchnode  # noqa: F401  (first, as in the README's examples: it sets Ope
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
-from swarm import start_nodes, stop_all  # noqa: E402
+from swarm import mean_batch, node_infos, start_nodes, stop_all  # noqa: E402
 
 from torchnode import openmp_env  # noqa: E402
 from torchnode.models.torch_threads import on_compute_thread  # noqa: E402
@@ -67,32 +67,14 @@ class BatchCount:
 
     def __init__(self, model, addresses: list[str]):
         self.model, self.addresses, self.mean = model, addresses, 0.0
-        self._before: list[tuple[int, int]] = []
-
-    def _counts(self) -> list[tuple[int, int]]:
-        from torchnode.protocol.wire.grpc_node import GrpcNodeClient
-        from torchnode.protocol.wire.identity import Identity
-
-        async def read() -> list[tuple[int, int]]:
-            counts = []
-            for address in self.addresses:
-                client = GrpcNodeClient(address, Identity.generate())
-                info = await client.info()
-                await client.close()
-                counts.append((info.batches_run, info.sequences_run))
-            return counts
-
-        return self.model._loop.run(read())
+        self._before: list = []
 
     def __enter__(self) -> BatchCount:
-        self._before = self._counts()
+        self._before = self.model._loop.run(node_infos(self.addresses))
         return self
 
     def __exit__(self, *exc) -> None:
-        after = self._counts()
-        batches = sum(a[0] - b[0] for a, b in zip(after, self._before, strict=True))
-        sequences = sum(a[1] - b[1] for a, b in zip(after, self._before, strict=True))
-        self.mean = sequences / batches if batches else 0.0
+        self.mean = mean_batch(self._before, self.model._loop.run(node_infos(self.addresses)))
 
 
 def time_swarm(model, texts: list[str], tokens: int) -> float:

@@ -20,8 +20,6 @@ from torchnode.models.checkpoint import resolve
 from torchnode.node.limits import Limits
 from torchnode.node.scheduler import Batch, Scheduler, Work
 from torchnode.node.span_backend import SpanBackend
-from torchnode.protocol.wire.grpc_node import GrpcNodeClient
-from torchnode.protocol.wire.identity import Identity
 
 HIDDEN = 4
 
@@ -307,22 +305,11 @@ def test_metrics_show_each_nodes_batch_size_and_queue():
 # ---- real node processes
 
 
-async def batches_run(addresses: list[str]) -> tuple[int, int]:
-    """The nodes' batches run and the sequences in them, summed, from their signed Info (over the wire)."""
-    batches = sequences = 0
-    for address in addresses:
-        client = GrpcNodeClient(address, Identity.generate())
-        info = await client.info()
-        await client.close()
-        assert info.queue_length >= 0
-        batches, sequences = batches + info.batches_run, sequences + info.sequences_run
-    return batches, sequences
-
-
 @pytest.mark.swarm
 @pytest.mark.swarm
 def test_generate_many_prompts_batches_on_real_nodes_and_equals_transformers(default_reference):
-    from swarm import start_nodes, stop_all  # imported here: the rest of this module is the unit tier
+    # imported here: the rest of this module is the unit tier
+    from swarm import mean_batch, node_infos, start_nodes, stop_all
 
     hf, tokenizer = default_reference
     prompts = [
@@ -353,12 +340,13 @@ def test_generate_many_prompts_batches_on_real_nodes_and_equals_transformers(def
         model = await AsyncDistributedModel.from_pretrained("default", peers=[n.address for n in nodes])
         addresses = [n.address for n in nodes]
         try:
-            before = await batches_run(addresses)
+            before = await node_infos(addresses)
             outs = await model.generate(prompts, max_new_tokens=new, ignore_eos=True)
-            after = await batches_run(addresses)
+            after = await node_infos(addresses)
         finally:
             await model.close()
-        return outs, (after[1] - before[1]) / (after[0] - before[0])
+        assert all(info.queue_length >= 0 for info in before + after)
+        return outs, mean_batch(before, after)
 
     try:
         outs, mean_batch = asyncio.run(scenario())

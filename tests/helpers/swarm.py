@@ -125,6 +125,27 @@ def stop_all(nodes: list[NodeProcess]) -> None:
         node.stop()
 
 
+async def node_infos(addresses: list[str]) -> list:
+    """Each node's signed Info (NodeInfo), read over the wire."""
+    from torchnode.protocol.wire.grpc_node import GrpcNodeClient
+    from torchnode.protocol.wire.identity import Identity
+
+    infos = []
+    for address in addresses:
+        client = GrpcNodeClient(address, Identity.generate())
+        infos.append(await client.info())
+        await client.close()
+    return infos
+
+
+def mean_batch(before: list, after: list) -> float:
+    """The nodes' mean batch between two `node_infos` reads: sequences run / batches run in between. Read
+    before and after a run, so nothing polls the nodes while it runs (0.0: no batch ran)."""
+    batches = sum(a.batches_run - b.batches_run for a, b in zip(after, before, strict=True))
+    sequences = sum(a.sequences_run - b.sequences_run for a, b in zip(after, before, strict=True))
+    return sequences / batches if batches else 0.0
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     return subprocess.run([*TORCHNODE, *args], capture_output=True, text=True, env=full_env, timeout=timeout)
