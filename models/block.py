@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kv_cache import KVCache
+from .kv_cache import KVCache, KVSlab
 
 if TYPE_CHECKING:
     from .llama.config import LlamaConfig
@@ -41,6 +41,16 @@ class RMSNorm(nn.Module):
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def slab_groups(segments: Sequence[Segment], caches: Sequence[KVCache | None]) -> list[list[int]]:
+    """Indices of the one-token, single-sequence segments whose caches share a slab layer (models/kv_cache.py
+    KVSlab), per slab, where two or more do: those decode in one attention call (Attention.attend_slab)."""
+    groups: dict[int, list[int]] = {}
+    for i, (s, cache) in enumerate(zip(segments, caches, strict=True)):
+        if cache is not None and cache.slab is not None and s.rows == 1 and s.tokens == 1:
+            groups.setdefault(id(cache.slab[0]), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def attention_mask(position: int, tokens: int, window: int | None) -> torch.Tensor | None:
@@ -107,12 +117,53 @@ class Attention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]  # (N, 1, D)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        groups = slab_groups(segments, caches) if self.window is None else []
+        if len(groups) == 1 and len(groups[0]) == len(segments):  # a decode step of sessions of one slab
+            return self.o_proj(self.attend_slab(segments, caches, q, k, v)[None])  # type: ignore[arg-type]
         sizes = [s.size for s in segments]
+        qs, ks, vs = q.split(sizes), k.split(sizes), v.split(sizes)
+        ys: list[torch.Tensor | None] = [None] * len(segments)
+        for group in groups:
+            y = self.attend_slab(
+                [segments[i] for i in group],
+                [caches[i] for i in group],  # type: ignore[misc]
+                *(torch.cat([parts[i] for i in group]) for parts in (qs, ks, vs)),
+            )
+            for row, i in enumerate(group):
+                ys[i] = y[row : row + 1]
         ys = [
-            self.attend(s, cache, *parts)
-            for s, cache, *parts in zip(segments, caches, q.split(sizes), k.split(sizes), v.split(sizes), strict=True)
+            y if y is not None else self.attend(s, cache, *parts)
+            for y, s, cache, *parts in zip(ys, segments, caches, qs, ks, vs, strict=True)
         ]  # (B_i * T_i, H * D) each
         return self.o_proj((ys[0] if len(ys) == 1 else torch.cat(ys))[None])  # (1, N, C)
+
+    def attend_slab(
+        self, segments: Sequence[Segment], caches: Sequence[KVCache], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """One-token steps of sessions whose caches are slots of one slab layer, in one attention call over the
+        slab's rows [lo, hi) of their slots: q (N, H, D), k, v (N, Hkv, D) -> (N, H * D), each row what
+        `attend` gives that session alone. Slots in the range but not in the step see only their first key
+        (their rows are thrown away); each session sees its keys up to its own position."""
+        D, n = self.c.head_dim, len(segments)
+        slab_k, slab_v = caches[0].slab  # type: ignore[misc]
+        slot_list = [c.slot for c in caches]
+        lo, hi, end = min(slot_list), max(slot_list) + 1, max(s.position for s in segments) + 1
+        slots, positions = torch.tensor(slot_list), torch.tensor([s.position for s in segments])
+        slab_k[slots, :, positions] = k  # each session's new key at its own position
+        slab_v[slots, :, positions] = v
+        dense = slot_list == list(range(lo, hi))
+        if dense:
+            queries, seen = q.view(n, -1, 1, D), positions
+        else:
+            queries = q.new_zeros(hi - lo, q.shape[1], 1, D)
+            queries[slots - lo] = q.view(n, -1, 1, D)
+            seen = torch.zeros(hi - lo, dtype=positions.dtype)
+            seen[slots - lo] = positions
+        mask = (torch.arange(end)[None, :] <= seen[:, None])[:, None, None, :]  # (R, 1, 1, end)
+        y = F.scaled_dot_product_attention(
+            queries, slab_k[lo:hi, :, :end], slab_v[lo:hi, :, :end], attn_mask=mask, enable_gqa=True
+        ).reshape(hi - lo, -1)  # (R, H * D)
+        return y if dense else y[slots - lo]
 
     def attend(
         self, s: Segment, cache: KVCache | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -192,6 +243,11 @@ class Span(nn.Module):
         dtype = next(self.parameters()).dtype
         c = self.config
         return [KVCache(batch, c.num_kv_heads, max_length, c.head_dim, dtype) for _ in range(start, end)]
+
+    def new_slab(self, start: int, end: int, slots: int, stride: int) -> KVSlab:
+        """A slab of `slots` single-sequence caches of `stride` tokens over blocks [start, end) (KVSlab)."""
+        c = self.config
+        return KVSlab(end - start, slots, c.num_kv_heads, stride, c.head_dim, next(self.parameters()).dtype)
 
     def forward(
         self, x: torch.Tensor, position: int, start: int, end: int, caches: list[KVCache] | None = None

@@ -44,6 +44,13 @@ class Limits:
     )  # to open a Push stream to the next node (TLS included) and write to it
     push_wait: float = field(default=60.0, metadata={"help": "seconds a pushed input waits for the client's step"})
     max_pushed: int = field(default=4096, metadata={"help": "pushed inputs kept while their steps have not arrived"})
+    slab_slots: int = field(
+        default=32,
+        metadata={
+            "help": "single-sequence sessions per shared KV cache slab (their decode steps attend in one call per"
+            " block; a slot is max_length rounded up to 64 tokens); 0: every session's cache on its own"
+        },
+    )
     fair_share: bool = field(
         default=True,
         metadata={
@@ -64,6 +71,8 @@ class Limits:
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.slab_slots < 0:
+            raise ValueError(f"slab_slots must not be negative, got {self.slab_slots}")
         if self.session_idle_timeout <= 0 or self.max_clock_skew <= 0:
             raise ValueError("timeouts must be positive")
         if not 0 <= self.batch_wait <= 1:

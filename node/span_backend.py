@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,7 @@ from ..protocol.wire import tensor_codec
 from ..protocol.wire.node_client import NodeInfo
 from . import fair_share
 from .errors import Evicted, NotFound, OutOfRange, RequestError, ResourceExhausted
+from .kv_slabs import KVSlabs, Slot
 from .limits import Limits
 from .scheduler import Batch, Scheduler, Work
 
@@ -43,6 +45,7 @@ class Session:
     max_length: int
     nbytes: int
     caches: list[KVCache] = field(default_factory=list)
+    slot: Slot | None = None  # its caches' slot in a shared slab (node/kv_slabs.py); None: tensors of its own
     length: int = 0  # tokens in the cache
     next_step: int = 0
     lora: Lora | None = None  # the adapter this session named (models/lora.py), applied to its rows of each batch
@@ -129,6 +132,7 @@ class SpanBackend:
         self._runner.start()
         config = span.config
         self._kv_shape = dict(kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=info.dtype)
+        self.slabs = KVSlabs(span, limits.cache_bytes, limits.slab_slots)
 
     @property
     def cache_bytes_free(self) -> int:
@@ -298,20 +302,29 @@ class SpanBackend:
             )
         if session_id in self.sessions:
             raise RequestError(f"session {session_id!r} is already open on this node")
-        nbytes = cache_bytes(layers=end - start, batch=batch, max_length=max_length, **self._kv_shape)
-        why = self._make_room(client, nbytes) if self.limits.fair_share else ""
+        in_slab = self.slabs.takes(batch)
+        length = self.slabs.stride(max_length) if in_slab else max_length  # a slab slot: rounded up (node/kv_slabs.py)
+        nbytes = cache_bytes(layers=end - start, batch=batch, max_length=length, **self._kv_shape)
+
+        def needed() -> int:  # what opening it adds to the budget now (a freed slab slot: nothing)
+            return self.slabs.new_bytes(start, end, max_length, nbytes) if in_slab else nbytes
+
+        why = self._make_room(client, nbytes, needed) if self.limits.fair_share else ""
         if len(self.sessions) >= self.limits.max_sessions:
             raise ResourceExhausted(f"node is full: {len(self.sessions)} sessions open (--max-sessions){why}")
-        free = self.limits.cache_bytes - self.cache_bytes_used
-        if nbytes > free:
+        free, added = self.limits.cache_bytes - self.cache_bytes_used, needed()
+        if added > free:
             raise ResourceExhausted(
                 f"KV cache budget exhausted: session needs {nbytes} bytes, {free} of {self.limits.cache_bytes} "
                 f"free (--cache-memory){why}"
             )
         session = Session(session_id, start, end, batch, max_length, nbytes, lora=lora, client=client)
-        session.caches = self.span.new_caches(start, end, batch, max_length)
+        if in_slab:
+            session.slot, session.caches = self.slabs.take(start, end, max_length, nbytes)
+        else:
+            session.caches = self.span.new_caches(start, end, batch, max_length)
         self.sessions[session_id] = session
-        self.cache_bytes_used += nbytes
+        self.cache_bytes_used += added
         self.served_sessions += 1
         return session
 
@@ -324,13 +337,14 @@ class SpanBackend:
         except UnknownAdapter as e:
             raise NotFound(str(e)) from None
 
-    def _make_room(self, client: bytes, nbytes: int) -> str:
-        """Evicts other keys' sessions beyond their fair share until a session of `nbytes` for `client` fits
-        (node/fair_share.py); returns why it could not ("" when it fits or nothing was beyond a share)."""
+    def _make_room(self, client: bytes, nbytes: int, needed: Callable[[], int]) -> str:
+        """Evicts other keys' sessions beyond their fair share until a session of `nbytes` for `client` fits, its
+        `needed()` bytes within the budget (node/fair_share.py); returns why it could not ("" when it fits or
+        nothing was beyond a share)."""
         limits = self.limits
         while True:
             need_slot = len(self.sessions) >= limits.max_sessions
-            need_bytes = nbytes > limits.cache_bytes - self.cache_bytes_used
+            need_bytes = needed() > limits.cache_bytes - self.cache_bytes_used
             if not (need_slot or need_bytes):
                 return ""
             open_ = list(self.sessions.values())
@@ -356,7 +370,7 @@ class SpanBackend:
     def close_session(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is not None:
             self.scheduler.drop(session.id)
-            self.cache_bytes_used -= session.nbytes
+            self.cache_bytes_used -= session.nbytes if session.slot is None else self.slabs.release(session.slot)
             session.caches.clear()
 
     async def step(

@@ -11,7 +11,7 @@ gives their mean batch over it (what the nodes actually did). The reference runs
 started before the swarm: in this one, the client's compute threads would slow it (models/torch_threads.py).
 
     .venv/bin/python scripts/bench_batching.py [--sessions 1,2,4,8,16] [--tokens 32] [--node-threads 0]
-        [--spans 0:15,15:30] [--max-batch-tokens 256] [--batch-wait-ms 5] [--no-batch-steps]
+        [--spans 0:15,15:30] [--max-batch-tokens 256] [--batch-wait-ms 5] [--slab-slots 32] [--no-batch-steps]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from swarm import mean_batch, node_infos, start_nodes, stop_all  # noqa: E402
 
 from torchnode import openmp_env  # noqa: E402
 from torchnode.models.torch_threads import on_compute_thread  # noqa: E402
+from torchnode.node.limits import Limits  # noqa: E402
 
 SPANS = "0:15,15:30"
 SUBJECTS = [
@@ -137,6 +138,9 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=256, help="the nodes' --max-batch-tokens")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="the nodes' --batch-wait-ms")
     parser.add_argument(
+        "--slab-slots", type=int, default=Limits.slab_slots, help="the nodes' --slab-slots (0: a cache per session)"
+    )
+    parser.add_argument(
         "--batch-steps",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -160,6 +164,8 @@ def main() -> None:
         str(args.max_batch_tokens),
         "--batch-wait-ms",
         str(args.batch_wait_ms),
+        "--slab-slots",
+        str(args.slab_slots),
     ]
     spans = args.spans.split(",")
     nodes = start_nodes("default", spans, *node_flags)

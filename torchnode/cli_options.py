@@ -365,6 +365,7 @@ class LimitFlags:
     push_timeout: Annotated[float, typer.Option(min=0.001, help=_limit("push_timeout"))] = Limits.push_timeout
     push_wait: Annotated[float, typer.Option(min=0.001, help=_limit("push_wait"))] = Limits.push_wait
     max_pushed: Annotated[int, typer.Option(min=1, help=_limit("max_pushed"))] = Limits.max_pushed
+    slab_slots: Annotated[int, typer.Option(min=0, help=_limit("slab_slots"))] = Limits.slab_slots
     fair_share: Annotated[bool, typer.Option("--fair-share/--no-fair-share", help=_limit("fair_share"))] = (
         Limits.fair_share
     )
@@ -381,6 +382,7 @@ class LimitFlags:
             push_timeout=self.push_timeout,
             push_wait=self.push_wait,
             max_pushed=self.max_pushed,
+            slab_slots=self.slab_slots,
             fair_share=self.fair_share,
         )
 
