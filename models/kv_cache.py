@@ -58,7 +58,7 @@ class KVSlab:
         shape = (slots, kv_heads, stride, head_dim)
         self.k = [torch.empty(shape, dtype=dtype) for _ in range(layers)]
         self.v = [torch.empty(shape, dtype=dtype) for _ in range(layers)]
-        self.slots, self.stride = slots, stride
+        self.slots = slots
         self.slot_bytes = cache_bytes(
             layers=layers, batch=1, kv_heads=kv_heads, max_length=stride, head_dim=head_dim, dtype=dtype
         )

@@ -42,24 +42,26 @@ class KVSlabs:
         untouched slots take no memory; a GPU would reserve them all), with the span's attention batching them."""
         return self.slots > 0 and batch == 1 and isinstance(self.span, Span)
 
+    def _free_slab(self, key: tuple[int, int, int]) -> KVSlab | None:
+        """The slab a session of this key takes a slot of: one with a freed slot first, then one with an untouched
+        slot; None: every slab is full (a new one is needed)."""
+        order = {False: 0, True: 1}
+        open_ = [s for s in self.slabs.get(key, []) if s.next_slot_is_new() is not None]
+        return min(open_, key=lambda s: order[s.next_slot_is_new()], default=None)
+
     def new_bytes(self, start: int, end: int, max_length: int, slot_bytes: int) -> int:
         """What taking a slot now adds to the budget: 0 for a freed slot of a live slab, else the slot."""
-        for slab in self.slabs.get((start, end, self.stride(max_length)), []):
-            new = slab.next_slot_is_new()
-            if new is False:
-                return 0
-        return slot_bytes
+        slab = self._free_slab((start, end, self.stride(max_length)))
+        return 0 if slab is not None and slab.next_slot_is_new() is False else slot_bytes
 
     def take(self, start: int, end: int, max_length: int, slot_bytes: int) -> tuple[Slot, list[KVCache]]:
         """A slot for the session (a freed one first, then a new one, then a new slab) and its caches. A new
         slab has room for as many slots as the budget could ever charge (its memory is allocated untouched)."""
         key = (start, end, self.stride(max_length))
-        slabs = self.slabs.setdefault(key, [])
-        ranked = sorted(slabs, key=lambda s: {False: 0, True: 1, None: 2}[s.next_slot_is_new()])
-        slab = ranked[0] if ranked and ranked[0].next_slot_is_new() is not None else None
+        slab = self._free_slab(key)
         if slab is None:
             slab = self.span.new_slab(start, end, max(1, min(self.slots, self.budget // slot_bytes)), key[2])
-            slabs.append(slab)
+            self.slabs.setdefault(key, []).append(slab)
         index, caches = slab.take(max_length)
         return Slot(slab, index, key), caches
 
