@@ -43,14 +43,46 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def slab_groups(segments: Sequence[Segment], caches: Sequence[KVCache | None]) -> list[list[int]]:
-    """Indices of the one-token, single-sequence segments whose caches share a slab layer (models/kv_cache.py
-    KVSlab), per slab, where two or more do: those decode in one attention call (Attention.attend_slab)."""
+@dataclass(frozen=True)
+class SlabStep:
+    """The one-token, single-sequence steps of a pass whose caches are slots of one slab (models/kv_cache.py
+    KVSlab), laid out for one attention call over the slab rows [lo, hi) (Attention.attend_slab). Worked out
+    once per pass (Span.forward_batch), not per block: a session has the same slot in every block's layer."""
+
+    members: list[int]  # the segments' indices in the pass
+    slots: torch.Tensor  # (n,) their slots
+    positions: torch.Tensor  # (n,) their new tokens' positions
+    lo: int
+    hi: int
+    rows: torch.Tensor | None  # (n,) slots - lo; None where the slots are exactly lo, ..., hi - 1
+    mask: torch.Tensor  # (hi - lo, 1, 1, end): each row sees its keys up to its own position
+
+    @property
+    def end(self) -> int:
+        return self.mask.shape[-1]
+
+
+def slab_steps(segments: Sequence[Segment], caches: Sequence[KVCache | None]) -> list[SlabStep]:
+    """The pass's slab steps (`caches`: each segment's cache of one block), one per slab where two or more
+    of its sessions step together. Rows of slots in [lo, hi) not in the step see only their first key (their
+    output is thrown away)."""
     groups: dict[int, list[int]] = {}
     for i, (s, cache) in enumerate(zip(segments, caches, strict=True)):
         if cache is not None and cache.slab is not None and s.rows == 1 and s.tokens == 1:
             groups.setdefault(id(cache.slab[0]), []).append(i)
-    return [g for g in groups.values() if len(g) > 1]
+    steps = []
+    for members in (g for g in groups.values() if len(g) > 1):
+        slot_list = [caches[i].slot for i in members]  # type: ignore[union-attr]
+        position_list = [segments[i].position for i in members]
+        lo, hi, end = min(slot_list), max(slot_list) + 1, max(position_list) + 1
+        slots, positions = torch.tensor(slot_list), torch.tensor(position_list)
+        rows, seen = None, positions
+        if slot_list != list(range(lo, hi)):
+            rows, seen = slots - lo, torch.zeros(hi - lo, dtype=positions.dtype)
+            seen[rows] = positions
+        mask = (torch.arange(end)[None, :] <= seen[:, None])[:, None, None, :]  # (R, 1, 1, end)
+        steps.append(SlabStep(members, slots, positions, lo, hi, rows, mask))
+    return steps
 
 
 def attention_mask(position: int, tokens: int, window: int | None) -> torch.Tensor | None:
@@ -106,8 +138,10 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         segments: Sequence[Segment],
         caches: Sequence[KVCache | None],
+        slab_steps: Sequence[SlabStep] = (),
     ) -> torch.Tensor:
-        """x (1, N, C): the segments' tokens packed one after another; cos, sin (N, D); one cache per segment."""
+        """x (1, N, C): the segments' tokens packed one after another; cos, sin (N, D); one cache per segment;
+        slab_steps: the pass's (`slab_steps`), attended one call each."""
         N, D = x.shape[1], self.c.head_dim
         q = self.q_proj(x).view(N, -1, D)  # (N, H, D)
         k = self.k_proj(x).view(N, -1, D)  # (N, Hkv, D)
@@ -117,19 +151,19 @@ class Attention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]  # (N, 1, D)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        groups = slab_groups(segments, caches) if self.window is None else []
-        if len(groups) == 1 and len(groups[0]) == len(segments):  # a decode step of sessions of one slab
-            return self.o_proj(self.attend_slab(segments, caches, q, k, v)[None])  # type: ignore[arg-type]
+        steps = slab_steps if self.window is None else ()  # a sliding window is masked per session
+        if len(steps) == 1 and len(steps[0].members) == len(segments):  # a decode step of sessions of one slab
+            return self.o_proj(self.attend_slab(steps[0], caches[0], q, k, v)[None])  # type: ignore[arg-type]
         sizes = [s.size for s in segments]
         qs, ks, vs = q.split(sizes), k.split(sizes), v.split(sizes)
         ys: list[torch.Tensor | None] = [None] * len(segments)
-        for group in groups:
+        for step in steps:
             y = self.attend_slab(
-                [segments[i] for i in group],
-                [caches[i] for i in group],  # type: ignore[misc]
-                *(torch.cat([parts[i] for i in group]) for parts in (qs, ks, vs)),
+                step,
+                caches[step.members[0]],  # type: ignore[arg-type]
+                *(torch.cat([parts[i] for i in step.members]) for parts in (qs, ks, vs)),
             )
-            for row, i in enumerate(group):
+            for row, i in enumerate(step.members):
                 ys[i] = y[row : row + 1]
         ys = [
             y if y is not None else self.attend(s, cache, *parts)
@@ -138,32 +172,26 @@ class Attention(nn.Module):
         return self.o_proj((ys[0] if len(ys) == 1 else torch.cat(ys))[None])  # (1, N, C)
 
     def attend_slab(
-        self, segments: Sequence[Segment], caches: Sequence[KVCache], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, step: SlabStep, cache: KVCache, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        """One-token steps of sessions whose caches are slots of one slab layer, in one attention call over the
-        slab's rows [lo, hi) of their slots: q (N, H, D), k, v (N, Hkv, D) -> (N, H * D), each row what
-        `attend` gives that session alone. Slots in the range but not in the step see only their first key
-        (their rows are thrown away); each session sees its keys up to its own position."""
-        D, n = self.c.head_dim, len(segments)
-        slab_k, slab_v = caches[0].slab  # type: ignore[misc]
-        slot_list = [c.slot for c in caches]
-        lo, hi, end = min(slot_list), max(slot_list) + 1, max(s.position for s in segments) + 1
-        slots, positions = torch.tensor(slot_list), torch.tensor([s.position for s in segments])
-        slab_k[slots, :, positions] = k  # each session's new key at its own position
-        slab_v[slots, :, positions] = v
-        dense = slot_list == list(range(lo, hi))
-        if dense:
-            queries, seen = q.view(n, -1, 1, D), positions
-        else:
-            queries = q.new_zeros(hi - lo, q.shape[1], 1, D)
-            queries[slots - lo] = q.view(n, -1, 1, D)
-            seen = torch.zeros(hi - lo, dtype=positions.dtype)
-            seen[slots - lo] = positions
-        mask = (torch.arange(end)[None, :] <= seen[:, None])[:, None, None, :]  # (R, 1, 1, end)
+        """A slab step's attention in one call over its slab rows (`cache`: any of its sessions' caches of this
+        block): q (n, H, D), k, v (n, Hkv, D) -> (n, H * D), each row what `attend` gives that session alone."""
+        D, n = self.c.head_dim, len(step.members)
+        slab_k, slab_v = cache.slab  # type: ignore[misc]
+        slab_k[step.slots, :, step.positions] = k  # each session's new key at its own position
+        slab_v[step.slots, :, step.positions] = v
+        queries = q.view(n, -1, 1, D)
+        if step.rows is not None:
+            queries = q.new_zeros(step.hi - step.lo, q.shape[1], 1, D)
+            queries[step.rows] = q.view(n, -1, 1, D)
         y = F.scaled_dot_product_attention(
-            queries, slab_k[lo:hi, :, :end], slab_v[lo:hi, :, :end], attn_mask=mask, enable_gqa=True
-        ).reshape(hi - lo, -1)  # (R, H * D)
-        return y if dense else y[slots - lo]
+            queries,
+            slab_k[step.lo : step.hi, :, : step.end],
+            slab_v[step.lo : step.hi, :, : step.end],
+            attn_mask=step.mask,
+            enable_gqa=True,
+        ).reshape(step.hi - step.lo, -1)  # (R, H * D)
+        return y if step.rows is None else y[step.rows]
 
     def attend(
         self, s: Segment, cache: KVCache | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
@@ -216,8 +244,9 @@ class Block(nn.Module):
         sin: torch.Tensor,
         segments: Sequence[Segment],
         caches: Sequence[KVCache | None],
+        slab_steps: Sequence[SlabStep] = (),
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments, caches)  # (1, N, C)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments, caches, slab_steps)  # (1, N, C)
         feed_forward = getattr(self, self.feed_forward_name)
         return x + feed_forward(self.post_attention_layernorm(x))  # (1, N, C)
 
@@ -278,9 +307,10 @@ class Span(nn.Module):
             ]
         )  # (N,)
         cos, sin = self.rotary(token_positions, dtype)  # (N, D)
+        steps = slab_steps(segments, [c[0] if c else None for c in caches])  # the same slots in every block
         for offset, i in enumerate(range(start, end)):
             layer_caches = [c[offset] if c is not None else None for c in caches]
-            h = self.layers[str(i)](h, cos, sin, segments, layer_caches)  # (1, N, hidden)
+            h = self.layers[str(i)](h, cos, sin, segments, layer_caches, steps)  # (1, N, hidden)
         outs = h[0].split([s.size for s in segments])  # (B_i * T_i, hidden) each
         return [out.view(x.shape).to(x.dtype) for out, x in zip(outs, xs, strict=True)]
 

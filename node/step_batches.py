@@ -118,17 +118,22 @@ class StepBatchStream:
         for session_id in batch.close:
             self._close(session_id, cancel=True)
         loop = asyncio.get_running_loop()
-        for step in batch.steps:
-            try:
-                opened = self._session_of(step, client)
-            except RequestError as e:
-                self._failed(step, e)
-                continue
-            task = loop.create_task(self._run(opened, step, client))
-            self.tasks.add(task)
-            opened.running.add(task)
-            task.add_done_callback(self.tasks.discard)
-            task.add_done_callback(opened.running.discard)
+        scheduler = self.backend.scheduler
+        scheduler.hold()  # the steps' tasks queue them on their first turn: the runner is woken after the last
+        try:
+            for step in batch.steps:
+                try:
+                    opened = self._session_of(step, client)
+                except RequestError as e:
+                    self._failed(step, e)
+                    continue
+                task = loop.create_task(self._run(opened, step, client))
+                self.tasks.add(task)
+                opened.running.add(task)
+                task.add_done_callback(self.tasks.discard)
+                task.add_done_callback(opened.running.discard)
+        finally:
+            loop.call_soon(scheduler.release)  # after those first turns (the loop runs callbacks in order)
 
     def _session_of(self, step: pb.Step, client: bytes) -> _Open:
         if step.step == 0:

@@ -124,6 +124,22 @@ def test_a_burst_of_steps_is_gathered_and_steps_queued_while_busy_start_at_once(
     assert time.monotonic() - started < 0.5
 
 
+def test_a_held_burst_wakes_the_runner_once_after_its_last_step():
+    scheduler = Scheduler(max_batch_tokens=64, batch_wait=0, active_sessions=lambda: 1)  # no reason to wait
+    got: list[Batch | None] = []
+    runner = threading.Thread(target=lambda: got.append(scheduler.next_batch()))
+    runner.start()
+    time.sleep(0.1)  # the runner sleeps on an empty queue
+    scheduler.hold()
+    for session in "abc":
+        scheduler.submit(work(1, session=session)[0])
+    runner.join(0.3)
+    assert runner.is_alive() and not got  # held: queued, the runner not woken (unheld, it would take "a" alone)
+    scheduler.release()
+    runner.join(5)
+    assert [c.work.session_id for c in got[0].chunks] == ["a", "b", "c"]
+
+
 # ---- in-memory nodes: the real span backend, the real client
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..block import RMSNorm, Segment, attention_mask
+from ..block import RMSNorm, Segment, SlabStep, attention_mask
 from ..kv_cache import KVCache
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm: transformers builds them with its default eps
@@ -62,8 +62,10 @@ class LatentAttention(nn.Module):
         sin: torch.Tensor,
         segments: Sequence[Segment],
         caches: Sequence[KVCache | None],
+        slab_steps: Sequence[SlabStep] = (),
     ) -> torch.Tensor:
-        """x (1, N, C): the segments' tokens packed one after another; cos, sin (N, D_rope); one cache each."""
+        """x (1, N, C): the segments' tokens packed one after another; cos, sin (N, D_rope); one cache each.
+        `slab_steps` are ignored: latents attend per session, slab slots or not (their views update in place)."""
         c, N = self.c, x.shape[1]
         x = x[0]  # (N, C)
         q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
