@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
@@ -70,10 +71,12 @@ class AsyncChatSession:
             raise ValueError(f"the conversation would exceed the session's max_length {self.max_length}")
         self.cached, self.history = flat, list(flat)
         options = self.options.override(draft, draft_tokens)
-        async for new in self.model.generate_ids(ids, params, self.session, common, options):
-            token = int(new[0])
-            self.cached, self.history = list(self.history), self.history + [token]  # all but the newest are cached
-            yield new
+        new_ids = self.model.generate_ids(ids, params, self.session, common, options)
+        async with contextlib.aclosing(new_ids):  # closed now if this turn is: the next may step the session
+            async for new in new_ids:
+                token = int(new[0])
+                self.cached, self.history = list(self.history), self.history + [token]  # all but the newest are cached
+                yield new
 
     async def generate(self, prompt: Prompt, chat: bool = False, **sampling: Any) -> torch.Tensor:
         """sampling: as AsyncDistributedModel.generate, draft and draft_tokens included."""

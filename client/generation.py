@@ -6,7 +6,7 @@ tokens per pass; the plain loop below stays the reference it must equal.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 import torch
 
@@ -27,7 +27,7 @@ async def generate_ids(
     drafter: Drafter | None = None,
     draft_tokens: int = 0,
     draft_ahead: bool = True,
-) -> AsyncIterator[torch.Tensor]:
+) -> AsyncGenerator[torch.Tensor, None]:
     """Yields the next token ids (B,) one step at a time; sequences that hit EOS keep yielding EOS.
 
     The first `cached` tokens of `input_ids` are already in the session's KV caches (an earlier turn):
@@ -79,9 +79,15 @@ async def generate_ids(
                 0 if verifier is None else ids.shape[1] - 1 - verifier.verified
             )  # tokens whose output is unchecked
             released = max(len(pending) - unchecked, 0)
+            if done:
+                for token, _ in pending[:released]:
+                    yield token
+                return
+            # the next step leaves before the tokens are handed over: the nodes work while the caller takes them
+            # (a caller in another thread, the SDK's sync iterator, costs a round trip between threads per token);
+            # a caller that stops here leaves it to land before anything else the session does
+            step = session.step_ahead(batcher.embed(new[:, None]))
             for token, _ in pending[:released]:
                 yield token
             del pending[:released]
-            if done:
-                return
-            out = await session.step(batcher.embed(new[:, None]))
+            out = await step

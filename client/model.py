@@ -311,11 +311,13 @@ class AsyncDistributedModel:
         own = session is None
         if session is None:
             session = await self.open_session(input_ids.shape[1] + params.max_new_tokens, input_ids.shape[0], options)
+        new_ids = generate_ids(
+            self.heads, session, input_ids, params, self.eos_ids, cached, drafter, k, options.draft_ahead
+        )
         try:
-            async for new in generate_ids(
-                self.heads, session, input_ids, params, self.eos_ids, cached, drafter, k, options.draft_ahead
-            ):
-                yield new
+            async with contextlib.aclosing(new_ids):  # closed here, not when collected: its step in flight lands
+                async for new in new_ids:
+                    yield new
         finally:
             if own:
                 await session.close()

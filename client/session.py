@@ -119,9 +119,31 @@ class InferenceSession:
         self.id = uuid.uuid4().hex
         self.position = 0  # tokens processed so far
         self.verifier: SessionVerifier | None = None  # set by open_session when the client verifies (--verify)
+        self._ahead: asyncio.Task | None = None  # the step `step_ahead` sent, until another call waits for it
+
+    def step_ahead(self, hidden: torch.Tensor) -> asyncio.Task:
+        """`step(hidden)` at the next position, started now in a task of its own: the decode loop hands its
+        token to the caller while the step runs. Every later step, prefill, replacement or close of the
+        session waits for it first, so the steps keep their order even if whoever started it never looks
+        at it again (a caller that stopped reading); its error, if nobody awaits it, is left to the next step.
+        One at a time: the previous one must be done."""
+        if self._ahead is not None and not self._ahead.done():
+            raise RuntimeError("a step sent ahead is still running: await it before sending another")
+        task = asyncio.ensure_future(self.step(hidden, self.position))
+        task.add_done_callback(_retrieved)
+        self._ahead = task
+        return task
+
+    async def _settle_ahead(self) -> None:
+        """Waits for the step sent ahead, unless this is it."""
+        ahead = self._ahead
+        if ahead is not None and ahead is not asyncio.current_task():
+            self._ahead = None
+            await asyncio.gather(ahead, return_exceptions=True)
 
     async def step(self, hidden: torch.Tensor, position: int | None = None) -> torch.Tensor:
         """Sends hidden states (B, T, H) of tokens at `position` (default: next) through every hop."""
+        await self._settle_ahead()
         position = self.position if position is None else position
         tokens = _checked_tokens(hidden)
         if position + tokens > self.max_length:
@@ -201,6 +223,7 @@ class InferenceSession:
         on chunk 1. Each chunk is an ordinary step of each hop (kept in its history). If a hop fails midway,
         the whole input is sent again with `step`, which rewinds every hop to `position` and fails over.
         """
+        await self._settle_ahead()
         chunk = self.prefill_chunk if chunk is None else chunk
         position = self.position if position is None else position
         tokens = _checked_tokens(hidden)
@@ -425,6 +448,7 @@ class InferenceSession:
     async def replace(self, hop: Hop, keep: int) -> None:
         """Swaps `hop` (its node was caught lying) for a fresh route over its blocks, replaying its inputs
         before position `keep`; the caller then steps again from `keep`."""
+        await self._settle_ahead()
         _forget_from(hop, keep)
         if keep > 0:
             replacement, _ = await self._recover(hop, NodeError(hop.node.address, "returned wrong outputs"))
@@ -442,11 +466,14 @@ class InferenceSession:
     def abort(self) -> None:
         """Drops every hop's stream now, without waiting for the nodes (the caller went away): each node sees
         the stream cancelled and frees the session's cache at once."""
+        if self._ahead is not None:
+            self._ahead.cancel()  # its hops are going: no failover for it
         for hop in self.hops:
             if hop.stream is not None:
                 hop.stream.abort()
 
     async def close(self) -> None:
+        await self._settle_ahead()
         if self.verifier is not None:
             await self.verifier.close()
         for hop in self.hops:

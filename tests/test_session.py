@@ -3,6 +3,8 @@ nodes that run the real span backend behind the node interface. No processes, no
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from greedy import new_greedy_tokens
@@ -49,6 +51,42 @@ async def generate(model: AsyncDistributedModel, session=None, on_token=None) ->
 async def test_generation_equals_transformers(ckpt, swarm, expected):
     model = model_over(ckpt, swarm)
     assert await generate(model) == expected
+
+
+async def test_the_next_step_leaves_before_the_caller_takes_a_token(ckpt, swarm, expected):
+    """A caller slow with each token (the SDK's sync iterator in another thread, an API server writing it out)
+    does not hold the nodes up: the step feeding that token back is already on its way while the caller works."""
+    model = model_over(ckpt, swarm[:2])
+    first = swarm[0]
+    params = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
+    tokens, served = [], []
+    async for new in model.generate_ids(PROMPT, params):
+        await asyncio.sleep(0.05)  # the caller's own work on the token
+        served.append(first.steps_served)
+        tokens.append(int(new[0]))
+    assert tokens == expected
+    # token k came from the prefill and k decode steps; the (k + 1)-th ran meanwhile; none after the last token
+    assert served == [k + 2 for k in range(NEW - 1)] + [NEW]
+
+
+async def test_a_caller_that_stops_early_leaves_the_session_in_step(ckpt, swarm, expected):
+    """A caller that stops reading after a few tokens (a stop string, a client that left) and never closes the
+    generator: the step it had sent lands before the session's next one, so the next turn goes on from where
+    the caller stopped and gets the same tokens."""
+    async with asyncio.timeout(60):  # steps of one session running at once used to stall the next: fail, not hang
+        model = model_over(ckpt, swarm[:2])
+        session = await model.open_session(PROMPT.shape[1] + NEW)
+        got: list[int] = []
+        async for new in model.generate_ids(PROMPT, SamplingParams(max_new_tokens=NEW), session):
+            got.append(int(new[0]))
+            if len(got) == 5:
+                break  # no aclose: the generator is left as it is
+        so_far = torch.cat([PROMPT, torch.tensor([got])], dim=1)
+        cached = so_far.shape[1] - 1  # all but the newest token, as a chat session counts them
+        params = SamplingParams(max_new_tokens=NEW - len(got), ignore_eos=True)
+        rest = [int(new[0]) async for new in model.generate_ids(so_far, params, session, cached)]
+        await session.close()
+    assert got + rest == expected
 
 
 @pytest.mark.swarm
