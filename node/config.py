@@ -106,6 +106,13 @@ class NodeConfig:
         default="auto",
         metadata={"help": "where to compute: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps"},
     )  # where the span, its KV caches and its work live
+    huge_pages: bool = field(
+        default=True,
+        metadata={
+            "help": "a CPU node keeps its weights in 2 MiB pages where Linux gives them (transparent huge pages);"
+            " off: 4 KiB pages, as torch allocates them"
+        },
+    )  # models/huge_pages.py
     identity_path: Path | None = None
     limits: Limits = field(default_factory=Limits)
     shutdown_grace: float = field(default=10.0, metadata={"help": "seconds sessions in flight get on SIGTERM"})

@@ -20,6 +20,7 @@ from ..models import torch_threads
 from ..models.checkpoint import Checkpoint, resolve
 from ..models.devices import free_memory, place
 from ..models.families import LAYER_PREFIX, load_span, num_blocks
+from ..models.huge_pages import move_into_huge_pages
 from ..models.lora import AdapterBank, AdapterError, find_adapter
 from ..models.quantization import GROUP_SIZE
 from ..protocol import version
@@ -143,6 +144,8 @@ class Node:
         span = place(
             load_span(self.ckpt, start, end, c.dtype, c.quant, c.device, self.on_status), c.device
         )  # KV caches too
+        if c.huge_pages and torch.device(c.device).type == "cpu" and (moved := move_into_huge_pages(span)):
+            self.on_status(f"weights in huge pages ({moved / 2**20:.0f} MiB)")
         info = SpanInfo(
             self.ckpt.name, self.ckpt.revision, start, end, self.total, span.config.hidden_size, c.dtype, c.quant
         )

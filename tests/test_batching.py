@@ -17,6 +17,7 @@ from memory_node import MemoryNode, MemoryPeers
 from torchnode.client.model import AsyncDistributedModel
 from torchnode.client.sampling import SamplingParams
 from torchnode.models.checkpoint import resolve
+from torchnode.models.huge_pages import available as huge_pages_available
 from torchnode.node.limits import Limits
 from torchnode.node.scheduler import Batch, Scheduler, Work
 from torchnode.node.span_backend import SpanBackend
@@ -366,7 +367,18 @@ def test_generate_many_prompts_batches_on_real_nodes_and_equals_transformers(def
 
     try:
         outs, mean_batch = asyncio.run(scenario())
+        huge = [node_huge_pages(n.proc.pid) for n in nodes]
     finally:
         stop_all(nodes)
     assert [o[0].tolist() for o in outs] == expected
     assert mean_batch > 2, mean_batch  # the nodes ran several sessions' steps per batch (8 sessions, in step)
+    if huge_pages_available():  # the defaults: each node's 15 blocks (212 MB in float32) are in 2 MiB pages
+        assert all(h > 200 * 10**6 for h in huge), huge
+
+
+def node_huge_pages(pid: int) -> int:
+    """A process's memory in transparent huge pages (AnonHugePages of /proc/PID/smaps_rollup), in bytes."""
+    for line in open(f"/proc/{pid}/smaps_rollup"):
+        if line.startswith("AnonHugePages:"):
+            return int(line.split()[1]) * 1024
+    return 0

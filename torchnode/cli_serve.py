@@ -107,6 +107,7 @@ def join(
     dtype: Annotated[str, typer.Option(help=_node("dtype"))] = "auto",
     quant: Annotated[str, typer.Option(help=_node("quant"))] = NodeConfig.quant,
     device: Annotated[str, typer.Option(help=_node("device"))] = str(NodeConfig.device),
+    huge_pages: Annotated[bool, typer.Option(help=_node("huge_pages"))] = NodeConfig.huge_pages,
     identity: Annotated[
         Path | None, typer.Option(help="Ed25519 key file [default: ~/.torchnode/node-PORT.key]")
     ] = None,
@@ -150,6 +151,7 @@ def join(
         dtype=torch_dtype,
         quant=quant,
         device=torch_device,
+        huge_pages=huge_pages,
         identity_path=identity or torchnode_home() / f"node-{port}.key",
         limits=limits.limits(),
         shutdown_grace=shutdown_grace,
