@@ -12,6 +12,7 @@ started before the swarm: in this one, the client's compute threads would slow i
 
     .venv/bin/python scripts/bench_batching.py [--sessions 1,2,4,8,16] [--tokens 32] [--node-threads 0]
         [--spans 0:15,15:30] [--max-batch-tokens 256] [--batch-wait-ms 5] [--slab-slots 32] [--no-batch-steps]
+        [--no-huge-pages]
 """
 
 from __future__ import annotations
@@ -141,6 +142,12 @@ def main() -> None:
         "--slab-slots", type=int, default=Limits.slab_slots, help="the nodes' --slab-slots (0: a cache per session)"
     )
     parser.add_argument(
+        "--huge-pages",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the nodes' --huge-pages (their default) or --no-huge-pages",
+    )
+    parser.add_argument(
         "--batch-steps",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -166,6 +173,7 @@ def main() -> None:
         str(args.batch_wait_ms),
         "--slab-slots",
         str(args.slab_slots),
+        "--huge-pages" if args.huge_pages else "--no-huge-pages",
     ]
     spans = args.spans.split(",")
     nodes = start_nodes("default", spans, *node_flags)

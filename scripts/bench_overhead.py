@@ -7,6 +7,7 @@ overhead per hop per token in ms ((1/swarm - 1/local) / hops).
 (one after the other, each paired with its own local runs) shows what encryption costs.
 
     .venv/bin/python scripts/bench_overhead.py [--runs 3] [--tokens 64] [--wire-dtype float32] [--links both]
+        [--no-huge-pages]
 """
 
 from __future__ import annotations
@@ -115,7 +116,8 @@ def measure(links: str, ids: torch.Tensor, local: LocalProcess, args) -> tuple[l
     from torchnode.client.sync_model import DistributedModel
 
     insecure = links == "insecure"
-    nodes = start_nodes("default", SPANS, "--threads", str(args.node_threads), *(["--insecure"] if insecure else []))
+    flags = ["--threads", str(args.node_threads), "--huge-pages" if args.huge_pages else "--no-huge-pages"]
+    nodes = start_nodes("default", SPANS, *flags, *(["--insecure"] if insecure else []))
     try:
         model = DistributedModel.from_pretrained(
             "default",
@@ -159,6 +161,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--node-threads", type=int, default=0, help="torch threads per node (0: torch's default)")
+    parser.add_argument(
+        "--huge-pages",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the nodes' --huge-pages (their default) or --no-huge-pages",
+    )
     parser.add_argument(
         "--links",
         default="tls",
