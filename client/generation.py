@@ -79,15 +79,13 @@ async def generate_ids(
                 0 if verifier is None else ids.shape[1] - 1 - verifier.verified
             )  # tokens whose output is unchecked
             released = max(len(pending) - unchecked, 0)
-            if done:
-                for token, _ in pending[:released]:
-                    yield token
-                return
             # the next step leaves before the tokens are handed over: the nodes work while the caller takes them
             # (a caller in another thread, the SDK's sync iterator, costs a round trip between threads per token);
             # a caller that stops here leaves it to land before anything else the session does
-            step = session.step_ahead(batcher.embed(new[:, None]))
+            step = None if done else session.step_ahead(batcher.embed(new[:, None]))
             for token, _ in pending[:released]:
                 yield token
+            if step is None:
+                return
             del pending[:released]
             out = await step

@@ -41,14 +41,11 @@ def move_into_huge_pages(module: nn.Module) -> int:
     moved (0: nothing to move, or huge pages unavailable). Values are unchanged."""
     if not available():
         return 0
-    slots: list[tuple[dict[str, torch.Tensor | None], str, torch.Tensor]] = []  # (registry, name, tensor)
+    unique: dict[int, torch.Tensor] = {}  # id -> tensor: a tied weight is registered twice, moved once
     for sub in module.modules():
-        for registry in (sub._parameters, sub._buffers):
-            slots += [(registry, name, t) for name, t in registry.items() if t is not None]
-    unique: dict[int, torch.Tensor] = {}
-    for _, _, t in slots:
-        if t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0:
-            unique.setdefault(id(t), t)
+        for t in (*sub._parameters.values(), *sub._buffers.values()):
+            if t is not None and t.device.type == "cpu" and t.is_contiguous() and t.numel() > 0:
+                unique.setdefault(id(t), t)
     if not unique:
         return 0
     sizes = {key: -(-t.numel() * t.element_size() // ALIGN) * ALIGN for key, t in unique.items()}

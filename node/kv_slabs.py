@@ -45,9 +45,8 @@ class KVSlabs:
     def _free_slab(self, key: tuple[int, int, int]) -> KVSlab | None:
         """The slab a session of this key takes a slot of: one with a freed slot first, then one with an untouched
         slot; None: every slab is full (a new one is needed)."""
-        order = {False: 0, True: 1}
         open_ = [s for s in self.slabs.get(key, []) if s.next_slot_is_new() is not None]
-        return min(open_, key=lambda s: order[s.next_slot_is_new()], default=None)
+        return min(open_, key=lambda s: bool(s.next_slot_is_new()), default=None)  # False (a freed slot) first
 
     def new_bytes(self, start: int, end: int, max_length: int, slot_bytes: int) -> int:
         """What taking a slot now adds to the budget: 0 for a freed slot of a live slab, else the slot."""

@@ -144,7 +144,7 @@ class Node:
         span = place(
             load_span(self.ckpt, start, end, c.dtype, c.quant, c.device, self.on_status), c.device
         )  # KV caches too
-        if c.huge_pages and torch.device(c.device).type == "cpu" and (moved := move_into_huge_pages(span)):
+        if c.huge_pages and (moved := move_into_huge_pages(span)):  # CPU tensors only: nothing moves on a GPU
             self.on_status(f"weights in huge pages ({moved / 2**20:.0f} MiB)")
         info = SpanInfo(
             self.ckpt.name, self.ckpt.revision, start, end, self.total, span.config.hidden_size, c.dtype, c.quant
