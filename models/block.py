@@ -138,10 +138,10 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         segments: Sequence[Segment],
         caches: Sequence[KVCache | None],
-        slab_steps: Sequence[SlabStep] = (),
+        steps: Sequence[SlabStep] = (),
     ) -> torch.Tensor:
         """x (1, N, C): the segments' tokens packed one after another; cos, sin (N, D); one cache per segment;
-        slab_steps: the pass's (`slab_steps`), attended one call each."""
+        steps: the pass's slab steps (`slab_steps`), attended one call each."""
         N, D = x.shape[1], self.c.head_dim
         q = self.q_proj(x).view(N, -1, D)  # (N, H, D)
         k = self.k_proj(x).view(N, -1, D)  # (N, Hkv, D)
@@ -151,7 +151,7 @@ class Attention(nn.Module):
         cos, sin = cos[:, None], sin[:, None]  # (N, 1, D)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        steps = slab_steps if self.window is None else ()  # a sliding window is masked per session
+        steps = steps if self.window is None else ()  # a sliding window is masked per session
         if len(steps) == 1 and len(steps[0].members) == len(segments):  # a decode step of sessions of one slab
             return self.o_proj(self.attend_slab(steps[0], caches[0], q, k, v)[None])  # type: ignore[arg-type]
         sizes = [s.size for s in segments]
@@ -244,9 +244,9 @@ class Block(nn.Module):
         sin: torch.Tensor,
         segments: Sequence[Segment],
         caches: Sequence[KVCache | None],
-        slab_steps: Sequence[SlabStep] = (),
+        steps: Sequence[SlabStep] = (),
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments, caches, slab_steps)  # (1, N, C)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segments, caches, steps)  # (1, N, C)
         feed_forward = getattr(self, self.feed_forward_name)
         return x + feed_forward(self.post_attention_layernorm(x))  # (1, N, C)
 

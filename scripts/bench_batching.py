@@ -30,6 +30,7 @@ import torchnode  # noqa: F401  (first, as in the README's examples: it sets Ope
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
+from node_options import add_node_options, node_flags  # noqa: E402
 from swarm import mean_batch, node_infos, start_nodes, stop_all  # noqa: E402
 
 from torchnode import openmp_env  # noqa: E402
@@ -132,20 +133,12 @@ def main() -> None:
     parser.add_argument(
         "--spans", default=SPANS, help="the nodes' blocks (0:30: one node holding all, no hop between nodes)"
     )
-    parser.add_argument(
-        "--node-threads", type=int, default=0, help="the nodes' --threads (0: their default, torch's: the CPUs)"
-    )
+    add_node_options(parser)
     parser.add_argument("--reference-threads", type=int, default=0, help="torch threads of the reference (0: default)")
     parser.add_argument("--max-batch-tokens", type=int, default=256, help="the nodes' --max-batch-tokens")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="the nodes' --batch-wait-ms")
     parser.add_argument(
         "--slab-slots", type=int, default=Limits.slab_slots, help="the nodes' --slab-slots (0: a cache per session)"
-    )
-    parser.add_argument(
-        "--huge-pages",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the nodes' --huge-pages (their default) or --no-huge-pages",
     )
     parser.add_argument(
         "--batch-steps",
@@ -164,19 +157,17 @@ def main() -> None:
     from torchnode.client.sync_model import DistributedModel
 
     references = reference_in_own_process(args)
-    node_flags = [
-        "--threads",
-        str(args.node_threads),
+    flags = [
+        *node_flags(args),
         "--max-batch-tokens",
         str(args.max_batch_tokens),
         "--batch-wait-ms",
         str(args.batch_wait_ms),
         "--slab-slots",
         str(args.slab_slots),
-        "--huge-pages" if args.huge_pages else "--no-huge-pages",
     ]
     spans = args.spans.split(",")
-    nodes = start_nodes("default", spans, *node_flags)
+    nodes = start_nodes("default", spans, *flags)
     rows = []
     try:
         model = DistributedModel.from_pretrained("default", [n.address for n in nodes], batch_steps=args.batch_steps)
@@ -203,7 +194,7 @@ def main() -> None:
     base = {"sdk": rows[0][1], "lockstep": rows[0][2]} if rows and rows[0][0] == 1 else None
     print(
         f"\n{len(spans)} nodes {', '.join(spans)}, {args.tokens} greedy tokens per session, "
-        f"node flags: {' '.join(node_flags)}, client: {'--batch-steps' if args.batch_steps else '--no-batch-steps'}"
+        f"node flags: {' '.join(flags)}, client: {'--batch-steps' if args.batch_steps else '--no-batch-steps'}"
     )
     print(
         "|  N | sdk tokens/s | x N=1 | lockstep tokens/s | x N=1 | transformers batched | sdk / tf | lockstep / tf "

@@ -26,6 +26,7 @@ import torchnode  # noqa: F401  (first, as in the README's examples: it sets Ope
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
+from node_options import add_node_options, node_flags  # noqa: E402
 from swarm import start_nodes, stop_all  # noqa: E402
 
 from torchnode import openmp_env  # noqa: E402
@@ -116,8 +117,7 @@ def measure(links: str, ids: torch.Tensor, local: LocalProcess, args) -> tuple[l
     from torchnode.client.sync_model import DistributedModel
 
     insecure = links == "insecure"
-    flags = ["--threads", str(args.node_threads), "--huge-pages" if args.huge_pages else "--no-huge-pages"]
-    nodes = start_nodes("default", SPANS, *flags, *(["--insecure"] if insecure else []))
+    nodes = start_nodes("default", SPANS, *node_flags(args), *(["--insecure"] if insecure else []))
     try:
         model = DistributedModel.from_pretrained(
             "default",
@@ -160,13 +160,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--node-threads", type=int, default=0, help="torch threads per node (0: torch's default)")
-    parser.add_argument(
-        "--huge-pages",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="the nodes' --huge-pages (their default) or --no-huge-pages",
-    )
+    add_node_options(parser)
     parser.add_argument(
         "--links",
         default="tls",

@@ -62,10 +62,11 @@ class LatentAttention(nn.Module):
         sin: torch.Tensor,
         segments: Sequence[Segment],
         caches: Sequence[KVCache | None],
-        slab_steps: Sequence[SlabStep] = (),
+        steps: Sequence[SlabStep] = (),
     ) -> torch.Tensor:
         """x (1, N, C): the segments' tokens packed one after another; cos, sin (N, D_rope); one cache each.
-        `slab_steps` are ignored: latents attend per session, slab slots or not (their views update in place)."""
+        `steps` (slab steps) are ignored: latents attend per session, slab slots or not (their views update
+        in place)."""
         c, N = self.c, x.shape[1]
         x = x[0]  # (N, C)
         q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
