@@ -8,10 +8,19 @@ no idle: the same). Linux gives huge pages only to anonymous private memory that
 (`MADV_HUGEPAGE`, where /sys/kernel/mm/transparent_hugepage/enabled says `madvise`) and is 2 MiB aligned,
 which torch's allocator does not do; so the weights move, one tensor at a time, into one mapping that
 does (the peak is the span plus one tensor). Elsewhere (not Linux, THP off, another device) nothing moves.
+
+Each old copy is handed back to the system as soon as it is freed (glibc's `malloc_trim`). Why: glibc
+keeps freed chunks below its mmap threshold in its heap, and that threshold rises to the size of the
+largest block freed so far (up to 32 MiB), as loading does; a Llama-3.2-3B span of 8 blocks kept its
+12.6 MB k/v projections resident while the mapping filled, and moving raised the node's peak RSS by
+254 MB (3.49 -> 3.74 GB, against its --max-memory). Trimmed after each tensor, the peak stays the loaded
+span's.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import mmap
 import sys
 from pathlib import Path
@@ -22,6 +31,15 @@ from torch import nn
 HUGE_PAGE = 2 * 1024 * 1024
 ALIGN = 64  # each tensor's start in the mapping: a cache line
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def _malloc_trim():
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
 
 
 def available() -> bool:
@@ -54,10 +72,13 @@ def move_into_huge_pages(module: nn.Module) -> int:
     mapping.madvise(mmap.MADV_HUGEPAGE)
     memory = torch.frombuffer(mapping, dtype=torch.uint8)  # holds `mapping` for as long as a view lives
     offset = -memory.data_ptr() % HUGE_PAGE
+    trim = _malloc_trim()
     for key, t in unique.items():
         nbytes = t.numel() * t.element_size()
         moved = memory[offset : offset + nbytes].view(t.dtype).view(t.shape)
         moved.copy_(t)
         t.data = moved  # the same Parameter / tensor object everywhere it is registered; its old memory is freed
+        if trim is not None:
+            trim(0)  # ... and back with the system now, not when glibc's heap next shrinks
         offset += sizes[key]
     return total
