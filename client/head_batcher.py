@@ -8,10 +8,14 @@ all of them and their next steps leave together.
 
 How: `logits(hidden)` queues the request. One pass at a time runs per event loop, over everything
 queued when it starts; requests made while it runs (other sessions' node replies arriving meanwhile)
-join the next pass, so the batch follows the load without a timer. The pass runs on the process's compute
-thread (`off_loop`; models/torch_threads.py: always the same thread, so torch keeps one pool of CPU threads
-for it) so the event loop keeps serving the other sessions' gRPC I/O during it; a lone session pays one
-thread hop (~0.1 ms against a ~10 ms head pass).
+join the next pass, so the batch follows the load without a timer. The pass runs on the event loop's own
+thread, which holds the client's one pool of CPU threads (models/torch_threads.py). It used to run on the
+process's compute thread (`off_loop=True`, kept as an option) so that the loop could serve the other
+sessions' gRPC I/O during it, but the hop there and back cost a lone session ~0.3 ms a token (a
+4-block tiny model: 8.1-8.5 ms a token against 7.7-8.0), 1-2 % of SmolLM2's loopback speed, and bought
+nothing measurable at 8 or 16 sessions: with the passes waiting for every member (below), the replies the
+loop would serve meanwhile are the ones the pass is waiting for anyway (scripts/bench_batching.py, N=16:
+186-193 tokens/s off the loop, 192-197 on it).
 
 Sessions in their decode loop join as `decoding()` members, and a pass waits (a bounded while) until every
 member has its request queued. Why: left alone, concurrent sessions split into groups that take turns -
@@ -64,7 +68,7 @@ class HeadBatcher:
     """Wraps a client head (`models.block.Head`, or one placed on a device): `embed` as is, `logits`
     merged across the concurrent callers on one event loop."""
 
-    def __init__(self, head: Any, off_loop: bool = True, max_wait: float = MAX_WAIT_S):
+    def __init__(self, head: Any, off_loop: bool = False, max_wait: float = MAX_WAIT_S):
         self.head, self.off_loop, self.max_wait = head, off_loop, max_wait
         self.passes = 0  # LM-head passes run (merged ones count once)
         self._queues: dict[asyncio.AbstractEventLoop, list[_Request]] = {}  # requests waiting for a pass

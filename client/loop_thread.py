@@ -19,7 +19,7 @@ class LoopThread:
         self._thread.start()
 
     def _run(self) -> None:
-        torch_threads.keep_thread_light()  # its torch work is small; the head's passes run on the compute thread
+        torch_threads.enter()  # the client's compute thread: the LM head's passes run here (client/head_batcher.py)
         self.loop.run_forever()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:

@@ -33,15 +33,24 @@ def set_threads(threads: int) -> None:
     _threads = threads or DEFAULT_THREADS
 
 
+def _set_own_count(threads: int) -> None:
+    """The calling thread's pool size, kept. torch gives each thread its count lazily, at its first parallel op
+    or count query, from the count set last in *any* thread; a count set before that is overwritten then. (The
+    SDK's loop thread set 1 and then ran with 2, the count the weight-loading thread set meanwhile.) So the
+    lazy step is taken first."""
+    torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+
 def enter() -> None:
     """First call on a compute thread: its pool gets the process's thread count."""
-    torch.set_num_threads(_threads)
+    _set_own_count(_threads)
 
 
 def keep_thread_light() -> None:
     """The calling thread (a node's event loop) runs its torch ops on itself alone and never makes a pool,
     however large a prompt it decodes or checks."""
-    torch.set_num_threads(1)
+    _set_own_count(1)
 
 
 async def in_passing_thread(fn: Callable[..., T], *args: object) -> T:
@@ -59,8 +68,8 @@ async def in_passing_thread(fn: Callable[..., T], *args: object) -> T:
     return await asyncio.wrap_future(future)
 
 
-# The process's one long-lived compute thread for work off an event loop (a client's head passes); its
-# thread starts with its first task.
+# The process's one long-lived compute thread for work off an event loop (a client's local span for --verify);
+# its thread starts with its first task.
 COMPUTE = ThreadPoolExecutor(1, thread_name_prefix="torchnode-compute", initializer=enter)
 
 
