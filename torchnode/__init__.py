@@ -1,10 +1,11 @@
 """torchnode: run large language models across volunteer machines.
 
 The SDK's public names are imported lazily, so `torchnode --help` and node start-up stay fast. Importing the
-package sets how long idle OpenMP threads spin (torchnode/openmp_env.py) unless torch is already loaded.
+package sets how long idle OpenMP threads spin (torchnode/openmp_env.py) unless torch is already loaded,
+and gRPC's TCP transport (torchnode/grpc_env.py) unless grpc is.
 """
 
-from . import openmp_env  # noqa: F401  (first: OpenMP's environment, before anything loads torch)
+from . import grpc_env, openmp_env  # noqa: F401  (first: their environments, before anything loads grpc or torch)
 from .protocol.version import __version__
 
 __all__ = [
