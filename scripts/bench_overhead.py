@@ -4,10 +4,12 @@ same prompt, same 64 greedy tokens, the two alternating. Prints both, their rati
 overhead per hop per token in ms ((1/swarm - 1/local) / hops).
 
 --links tls (the default, as users run it), insecure (plaintext, both sides --insecure), or both
-(one after the other, each paired with its own local runs) shows what encryption costs.
+(one after the other, each paired with its own local runs) shows what encryption costs. --model tiny runs the
+tests' 4-block random Llama instead (0:2, 2:4): its compute is negligible, so the swarm's tokens/s show what
+the links and hand-offs cost on CPUs that idle between steps, as a GPU node's do.
 
     .venv/bin/python scripts/bench_overhead.py [--runs 3] [--tokens 64] [--wire-dtype float32] [--links both]
-        [--no-huge-pages]
+        [--no-huge-pages] [--model default|tiny|PATH]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "helpers"))
 from node_options import add_node_options, node_flags  # noqa: E402
 from swarm import start_nodes, stop_all  # noqa: E402
+from tiny_models import save_tiny_model  # noqa: E402
 
 from torchnode import openmp_env  # noqa: E402
 from torchnode.client.config import ClientConfig  # noqa: E402
@@ -72,10 +75,10 @@ def time_local(hf, ids: torch.Tensor, tokens: int) -> tuple[float, float]:
 class LocalProcess:
     """Plain transformers in a process of its own, timed on request (`time_local` there)."""
 
-    def __init__(self, ids: torch.Tensor):
+    def __init__(self, model: str, ids: torch.Tensor):
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve_local, args=(child, ids), daemon=True)
+        self.process = context.Process(target=_serve_local, args=(child, model, ids), daemon=True)
         ours = dict(os.environ)
         os.environ.update(openmp_env.libgomp_default_env())  # plain transformers, as a user runs it
         try:
@@ -92,12 +95,12 @@ class LocalProcess:
         self.process.join()
 
 
-def _serve_local(conn, ids: torch.Tensor) -> None:
+def _serve_local(conn, model: str, ids: torch.Tensor) -> None:
     from transformers import AutoModelForCausalLM
 
     from torchnode.models.checkpoint import resolve
 
-    hf = AutoModelForCausalLM.from_pretrained(resolve("default").path, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(resolve(model).path, dtype=torch.float32).eval()
     while (tokens := conn.recv()) is not None:
         conn.send(time_local(hf, ids, tokens))
 
@@ -109,7 +112,16 @@ def _params(tokens: int):
 
 
 HOPS = 2
-SPANS = ["0:15", "15:30"]
+TINY = Path.home() / ".cache" / "torchnode" / "bench-shapes" / "tiny-llama"  # --model tiny, built once
+
+
+def halves(model: str) -> list[str]:
+    """The model's blocks in two spans, one per node (SmolLM2: 0:15, 15:30)."""
+    from torchnode.models.checkpoint import resolve
+    from torchnode.models.families import num_blocks
+
+    n = num_blocks(resolve(model))
+    return [f"0:{n // 2}", f"{n // 2}:{n}"]
 
 
 def measure(links: str, ids: torch.Tensor, local: LocalProcess, args) -> tuple[list, list]:
@@ -117,10 +129,10 @@ def measure(links: str, ids: torch.Tensor, local: LocalProcess, args) -> tuple[l
     from torchnode.client.sync_model import DistributedModel
 
     insecure = links == "insecure"
-    nodes = start_nodes("default", SPANS, *node_flags(args), *(["--insecure"] if insecure else []))
+    nodes = start_nodes(args.model, halves(args.model), *node_flags(args), *(["--insecure"] if insecure else []))
     try:
         model = DistributedModel.from_pretrained(
-            "default",
+            args.model,
             [n.address for n in nodes],
             wire_dtype=getattr(torch, args.wire_dtype),
             insecure=insecure,
@@ -160,6 +172,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--wire-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="default (SmolLM2), tiny (the tests' 4-block random Llama: the links' cost alone), or a checkpoint",
+    )
     add_node_options(parser)
     parser.add_argument(
         "--links",
@@ -187,12 +204,16 @@ def main() -> None:
         help="the session's steps on the node's shared StepBatches stream (the default) or on a stream of its own",
     )
     args = parser.parse_args()
+    if args.model == "tiny":
+        if not (TINY / "config.json").exists():
+            save_tiny_model("llama", TINY)
+        args.model = str(TINY)
 
     from transformers import AutoTokenizer
 
     from torchnode.models.checkpoint import resolve
 
-    ckpt = resolve("default")
+    ckpt = resolve(args.model)
     tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False
@@ -200,12 +221,13 @@ def main() -> None:
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
 
     modes = ["tls", "insecure"] if args.links == "both" else [args.links]
-    local = LocalProcess(ids)
+    local = LocalProcess(args.model, ids)
     try:
         results = {links: measure(links, ids, local, args) for links in modes}
     finally:
         local.close()
     print(
+        f"{args.model} over {', '.join(halves(args.model))}: "
         f"prompt {ids.shape[1]} tokens, {args.tokens} greedy tokens, median of {args.runs} runs, "
         f"wire {args.wire_dtype}, "
         f"node threads {args.node_threads or 'default'}"
