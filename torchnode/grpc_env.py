@@ -24,6 +24,5 @@ import os
 
 EXPERIMENTS = "-event_engine_client,-event_engine_listener"
 
-set_here = "GRPC_EXPERIMENTS" not in os.environ
-if set_here:
+if "GRPC_EXPERIMENTS" not in os.environ:
     os.environ["GRPC_EXPERIMENTS"] = EXPERIMENTS
