@@ -12,7 +12,8 @@ join the next pass, so the batch follows the load without a timer. The pass runs
 thread, which holds the client's one pool of CPU threads (models/torch_threads.py). It used to run on the
 process's compute thread (`off_loop=True`, kept as an option) so that the loop could serve the other
 sessions' gRPC I/O during it, but the hop there and back cost a lone session ~0.3 ms a token (a
-4-block tiny model: 8.1-8.5 ms a token against 7.7-8.0), 1-2 % of SmolLM2's loopback speed, and bought
+4-block tiny model, `scripts/bench_overhead.py --model tiny`: 134-143 tokens/s against 146), 1-2 % of
+SmolLM2's loopback speed (7 paired runs of that bench on SmolLM2: +1.6 % on average), and bought
 nothing measurable at 8 or 16 sessions: with the passes waiting for every member (below), the replies the
 loop would serve meanwhile are the ones the pass is waiting for anyway (scripts/bench_batching.py, N=16:
 186-193 tokens/s off the loop, 192-197 on it).
