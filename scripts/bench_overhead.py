@@ -112,7 +112,7 @@ def _params(tokens: int):
 
 
 HOPS = 2
-TINY = Path.home() / ".cache" / "torchnode" / "bench-shapes" / "tiny-llama"  # --model tiny, built once
+TINY = "tiny-llama"  # --model tiny: built once under $TORCHNODE_CACHE/bench-shapes/, as bench_scale.py's shapes
 
 
 def halves(model: str) -> list[str]:
@@ -124,12 +124,12 @@ def halves(model: str) -> list[str]:
     return [f"0:{n // 2}", f"{n // 2}:{n}"]
 
 
-def measure(links: str, ids: torch.Tensor, local: LocalProcess, args) -> tuple[list, list]:
+def measure(links: str, spans: list[str], ids: torch.Tensor, local: LocalProcess, args) -> tuple[list, list]:
     """Paired (swarm, local) runs, each a (first-token s, tokens/s), over nodes started with `links`."""
     from torchnode.client.sync_model import DistributedModel
 
     insecure = links == "insecure"
-    nodes = start_nodes(args.model, halves(args.model), *node_flags(args), *(["--insecure"] if insecure else []))
+    nodes = start_nodes(args.model, spans, *node_flags(args), *(["--insecure"] if insecure else []))
     try:
         model = DistributedModel.from_pretrained(
             args.model,
@@ -205,9 +205,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.model == "tiny":
-        if not (TINY / "config.json").exists():
-            save_tiny_model("llama", TINY)
-        args.model = str(TINY)
+        from torchnode.models.gguf_convert import cache_root
+
+        tiny = cache_root() / "bench-shapes" / TINY
+        if not (tiny / "config.json").exists():
+            save_tiny_model("llama", tiny)
+        args.model = str(tiny)
 
     from transformers import AutoTokenizer
 
@@ -221,13 +224,14 @@ def main() -> None:
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
 
     modes = ["tls", "insecure"] if args.links == "both" else [args.links]
+    spans = halves(args.model)
     local = LocalProcess(args.model, ids)
     try:
-        results = {links: measure(links, ids, local, args) for links in modes}
+        results = {links: measure(links, spans, ids, local, args) for links in modes}
     finally:
         local.close()
     print(
-        f"{args.model} over {', '.join(halves(args.model))}: "
+        f"{args.model} over {', '.join(spans)}: "
         f"prompt {ids.shape[1]} tokens, {args.tokens} greedy tokens, median of {args.runs} runs, "
         f"wire {args.wire_dtype}, "
         f"node threads {args.node_threads or 'default'}"

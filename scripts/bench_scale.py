@@ -466,9 +466,9 @@ def main() -> None:
         return
     if args.dry_run:
         args.layers, args.tokens, args.prompt_tokens = 2, 4, 8
-    cache = (
-        Path(args.cache_dir or os.environ.get("TORCHNODE_CACHE", Path.home() / ".cache" / "torchnode")) / "bench-shapes"
-    )
+    from torchnode.models.gguf_convert import cache_root
+
+    cache = Path(args.cache_dir or cache_root()) / "bench-shapes"
     config = hf_config(args.shape, args.layers)
     started = time.perf_counter()
     args.model = str(build_checkpoint(args.shape, args.layers, cache))
