@@ -3,9 +3,9 @@ over what the user set, and made of experiment names this gRPC knows (an unknown
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
+
+from fresh_python import run_code
 
 from torchnode import grpc_env
 
@@ -17,10 +17,7 @@ SHOW = (
 
 
 def run_show(**env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
-    return subprocess.run(
-        [sys.executable, "-c", SHOW], env=clean | env, capture_output=True, text=True, check=True, timeout=120
-    )
+    return run_code(SHOW, drop=("GRPC_EXPERIMENTS",), **env)
 
 
 def test_importing_torchnode_chooses_the_transport_with_names_grpc_knows():

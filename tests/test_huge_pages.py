@@ -3,11 +3,9 @@ still one tensor, and the memory really in 2 MiB pages where this machine gives 
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from fresh_python import run_code
 
 from torchnode.models.families import load_span
 from torchnode.models.huge_pages import available, move_into_huge_pages
@@ -77,6 +75,6 @@ def test_moving_raises_the_peak_by_about_one_tensor_not_the_whole_old_copy():
     as they move: without that, the old copies (240 MiB here) stayed resident while the mapping filled."""
     if not available():  # Linux only
         pytest.skip("this machine gives no transparent huge pages")
-    out = subprocess.run([sys.executable, "-c", PEAK_AFTER_HEAP_TENSORS], capture_output=True, text=True, timeout=120)
+    out = run_code(PEAK_AFTER_HEAP_TENSORS, check=False)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) < 64  # MiB: one 12 MiB tensor and a huge page or two, not 240

@@ -3,11 +3,8 @@ its own, never over what the user set, and undone for a process that must run as
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
+from fresh_python import run_code
 
 from torchnode import openmp_env
 
@@ -19,11 +16,7 @@ SHOW = (
 
 def spin_counts(**env: str) -> list[str]:
     """(GOMP_SPINCOUNT after `import torchnode`, the one libgomp_default_env gives) in a fresh interpreter."""
-    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    out = subprocess.run(
-        [sys.executable, "-c", SHOW], env=clean | env, capture_output=True, text=True, check=True, timeout=120
-    )
-    return out.stdout.split()
+    return run_code(SHOW, drop=("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"), **env).stdout.split()
 
 
 def test_importing_torchnode_sets_the_spin_count_and_the_reference_gets_libgomps_own():

@@ -4,10 +4,8 @@ a count set earlier (the SDK's loop thread asked for 1 and computed with 2)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from fresh_python import run_code
 
 # In a fresh interpreter (torch's per-thread state starts clean): `setup` runs on a new thread, then another
 # thread enters with 2 threads, then the first thread runs a parallel op and reports its count.
@@ -37,6 +35,5 @@ print(counts[0])
 
 @pytest.mark.parametrize(("setup", "other", "kept"), [("keep_thread_light", 2, 1), ("enter", 1, 2)])
 def test_a_threads_count_outlives_a_count_set_later_in_another_thread(setup, other, kept):
-    code = PROBE.format(setup=setup, other=other)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    out = run_code(PROBE.format(setup=setup, other=other))
     assert int(out.stdout.split()[-1]) == kept
